@@ -15,21 +15,25 @@ import torch.nn.functional as F
 
 
 def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
-    """Turn a flow [N,2,h,w] in cells into grid_sample's normalised grid [N,h,w,2]."""
+    """Turn a flow [N,2,h,w] in cells into grid_sample's normalised grid [N,h,w,2].
+
+    The grid is written for align_corners=False, where g = (2·x + 1) / w − 1 unnormalises to
+    exactly x, the cell-centre coordinate. This is the same sampling as align_corners=True
+    (MXNet's (w−1) normalisation) but also right on a map one cell wide, where (w−1) = 0
+    would pin every sample to the only cell, and it rounds less on large maps."""
     n, _, h, w = flow.shape
     ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
     xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
-    # align_corners=True maps -1 and +1 to the first and last cell centres: divide by (size-1).
-    # A map one cell wide has no extent; any divisor keeps its only centre at 0.
-    gx = (xs + flow[:, 0]) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = (ys + flow[:, 1]) * (2.0 / max(h - 1, 1)) - 1.0
+    gx = ((xs + flow[:, 0]) * 2.0 + 1.0) / w - 1.0
+    gy = ((ys + flow[:, 1]) * 2.0 + 1.0) / h - 1.0
     return torch.stack((gx, gy), dim=-1)
 
 
-def flow_warp(feat: torch.Tensor, flow: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def flow_warp(feat: torch.Tensor, flow: torch.Tensor,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
     """Warp key-frame features [N,C,h,w] along flow [N,2,h,w], then multiply by scale [N,C,h,w]."""
     if feat.shape[-2:] != flow.shape[-2:]:
         raise ValueError(f"flow grid {tuple(flow.shape[-2:])} != feature grid {tuple(feat.shape[-2:])}")
     out = F.grid_sample(feat, flow_to_grid(flow), mode="bilinear", padding_mode="zeros",
-                        align_corners=True)
+                        align_corners=False)
     return out if scale is None else out * scale

@@ -1,0 +1,47 @@
+"""The architecture config stored in every checkpoint (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from dff.data.synthetic import CLASS_NAMES
+
+
+@dataclass
+class DFFConfig:
+    task: str = "segmentation"
+    class_names: list[str] = field(default_factory=lambda: list(CLASS_NAMES))
+    trunk_depth: int = 101           # ResNet depth: 18, 34, 50 or 101
+    trunk_width: int = 64            # channels of the stem; stages use 1×, 2×, 4×, 8× this
+    feat_channels: int = 1024        # C: width of feat_conv_3x3, hence of the warped features
+    feat_dilation: int = 6
+    flow_width: float = 0.5          # FlowNet-S width: 1 = released code, 0.5 = FlowNet Half
+    head_channels: int = 256
+    stride: int = 16
+    mean: list[float] = field(default_factory=lambda: [123.15, 115.90, 103.06])
+    std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    key_interval: int = 10
+    input_size: list[int] = field(default_factory=lambda: [128, 224])   # H, W used in training
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DFFConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**d)
+
+
+# Configurations by name. "small" is the shipped demo model: it trains on a CPU.
+PRESETS = {
+    "small": DFFConfig(trunk_depth=18, trunk_width=40, feat_channels=96, feat_dilation=2,
+                       flow_width=0.0625, head_channels=48, std=[58.4, 57.1, 57.4]),
+    "resnet101": DFFConfig(),
+}

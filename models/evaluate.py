@@ -1,0 +1,228 @@
+"""dff-eval: accuracy and speed of a DFF checkpoint on the synthetic evaluation split.
+
+Per-frame inference, DFF at each key interval, and the naive baseline that copies the key
+frame's features unchanged (flow = 0, scale = 1): mIoU over all frames of the split, and
+frames per second of the PyTorch backend (batch 1, frames in order). Also the flow net's
+end-point error against the exact flow, on the pairs DFF at k=10 uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
+from dff.errors import DffError
+from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
+from dff.models.dff import DFF, fixed_schedule
+
+DEFAULT_INTERVALS = (1, 2, 5, 10, 20)
+
+
+def confusion(pred: np.ndarray, label: np.ndarray, k: int) -> np.ndarray:
+    return np.bincount(label.ravel().astype(np.int64) * k + pred.ravel(), minlength=k * k).reshape(k, k)
+
+
+def miou(conf: np.ndarray) -> float:
+    """Mean IoU over the classes that occur in the labels or the predictions."""
+    inter = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean())
+
+
+def run_clip(model: DFF, frames: torch.Tensor, labels: np.ndarray, interval: int | None,
+             copy: bool, conf: np.ndarray) -> float:
+    """Run one clip; add to ``conf``; return seconds spent in the model. ``interval=None``
+    is per-frame inference (N_task(N_feat(frame)) for every frame)."""
+    k = conf.shape[0]
+    t = len(frames)
+    elapsed = 0.0
+    if interval is None:
+        outs = []
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(t):
+                outs.append(model.task(model.features(frames[i:i + 1])).argmax(1))
+        elapsed = time.perf_counter() - start
+    else:
+        start = time.perf_counter()
+        outs = [logits.argmax(1) for logits in
+                model.video((frames[i:i + 1] for i in range(t)), fixed_schedule(t, interval),
+                            copy_features=copy)]
+        elapsed = time.perf_counter() - start
+    for i, out in enumerate(outs):
+        conf += confusion(out[0].numpy().astype(np.int64), labels[i], k)
+    return elapsed
+
+
+def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tuple[float, int]:
+    """Sum of per-cell end-point errors (in cells) over valid cells, and their count, for the
+    pairs (current, key) of a fixed schedule at ``interval``."""
+    stride = model.config.stride
+    total, count = 0.0, 0
+    for t in range(len(frames)):
+        key = t - t % interval
+        if key == t:
+            continue
+        flow_px, valid = clip.flow(t, key)
+        _, h, w = flow_px.shape
+        blocks = (h // stride, stride, w // stride, stride)
+        v = valid.reshape(blocks).sum((1, 3))
+        target = (flow_px * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(v, 1) / stride
+        with torch.no_grad():
+            pred, _ = model.flow(frames[t:t + 1], frames[key:key + 1])
+        err = np.linalg.norm(pred[0].numpy() - target, axis=0)
+        mask = v >= stride * stride / 4
+        total += float(err[mask].sum())
+        count += int(mask.sum())
+    return total, count
+
+
+def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = None,
+             num_frames: int = EVAL_FRAMES, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    h, w = model.config.input_size
+    k = model.config.num_classes
+    seeds = EVAL_SEEDS[:num_clips] if num_clips else EVAL_SEEDS
+    modes = [("per_frame", None, False)]
+    modes += [("dff", i, False) for i in intervals] + [("copy", i, True) for i in intervals if i > 1]
+    confs = {m: np.zeros((k, k), np.int64) for m in modes}
+    times = {m: 0.0 for m in modes}
+    epe_sum, epe_n, nframes = 0.0, 0, 0
+    for seed in tqdm(seeds, desc="evaluate", disable=not progress):
+        clip = make_clip(seed, num_frames, h, w)
+        frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
+        nframes += len(frames)
+        for mode in modes:
+            times[mode] += run_clip(model, frames, clip.labels, mode[1], mode[2], confs[mode])
+        s, n = flow_epe(model, clip, frames)
+        epe_sum, epe_n = epe_sum + s, epe_n + n
+
+    def entry(mode):
+        return {"miou": round(miou(confs[mode]), 5), "fps": round(nframes / times[mode], 2)}
+
+    per_frame = entry(modes[0])
+    stride = model.config.stride
+    epe_cells = epe_sum / max(epe_n, 1)
+    return {
+        "per_frame": per_frame,
+        "dff": {str(m[1]): entry(m) for m in modes if m[0] == "dff"},
+        # at k=1 every frame is a key frame: copying and warping are the same run
+        "copy": {str(i): entry(("dff", 1, False) if i == 1 else ("copy", i, True))
+                 for i in intervals},
+        "flow_epe": round(epe_cells * stride, 4),        # input pixels, on the feature grid
+        "flow_epe_cells": round(epe_cells, 5),
+        "frames": nframes, "clips": len(seeds),
+        "class_iou_per_frame": [round(x, 4) for x in _class_iou(confs[modes[0]])],
+    }
+
+
+def _class_iou(conf: np.ndarray) -> list[float]:
+    inter = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - inter
+    return list(np.where(union > 0, inter / np.maximum(union, 1), np.nan))
+
+
+def format_table(res: dict) -> str:
+    base = res["per_frame"]["miou"]
+    rows = [f"{'mode':<12}{'mIoU':>8}{'Δ pts':>8}{'fps':>9}",
+            f"{'per-frame':<12}{base:>8.4f}{0:>8.2f}{res['per_frame']['fps']:>9.1f}"]
+    for k, v in res["dff"].items():
+        rows.append(f"{'dff k=' + k:<12}{v['miou']:>8.4f}{100 * (v['miou'] - base):>8.2f}{v['fps']:>9.1f}")
+    for k, v in res["copy"].items():
+        if k != "1":
+            rows.append(f"{'copy k=' + k:<12}{v['miou']:>8.4f}{100 * (v['miou'] - base):>8.2f}"
+                        f"{v.get('fps', float('nan')):>9.1f}")
+    rows.append(f"flow EPE: {res['flow_epe']:.3f} px ({res['flow_epe_cells']:.4f} cells) "
+                f"over {res['frames']} frames of {res['clips']} clips")
+    return "\n".join(rows)
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = list(res["dff"])
+    ax.plot([res["dff"][k]["fps"] for k in ks], [res["dff"][k]["miou"] for k in ks], "o-",
+            label="DFF (warped features)")
+    ck = [k for k in res["copy"] if k != "1"]
+    ax.plot([res["copy"][k]["fps"] for k in ck], [res["copy"][k]["miou"] for k in ck], "s--",
+            label="copy key features")
+    for k in ks:
+        ax.annotate(f"k={k}", (res["dff"][k]["fps"], res["dff"][k]["miou"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([res["per_frame"]["fps"]], [res["per_frame"]["miou"]], "k*", ms=12, label="per-frame")
+    ax.set_xlabel("frames per second (PyTorch, batch 1)")
+    ax.set_ylabel("mIoU")
+    ax.set_title("DFF on the synthetic evaluation split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dff-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", nargs="?", help=f"default: the shipped demo "
+                   f"({demo_checkpoint_path().name})")
+    p.add_argument("--intervals", default=",".join(map(str, DEFAULT_INTERVALS)))
+    p.add_argument("--clips", type=int, default=0, help="first N clips of the split (0 = all 20)")
+    p.add_argument("--frames", type=int, default=EVAL_FRAMES, help="frames per clip")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="write accuracy vs speed as a PNG here")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        intervals = tuple(int(x) for x in args.intervals.split(","))
+        if any(i < 1 for i in intervals):
+            raise ValueError
+    except ValueError:
+        print(f"dff-eval: --intervals {args.intervals!r}: give positive integers like 1,2,5,10",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model = load_checkpoint(args.checkpoint)
+        res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet)
+    except DffError as e:
+        if args.verbose:
+            raise
+        print(f"dff-eval: {e}", file=sys.stderr)
+        return 1
+    res["checkpoint"] = str(Path(args.checkpoint) if args.checkpoint else demo_checkpoint_path())
+    print(format_table(res))
+    if args.json:
+        write_json(res, args.json)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

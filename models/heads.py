@@ -1,0 +1,51 @@
+"""N_task heads. Each takes the (possibly warped) features [N,C,h,w] and returns its raw
+outputs; ``build_head`` picks one from the config's ``task``. Detection comes later and
+plugs in here with its own ``task`` name."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SegmentationHead(nn.Module):
+    """DeepLab-style: ASPP (1×1, dilated 3×3, image pooling) → 1×1 projection → classifier.
+    The classifier predicts a 4×4 sub-cell block of logits per cell (pixel shuffle), then
+    bilinear ×4 reaches the input size, so boundaries are finer than the stride-16 grid."""
+
+    task = "segmentation"
+
+    def __init__(self, in_channels: int, num_classes: int, channels: int = 64, rate: int = 2,
+                 stride: int = 16):
+        super().__init__()
+        if stride % 4:
+            raise ValueError(f"stride {stride} must be a multiple of 4")
+        self.num_classes = num_classes
+        self.stride = stride
+
+        def block(k: int, dilation: int = 1) -> nn.Sequential:
+            pad = dilation * (k // 2)
+            return nn.Sequential(nn.Conv2d(in_channels, channels, k, 1, pad, dilation, bias=False),
+                                 nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+
+        self.branch1 = block(1)
+        self.branch3 = block(3, rate)
+        self.pool = block(1)
+        self.project = nn.Sequential(nn.Conv2d(3 * channels, channels, 1, bias=False),
+                                     nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.classifier = nn.Conv2d(channels, num_classes * 16, 1)
+        self.shuffle = nn.PixelShuffle(4)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat [N,C,h,w] → logits [N,K,h·stride,w·stride]."""
+        pooled = self.pool(feat.mean((2, 3), keepdim=True)).expand(-1, -1, feat.shape[2], feat.shape[3])
+        x = self.project(torch.cat((self.branch1(feat), self.branch3(feat), pooled), 1))
+        x = self.shuffle(self.classifier(x))
+        return F.interpolate(x, scale_factor=self.stride // 4, mode="bilinear", align_corners=False)
+
+
+def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int) -> nn.Module:
+    if task == "segmentation":
+        return SegmentationHead(in_channels, num_classes, channels, stride=stride)
+    raise ValueError(f"unknown task {task!r}: this version has 'segmentation'")

@@ -1,0 +1,281 @@
+"""dff-train: the three training stages of DFF on the synthetic benchmark.
+
+1. flow: pretrain N_flow on frame pairs with exact flow (end-point error on the feature grid);
+2. seg:  train N_feat + N_task per frame (pixel cross-entropy);
+3. dff:  train everything end to end: the key frame is 0..9 frames before the current one,
+         its features are warped to the current frame, loss on the current frame only.
+
+State is saved every ``--save-every`` iterations to OUT/state.pt (atomically), and
+``--resume`` continues from it; sampling is seeded per (stage, iteration) so a resumed run
+draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dff.data.synthetic import make_clip, train_seeds
+from dff.errors import DffError
+from dff.models.checkpoint import save_checkpoint
+from dff.models.config import PRESETS, DFFConfig
+from dff.models.dff import DFF
+
+STAGES = ("flow", "seg", "dff")
+MAX_KEY_OFFSET = 9  # the paper samples the key frame up to 9 frames before the current one
+
+
+class TrainData:
+    """Training clips rendered once into memory (uint8), plus their exact flows on demand."""
+
+    def __init__(self, num_clips: int, num_frames: int, size: tuple[int, int], seed: int,
+                 progress: bool = True):
+        from tqdm import tqdm
+
+        seeds = train_seeds(num_clips, start=seed * 100_000)
+        self.clips = [make_clip(s, num_frames, *size)
+                      for s in tqdm(seeds, desc="render clips", disable=not progress)]
+        self.num_frames = num_frames
+
+    def sample_pairs(self, rng: np.random.Generator, batch: int) -> list[tuple[int, int, int]]:
+        """(clip, current, key) with key = current - randint(0..9), clamped to the clip."""
+        out = []
+        for _ in range(batch):
+            c = int(rng.integers(len(self.clips)))
+            t = int(rng.integers(self.num_frames))
+            out.append((c, t, max(0, t - int(rng.integers(MAX_KEY_OFFSET + 1)))))
+        return out
+
+    def images(self, pairs, which: int) -> torch.Tensor:
+        """Float [B,3,H,W] 0..255 of the current (which=1) or key (which=2) frames."""
+        arr = np.stack([self.clips[p[0]].frames[p[which]] for p in pairs])
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+
+    def labels(self, pairs) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.clips[c].labels[t] for c, t, _ in pairs])).long()
+
+    def cell_flows(self, pairs, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """True flow on the feature grid in cells [B,2,h,w] and a valid mask [B,h,w]: the mean
+        pixel flow over each cell's valid pixels / stride; a cell is valid if ≥ 1/4 of it is."""
+        flows, masks = [], []
+        for c, t, k in pairs:
+            flow, valid = self.clips[c].flow(t, k)
+            _, h, w = flow.shape
+            blocks = (h // stride, stride, w // stride, stride)
+            v = valid.reshape(blocks).astype(np.float32).sum((1, 3))
+            f = (flow * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(v, 1)
+            flows.append(f / stride)
+            masks.append(v >= stride * stride / 4)
+        return torch.from_numpy(np.stack(flows)), torch.from_numpy(np.stack(masks))
+
+
+def hflip(pairs_tensors: list[torch.Tensor], flow: torch.Tensor | None = None):
+    """Mirror images/labels (last dim) and negate the flow's x component."""
+    out = [t.flip(-1) for t in pairs_tensors]
+    if flow is not None:
+        flow = flow.flip(-1)
+        flow = torch.stack((-flow[:, 0], flow[:, 1]), 1)
+    return out, flow
+
+
+def epe(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    err = (pred - target).norm(dim=1)
+    return (err * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cosine_lr(base: float, it: int, total: int, warmup: int = 50) -> float:
+    if it < warmup:
+        return base * (it + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, total - warmup)))
+
+
+def parameters_for(model: DFF, stage: str):
+    if stage == "flow":
+        return [p for p in model.flownet.parameters() if p.requires_grad]
+    if stage == "seg":
+        return list(model.trunk.parameters()) + list(model.head.parameters())
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss: float,
+               flip: bool) -> dict:
+    cur, key = data.images(pairs, 1), data.images(pairs, 2)
+    stats = {}
+    if stage == "flow":
+        flow_t, mask = data.cell_flows(pairs, model.config.stride)
+        if flip:
+            (cur, key, mask), flow_t = hflip([cur, key, mask], flow_t)
+        flow, _ = model.flow(cur.to(device), key.to(device))
+        loss = epe(flow, flow_t.to(device), mask.to(device))
+        stats["epe_cells"] = loss.item()
+        return {"loss": loss, **stats}
+    labels = data.labels(pairs)
+    if flip:
+        cur, key, labels = hflip([cur, key, labels])[0]
+    if stage == "seg":
+        logits = model.task(model.features(cur.to(device)))
+    else:
+        key_feat = model.features(key.to(device))
+        flow, scale = model.flow(cur.to(device), key.to(device))
+        from dff.models.warp import flow_warp
+
+        logits = model.task(flow_warp(key_feat, flow, scale))
+    loss = F.cross_entropy(logits, labels.to(device))
+    stats["ce"] = loss.item()
+    if stage == "dff" and flow_loss > 0:
+        flow_t, mask = data.cell_flows(pairs, model.config.stride)
+        if flip:
+            (mask,), flow_t = hflip([mask], flow_t)
+        f_loss = epe(flow, flow_t.to(device), mask.to(device))
+        stats["epe_cells"] = f_loss.item()
+        loss = loss + flow_loss * f_loss
+    return {"loss": loss, **stats}
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def run(args) -> Path:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = DFFConfig.from_dict(PRESETS[args.config].to_dict())
+    config.input_size = [args.height, args.width]
+    config.key_interval = args.key_interval
+    model = DFF(config).to(device)
+    iters = {"flow": args.iters_flow, "seg": args.iters_seg, "dff": args.iters_dff}
+    lrs = {"flow": args.lr_flow, "seg": args.lr, "dff": args.lr_dff}
+    stage_idx, start_it, log = 0, 0, []
+    state_path = out / "state.pt"
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        stage_idx, start_it, log = state["stage"], state["iteration"], state["log"]
+        print(f"resumed {state_path}: stage {STAGES[stage_idx]}, iteration {start_it}")
+    data = TrainData(args.clips, args.frames, (args.height, args.width), args.seed)
+    t0 = time.time()
+    for si in range(stage_idx, len(STAGES)):
+        stage = STAGES[si]
+        total = iters[stage]
+        params = parameters_for(model, stage)
+        opt = torch.optim.AdamW(params, lr=lrs[stage], weight_decay=1e-4)
+        if si == stage_idx and start_it and "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+        first = start_it if si == stage_idx else 0
+        model.train()
+        if stage == "dff":  # as the original: BN statistics frozen while training end to end
+            for m in model.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+        bar = tqdm(range(first, total), desc=f"stage {si + 1}/3 {stage}", initial=first,
+                   total=total, disable=args.quiet)
+        running: dict[str, float] = {}
+        for it in bar:
+            rng = np.random.default_rng([args.seed, si, it])
+            pairs = data.sample_pairs(rng, args.batch)
+            if stage == "seg":  # per-frame training: current frame only
+                pairs = [(c, t, t) for c, t, _ in pairs]
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(lrs[stage], it, total)
+            stats = train_step(model, data, stage, pairs, device, args.flow_loss,
+                               flip=bool(rng.integers(2)))
+            opt.zero_grad(set_to_none=True)
+            stats["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            opt.step()
+            for k, v in stats.items():
+                v = float(v.item() if torch.is_tensor(v) else v)
+                running[k] = v if k not in running else 0.98 * running[k] + 0.02 * v
+            bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+            if (it + 1) % args.save_every == 0 or it + 1 == total:
+                log.append({"stage": stage, "iteration": it + 1, **running,
+                            "elapsed_s": round(time.time() - t0, 1)})
+                nxt = (si, it + 1) if it + 1 < total else (si + 1, 0)
+                atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "stage": nxt[0], "iteration": nxt[1], "log": log},
+                                  state_path)
+    model.eval()
+    meta = {"command": " ".join(["dff-train"] + sys.argv[1:]), "seed": args.seed,
+            "iterations": iters, "clips": args.clips, "frames": args.frames,
+            "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log)}
+    save_checkpoint(out / "model.pth", model, meta=meta)
+    if args.save:
+        save_checkpoint(args.save, model, meta=meta, half=args.weights_dtype == "float16")
+    print(f"wrote {out / 'model.pth'}" + (f" and {args.save}" if args.save else ""))
+    return out / "model.pth"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dff-train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(PRESETS), default="small")
+    p.add_argument("--out", default="runs/small", help="folder for state.pt and model.pth")
+    p.add_argument("--save", help="also write the final checkpoint here")
+    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage dtype of --save's weights (float16 halves the file)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clips", type=int, default=96, help="training clips to render")
+    p.add_argument("--frames", type=int, default=40, help="frames per training clip")
+    p.add_argument("--height", type=int, default=128)
+    p.add_argument("--width", type=int, default=224)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--iters-flow", type=int, default=2000)
+    p.add_argument("--iters-seg", type=int, default=3000)
+    p.add_argument("--iters-dff", type=int, default=2000)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-flow", type=float, default=2e-3)
+    p.add_argument("--lr-dff", type=float, default=5e-4)
+    p.add_argument("--flow-loss", type=float, default=0.0,
+                   help="weight of an end-point-error term in stage 3 (the paper uses none)")
+    p.add_argument("--key-interval", type=int, default=10, help="default stored in the config")
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="tracebacks on errors")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) % 16:
+            print(f"dff-train: --{name} {getattr(args, name)} must be a multiple of 16 (the "
+                  "feature stride)", file=sys.stderr)
+            return 2
+    try:
+        run(args)
+    except DffError as e:
+        if args.verbose:
+            raise
+        print(f"dff-train: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,10 +10,10 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-
-from dff.errors import CheckpointError
 from dff.models.config import DFFConfig
 from dff.models.dff import DFF
+
+from dff.errors import CheckpointError
 
 FORMAT = "dff-trt-checkpoint"
 VERSION = 1
@@ -81,7 +81,12 @@ def load_checkpoint(path: str | os.PathLike | None = None) -> DFF:
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad config ({e}); it was written by another version") from e
     model = DFF(config)
-    missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: weights do not match the config ({first[:160]}); the "
+                              "file is damaged or was edited") from e
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]}); the file is damaged "

@@ -31,7 +31,7 @@ class DFFConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DFFConfig":
+    def from_dict(cls, d: dict) -> DFFConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -41,7 +41,7 @@ class DFFConfig:
 
 # Configurations by name. "small" is the shipped demo model: it trains on a CPU.
 PRESETS = {
-    "small": DFFConfig(trunk_depth=18, trunk_width=40, feat_channels=96, feat_dilation=2,
-                       flow_width=0.0625, head_channels=48, std=[58.4, 57.1, 57.4]),
+    "small": DFFConfig(trunk_depth=18, trunk_width=36, feat_channels=96, feat_dilation=2,
+                       flow_width=0.125, head_channels=48, std=[58.4, 57.1, 57.4]),
     "resnet101": DFFConfig(),
 }

@@ -5,13 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from torch import nn
-
 from dff.models.config import DFFConfig
 from dff.models.flownet import FlowNetS
 from dff.models.heads import build_head
 from dff.models.trunk import ResNetTrunk
 from dff.models.warp import flow_warp
+from torch import nn
 
 
 class DFF(nn.Module):

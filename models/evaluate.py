@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
-from dff.errors import DffError
 from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
 from dff.models.dff import DFF, fixed_schedule
+
+from dff.errors import DffError
 
 DEFAULT_INTERVALS = (1, 2, 5, 10, 20)
 

@@ -21,7 +21,7 @@ def flow_to_grid(flow: torch.Tensor) -> torch.Tensor:
     exactly x, the cell-centre coordinate. This is the same sampling as align_corners=True
     (MXNet's (w−1) normalisation) but also right on a map one cell wide, where (w−1) = 0
     would pin every sample to the only cell, and it rounds less on large maps."""
-    n, _, h, w = flow.shape
+    h, w = flow.shape[-2:]
     ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, h, 1)
     xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, w)
     gx = ((xs + flow[:, 0]) * 2.0 + 1.0) / w - 1.0

@@ -57,8 +57,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({first[:160]}); "
+        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        why = why if 0 < len(why) <= 120 else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({why}); "
                               "pass a .pth written by dff-train") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a PyTorch file but not a dff-trt checkpoint (no "

@@ -44,4 +44,7 @@ PRESETS = {
     "small": DFFConfig(trunk_depth=18, trunk_width=36, feat_channels=96, feat_dilation=2,
                        flow_width=0.125, head_channels=48, std=[58.4, 57.1, 57.4]),
     "resnet101": DFFConfig(),
+    # for tests and smoke runs: builds and trains in milliseconds, learns nothing useful
+    "tiny": DFFConfig(trunk_depth=18, trunk_width=8, feat_channels=16, feat_dilation=2,
+                      flow_width=0.0625, head_channels=8, input_size=[64, 96]),
 }

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from dff.models.config import DFFConfig
+from dff.models.config import PRESETS, DFFConfig
 from dff.models.dff import DFF
 
 
@@ -11,10 +11,7 @@ def _few_threads():
 
 def tiny_config(**kw) -> DFFConfig:
     """A DFF small enough to build and run in milliseconds."""
-    base = {"trunk_depth": 18, "trunk_width": 8, "feat_channels": 16, "feat_dilation": 2,
-            "flow_width": 0.0625, "head_channels": 8, "input_size": [64, 96]}
-    base.update(kw)
-    return DFFConfig(**base)
+    return DFFConfig.from_dict({**PRESETS["tiny"].to_dict(), **kw})
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from dff.models import evaluate, train
 from dff.models.checkpoint import load_checkpoint, save_checkpoint
 from dff.models.dff import DFF
 
-TINY = ["--clips", "2", "--frames", "6", "--batch", "2", "--height", "64", "--width", "96",
+TINY = ["--config", "tiny", "--clips", "2", "--frames", "6", "--batch", "2", "--height", "64", "--width", "96",
         "--iters-flow", "3", "--iters-seg", "3", "--iters-dff", "3", "--save-every", "2",
         "--quiet"]
 

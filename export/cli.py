@@ -1,0 +1,100 @@
+"""`dff-export`: a DFF checkpoint -> feature.onnx, flow.onnx, task.onnx and manifest.json."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from dff.export.profile import shape_arg
+
+from dff.errors import DffError
+
+EPILOG = """\
+graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
+  feature.onnx  image uint8 [N,3,H,W] -> feat [N,C,h,w]
+  flow.onnx     image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
+                -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w]
+                (feat = dff::FlowWarp(key_feat, flow, scale): the warp is the one custom
+                node, inside the graph that uses it, with its ONNX function body attached)
+  task.onnx     feat [N,C,h,w] -> labels uint8 [N,H,W], probs [N,K,H,W]
+
+profile defaults, from the checkpoint's training size HxW:
+  --min-shape 1 x min(64,H) x min(64,W)   --opt-shape 1xHxW   --max-shape 4 x 2H x 2W
+
+Every graph is checked (onnx.checker, full) and compared with PyTorch on ONNX Runtime CPU
+(random and synthetic-clip frames at the opt shape; float outputs: max abs error <=
+tolerance x max(1, peak |output|); labels >= 99.9% equal). Files are written to a temporary folder and moved into place only
+when everything passed.
+
+examples:
+  dff-export                               # the shipped demo model into engines/
+  dff-export runs/model.pth -o engines/ --opt-shape 1x256x448 --max-shape 2x512x896
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dff-export", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a DFF checkpoint to three ONNX graphs plus manifest.json.")
+    p.add_argument("checkpoint", nargs="?", metavar="MODEL.pth",
+                   help="checkpoint written by dff-train (default: the shipped demo model)")
+    p.add_argument("--demo", action="store_true",
+                   help="export the shipped demo model (dff_small_synthetic.pth); the same as "
+                        "giving no MODEL.pth")
+    p.add_argument("-o", "--output", default="engines", metavar="DIR",
+                   help="output folder (default: engines/); existing files are replaced")
+    for name in ("min", "opt", "max"):
+        p.add_argument(f"--{name}-shape", type=shape_arg, metavar="NxHxW",
+                       help=f"{name} input shape of the dynamic profile, e.g. 1x128x224")
+    p.add_argument("--tolerance", type=float, default=1e-4, metavar="TOL",
+                   help="parity: max abs error allowed in float outputs, times the output's "
+                        "peak |value| when that exceeds 1 (default: 1e-4)")
+    p.add_argument("--simplify", action="store_true",
+                   help="run onnxsim on feature.onnx and task.onnx (needs onnxsim installed)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the exporter's log and full tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.demo and args.checkpoint:
+        parser.error("give MODEL.pth or --demo, not both")
+    if not args.tolerance > 0:
+        parser.error(f"--tolerance must be positive, got {args.tolerance}")
+    try:
+        # imported here so that --help and argument errors come back without loading torch
+        from dff.export.exporter import export_model, human_size
+
+        result = export_model(args.checkpoint, args.output, min_shape=args.min_shape,
+                              opt_shape=args.opt_shape, max_shape=args.max_shape,
+                              simplify=args.simplify, tolerance=args.tolerance, verbose=args.verbose,
+                              log=lambda line: print(line, flush=True))
+    except DffError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dff-export: {e}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    print(f"\nwrote {result.directory}/ (profile min {_fmt(m['profile']['min'])}, "
+          f"opt {_fmt(m['profile']['opt'])}, max {_fmt(m['profile']['max'])}):")
+    for name, path in result.files.items():
+        print(f"  {name:<14} {human_size(path):>10}")
+    rows = result.rows
+    floats = [r for r in rows if r.metric != "equal"]
+    worst = max(floats, key=lambda r: r.value / r.tolerance)
+    equal = min((r.value for r in rows if r.metric == "equal"), default=1.0)
+    print(f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
+          f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
+          f"labels {100 * equal:.2f}% equal)")
+    return 0
+
+
+def _fmt(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

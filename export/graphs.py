@@ -1,0 +1,251 @@
+"""The three DFF graphs of DESIGN.md §3 as small nn.Module wrappers, and their ONNX export.
+
+- feature: image uint8 [N,3,H,W] -> feat [N,C,h,w]
+- flow:    image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
+           -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale)
+- task:    feat [N,C,h,w] -> labels uint8 [N,H,W] (arg-max), probs [N,K,H,W] (softmax)
+
+h = H/stride, w = W/stride. Images cross into the graphs as uint8; the cast and the
+normalisation are inside. The warp is the one custom node `dff::FlowWarp` and lives in the flow
+graph, the graph that needs it, with its GridSample function body attached (plugins/onnx_op), so
+ONNX Runtime runs it as is and TensorRT can swap in its plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import onnx
+import torch
+from dff.export.profile import Profile
+from dff.models.dff import DFF
+from dff.plugins import onnx_op
+from torch import nn
+
+from dff.errors import DffError
+
+OPSET = onnx_op.DEFAULT_OPSET
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+class ExportError(DffError):
+    """torch.onnx.export failed, or its graph does not have the contract's shapes."""
+
+
+class FeatureGraph(nn.Module):
+    def __init__(self, model: DFF):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.features(image.float())
+
+
+class FlowGraph(nn.Module):
+    def __init__(self, model: DFF):
+        super().__init__()
+        self.model = model
+        self.warp = onnx_op.torch_op()
+
+    def forward(self, image: torch.Tensor, key_image: torch.Tensor,
+                key_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        flow, scale = self.model.flow(image.float(), key_image.float())
+        return flow, scale, self.warp(key_feat, flow, scale)
+
+
+class TaskGraph(nn.Module):
+    def __init__(self, model: DFF):
+        super().__init__()
+        self.model = model
+
+    def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model.task(feat)
+        return logits.argmax(1).to(torch.uint8), logits.softmax(1)
+
+
+WRAPPERS = {"feature": FeatureGraph, "flow": FlowGraph, "task": TaskGraph}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy spelling: "uint8", "float32"
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+
+def graph_specs(model: DFF, profile: Profile) -> dict[str, GraphSpec]:
+    """The contract's names, dtypes and shapes; a dynamic axis is named N, H, W (image) or
+    h, w (feature grid), a fixed one is its size."""
+    cfg = model.config
+    if cfg.num_classes > 256:
+        raise ExportError(f"{cfg.num_classes} classes do not fit the uint8 `labels` output "
+                          "(at most 256)")
+    s = profile.stride
+    n = "N" if profile.dynamic("N") else profile.min[0]
+    big_h, h = ("H", "h") if profile.dynamic("H") else (profile.min[1], profile.min[1] // s)
+    big_w, w = ("W", "w") if profile.dynamic("W") else (profile.min[2], profile.min[2] // s)
+    c, k = cfg.feat_channels, cfg.num_classes
+
+    def t(name: str, dtype: str, *shape: Dim) -> TensorSpec:
+        return TensorSpec(name, dtype, shape)
+
+    image = t("image", "uint8", n, 3, big_h, big_w)
+    feat = t("feat", "float32", n, c, h, w)
+    return {
+        "feature": GraphSpec("feature", (image,), (feat,)),
+        "flow": GraphSpec("flow", (image, t("key_image", "uint8", n, 3, big_h, big_w),
+                                   t("key_feat", "float32", n, c, h, w)),
+                          (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
+                           feat)),
+        "task": GraphSpec("task", (feat,), (t("labels", "uint8", n, big_h, big_w),
+                                            t("probs", "float32", n, k, big_h, big_w))),
+    }
+
+
+def _example_inputs(spec: GraphSpec, profile: Profile) -> tuple[torch.Tensor, ...]:
+    s = profile.stride
+    n, h, w = (profile.example(a) for a in ("N", "H", "W"))
+    sizes = {"N": n, "H": h * s, "W": w * s, "h": h, "w": w}
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for t in spec.inputs:
+        shape = [sizes[d] if isinstance(d, str) else d for d in t.shape]
+        if t.dtype == "uint8":
+            out.append(torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen))
+        else:
+            out.append(torch.rand(shape, generator=gen))
+    return tuple(out)
+
+
+def _dynamic_shapes(spec: GraphSpec, profile: Profile) -> dict[str, dict[int, object]]:
+    s = profile.stride
+    dims: dict[str, object] = {}
+    if profile.dynamic("N"):
+        dims["N"] = torch.export.Dim("N", min=profile.min[0], max=profile.max[0])
+    for i, (big, small) in enumerate((("H", "h"), ("W", "w")), start=1):
+        if profile.dynamic(big):
+            cells = torch.export.Dim(small, min=profile.min[i] // s, max=profile.max[i] // s)
+            dims[small], dims[big] = cells, s * cells  # H = stride·h keeps H a multiple
+    return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)}
+            for t in spec.inputs}
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    """Silence the exporter's progress lines, warnings and logs (shown with --verbose)."""
+    if not enabled:
+        yield
+        return
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_graph(model: DFF, spec: GraphSpec, profile: Profile, path: str | os.PathLike[str],
+                 verbose: bool = False) -> onnx.ModelProto:
+    """Export one graph to `path`: torch.onnx.export (dynamo), FlowWarp's body attached,
+    dynamic axes renamed to the contract's names, then checked (`check_graph`)."""
+    wrapper = WRAPPERS[spec.name](model).eval()
+    args = _example_inputs(spec, profile)
+    try:
+        with _quiet(not verbose), torch.no_grad():
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, opset_version=OPSET,
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=_dynamic_shapes(spec, profile),
+                custom_translation_table=onnx_op.custom_translation_table(), verbose=verbose)
+    except Exception as e:  # the exporter raises many kinds; the cause is chained for --verbose
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ExportError(f"{spec.file}: torch.onnx.export failed ({first[:200]}); rerun with "
+                          "--verbose for the exporter's log and traceback") from e
+    proto = program.model_proto
+    if spec.name == "flow":
+        onnx_op.attach_function(proto)
+    _rename_dims(proto, spec)
+    proto.doc_string = f"dff-trt {spec.name} graph (DESIGN.md §3)"
+    check_graph(proto, spec)
+    onnx.save(proto, os.fspath(path))
+    return proto
+
+
+def _rename_dims(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """Give the graph's dynamic axes the contract's names (the exporter names them `16*h` or
+    `s39`) everywhere they occur; fail if the exporter fixed an axis the profile leaves free."""
+    graph = proto.graph
+    renames: dict[str, str] = {}
+    for values, specs in ((graph.input, spec.inputs), (graph.output, spec.outputs)):
+        if [v.name for v in values] != [t.name for t in specs]:
+            raise ExportError(f"{spec.file}: tensors {[v.name for v in values]}, expected "
+                              f"{[t.name for t in specs]}")
+        for value, t in zip(values, specs):
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != len(t.shape):
+                raise ExportError(f"{spec.file}: {t.name} has rank {len(dims)}, "
+                                  f"expected {len(t.shape)}")
+            for axis, (dim, want) in enumerate(zip(dims, t.shape)):
+                if isinstance(want, int):
+                    if dim.HasField("dim_param") or dim.dim_value != want:
+                        raise ExportError(f"{spec.file}: {t.name} axis {axis} is "
+                                          f"{dim.dim_param or dim.dim_value}, expected {want}")
+                elif not dim.HasField("dim_param"):
+                    raise ExportError(f"{spec.file}: {t.name} axis {axis} ({want}) was fixed to "
+                                      f"{dim.dim_value} by the exporter; the model specialises "
+                                      "this size")
+                elif renames.setdefault(dim.dim_param, want) != want:
+                    raise ExportError(f"{spec.file}: axis {dim.dim_param!r} is both "
+                                      f"{renames[dim.dim_param]} and {want}")
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+
+
+def count_flow_warp(proto: onnx.ModelProto) -> int:
+    return sum((n.op_type, n.domain) == (onnx_op.OP_TYPE, onnx_op.DOMAIN)
+               for n in proto.graph.node)
+
+
+def check_graph(proto: onnx.ModelProto, spec: GraphSpec) -> None:
+    """onnx's full check, plus the warp's place: one FlowWarp node with its function in the
+    flow graph, none anywhere else."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = (str(e).strip().splitlines() or ["?"])[0]
+        raise ExportError(f"{spec.file}: onnx.checker rejects the exported model "
+                          f"({first[:200]})") from e
+    warps = count_flow_warp(proto)
+    functions = [(f.domain, f.name) for f in proto.functions]
+    want = 1 if spec.name == "flow" else 0
+    if warps != want or functions != [(onnx_op.DOMAIN, onnx_op.OP_TYPE)] * want:
+        raise ExportError(f"{spec.file}: {warps} FlowWarp node(s) and functions {functions}, "
+                          f"expected {want} node(s) with the function attached")

@@ -1,0 +1,148 @@
+"""engines/manifest.json (DESIGN.md §3): what dff-export wrote and what the runtime may trust.
+
+Written by `dff.export.exporter`, read by the runtime through `load_manifest`, which refuses a
+manifest or graph file that does not match with one message naming the file, the field and
+how to rebuild. This module needs neither torch nor onnx (the runtime imports it).
+
+Layout (version 1)::
+
+    format "dff-trt-manifest", version 1, task, class_names, num_classes,
+    normalisation {mean, std, input}, stride, feat_channels, key_interval,
+    profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
+    graphs {feature|flow|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
+        (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w),
+    plugin {op, domain, version, graph, function},
+    engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
+    export {checkpoint, checkpoint_sha256, tool, tool_version, torch, onnx, onnxruntime,
+            opset, simplified, parity {backend, tolerance, tolerance_rule, min_equal, passed,
+            cases, worst}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dff.errors import DffError
+
+FORMAT = "dff-trt-manifest"
+VERSION = 1
+FILENAME = "manifest.json"
+GRAPHS = ("feature", "flow", "task")
+
+# field path -> expected JSON type(s); checked in this order by load_manifest
+_REQUIRED: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("task", str), ("class_names", list), ("normalisation", dict), ("normalisation.mean", list),
+    ("normalisation.std", list), ("stride", int), ("feat_channels", int),
+    ("key_interval", int), ("profile", dict), ("profile.min", list), ("profile.opt", list),
+    ("profile.max", list), ("graphs", dict),
+    *((f"graphs.{g}.{k}", t) for g in GRAPHS
+      for k, t in (("file", str), ("sha256", str), ("inputs", list), ("outputs", list))),
+    ("plugin", dict), ("engines", dict), ("export", dict),
+)
+
+
+class ManifestError(DffError):
+    """A missing, damaged or mismatched manifest, or a file it lists."""
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _rebuild(directory: Path) -> str:
+    return f"re-export with `dff-export MODEL.pth -o {directory}`"
+
+
+def write_manifest(path: str | os.PathLike[str], manifest: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _field(data: dict, dotted: str) -> Any:
+    value: Any = data
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise KeyError(dotted)
+        value = value[key]
+    return value
+
+
+def _check_file(directory: Path, manifest_path: Path, field: str, entry: dict,
+                verify_hashes: bool) -> None:
+    name = entry.get("file")
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise ManifestError(f"{manifest_path}: field '{field}.file' is {name!r}, expected a "
+                            f"file name inside {directory}; {_rebuild(directory)}")
+    path = directory / name
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing (listed in {manifest_path} as '{field}.file'); "
+                            f"{_rebuild(directory)}")
+    want = entry.get("sha256")
+    if verify_hashes and want is not None:
+        got = sha256_file(path)
+        if got != want:
+            raise ManifestError(f"{path}: sha256 {got[:12]}… does not match '{field}.sha256' "
+                                f"{str(want)[:12]}… in {manifest_path}; the file changed after "
+                                f"export, {_rebuild(directory)}")
+
+
+def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True) -> dict:
+    """Read and check `directory/manifest.json` and the files it lists; return it as a dict.
+
+    Graph (and engine) file names are relative to `directory`. Raises ManifestError naming
+    the file, the field and the fix.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: no such directory; export a model into it first "
+                            f"with `dff-export MODEL.pth -o {directory}`")
+    path = directory / FILENAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing, so {directory} holds no dff-export output; "
+                            f"{_rebuild(directory)}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text ({e.reason}); the file is damaged, "
+                            f"{_rebuild(directory)}") from e
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: "
+                            f"{e.msg}); the file is damaged, {_rebuild(directory)}") from e
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ManifestError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}; this is "
+                            f"not a dff-trt manifest, {_rebuild(directory)}")
+    if data.get("version") != VERSION:
+        raise ManifestError(f"{path}: field 'version' is {data.get('version')!r}, this dff-trt "
+                            f"reads version {VERSION}; {_rebuild(directory)} of this version")
+    for dotted, kind in _REQUIRED:
+        try:
+            value = _field(data, dotted)
+        except KeyError:
+            raise ManifestError(f"{path}: field '{dotted}' is missing; "
+                                f"{_rebuild(directory)}") from None
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ManifestError(f"{path}: field '{dotted}' is {type(value).__name__}, expected "
+                                f"{getattr(kind, '__name__', kind)}; {_rebuild(directory)}")
+    for name in GRAPHS:
+        _check_file(directory, path, f"graphs.{name}", data["graphs"][name], verify_hashes)
+    for name, entry in data["engines"].items():
+        if not isinstance(entry, dict):
+            raise ManifestError(f"{path}: field 'engines.{name}' is not an object; "
+                                f"{_rebuild(directory)}")
+        _check_file(directory, path, f"engines.{name}", entry, verify_hashes)
+    return data
+
+
+def graph_path(directory: str | os.PathLike[str], manifest: dict, graph: str) -> Path:
+    """The file of `graph` ("feature", "flow" or "task") in a loaded manifest."""
+    return Path(directory) / manifest["graphs"][graph]["file"]

@@ -57,8 +57,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds for a file that is not a checkpoint
-        why = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
-        why = why if 0 < len(why) <= 120 else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
+        why = f"torch.load: {type(e).__name__}" + (f": {first[:100]}" if first else "")
         raise CheckpointError(f"{path}: not a loadable PyTorch checkpoint ({why}); "
                               "pass a .pth written by dff-train") from e
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -1,0 +1,354 @@
+"""Backends: the three DFF stages (DESIGN.md §1) behind one small interface.
+
+A backend runs `feature`, `flow` (the warp inside) and `task` on uint8 NCHW images. What it
+returns from `feature`, `flow` and `upload` is an opaque handle that stays where the backend
+computes (device memory on CUDA), so a key frame's image and features cross PCIe once; only
+`task`'s labels (and `to_host` on request) come back to the host.
+
+- `onnxruntime-cpu` / `onnxruntime-cuda`: the exported graphs of an engine folder;
+- `torch-cpu` / `torch-cuda`: the reference, straight from the checkpoint;
+- `tensorrt`: comes with `runtime/trt_backend.py` (a later issue).
+
+torch and onnxruntime are imported where used, so this module imports with numpy alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from dff.export.manifest import GRAPHS, graph_path, load_manifest, sha256_file
+
+from dff.errors import DffError
+
+KINDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch-cuda", "torch-cpu")
+ALIASES = {"onnxruntime": "onnxruntime-cpu", "ort": "onnxruntime-cpu", "torch": "torch-cpu"}
+
+# tensor names fixed by DESIGN.md §3
+_INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"], "task": ["feat"]}
+_OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"], "task": ["labels"]}
+
+
+class BackendError(DffError):
+    """A backend that cannot be opened here: unknown name, missing library or device."""
+
+
+class Backend(Protocol):
+    """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned;
+    `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data."""
+
+    name: str          # e.g. "onnxruntime-cpu"
+    stride: int        # feature stride: image H and W must be multiples of it
+    profile: dict | None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any size
+
+    def feature(self, image: np.ndarray) -> Any: ...
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]: ...
+    def task(self, feat: Any) -> np.ndarray: ...
+    def upload(self, image: np.ndarray) -> Any: ...
+    def to_host(self, handle: Any) -> np.ndarray: ...
+    def synchronize(self) -> None: ...
+    def close(self) -> None: ...
+
+
+# --- what is here ---------------------------------------------------------------------------
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(f"onnxruntime is not importable ({e}); `pip install onnxruntime` "
+                           "(or onnxruntime-gpu for CUDA), or pick --backend torch") from None
+    return onnxruntime
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise BackendError(f"the torch backend needs PyTorch, which is not importable ({e}); "
+                           "`pip install dff-trt[train]` or pick --backend onnxruntime-cpu") from None
+    return torch
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, why not): `tensorrt` importable (an empty namespace package, as tensorrt-stubs
+    installed in place leaves, DESIGN.md §4, does not count) and this version's TensorRT
+    backend (runtime/trt_backend.py) present."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except (ImportError, OSError, RuntimeError) as e:  # a broken install raises the latter
+        return False, f"import tensorrt failed: {type(e).__name__}"
+    if not hasattr(trt, "Runtime"):
+        return False, "import tensorrt found an empty package (stubs?), not TensorRT"
+    version = f"TensorRT {getattr(trt, '__version__', '?')}"
+    if importlib.util.find_spec("dff.runtime.trt_backend") is None:
+        return False, f"{version} is importable but this dff-trt has no TensorRT backend yet"
+    return True, version
+
+
+def _ort_has_cuda() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    return "CUDAExecutionProvider" in _ort().get_available_providers()
+
+
+def available_backends() -> list[str]:
+    """The backend kinds that can run on this machine (an engine folder may still lack
+    what one needs, e.g. TensorRT engines). Imports torch if it is installed."""
+    kinds = []
+    if tensorrt_status()[0]:
+        kinds.append("tensorrt")
+    if importlib.util.find_spec("onnxruntime") is not None:
+        if _ort_has_cuda():
+            kinds.append("onnxruntime-cuda")
+        kinds.append("onnxruntime-cpu")
+    if importlib.util.find_spec("torch") is not None:
+        if _torch().cuda.is_available():
+            kinds.append("torch-cuda")
+        kinds.append("torch-cpu")
+    return kinds
+
+
+def pick_auto(engine_dir: str | os.PathLike[str]) -> tuple[str, str]:
+    """(kind, reason): TensorRT if usable and the manifest lists engines for all three
+    graphs, else ONNX Runtime on CUDA if its provider is there, else ONNX Runtime on the CPU.
+    The reason is the sentence a command prints."""
+    manifest = load_manifest(engine_dir, verify_hashes=False)
+    trt_ok, trt_why = tensorrt_status()
+    built = {e.get("graph") for e in manifest["engines"].values()}
+    missing = [g for g in GRAPHS if g not in built]
+    if trt_ok and not missing:
+        return "tensorrt", f"picked tensorrt: {trt_why}, engines for {', '.join(GRAPHS)}"
+    if not trt_ok:
+        why = [f"no TensorRT ({trt_why})"]
+    else:
+        why = [f"{trt_why} but manifest.json lists no engine for {', '.join(missing)}"]
+    if _ort_has_cuda():
+        return "onnxruntime-cuda", f"picked onnxruntime-cuda: {why[0]}"
+    _ort()  # neither runtime: say so
+    why.append("no CUDA execution provider")
+    return "onnxruntime-cpu", f"picked onnxruntime-cpu: {', '.join(why)}"
+
+
+def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device: int = 0,
+                 checkpoint: str | os.PathLike[str] | None = None, threads: int = 0) -> Backend:
+    """Open backend `kind` ("auto" picks one with `pick_auto`) on the graphs of `engine_dir`
+    (the torch backend: on `checkpoint`, else the manifest's `export.checkpoint`).
+    `threads` > 0 caps the CPU threads of one stage; 0 leaves the library's default."""
+    kind = ALIASES.get(kind, kind)
+    if kind == "auto":
+        if engine_dir is None:
+            raise BackendError("--backend auto needs an engine folder (-e DIR written by "
+                               "dff-export)")
+        kind = pick_auto(engine_dir)[0]
+    if kind not in KINDS:
+        raise BackendError(f"unknown backend {kind!r}; choose one of auto, {', '.join(KINDS)}")
+    if kind == "tensorrt":
+        # runtime/trt_backend.py (a later issue) plugs in here
+        why = tensorrt_status()[1]
+        raise BackendError(f"--backend tensorrt: not available here ({why}); the TensorRT "
+                           "backend comes in a later version, use --backend onnxruntime-cuda "
+                           "or onnxruntime-cpu")
+    if kind.startswith("torch"):
+        return TorchBackend(_torch_checkpoint(engine_dir, checkpoint),
+                            cuda=kind == "torch-cuda", device=device, threads=threads)
+    if engine_dir is None:
+        raise BackendError(f"--backend {kind} needs an engine folder (-e DIR written by "
+                           "dff-export)")
+    return OrtBackend(engine_dir, cuda=kind == "onnxruntime-cuda", device=device,
+                      threads=threads)
+
+
+# --- ONNX Runtime ---------------------------------------------------------------------------
+
+class OrtBackend:
+    """The exported graphs on ONNX Runtime. On the CPU, plain `run` with numpy arrays. On CUDA
+    (or with `io_binding=True` on the CPU, which tests that path here), IOBinding with
+    OrtValues: inputs bound from OrtValues, outputs allocated by ONNX Runtime on the device,
+    so features, flow and the key image never leave it; only `labels` is bound to the host."""
+
+    def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
+                 device: int = 0, threads: int = 0, io_binding: bool | None = None):
+        ort = _ort()
+        self._ort = ort
+        self.manifest = load_manifest(engine_dir)
+        self.stride = int(self.manifest["stride"])
+        self.profile = self.manifest["profile"]
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.device_type = "cuda" if cuda else "cpu"
+        self.device_id = device
+        self.io_binding = cuda if io_binding is None else io_binding
+        if cuda:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendError(
+                    f"--backend onnxruntime-cuda: this onnxruntime {ort.__version__} has no "
+                    "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
+                    "CUDA) or use --backend onnxruntime-cpu")
+            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device}),
+                                    "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = max(0, threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self.sessions = {}
+        for graph in _INPUTS:
+            path = graph_path(engine_dir, self.manifest, graph)
+            try:
+                session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BackendError(f"{path}: onnxruntime cannot load it ({first[:200]}); "
+                                   f"re-export with `dff-export MODEL.pth -o {engine_dir}`") from e
+            if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+                raise BackendError(f"{path}: onnxruntime fell back to {session.get_providers()} "
+                                   "(the CUDA provider failed to load: CUDA/cuDNN libraries "
+                                   "missing or mismatched); fix the install or use "
+                                   "--backend onnxruntime-cpu")
+            _check_names(path, graph, [i.name for i in session.get_inputs()],
+                         [o.name for o in session.get_outputs()])
+            self.sessions[graph] = session
+
+    def _run(self, graph: str, feeds: dict[str, Any], host: tuple[str, ...] = ()) -> list[Any]:
+        session = self.sessions[graph]
+        outputs = _OUTPUTS[graph]
+        if not self.io_binding:
+            return session.run(outputs, {k: self.to_host(v) for k, v in feeds.items()})
+        # a fresh binding per call: ORT may write a re-run's outputs into the buffers a reused
+        # binding already holds, and those buffers are handles the caller keeps (key_feat)
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, self.upload(value))
+        for name in outputs:
+            if name in host:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, self.device_type, self.device_id)
+        session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return [v.numpy() if name in host else v for name, v in zip(outputs, values)]
+
+    def feature(self, image: np.ndarray) -> Any:
+        return self._run("feature", {"image": image})[0]
+
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+        flow, scale, feat = self._run("flow", {"image": image, "key_image": key_image,
+                                               "key_feat": key_feat})
+        return flow, scale, feat
+
+    def task(self, feat: Any) -> np.ndarray:
+        return self._run("task", {"feat": feat}, host=("labels",))[0]
+
+    def upload(self, image: Any) -> Any:
+        """Keep an array resident where the graphs run: an OrtValue with IOBinding, else
+        the (contiguous) array itself."""
+        if isinstance(image, self._ort.OrtValue):
+            return image
+        image = np.ascontiguousarray(image)
+        if not self.io_binding:
+            return image
+        return self._ort.OrtValue.ortvalue_from_numpy(image, self.device_type, self.device_id)
+
+    def to_host(self, handle: Any) -> np.ndarray:
+        return handle.numpy() if isinstance(handle, self._ort.OrtValue) else np.asarray(handle)
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: run/run_with_iobinding return after the provider's stream is
+        synchronised (ORT's default), so every handle is ready."""
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+
+def _check_names(path: Path, graph: str, inputs: list[str], outputs: list[str]) -> None:
+    if inputs != _INPUTS[graph] or not set(_OUTPUTS[graph]) <= set(outputs):
+        raise BackendError(f"{path}: inputs {inputs} and outputs {outputs}, expected inputs "
+                           f"{_INPUTS[graph]} and outputs {_OUTPUTS[graph]} (DESIGN.md §3); "
+                           "re-export it with this version's dff-export")
+
+
+# --- PyTorch (the reference) ----------------------------------------------------------------
+
+def _torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
+                      checkpoint: str | os.PathLike[str] | None) -> Path:
+    """An explicit checkpoint, else the one the engines were exported from (checked by hash,
+    so the reference is the model the engines hold)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    if engine_dir is None:
+        raise BackendError("--backend torch needs --checkpoint MODEL.pth or an engine folder "
+                           "whose manifest names its checkpoint")
+    manifest = load_manifest(engine_dir, verify_hashes=False)
+    where = f"{Path(engine_dir) / 'manifest.json'}: field 'export.checkpoint'"
+    path = manifest["export"].get("checkpoint")
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise BackendError(f"{where} is {path!r}, not a file here; pass --checkpoint "
+                           "MODEL.pth for the torch backend")
+    want = manifest["export"].get("checkpoint_sha256")
+    if want is not None and sha256_file(path) != want:
+        raise BackendError(f"{where}: {path} changed after export (sha256 differs from "
+                           "'export.checkpoint_sha256'); pass --checkpoint MODEL.pth explicitly "
+                           "or re-export")
+    return Path(path)
+
+
+class TorchBackend:
+    """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles)."""
+
+    def __init__(self, checkpoint: str | os.PathLike[str], *, cuda: bool = False,
+                 device: int = 0, threads: int = 0):
+        torch = _torch()
+        from dff.models.checkpoint import load_checkpoint
+        from dff.models.warp import flow_warp
+
+        if cuda and not torch.cuda.is_available():
+            raise BackendError("--backend torch-cuda: torch.cuda.is_available() is False here "
+                               f"(torch {torch.__version__}); use --backend torch-cpu")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._torch, self._warp = torch, flow_warp
+        self.device = torch.device(f"cuda:{device}" if cuda else "cpu")
+        self.name = "torch-cuda" if cuda else "torch-cpu"
+        self.model = load_checkpoint(checkpoint).to(self.device).eval()
+        self.stride = self.model.config.stride
+        self.profile: dict | None = None  # any size the model takes
+
+    def _float(self, image: Any) -> Any:
+        return self.upload(image).float()
+
+    def feature(self, image: np.ndarray) -> Any:
+        with self._torch.inference_mode():
+            return self.model.features(self._float(image))
+
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+        with self._torch.inference_mode():
+            flow, scale = self.model.flow(self._float(image), self._float(key_image))
+            return flow, scale, self._warp(self.upload(key_feat), flow, scale)
+
+    def task(self, feat: Any) -> np.ndarray:
+        with self._torch.inference_mode():
+            labels = self.model.task(self.upload(feat)).argmax(1).to(self._torch.uint8)
+        return labels.cpu().numpy()
+
+    def upload(self, image: Any) -> Any:
+        if isinstance(image, self._torch.Tensor):
+            return image.to(self.device)
+        return self._torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+
+    def to_host(self, handle: Any) -> np.ndarray:
+        if isinstance(handle, self._torch.Tensor):
+            return handle.detach().cpu().numpy()
+        return np.asarray(handle)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self.model = None

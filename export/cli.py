@@ -52,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "peak |value| when that exceeds 1 (default: 1e-4)")
     p.add_argument("--simplify", action="store_true",
                    help="run onnxsim on feature.onnx and task.onnx (needs onnxsim installed)")
+    engines = p.add_argument_group("TensorRT engines, after the export (dff-build; skipped with "
+                                   "one line when TensorRT is not installed)")
+    engines.add_argument("--build", action="store_true",
+                         help="also build the engines (--fp16 or --fp32 imply it)")
+    precision = engines.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="build fp16 engines (the default precision)")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help="build fp32 engines")
+    engines.add_argument("--workspace", type=int, metavar="MiB",
+                         help="TensorRT workspace memory pool limit")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the exporter's log and full tracebacks")
     return p
@@ -64,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give MODEL.pth or --demo, not both")
     if not args.tolerance > 0:
         parser.error(f"--tolerance must be positive, got {args.tolerance}")
+    if args.workspace is not None and args.workspace <= 0:
+        parser.error(f"--workspace must be a positive size in MiB, got {args.workspace}")
     try:
         # imported here so that --help and argument errors come back without loading torch
         from dff.export.exporter import export_model, human_size
@@ -89,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
           f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
           f"labels {100 * equal:.2f}% equal)")
+    if args.build or args.precision or args.workspace is not None:
+        from dff.engines.cli import build_after_export
+
+        return build_after_export(result.directory, args.precision, args.workspace, args.verbose)
     return 0
 
 

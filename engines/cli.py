@@ -1,0 +1,162 @@
+"""`dff-build`: dff-export's ONNX graphs -> one TensorRT engine per graph for this GPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from dff.errors import DffError
+
+from .naming import PRECISIONS
+
+GRAPHS = ("feature", "flow", "task")
+
+EPILOG = """\
+engines (beside the ONNX graphs, named for the GPU and TensorRT version that built them):
+  feature.<gpu>.trt<version>.<precision>.plan   (and flow..., task...)
+  timing.<gpu>.trt<version>.cache                 TensorRT's timing cache: loaded when present,
+                                                  saved after each engine (faster rebuilds)
+Each engine gets an entry in manifest.json's `engines` (file, sha256, bytes, graph, precision,
+gpu, compute_capability, tensorrt, onnx_sha256, profile, ...); the manifest is rewritten
+atomically. The optimization profile is the manifest's: image/key_image [N,3,H,W] min/opt/max,
+feat/key_feat [N,C,H/16,W/16]. The dff::FlowWarp plugin is registered before parsing.
+An engine runs only on the GPU model and TensorRT version that built it; the runtime refuses
+others with the command to rebuild.
+
+examples:
+  dff-export runs/model.pth -o engines/     # the ONNX graphs (any machine)
+  dff-build engines/ --fp16                  # the engines (a machine with TensorRT and a GPU)
+  dff-build engines/ --fp32 --workspace 4096 --graphs feature,task
+  dff-build --inspect engines/feature.h100-80gb-hbm3.trt10.13.0.35.fp16.plan
+"""
+
+
+def _graphs_arg(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in GRAPHS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of "
+                                         f"{','.join(GRAPHS)}")
+    return names
+
+
+def _workspace_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size in MiB, e.g. 4096")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dff-build", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build TensorRT engines from dff-export's ONNX graphs and manifest.json.")
+    p.add_argument("directory", nargs="?", metavar="ENGINES_DIR",
+                   help="dff-export's output folder (with manifest.json)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                           help="allow fp16 kernels (the default)")
+    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
+                           help="fp32 kernels only")
+    p.add_argument("--workspace", type=_workspace_arg, metavar="MiB",
+                   help="limit TensorRT's workspace memory pool (default: TensorRT's, the "
+                        "GPU's memory)")
+    p.add_argument("--graphs", type=_graphs_arg, default=GRAPHS, metavar="LIST",
+                   help="build only these graphs (default: feature,flow,task)")
+    p.add_argument("--inspect", metavar="PLAN",
+                   help="print an engine's tensors and layers instead of building")
+    p.add_argument("--json", action="store_true",
+                   help="print the manifest entries (or --inspect's report) as JSON")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="TensorRT's verbose log and full tracebacks")
+    return p
+
+
+def _summary(result: Any) -> str:
+    lines = [f"built {result.directory}/ for {result.gpu} (compute "
+             + f"{result.compute_capability}), TensorRT {result.tensorrt}, {result.precision}:"]
+    for entry in result.engines.values():
+        lines.append(f"  {entry['file']:<56} {entry['bytes'] / 2**20:8.1f} MiB "
+                     f"{entry['build_seconds']:7.1f} s")
+    lines.append(f"timing cache: {result.timing_cache}")
+    return "\n".join(lines)
+
+
+def _inspect_summary(report: dict[str, Any]) -> str:
+    lines = [f"{report['file']}: {report['num_layers']} layers"]
+    for t in report["tensors"]:
+        extra = ""
+        if "profile" in t:
+            extra = "  profile " + " / ".join("x".join(map(str, t["profile"][k]))
+                                               for k in ("min", "opt", "max"))
+        lines.append(f"  {t['mode'].lower():<6} {t['name']:<10} {t['dtype']:<6} "
+                     f"{t['shape']}{extra}")
+    return "\n".join(lines)
+
+
+def run_build(directory: str | Path, precision: str = PRECISIONS[0],
+              workspace_mib: int | None = None, graphs: tuple[str, ...] = GRAPHS,
+              verbose: bool = False, as_json: bool = False, prog: str = "dff-build") -> int:
+    """Build and print the summary; 1 with one line on stderr for a DffError (TensorRT
+    missing included)."""
+    from . import builder
+
+    try:
+        result = builder.build_engines(
+            directory, precision=precision, workspace_mib=workspace_mib, graphs=graphs,
+            verbose=verbose, log=None if as_json else (lambda line: print(line, flush=True)))
+    except DffError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.engines, indent=2) if as_json else _summary(result))
+    return 0
+
+
+def build_after_export(directory: str | Path, precision: str | None, workspace_mib: int | None,
+                       verbose: bool = False) -> int:
+    """dff-export's --build: engines now when TensorRT is installed, else one line and 0 (the
+    ONNX graphs are written either way)."""
+    from .builder import tensorrt_available
+
+    if not tensorrt_available():
+        print(f"TensorRT is not installed: wrote the ONNX graphs only; build engines later with "
+              f"dff-build {directory} on a machine with TensorRT")
+        return 0
+    return run_build(directory, precision or PRECISIONS[0], workspace_mib, verbose=verbose,
+                     prog="dff-export")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.inspect and args.directory:
+        parser.error("give ENGINES_DIR to build or --inspect PLAN, not both")
+    if not args.inspect and not args.directory:
+        parser.error("ENGINES_DIR is required (dff-export's output folder, e.g. engines/)")
+    if args.inspect:
+        from . import builder
+
+        try:
+            report = builder.inspect_engine(args.inspect)
+        except DffError as e:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"dff-build: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(report, indent=2) if args.json else _inspect_summary(report))
+        return 0
+    return run_build(args.directory, args.precision or PRECISIONS[0], args.workspace,
+                     args.graphs, args.verbose, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

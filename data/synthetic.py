@@ -5,6 +5,13 @@ seen by a panning, zooming camera under a slowly varying gain. Each layer (the b
 every object) is a similarity transform of its own coordinates into the image, so the flow
 between any two frames is analytic. Everything is drawn from ``np.random.default_rng(seed)``
 and is a function of absolute time, so a shorter clip is a prefix of a longer one.
+
+The motion regime is the one DFF is built for: objects 48-96 px across (3-6 feature cells at
+stride 16) move about 0.5 px per frame (95th percentile 1.2), the camera drifts 0.1-0.5 px per
+frame, so over a 10-frame key interval things move a fraction of their size. With objects
+half that size moving 2-4× faster, even warping along the exact flow lost 15+ mIoU points at
+k=10 (disocclusion and border effects on the stride-16 grid), so the benchmark no longer
+measured the method but the limits of any stride-16 feature warp.
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def make_clip(seed: int, num_frames: int = 60, height: int = 128, width: int = 2
     t = np.arange(num_frames, dtype=np.float64)
     camera, zoom, gains = _camera(rng, t)
     centre = np.array([width / 2, height / 2])
-    num_objects = int(rng.integers(2, 7))
+    num_objects = int(rng.integers(2, 5))
     shapes = tuple(_make_shape(rng, int(rng.integers(1, 5))) for _ in range(num_objects))
     textures = [_make_texture(rng, 32, (8.0, 14.0), _background_colour(rng), 22.0)]
     textures += [_make_texture(rng, 16, (7.0, 11.0), _object_colour(rng, s.cls), 20.0)
@@ -126,11 +133,12 @@ def _sine(rng: np.random.Generator, t: np.ndarray, amplitude: float,
 
 
 def _camera(rng: np.random.Generator, t: np.ndarray):
-    """World pan c_t [T,2] (up to ~1.5 px/frame), zoom z_t in ~0.9..1.12, gain g_t ~0.85..1.15."""
+    """World pan c_t [T,2] (0.1-0.5 px/frame drift plus a slow sway), zoom z_t in ~0.9..1.12,
+    gain g_t ~0.85..1.15."""
     direction = rng.uniform(0, 2 * np.pi)
-    velocity = rng.uniform(0.3, 1.0) * np.array([np.cos(direction), np.sin(direction)])
+    velocity = rng.uniform(0.1, 0.5) * np.array([np.cos(direction), np.sin(direction)])
     camera = t[:, None] * velocity + np.column_stack(
-        [_sine(rng, t, rng.uniform(0, 5), (70, 160)) for _ in range(2)])
+        [_sine(rng, t, rng.uniform(0, 3), (70, 160)) for _ in range(2)])
     zoom = rng.uniform(0.97, 1.04) * np.exp(
         _sine(rng, t, rng.uniform(0, 0.035), (90, 200)) + rng.uniform(-0.035, 0.035))
     gains = 1 + _sine(rng, t, rng.uniform(0, 0.05), (40, 120)) + \
@@ -142,19 +150,19 @@ def _object_motion(rng: np.random.Generator, t: np.ndarray, width: int, height: 
     """Position relative to the camera (world units) [T,2], angle [T], scale [T]."""
     mid = EVAL_FRAMES / 2  # in view around mid-clip, so mostly in view over EVAL_FRAMES
     pos_mid = rng.uniform(-0.4, 0.4, 2) * np.array([width, height])
-    speed = rng.uniform(0.4, 2.5) if rng.random() < 0.85 else rng.uniform(2.5, 4.2)
+    speed = rng.uniform(0.1, 0.7) if rng.random() < 0.85 else rng.uniform(0.7, 1.4)
     direction = rng.uniform(0, 2 * np.pi)
     velocity = speed * np.array([np.cos(direction), np.sin(direction)])
-    curve = np.column_stack([_sine(rng, t - mid, rng.uniform(0, 8), (80, 200))
+    curve = np.column_stack([_sine(rng, t - mid, rng.uniform(0, 4), (80, 200))
                              for _ in range(2)])
     rel = pos_mid + (t - mid)[:, None] * velocity + curve
-    angle = rng.uniform(0, 2 * np.pi) + np.deg2rad(rng.uniform(-2, 2)) * t
+    angle = rng.uniform(0, 2 * np.pi) + np.deg2rad(rng.uniform(-0.6, 0.6)) * t
     scale = 1 + _sine(rng, t - mid, rng.uniform(0, 0.15), (100, 240))
     return rel, angle, scale
 
 
 def _make_shape(rng: np.random.Generator, cls: int) -> _Shape:
-    half = rng.uniform(24, 64) / 2  # half the object's extent at scale 1
+    half = rng.uniform(48, 96) / 2  # half the object's extent at scale 1
     if cls == _DISC:
         minor = half * rng.uniform(0.6, 1.0)
         return _Shape(cls, (half, minor), half)

@@ -17,6 +17,7 @@ class DFFConfig:
     feat_dilation: int = 6
     flow_width: float = 0.5          # FlowNet-S width: 1 = released code, 0.5 = FlowNet Half
     head_channels: int = 256
+    head_subcell: int = 4            # logits per cell side before bilinear upsampling (1 = DeepLab)
     stride: int = 16
     mean: list[float] = field(default_factory=lambda: [123.15, 115.90, 103.06])
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
@@ -42,7 +43,8 @@ class DFFConfig:
 # Configurations by name. "small" is the shipped demo model: it trains on a CPU.
 PRESETS = {
     "small": DFFConfig(trunk_depth=18, trunk_width=36, feat_channels=96, feat_dilation=2,
-                       flow_width=0.125, head_channels=48, std=[58.4, 57.1, 57.4]),
+                       flow_width=0.125, head_channels=48, head_subcell=1,
+                       std=[58.4, 57.1, 57.4]),
     "resnet101": DFFConfig(),
     # for tests and smoke runs: builds and trains in milliseconds, learns nothing useful
     "tiny": DFFConfig(trunk_depth=18, trunk_width=8, feat_channels=16, feat_dilation=2,

@@ -24,7 +24,7 @@ class DFF(nn.Module):
                                  config.feat_dilation)
         self.flownet = FlowNetS(config.feat_channels, config.flow_width)
         self.head = build_head(config.task, config.feat_channels, config.num_classes,
-                               config.head_channels, config.stride)
+                               config.head_channels, config.stride, config.head_subcell)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(config.std).view(1, 3, 1, 1),
                              persistent=False)

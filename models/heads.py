@@ -17,12 +17,13 @@ class SegmentationHead(nn.Module):
     task = "segmentation"
 
     def __init__(self, in_channels: int, num_classes: int, channels: int = 64, rate: int = 2,
-                 stride: int = 16):
+                 stride: int = 16, subcell: int = 4):
         super().__init__()
-        if stride % 4:
-            raise ValueError(f"stride {stride} must be a multiple of 4")
+        if stride % subcell:
+            raise ValueError(f"stride {stride} must be a multiple of subcell {subcell}")
         self.num_classes = num_classes
         self.stride = stride
+        self.subcell = subcell
 
         def block(k: int, dilation: int = 1) -> nn.Sequential:
             pad = dilation * (k // 2)
@@ -34,18 +35,20 @@ class SegmentationHead(nn.Module):
         self.pool = block(1)
         self.project = nn.Sequential(nn.Conv2d(3 * channels, channels, 1, bias=False),
                                      nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-        self.classifier = nn.Conv2d(channels, num_classes * 16, 1)
-        self.shuffle = nn.PixelShuffle(4)
+        self.classifier = nn.Conv2d(channels, num_classes * subcell * subcell, 1)
+        self.shuffle = nn.PixelShuffle(subcell)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         """feat [N,C,h,w] → logits [N,K,h·stride,w·stride]."""
         pooled = self.pool(feat.mean((2, 3), keepdim=True)).expand(-1, -1, feat.shape[2], feat.shape[3])
         x = self.project(torch.cat((self.branch1(feat), self.branch3(feat), pooled), 1))
         x = self.shuffle(self.classifier(x))
-        return F.interpolate(x, scale_factor=self.stride // 4, mode="bilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=self.stride // self.subcell, mode="bilinear",
+                             align_corners=False)
 
 
-def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int) -> nn.Module:
+def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int,
+               subcell: int = 4) -> nn.Module:
     if task == "segmentation":
-        return SegmentationHead(in_channels, num_classes, channels, stride=stride)
+        return SegmentationHead(in_channels, num_classes, channels, stride=stride, subcell=subcell)
     raise ValueError(f"unknown task {task!r}: this version has 'segmentation'")

@@ -171,6 +171,8 @@ def run(args) -> Path:
     config = DFFConfig.from_dict(PRESETS[args.config].to_dict())
     config.input_size = [args.height, args.width]
     config.key_interval = args.key_interval
+    if args.head_subcell:
+        config.head_subcell = args.head_subcell
     model = DFF(config).to(device)
     iters = {"flow": args.iters_flow, "seg": args.iters_seg, "dff": args.iters_dff}
     lrs = {"flow": args.lr_flow, "seg": args.lr, "dff": args.lr_dff}
@@ -251,13 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters-flow", type=int, default=4000)
     p.add_argument("--iters-seg", type=int, default=3000)
-    p.add_argument("--iters-dff", type=int, default=2000)
+    p.add_argument("--iters-dff", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-flow", type=float, default=3e-3)
     p.add_argument("--lr-dff", type=float, default=5e-4)
     p.add_argument("--flow-loss", type=float, default=0.0,
                    help="weight of an end-point-error term in stage 3 (the paper uses none)")
     p.add_argument("--key-interval", type=int, default=10, help="default stored in the config")
+    p.add_argument("--head-subcell", type=int, default=0,
+                   help="override the preset's head_subcell (1 = DeepLab's stride-16 logits)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")

@@ -139,7 +139,9 @@ def test_flow_to_same_frame_is_zero_and_valid_away_from_edges(clips):
     edges[1:] |= inst[1:] != inst[:-1]
     assert edges.any() and not valid[edges].any()
     far = cv2.distanceTransform((~edges).astype(np.uint8), cv2.DIST_L2, 5) >= 3
-    assert valid[far].all()
+    # an object edge just outside the frame is invisible to `edges` but still counts
+    far[:3], far[-3:], far[:, :3], far[:, -3:] = False, False, False, False
+    assert far.mean() > 0.5 and valid[far].all()
 
 
 def test_valid_pixels_land_on_the_same_layer_in_key(clips):
@@ -166,15 +168,17 @@ def test_valid_pixels_land_on_the_same_layer_in_key(clips):
     assert occluded_total > 100 and disoccluded_total > 100
 
 
-def test_motion_is_a_few_pixels_per_frame(clips):
+def test_motion_is_under_a_couple_of_pixels_per_frame(clips):
     moving, everything = [], []
     for clip in clips.values():
         for t in (0, 10, 20):
             mag = np.hypot(*clip.flow(t, t + 1)[0])
             moving.append(mag[clip.instances[t] > 0])
             everything.append(mag.max())
-    assert 0.5 < np.median(np.concatenate(moving)) < 3.0
-    assert max(everything) < 6.0
+    # the regime DFF is built for: over a 10-frame key interval objects move a fraction of
+    # their size (about 0.5 px/frame for objects 48-96 px across)
+    assert 0.2 < np.median(np.concatenate(moving)) < 1.5
+    assert max(everything) < 4.0
 
 
 def test_eval_split_is_fixed_and_disjoint_from_training_seeds(monkeypatch):

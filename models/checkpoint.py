@@ -25,27 +25,31 @@ def demo_checkpoint_path() -> Path:
     return Path(str(resources.files("dff.models") / "weights" / DEMO_NAME))
 
 
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def save_checkpoint(path: str | os.PathLike, model: DFF, meta: dict | None = None,
-                    extra: dict | None = None, half: bool = False) -> None:
+                    half: bool = False) -> None:
     """Write atomically: a temp file in the same folder, then rename. ``half`` stores the
     floating-point weights as float16 (loading casts them back to the model's float32); the
     shipped demo uses it to stay under 10 MB."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     blob = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
             "state_dict": state, "meta": meta or {}}
-    blob.update(extra or {})
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_torch_save(blob, path)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dff.data.synthetic import make_clip, train_seeds
-from dff.models.checkpoint import save_checkpoint
+from dff.models.checkpoint import atomic_torch_save, save_checkpoint
 from dff.models.config import PRESETS, DFFConfig
 from dff.models.dff import DFF
 
@@ -145,17 +143,6 @@ def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss
         stats["epe_cells"] = f_loss.item()
         loss = loss + flow_loss * f_loss
     return {"loss": loss, **stats}
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def run(args) -> Path:

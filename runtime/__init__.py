@@ -1,1 +1,24 @@
-"""dff.runtime"""
+"""dff.runtime: exported DFF graphs on video (DESIGN.md §1).
+
+The small public API, loaded on first use so that `import dff.runtime` needs numpy alone:
+`open_backend`, `pick_auto`, `available_backends` (backends), `make_scheduler` (scheduler),
+`Pipeline` (pipeline), `open_video` (video), `ResultWriter` (writers). The commands are
+`dff-run` (runtime/cli.py) and `dff-profile` (runtime/profile.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_API = {"open_backend": "backends", "pick_auto": "backends", "available_backends": "backends",
+        "make_scheduler": "scheduler", "Pipeline": "pipeline", "open_video": "video",
+        "ResultWriter": "writers"}
+__all__ = ["Pipeline", "ResultWriter", "available_backends", "make_scheduler", "open_backend",
+           "open_video", "pick_auto"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f"dff.runtime.{_API[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,366 @@
+"""dff-run and dff-profile: end to end on a tiny export, every output checked by reading it
+back; bad inputs give one line, exit 1 and no files; Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from dff.export.exporter import export_model
+from dff.models.checkpoint import demo_checkpoint_path, save_checkpoint
+from dff.models.dff import DFF
+from dff.runtime import cli, demo, profile
+from dff.runtime.video import VideoWriter, open_video, write_synthetic_clip
+from dff.runtime.writers import ResultWriter, rle_decode
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
+
+H, W, T = 64, 96, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def engines(root):
+    """A tiny model exported once; profile 1x32x32 .. 2x128x192."""
+    torch.manual_seed(0)
+    save_checkpoint(root / "tiny.pth", DFF(tiny_config()).eval())
+    export_model(root / "tiny.pth", root / "engines", min_shape=(1, 32, 32),
+                 opt_shape=(1, H, W), max_shape=(2, 128, 192))
+    return root / "engines"
+
+
+@pytest.fixture(scope="module")
+def clip(root):
+    path = root / "clip.mp4"
+    write_synthetic_clip(path, seed=7, num_frames=T, height=H, width=W)
+    return path
+
+
+def call(main, args):
+    """(exit code, stdout, stderr) of a command's main(args)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def labels_of(records):
+    return np.stack([rle_decode(r["labels"]) for r in records])
+
+
+@pytest.fixture(scope="module")
+def ort_run(root, engines, clip):
+    """dff-run on ONNX Runtime with all three outputs, key interval 5."""
+    out = root / "ort"
+    out.mkdir()
+    result = call(cli.main, [clip, "--engine-dir", engines, "--backend", "onnxruntime",
+                             "--key-interval", 5, "--output", out / "x.mp4",
+                             "--json", out / "x.jsonl", "--summary", out / "s.json",
+                             "--threads", 1, "--quiet"])
+    return out, result
+
+
+# --- happy paths ----------------------------------------------------------------------------
+
+def test_run_writes_annotated_video_jsonl_and_summary(ort_run, clip):
+    out, (code, stdout, stderr) = ort_run
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["s.json", "x.jsonl", "x.mp4"]  # no temp files left
+    with open_video(out / "x.mp4") as video:
+        frames = list(video)
+    assert len(frames) == T and frames[0].shape == (H, W, 3)
+    records = read_jsonl(out / "x.jsonl")
+    assert [r["frame"] for r in records] == list(range(T))
+    assert [r["frame"] for r in records if r["key"]] == [0, 5]
+    assert all(r["labels"]["size"] == [H, W] for r in records)
+    assert records[0]["time_ms"]["feature"] > 0 and "flow" in records[1]["time_ms"]
+    summary = json.loads((out / "s.json").read_text())
+    assert (summary["frames"], summary["key_frames"]) == (T, 2)
+    assert summary["backend"] == "onnxruntime-cpu" and summary["key_interval"] == 5
+    assert summary["video"]["path"] == str(clip) and summary["video"]["resized_to"] is None
+    assert summary["outputs"] == {"video": str(out / "x.mp4"), "jsonl": str(out / "x.jsonl"),
+                                  "summary": str(out / "s.json")}
+    assert 0 < summary["efficiency"] <= 1.5
+    assert "key frames: 2 of 10 (start 1, interval 1)" in stdout
+    assert f"wrote {out / 'x.jsonl'}: 10 JSON records" in stdout
+
+
+def test_torch_backend_labels_agree_with_onnxruntime(ort_run, engines, clip, tmp_path):
+    out, _ = ort_run
+    code, _, stderr = call(cli.main, [clip, "-e", engines, "--backend", "torch",
+                                      "--key-interval", 5, "--json", tmp_path / "t.jsonl",
+                                      "--threads", 1, "--quiet"])
+    assert code == 0, stderr
+    ort_labels = labels_of(read_jsonl(out / "x.jsonl"))
+    torch_labels = labels_of(read_jsonl(tmp_path / "t.jsonl"))
+    assert len(np.unique(ort_labels)) >= 2, "a model predicting one class tests nothing"
+    agree = (ort_labels == torch_labels).mean()
+    assert agree >= 0.999, agree
+
+
+def test_adaptive_schedule_reports_key_frames_and_writes_the_default_video(engines, clip,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = call(cli.main, [clip, "-e", engines, "--schedule", "adaptive",
+                                           "--summary", "s.json", "--threads", 1])
+    assert code == 0, stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    keys = summary["key_frames"]
+    assert 1 <= keys <= T and sum(summary["schedule"]["reasons"].values()) == keys
+    assert summary["schedule_name"] == "adaptive"
+    assert f"key frames: {keys} of {T} (start 1" in stdout
+    assert stdout.startswith("picked onnxruntime-cpu: ")  # --backend auto says what and why
+    default = tmp_path / "clip.dff.mp4"
+    assert f"wrote {default}: annotated video (the default" in stdout
+    assert sorted(os.listdir(tmp_path)) == ["clip.dff.mp4", "s.json"]
+    with open_video(default) as video:
+        assert sum(1 for _ in video) == T
+
+
+def test_resize_runs_a_video_larger_than_the_profile(engines, root, tmp_path):
+    big = root / "big.mp4"
+    if not big.exists():
+        write_synthetic_clip(big, seed=3, num_frames=3, height=144, width=208)
+    code, stdout, stderr = call(cli.main, [big, "-e", engines, "--resize", f"{H}x{W}",
+                                           "-o", tmp_path / "o.mp4", "--summary",
+                                           tmp_path / "s.json", "--threads", 1, "-q"])
+    assert code == 0, stderr
+    assert "resized from 144x208 to 64x96 (--resize)" in stdout
+    assert json.loads((tmp_path / "s.json").read_text())["video"]["resized_to"] == [H, W]
+    with open_video(tmp_path / "o.mp4") as video:
+        assert video.size == (H, W) and sum(1 for _ in video) == 3
+
+
+def test_truncated_video_warns_and_runs_the_frames_it_has(engines, tmp_path):
+    full = tmp_path / "full.avi"
+    noise = np.random.default_rng(0).integers(0, 256, (20, H, W, 3), dtype=np.uint8)
+    with VideoWriter(full, 25, (H, W)) as out:
+        for frame in noise:
+            out.write(frame)
+    cut = tmp_path / "cut.avi"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    code, _, stderr = call(cli.main, [cut, "-e", engines, "--json", tmp_path / "c.jsonl",
+                                      "--threads", 1, "-q"])
+    assert code == 0, stderr
+    n = len(read_jsonl(tmp_path / "c.jsonl"))
+    assert 0 < n < 20
+    assert stderr.startswith(f"dff-run: warning: {cut}: decoding stopped after {n} of 20")
+
+
+def test_max_frames_stops_early(engines, clip, tmp_path):
+    code, _, stderr = call(cli.main, [clip, "-e", engines, "--json", tmp_path / "m.jsonl",
+                                      "--max-frames", 3, "--threads", 1, "-q"])
+    assert code == 0, stderr
+    assert [r["frame"] for r in read_jsonl(tmp_path / "m.jsonl")] == [0, 1, 2]
+
+
+def test_dff_run_needs_no_torch(engines, clip, tmp_path):
+    code = (f"import sys; sys.modules['torch'] = None\n"
+            f"from dff.runtime.cli import main\n"
+            f"sys.exit(main([{str(clip)!r}, '-e', {str(engines)!r}, '--json', "
+            f"{str(tmp_path / 'n.jsonl')!r}, '--max-frames', '2', '-q']))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert len(read_jsonl(tmp_path / "n.jsonl")) == 2
+
+
+# --- bad inputs -----------------------------------------------------------------------------
+
+def _bad_video(tmp_path, kind, root):
+    if kind == "missing video":
+        return tmp_path / "nope.mp4"
+    if kind == "text as video":
+        path = tmp_path / "notes.mp4"
+        path.write_text("not a video\n" * 20)
+        return path
+    big = root / "big.mp4"
+    if not big.exists():
+        write_synthetic_clip(big, seed=3, num_frames=3, height=144, width=208)
+    return big
+
+
+@pytest.mark.parametrize("kind, named, fix", [
+    ("missing video", "nope.mp4", "no such file"),
+    ("text as video", "notes.mp4", "not a video"),
+    ("too large", "big.mp4", "pass --resize 128x192"),
+    ("missing engine dir", "no-engines", "dff-export"),
+    ("manifest version 99", "manifest.json", "field 'version' is 99"),
+    ("torch checkpoint not one", "fake.pth", "not a loadable PyTorch checkpoint"),
+    ("output folder missing", "missing", "does not exist"),
+])
+def test_bad_input_is_one_line_exit_1_and_no_files(kind, named, fix, engines, clip, root,
+                                                   tmp_path):
+    video = _bad_video(tmp_path, kind, root) if kind in (
+        "missing video", "text as video", "too large") else clip
+    engine_dir, extra = engines, []
+    if kind == "missing engine dir":
+        engine_dir = tmp_path / "no-engines"
+    elif kind == "manifest version 99":
+        engine_dir = tmp_path / "v99"
+        shutil.copytree(engines, engine_dir)
+        manifest = json.loads((engine_dir / "manifest.json").read_text())
+        manifest["version"] = 99
+        (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    elif kind == "torch checkpoint not one":
+        (tmp_path / "fake.pth").write_text("weights")
+        extra = ["--backend", "torch", "--checkpoint", tmp_path / "fake.pth"]
+    out = tmp_path / "out"
+    out.mkdir()
+    target = tmp_path / "missing" if kind == "output folder missing" else out
+    code, stdout, stderr = call(cli.main, [video, "-e", engine_dir, *extra, "-o",
+                                           target / "x.mp4", "--json", out / "x.jsonl",
+                                           "--summary", out / "s.json", "--threads", 1])
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("dff-run: "), stderr
+    assert named in stderr and fix in stderr, stderr
+    assert "Traceback" not in stderr + stdout
+    assert os.listdir(out) == []
+
+
+def test_verbose_shows_the_traceback(engines, tmp_path):
+    code, _, stderr = call(cli.main, [tmp_path / "nope.mp4", "-e", engines, "--verbose"])
+    assert code == 1 and "Traceback" in stderr
+    assert stderr.strip().splitlines()[-1].startswith(f"dff-run: {tmp_path / 'nope.mp4'}")
+
+
+def test_argument_errors_exit_2(clip):
+    for args in ([clip], [clip, "-e", "engines", "--key-interval", "0"],
+                 [clip, "-e", "engines", "--resize", "big"],
+                 [clip, "-e", "engines", "--checkpoint", "m.pth"]):
+        with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(io.StringIO()):
+            cli.main([str(a) for a in args])
+        assert info.value.code == 2
+
+
+def test_ctrl_c_exits_130_and_leaves_no_outputs(engines, clip, tmp_path, monkeypatch):
+    write = ResultWriter.write
+
+    def interrupted(self, index, *rest):
+        if index == 3:
+            raise KeyboardInterrupt
+        write(self, index, *rest)
+
+    monkeypatch.setattr(ResultWriter, "write", interrupted)
+    code, _, stderr = call(cli.main, [clip, "-e", engines, "-o", tmp_path / "x.mp4", "--json",
+                                      tmp_path / "x.jsonl", "--summary", tmp_path / "s.json",
+                                      "--threads", 1, "-q"])
+    assert code == 130
+    assert stderr == "dff-run: interrupted (Ctrl-C); no outputs written\n"
+    assert os.listdir(tmp_path) == []
+
+
+# --- dff-profile ----------------------------------------------------------------------------
+
+def test_profile_times_stages_and_end_to_end(engines, tmp_path):
+    code, stdout, stderr = call(profile.main, [
+        "--engine-dir", engines, "--backend", "onnxruntime", "--iterations", 5, "--warmUp", 0,
+        "--key-intervals", "1,5", "--frames", 10, "--json", tmp_path / "p.json",
+        "--threads", 1])
+    assert code == 0, stderr
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["backend"] == "onnxruntime-cpu" and res["shape"] == [1, H, W]
+    for stage in ("feature", "flow", "task"):
+        s = res["stages"][stage]
+        lat = s["latency_ms"]
+        assert s["iterations"] == 5 and s["throughput_qps"] > 0
+        assert lat["p99"] >= lat["p95"] >= lat["p90"] >= lat["median"] >= lat["min"] > 0
+        assert s["h2d_ms"] is None and s["gpu_compute_ms"] is None and s["d2h_ms"] is None
+    rows = {row["key_interval"]: row for row in res["end_to_end"]}
+    assert sorted(rows) == [1, 5]
+    assert rows[1]["speedup"] == 1.0 and rows[1]["predicted_speedup"] == 1.0
+    assert (rows[1]["key_frames"], rows[5]["key_frames"]) == (10, 2)
+    r = res["r"]
+    assert rows[5]["predicted_speedup"] == pytest.approx(5 / (1 + 4 * r))
+    assert all(0 < row["efficiency"] <= 1.5 for row in rows.values())
+    assert stdout.count("n/a (CPU backend)") == 3
+    assert "flow (+warp)" in stdout and f"wrote {tmp_path / 'p.json'}" in stdout
+
+
+def test_profile_refuses_cuda_graphs_on_a_cpu_backend(engines, tmp_path):
+    code, _, stderr = call(profile.main, ["-e", engines, "--backend", "onnxruntime-cpu",
+                                          "--useCudaGraph", "--json", tmp_path / "p.json"])
+    assert code == 1
+    assert stderr == ("dff-profile: --useCudaGraph: the onnxruntime-cpu backend runs on the "
+                      "CPU; drop --useCudaGraph\n")
+    assert os.listdir(tmp_path) == []
+
+
+# --- --demo ---------------------------------------------------------------------------------
+
+def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, root, tmp_path,
+                                                                    monkeypatch):
+    """--demo's caching and clip, with the tiny checkpoint standing in for the demo model."""
+    monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
+                        lambda: root / "tiny.pth")
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(engines, tmp_path / "dff-demo" / "engines")
+    code, stdout, stderr = call(cli.main, ["--demo", "--max-frames", 5, "--threads", 1])
+    assert code == 0, stderr
+    assert "demo: reusing the export in dff-demo/engines/" in stdout
+    assert stdout.splitlines()[-1] == "output video: dff-demo/clip.dff.mp4"
+    with open_video(tmp_path / "dff-demo" / "clip.mp4") as video:
+        assert video.size == (H, W) and video.frame_count == demo.DEMO_FRAMES
+    with open_video(tmp_path / "dff-demo" / "clip.dff.mp4") as video:
+        assert sum(1 for _ in video) == 5
+
+
+def test_demo_reexports_when_the_cache_holds_another_checkpoint(engines, root, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
+                        lambda: root / "tiny.pth")
+    cache = tmp_path / "engines"
+    shutil.copytree(engines, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["export"]["checkpoint_sha256"] = "0" * 64
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    calls = []
+
+    def fake_export(checkpoint, out_dir):
+        calls.append((checkpoint, out_dir))
+        return SimpleNamespace(manifest={"stand-in": True})
+
+    monkeypatch.setattr("dff.export.exporter.export_model", fake_export)
+    assert demo.ensure_demo_engines(cache) == {"stand-in": True}
+    assert calls == [(root / "tiny.pth", cache)]
+    assert demo.ensure_demo_engines(engines)["export"]["checkpoint"] == str(root / "tiny.pth")
+    assert len(calls) == 1  # the matching export was reused
+
+
+@pytest.mark.skipif(not demo_checkpoint_path().is_file(),
+                    reason="the shipped demo checkpoint (models/weights/) is not in this "
+                           "checkout")
+def test_demo_with_the_shipped_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = call(cli.main, ["--demo", "--max-frames", 5, "--threads", 1, "-q"])
+    assert code == 0, stderr
+    assert stdout.splitlines()[-1] == "output video: dff-demo/clip.dff.mp4"

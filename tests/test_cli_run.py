@@ -14,11 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_config
-from dff.export.exporter import export_model
-from dff.models.checkpoint import demo_checkpoint_path, save_checkpoint
-from dff.models.dff import DFF
+from dff.models.checkpoint import demo_checkpoint_path
 from dff.runtime import cli, demo, profile
 from dff.runtime.video import VideoWriter, open_video, write_synthetic_clip
 from dff.runtime.writers import ResultWriter, rle_decode
@@ -29,12 +25,7 @@ pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
 H, W, T = 64, 96, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +34,13 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engines(root):
-    """A tiny model exported once; profile 1x32x32 .. 2x128x192."""
-    torch.manual_seed(0)
-    save_checkpoint(root / "tiny.pth", DFF(tiny_config()).eval())
-    export_model(root / "tiny.pth", root / "engines", min_shape=(1, 32, 32),
-                 opt_shape=(1, H, W), max_shape=(2, 128, 192))
-    return root / "engines"
+def engines(tiny_export):
+    return tiny_export[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pth(tiny_export):
+    return tiny_export[0]
 
 
 @pytest.fixture(scope="module")
@@ -317,11 +308,11 @@ def test_profile_refuses_cuda_graphs_on_a_cpu_backend(engines, tmp_path):
 
 # --- --demo ---------------------------------------------------------------------------------
 
-def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, root, tmp_path,
-                                                                    monkeypatch):
+def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, tiny_pth,
+                                                                    tmp_path, monkeypatch):
     """--demo's caching and clip, with the tiny checkpoint standing in for the demo model."""
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: root / "tiny.pth")
+                        lambda: tiny_pth)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(engines, tmp_path / "dff-demo" / "engines")
     code, stdout, stderr = call(cli.main, ["--demo", "--max-frames", 5, "--threads", 1])
@@ -334,10 +325,10 @@ def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, roo
         assert sum(1 for _ in video) == 5
 
 
-def test_demo_reexports_when_the_cache_holds_another_checkpoint(engines, root, tmp_path,
+def test_demo_reexports_when_the_cache_holds_another_checkpoint(engines, tiny_pth, tmp_path,
                                                                 monkeypatch):
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: root / "tiny.pth")
+                        lambda: tiny_pth)
     cache = tmp_path / "engines"
     shutil.copytree(engines, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -351,8 +342,8 @@ def test_demo_reexports_when_the_cache_holds_another_checkpoint(engines, root, t
 
     monkeypatch.setattr("dff.export.exporter.export_model", fake_export)
     assert demo.ensure_demo_engines(cache) == {"stand-in": True}
-    assert calls == [(root / "tiny.pth", cache)]
-    assert demo.ensure_demo_engines(engines)["export"]["checkpoint"] == str(root / "tiny.pth")
+    assert calls == [(tiny_pth, cache)]
+    assert demo.ensure_demo_engines(engines)["export"]["checkpoint"] == str(tiny_pth)
     assert len(calls) == 1  # the matching export was reused
 
 

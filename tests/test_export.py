@@ -28,12 +28,7 @@ pytest.importorskip("onnxruntime")
 FILES = ["feature.onnx", "flow.onnx", "task.onnx", "manifest.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 from dff.data.synthetic import make_clip
-from dff.export.exporter import export_model
-from dff.models.checkpoint import save_checkpoint
-from dff.models.dff import DFF
 from dff.runtime import backends
 from dff.runtime.backends import OrtBackend, open_backend, pick_auto
 from dff.runtime.pipeline import FrameResult, Pipeline
@@ -32,23 +28,12 @@ from dff.errors import DffError
 ort = pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """A tiny model exported once, dynamic N, H and W."""
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("runtime")
-    save_checkpoint(root / "tiny.pth", DFF(tiny_config()).eval())
-    export_model(root / "tiny.pth", root / "engines", min_shape=(1, 32, 32),
-                 opt_shape=(1, 64, 96), max_shape=(2, 128, 192))
-    return root / "engines"
+def engines(tiny_export):
+    return tiny_export[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,11 +17,14 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from dff.export.manifest import GRAPHS, graph_path, load_manifest, sha256_file
+from dff.runtime import buffers
+from dff.runtime.buffers import DeviceArray, Memory
 
 from dff.errors import DffError
 
@@ -167,12 +170,17 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
 
 class OrtBackend:
     """The exported graphs on ONNX Runtime. On the CPU, plain `run` with numpy arrays. On CUDA
-    (or with `io_binding=True` on the CPU, which tests that path here), IOBinding with
-    OrtValues: inputs bound from OrtValues, outputs allocated by ONNX Runtime on the device,
-    so features, flow and the key image never leave it; only `labels` is bound to the host."""
+    (or with `io_binding=True` on the CPU, over HostMemory, which tests that path here),
+    IOBinding on the buffer layer (runtime/buffers.py): frames staged through a pinned ring,
+    every input and output bound by pointer to device buffers the backend owns (outputs from
+    pools: allocated once per shape, reused only when no handle to them is left, so the key
+    frame's features survive later calls), ONNX Runtime running on the ring's compute stream;
+    only `labels` comes back, by D2H into pinned memory. Handles are DeviceArrays on CUDA and
+    OrtValues over the same memory on the CPU."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
-                 device: int = 0, threads: int = 0, io_binding: bool | None = None):
+                 device: int = 0, threads: int = 0, io_binding: bool | None = None,
+                 memory: Memory | None = None):
         ort = _ort()
         self._ort = ort
         self.manifest = load_manifest(engine_dir)
@@ -182,22 +190,46 @@ class OrtBackend:
         self.device_type = "cuda" if cuda else "cpu"
         self.device_id = device
         self.io_binding = cuda if io_binding is None else io_binding
+        self.sessions: dict[str, Any] = {}
+        if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError(
+                f"--backend onnxruntime-cuda: this onnxruntime {ort.__version__} has no "
+                "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
+                "CUDA) or use --backend onnxruntime-cpu")
+        self.memory: Memory | None = None
+        if self.io_binding:
+            self.memory = memory or (buffers.CudaMemory(device) if cuda
+                                     else buffers.HostMemory())
+            if self.memory.device_type != self.device_type:
+                raise ValueError(f"{self.name} binds {self.device_type} memory, got "
+                                 f"{type(self.memory).__name__}")
+            self._ring = buffers.PinnedRing(self.memory)
+            self._pools: dict[tuple[str, str], buffers.BufferPool] = {}
+            self._labels = buffers.DeviceBuffer(self.memory)
+            self._views: weakref.WeakKeyDictionary[Any, DeviceArray] = \
+                weakref.WeakKeyDictionary()  # OrtValue handle -> the memory it views
+        try:
+            self._open_sessions(engine_dir, cuda, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_sessions(self, engine_dir: str | os.PathLike[str], cuda: bool,
+                       threads: int) -> None:
+        ort = self._ort
+        providers: list[Any] = ["CPUExecutionProvider"]
         if cuda:
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError(
-                    f"--backend onnxruntime-cuda: this onnxruntime {ort.__version__} has no "
-                    "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
-                    "CUDA) or use --backend onnxruntime-cpu")
-            providers: list[Any] = [("CUDAExecutionProvider", {"device_id": device}),
-                                    "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
+            cuda_options = {"device_id": str(self.device_id)}
+            if self.memory is not None:  # ONNX Runtime runs on the ring's compute stream
+                handle = self.memory.stream_handle(self._ring.compute)
+                cuda_options |= {"has_user_compute_stream": "1",
+                                 "user_compute_stream": str(handle)}
+            providers.insert(0, ("CUDAExecutionProvider", cuda_options))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = max(0, threads)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        self.sessions = {}
         for graph in _INPUTS:
             path = graph_path(engine_dir, self.manifest, graph)
             try:
@@ -215,55 +247,109 @@ class OrtBackend:
                          [o.name for o in session.get_outputs()])
             self.sessions[graph] = session
 
-    def _run(self, graph: str, feeds: dict[str, Any], host: tuple[str, ...] = ()) -> list[Any]:
-        session = self.sessions[graph]
-        outputs = _OUTPUTS[graph]
-        if not self.io_binding:
-            return session.run(outputs, {k: self.to_host(v) for k, v in feeds.items()})
-        # a fresh binding per call: ORT may write a re-run's outputs into the buffers a reused
-        # binding already holds, and those buffers are handles the caller keeps (key_feat)
-        binding = session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, self.upload(value))
-        for name in outputs:
-            if name in host:
-                binding.bind_output(name, "cpu")
+    def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
+        """The graph's outputs (_OUTPUTS order): host arrays, or, with IOBinding, DeviceArrays
+        over the backend's buffers."""
+        if self.memory is None:
+            host = {k: self.to_host(v) for k, v in feeds.items()}
+            return self.sessions[graph].run(_OUTPUTS[graph], host)
+        self.memory.activate()
+        where = (self.memory.device_type, self.memory.device_id)
+        binding = self.sessions[graph].io_binding()
+        inputs = {}
+        for spec in self.manifest["graphs"][graph]["inputs"]:
+            inputs[spec["name"]] = x = self._device(feeds[spec["name"]], spec["dtype"])
+            binding.bind_input(spec["name"], *where, x.dtype, list(x.shape), x.ptr)
+        outputs = []
+        for name, (shape, dtype) in output_shapes(self.manifest, graph, inputs).items():
+            if name == "labels":  # copied to the host at once: one buffer is enough
+                y = self._labels.ensure(shape, dtype).view()
             else:
-                binding.bind_output(name, self.device_type, self.device_id)
-        session.run_with_iobinding(binding)
-        values = binding.get_outputs()
-        return [v.numpy() if name in host else v for name, v in zip(outputs, values)]
+                pool = self._pools.setdefault((graph, name), buffers.BufferPool(self.memory))
+                y = pool.take(shape, dtype)
+            binding.bind_output(name, *where, y.dtype, list(y.shape), y.ptr)
+            outputs.append(y)
+        self.sessions[graph].run_with_iobinding(binding)
+        return outputs
+
+    def _device(self, value: Any, dtype: str) -> DeviceArray:
+        """An input as device memory: a handle of ours as it is, a host array staged."""
+        if isinstance(value, DeviceArray):
+            return value
+        if isinstance(value, self._ort.OrtValue):
+            if value in self._views:
+                return self._views[value]
+            value = value.numpy()  # someone else's OrtValue: through the host, like an array
+        return self._ring.stage(np.ascontiguousarray(value, dtype=dtype))[1]
+
+    def _handle(self, x: DeviceArray) -> Any:
+        if self.device_type == "cuda":
+            return x
+        host = buffers.host_view(x.ptr, x.shape, x.dtype)  # HostMemory: device memory is host
+        value = self._ort.OrtValue.ortvalue_from_numpy(host)
+        self._views[value] = x  # keeps the buffer taken while the handle lives
+        return value
 
     def feature(self, image: np.ndarray) -> Any:
-        return self._run("feature", {"image": image})[0]
+        feat = self._run("feature", {"image": image})[0]
+        return feat if self.memory is None else self._handle(feat)
 
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
-        flow, scale, feat = self._run("flow", {"image": image, "key_image": key_image,
-                                               "key_feat": key_feat})
-        return flow, scale, feat
+        out = self._run("flow", {"image": image, "key_image": key_image, "key_feat": key_feat})
+        if self.memory is not None:
+            out = [self._handle(x) for x in out]
+        return out[0], out[1], out[2]
 
     def task(self, feat: Any) -> np.ndarray:
-        return self._run("task", {"feat": feat}, host=("labels",))[0]
+        labels = self._run("task", {"feat": feat})[0]
+        return labels if self.memory is None else self._ring.to_host(labels)
 
     def upload(self, image: Any) -> Any:
-        """Keep an array resident where the graphs run: an OrtValue with IOBinding, else
-        the (contiguous) array itself."""
-        if isinstance(image, self._ort.OrtValue):
+        """Keep an array resident where the graphs run: with IOBinding staged into device
+        memory (a handle), else the (contiguous) array itself."""
+        if isinstance(image, (DeviceArray, self._ort.OrtValue)):
             return image
         image = np.ascontiguousarray(image)
-        if not self.io_binding:
+        if self.memory is None:
             return image
-        return self._ort.OrtValue.ortvalue_from_numpy(image, self.device_type, self.device_id)
+        self.memory.activate()
+        return self._handle(self._ring.stage(image)[1])
 
     def to_host(self, handle: Any) -> np.ndarray:
+        if isinstance(handle, DeviceArray):
+            return self._ring.to_host(handle)
         return handle.numpy() if isinstance(handle, self._ort.OrtValue) else np.asarray(handle)
 
     def synchronize(self) -> None:
-        """Nothing to wait for: run/run_with_iobinding return after the provider's stream is
-        synchronised (ORT's default), so every handle is ready."""
+        """Wait for the streams. run_with_iobinding returns after the provider's stream is
+        synchronised (ONNX Runtime's default), so only uploads can still be in flight."""
+        if self.memory is not None:
+            self._ring.synchronize()
 
     def close(self) -> None:
+        """Sessions first (ONNX Runtime may hold the compute stream), then the buffers;
+        handles given out are invalid after it. Idempotent."""
         self.sessions.clear()
+        if self.memory is not None:
+            for owned in (*self._pools.values(), self._labels, self._ring):
+                owned.close()
+            self._pools = {}
+
+
+def output_shapes(manifest: dict, graph: str,
+                  inputs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{output: (shape, dtype)} of `graph` (the DESIGN.md §3 outputs only, not e.g. `probs`)
+    for inputs of these shapes, from the manifest's symbolic shapes (N, H, W, h, w)."""
+    stride = int(manifest["stride"])
+    first = inputs["image"].shape if "image" in inputs else inputs["feat"].shape
+    n, hh, ww = first[0], first[2], first[3]
+    if "image" not in inputs:
+        hh, ww = hh * stride, ww * stride
+    sizes = {"N": n, "H": hh, "W": ww, "h": hh // stride, "w": ww // stride}
+    specs = {o["name"]: o for o in manifest["graphs"][graph]["outputs"]}
+    return {name: (tuple(sizes[d] if isinstance(d, str) else int(d)
+                         for d in specs[name]["shape"]), specs[name]["dtype"])
+            for name in _OUTPUTS[graph]}
 
 
 def _check_names(path: Path, graph: str, inputs: list[str], outputs: list[str]) -> None:

@@ -279,21 +279,9 @@ def test_missing_cuda_python_is_one_sentence(monkeypatch):
 # --- ONNX Runtime's IOBinding over the buffer layer -----------------------------------------
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    """A tiny model exported once, dynamic N, H and W (as tests/test_runtime_core.py does)."""
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("onnxruntime")
-    from conftest import tiny_config
-    from dff.export.exporter import export_model
-    from dff.models.checkpoint import save_checkpoint
-    from dff.models.dff import DFF
-
-    torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("buffers")
-    save_checkpoint(root / "tiny.pth", DFF(tiny_config()).eval())
-    export_model(root / "tiny.pth", root / "engines", min_shape=(1, 32, 32),
-                 opt_shape=(1, 64, 96), max_shape=(2, 128, 192))
-    return root / "engines"
+def engines(tiny_export):
+    """conftest's tiny model, exported once per session (as tests/test_runtime_core.py uses)."""
+    return tiny_export[1]
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +302,7 @@ def pipeline_labels(backend, clip, k=3):
     return np.stack([r.labels for r in Pipeline(backend, FixedInterval(k)).run(clip.frames)])
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_ort_iobinding_over_host_memory_gives_the_labels_of_a_plain_run(engines, clip):
     from dff.runtime.backends import OrtBackend
 
@@ -334,6 +323,7 @@ def test_ort_iobinding_over_host_memory_gives_the_labels_of_a_plain_run(engines,
     assert memory.calls["free_host"] == memory.calls["alloc_host"]
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_ort_iobinding_never_overwrites_a_key_feature_handle(engines, clip):
     from dff.runtime.backends import OrtBackend
 

@@ -7,7 +7,7 @@ computes (device memory on CUDA), so a key frame's image and features cross PCIe
 
 - `onnxruntime-cpu` / `onnxruntime-cuda`: the exported graphs of an engine folder;
 - `torch-cpu` / `torch-cuda`: the reference, straight from the checkpoint;
-- `tensorrt`: comes with `runtime/trt_backend.py` (a later issue).
+- `tensorrt`: the engines dff-build made, in `runtime/trt_backend.py`.
 
 torch and onnxruntime are imported where used, so this module imports with numpy alone.
 """
@@ -79,8 +79,8 @@ def _torch() -> Any:
 
 def tensorrt_status() -> tuple[bool, str]:
     """(usable, why not): `tensorrt` importable (an empty namespace package, as tensorrt-stubs
-    installed in place leaves, DESIGN.md §4, does not count) and this version's TensorRT
-    backend (runtime/trt_backend.py) present."""
+    installed in place leaves, DESIGN.md §4, does not count) and cuda-python, which the
+    TensorRT backend's buffers (runtime/buffers.py) need, importable too."""
     try:
         trt = importlib.import_module("tensorrt")
     except (ImportError, OSError, RuntimeError) as e:  # a broken install raises the latter
@@ -88,8 +88,12 @@ def tensorrt_status() -> tuple[bool, str]:
     if not hasattr(trt, "Runtime"):
         return False, "import tensorrt found an empty package (stubs?), not TensorRT"
     version = f"TensorRT {getattr(trt, '__version__', '?')}"
-    if importlib.util.find_spec("dff.runtime.trt_backend") is None:
-        return False, f"{version} is importable but this dff-trt has no TensorRT backend yet"
+    try:
+        spec = importlib.util.find_spec("cuda.bindings.runtime")
+    except ImportError:  # no `cuda` package at all
+        spec = None
+    if spec is None:
+        return False, f"{version} is importable but cuda-python is not (pip install dff-trt[gpu])"
     return True, version
 
 
@@ -151,11 +155,17 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of auto, {', '.join(KINDS)}")
     if kind == "tensorrt":
-        # runtime/trt_backend.py (a later issue) plugs in here
-        why = tensorrt_status()[1]
-        raise BackendError(f"--backend tensorrt: not available here ({why}); the TensorRT "
-                           "backend comes in a later version, use --backend onnxruntime-cuda "
-                           "or onnxruntime-cpu")
+        usable, why = tensorrt_status()
+        if not usable:
+            raise BackendError(f"--backend tensorrt: not available here ({why}); install "
+                               "TensorRT 10.10 or later and cuda-python on a machine with an "
+                               "NVIDIA GPU, or use --backend onnxruntime-cuda or onnxruntime-cpu")
+        if engine_dir is None:
+            raise BackendError("--backend tensorrt needs an engine folder (-e DIR, with engines "
+                               "from dff-build)")
+        from dff.runtime.trt_backend import TrtBackend
+
+        return TrtBackend(engine_dir, device=device)
     if kind.startswith("torch"):
         return TorchBackend(_torch_checkpoint(engine_dir, checkpoint),
                             cuda=kind == "torch-cuda", device=device, threads=threads)

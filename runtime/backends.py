@@ -142,10 +142,12 @@ def pick_auto(engine_dir: str | os.PathLike[str]) -> tuple[str, str]:
 
 
 def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device: int = 0,
-                 checkpoint: str | os.PathLike[str] | None = None, threads: int = 0) -> Backend:
+                 checkpoint: str | os.PathLike[str] | None = None, threads: int = 0,
+                 cuda_graph: bool = False) -> Backend:
     """Open backend `kind` ("auto" picks one with `pick_auto`) on the graphs of `engine_dir`
     (the torch backend: on `checkpoint`, else the manifest's `export.checkpoint`).
-    `threads` > 0 caps the CPU threads of one stage; 0 leaves the library's default."""
+    `threads` > 0 caps the CPU threads of one stage; 0 leaves the library's default.
+    `cuda_graph` replays the non-key path as a CUDA graph (TensorRT only)."""
     kind = ALIASES.get(kind, kind)
     if kind == "auto":
         if engine_dir is None:
@@ -154,6 +156,9 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
         kind = pick_auto(engine_dir)[0]
     if kind not in KINDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of auto, {', '.join(KINDS)}")
+    if cuda_graph and kind != "tensorrt":
+        raise BackendError(f"CUDA graph capture is done by the tensorrt backend only, not "
+                           f"{kind}; drop --useCudaGraph or use --backend tensorrt")
     if kind == "tensorrt":
         usable, why = tensorrt_status()
         if not usable:
@@ -165,7 +170,7 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
                                "from dff-build)")
         from dff.runtime.trt_backend import TrtBackend
 
-        return TrtBackend(engine_dir, device=device)
+        return TrtBackend(engine_dir, device=device, cuda_graph=cuda_graph)
     if kind.startswith("torch"):
         return TorchBackend(_torch_checkpoint(engine_dir, checkpoint),
                             cuda=kind == "torch-cuda", device=device, threads=threads)

@@ -301,8 +301,8 @@ def test_profile_refuses_cuda_graphs_on_a_cpu_backend(engines, tmp_path):
     code, _, stderr = call(profile.main, ["-e", engines, "--backend", "onnxruntime-cpu",
                                           "--useCudaGraph", "--json", tmp_path / "p.json"])
     assert code == 1
-    assert stderr == ("dff-profile: --useCudaGraph: the onnxruntime-cpu backend runs on the "
-                      "CPU; drop --useCudaGraph\n")
+    assert stderr == ("dff-profile: CUDA graph capture is done by the tensorrt backend only, "
+                      "not onnxruntime-cpu; drop --useCudaGraph or use --backend tensorrt\n")
     assert os.listdir(tmp_path) == []
 
 

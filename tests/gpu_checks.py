@@ -3,10 +3,12 @@
     python tests/gpu_checks.py [--out DIR] [--quick]
 
 Prints what the machine has (GPU, driver, torch, cuda-python, NVRTC, nvcc, TensorRT), runs
-tests/test_kernel.py and tests/test_trt_plugin.py (skips listed with their reasons), then
-benchmarks/bench_flow_warp.py (fewer samples with --quick). Writes environment.json,
-pytest.xml and bench.json to DIR ($OUT if set, else ./gpu_checks). Exit status: 2 without a
-CUDA device, else pytest's if it failed, else the benchmark's.
+the GPU-parametrised tests (kernel, plugin, buffers, TensorRT backend; skips listed with their
+reasons), benchmarks/bench_flow_warp.py (fewer samples with --quick), and dff-profile on the
+shipped model with every GPU backend this machine has (onnxruntime-cuda needs onnxruntime-gpu,
+torch-cuda), whose end-to-end rows give the runtime efficiency. Writes environment.json,
+pytest.xml, bench.json and profile-BACKEND.json to DIR ($OUT if set, else ./gpu_checks).
+Exit status: 2 without a CUDA device, else the first failing step's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,13 +81,34 @@ def main(argv: list[str] | None = None) -> int:
 
     tests = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={out / 'pytest.xml'}",
-         "tests/test_kernel.py", "tests/test_trt_plugin.py"], cwd=ROOT, check=False)
+         "tests/test_kernel.py", "tests/test_trt_plugin.py", "tests/test_buffers.py",
+         "tests/test_trt_backend.py"], cwd=ROOT, check=False)
     bench_args = ["--json", str(out / "bench.json")]
     if args.quick:
         bench_args += ["--warmUp", "5", "--iterations", "30"]
     bench = subprocess.run([sys.executable, "benchmarks/bench_flow_warp.py", *bench_args],
                            cwd=ROOT, check=False)
-    return tests.returncode or bench.returncode
+    profiles = [profile(kind, out, args.quick) for kind in gpu_backends()]
+    return tests.returncode or bench.returncode or next((rc for rc in profiles if rc), 0)
+
+
+def gpu_backends() -> list[str]:
+    from dff.runtime.backends import available_backends
+
+    return [k for k in available_backends() if k != "torch-cpu" and not k.endswith("-cpu")]
+
+
+def profile(kind: str, out: Path, quick: bool) -> int:
+    """dff-profile --demo on one GPU backend; prints its table, writes profile-KIND.json."""
+    cmd = [sys.executable, "-m", "dff.runtime.profile", "--demo", "--backend", kind,
+           "--key-intervals", "1,10", "--json", str(out / f"profile-{kind}.json")]
+    if quick:
+        cmd += ["--warmUp", "200", "--iterations", "50"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    out = out.resolve()
+    cmd[-1] = str(out / f"profile-{kind}.json")
+    with tempfile.TemporaryDirectory() as work:  # the demo export, not worth bringing back
+        return subprocess.run(cmd, cwd=work, check=False).returncode
 
 
 if __name__ == "__main__":

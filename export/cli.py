@@ -17,7 +17,7 @@ graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
                 -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w]
                 (feat = dff::FlowWarp(key_feat, flow, scale): the warp is the one custom
                 node, inside the graph that uses it, with its ONNX function body attached)
-  task.onnx     feat [N,C,h,w] -> labels uint8 [N,H,W], probs [N,K,H,W]
+  task.onnx     feat [N,C,h,w] -> labels uint8 [N,H,W] (+ probs [N,K,H,W] with --probs)
 
 profile defaults, from the checkpoint's training size HxW:
   --min-shape 1 x min(64,H) x min(64,W)   --opt-shape 1xHxW   --max-shape 4 x 2H x 2W
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=1e-4, metavar="TOL",
                    help="parity: max abs error allowed in float outputs, times the output's "
                         "peak |value| when that exceeds 1 (default: 1e-4)")
+    p.add_argument("--probs", action="store_true",
+                   help="task.onnx also outputs the class probabilities (softmax at image "
+                        "size; off by default: it costs more than the rest of the head)")
     p.add_argument("--simplify", action="store_true",
                    help="run onnxsim on feature.onnx and task.onnx (needs onnxsim installed)")
     engines = p.add_argument_group("TensorRT engines, after the export (dff-build; skipped with "
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 
         result = export_model(args.checkpoint, args.output, min_shape=args.min_shape,
                               opt_shape=args.opt_shape, max_shape=args.max_shape,
-                              simplify=args.simplify, tolerance=args.tolerance, verbose=args.verbose,
+                              simplify=args.simplify, probs=args.probs,
+                              tolerance=args.tolerance, verbose=args.verbose,
                               log=lambda line: print(line, flush=True))
     except DffError as e:
         if args.verbose:

@@ -35,7 +35,7 @@ _DOCS = {
     "feature": "N_feat on a key frame: uint8 image -> features (cast and normalisation inside)",
     "flow": "N_flow plus the warp on a non-key frame: flow and scale from (image, key_image), "
             "then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
-    "task": "N_task: features -> labels (arg-max, uint8) and probs (softmax), at image size",
+    "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), at image size",
 }
 _DIMS = {"N": "batch", "H": "image height, a multiple of the stride",
          "W": "image width, a multiple of the stride", "h": "H / stride (feature grid height)",
@@ -70,7 +70,7 @@ def _simplify(proto: onnx.ModelProto, spec: graphs_mod.GraphSpec) -> onnx.ModelP
 def export_model(checkpoint: str | os.PathLike[str] | None = None,
                  out_dir: str | os.PathLike[str] = "engines", *,
                  min_shape: Shape | None = None, opt_shape: Shape | None = None,
-                 max_shape: Shape | None = None, simplify: bool = False,
+                 max_shape: Shape | None = None, simplify: bool = False, probs: bool = False,
                  tolerance: float = parity_mod.TOLERANCE, verbose: bool = False,
                  log: Log | None = None) -> ExportResult:
     """Export `checkpoint` (None: the shipped demo) into `out_dir`; see the module docstring.
@@ -88,7 +88,7 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
     model = load_checkpoint(ckpt)
     cfg = model.config
     profile = make_profile(cfg.input_size, cfg.stride, min_shape, opt_shape, max_shape)
-    specs = graphs_mod.graph_specs(model, profile)
+    specs = graphs_mod.graph_specs(model, profile, probs=probs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DffError(f"{out}: exists and is not a folder; pick another -o")

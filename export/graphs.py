@@ -3,7 +3,8 @@
 - feature: image uint8 [N,3,H,W] -> feat [N,C,h,w]
 - flow:    image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
            -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale)
-- task:    feat [N,C,h,w] -> labels uint8 [N,H,W] (arg-max), probs [N,K,H,W] (softmax)
+- task:    feat [N,C,h,w] -> labels uint8 [N,H,W] (arg-max), with --probs also
+           probs [N,K,H,W] (softmax)
 
 h = H/stride, w = W/stride. Images cross into the graphs as uint8; the cast and the
 normalisation are inside. The warp is the one custom node `dff::FlowWarp` and lives in the flow
@@ -61,13 +62,18 @@ class FlowGraph(nn.Module):
 
 
 class TaskGraph(nn.Module):
-    def __init__(self, model: DFF):
-        super().__init__()
-        self.model = model
+    """labels, and with `probs` the softmax too: off by default, since ONNX Runtime computes
+    every output of a graph whether asked for or not, and the channel softmax at image size
+    cost more than the rest of the head (1.3 of 1.7 ms at 128x224 on a 2-core CPU)."""
 
-    def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, model: DFF, probs: bool = False):
+        super().__init__()
+        self.model, self.probs = model, probs
+
+    def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = self.model.task(feat)
-        return logits.argmax(1).to(torch.uint8), logits.softmax(1)
+        labels = logits.argmax(1).to(torch.uint8)
+        return (labels, logits.softmax(1)) if self.probs else (labels,)
 
 
 WRAPPERS = {"feature": FeatureGraph, "flow": FlowGraph, "task": TaskGraph}
@@ -94,9 +100,9 @@ class GraphSpec:
         return f"{self.name}.onnx"
 
 
-def graph_specs(model: DFF, profile: Profile) -> dict[str, GraphSpec]:
+def graph_specs(model: DFF, profile: Profile, probs: bool = False) -> dict[str, GraphSpec]:
     """The contract's names, dtypes and shapes; a dynamic axis is named N, H, W (image) or
-    h, w (feature grid), a fixed one is its size."""
+    h, w (feature grid), a fixed one is its size. `probs`: task.onnx outputs the softmax too."""
     cfg = model.config
     if cfg.num_classes > 256:
         raise ExportError(f"{cfg.num_classes} classes do not fit the uint8 `labels` output "
@@ -119,7 +125,8 @@ def graph_specs(model: DFF, profile: Profile) -> dict[str, GraphSpec]:
                           (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
                            feat)),
         "task": GraphSpec("task", (feat,), (t("labels", "uint8", n, big_h, big_w),
-                                            t("probs", "float32", n, k, big_h, big_w))),
+                                            *([t("probs", "float32", n, k, big_h, big_w)]
+                                              if probs else []))),
     }
 
 
@@ -174,6 +181,8 @@ def export_graph(model: DFF, spec: GraphSpec, profile: Profile, path: str | os.P
     """Export one graph to `path`: torch.onnx.export (dynamo), FlowWarp's body attached,
     dynamic axes renamed to the contract's names, then checked (`check_graph`)."""
     wrapper = WRAPPERS[spec.name](model).eval()
+    if spec.name == "task":
+        wrapper.probs = any(t.name == "probs" for t in spec.outputs)
     args = _example_inputs(spec, profile)
     try:
         with _quiet(not verbose), torch.no_grad():

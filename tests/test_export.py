@@ -91,7 +91,7 @@ def test_manifest_records_contract_profile_and_provenance(exported, checkpoint):
     assert flow["custom_ops"] == ["dff::FlowWarp"]
     task = m["graphs"]["task"]["outputs"]
     assert [(t["name"], t["dtype"], t["shape"]) for t in task] == [
-        ("labels", "uint8", ["N", "H", "W"]), ("probs", "float32", ["N", 5, "H", "W"])]
+        ("labels", "uint8", ["N", "H", "W"])]  # probs only with --probs
     for name, g in m["graphs"].items():
         assert g["sha256"] == sha256_file(out / g["file"]), name
     exp = m["export"]
@@ -146,6 +146,19 @@ def test_onnxruntime_matches_torch_at_dynamic_shapes(exported, model, shape):
     assert_all_pass(rows)
     assert {r.case for r in rows} == {f"random {'x'.join(map(str, shape))}",
                                       f"clip {'x'.join(map(str, shape))}"}
+
+
+def test_probs_flag_adds_the_softmax_output_checked_against_torch(checkpoint, model,
+                                                                   tmp_path):
+    result = exporter.export_model(checkpoint, tmp_path / "e", min_shape=(1, 32, 32),
+                                   opt_shape=(1, 64, 64), max_shape=(1, 64, 64), probs=True)
+    task = load_manifest(tmp_path / "e")["graphs"]["task"]["outputs"]
+    assert [(t["name"], t["shape"]) for t in task] == [("labels", [1, "H", "W"]),
+                                                       ("probs", [1, 5, "H", "W"])]
+    rows = parity.check_parity(model, paths(tmp_path / "e"), parity.default_cases((1, 64, 64)))
+    assert_all_pass(rows)
+    probs = [r for r in rows if r.output == "probs"]
+    assert len(probs) == 2 and result.manifest["export"]["parity"]["passed"]
 
 
 def test_reference_evaluator_matches_torch(exported, model):

@@ -338,6 +338,12 @@ class OrtBackend:
             return self._ring.to_host(handle)
         return handle.numpy() if isinstance(handle, self._ort.OrtValue) else np.asarray(handle)
 
+    @property
+    def compute_stream(self) -> Any:
+        """The stream the graphs run on (IOBinding only, else None): dff-profile brackets
+        a stage with CUDA events on it."""
+        return self._ring.compute if self.memory is not None else None
+
     def synchronize(self) -> None:
         """Wait for the streams. run_with_iobinding returns after the provider's stream is
         synchronised (ONNX Runtime's default), so only uploads can still be in flight."""

@@ -112,20 +112,34 @@ def is_gpu(backend: Backend) -> bool:
 
 
 class _Clock:
-    """Times a span of device work: CUDA events on torch-cuda, else the host clock up to a
-    synchronize (ONNX Runtime's run returns synchronised anyway)."""
+    """Times a span of device work: CUDA events on torch-cuda's stream or on the compute
+    stream of the backends built on runtime/buffers.py (tensorrt, onnxruntime-cuda), else the
+    host clock up to a synchronize (ONNX Runtime's run returns synchronised anyway)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self.torch: Any = None
+        self.timer: Any = None
+        memory = getattr(backend, "memory", None)
         if backend.name == "torch-cuda":
             import torch  # there since the backend runs on it
 
             self.torch = torch
-        self.method = "cuda events" if self.torch is not None else "host clock, synchronised"
+        elif getattr(memory, "device_type", None) == "cuda":
+            from dff.runtime.buffers import Timer
+
+            self.timer, self.stream = Timer(memory), backend.compute_stream  # type: ignore[attr-defined]
+        gpu = self.torch is not None or self.timer is not None
+        self.method = "cuda events" if gpu else "host clock, synchronised"
 
     def span(self, work: Callable[[], Any]) -> tuple[Any, float, float]:
         """(result, seconds of the call alone (enqueue), seconds until the device is done)."""
+        if self.timer is not None:
+            start = time.perf_counter()
+            with self.timer.span("span", self.stream):
+                result = work()
+            enqueue = time.perf_counter() - start
+            return result, enqueue, self.timer.read()["span"] / 1000
         if self.torch is not None:
             begin = self.torch.cuda.Event(enable_timing=True)
             end = self.torch.cuda.Event(enable_timing=True)
@@ -141,6 +155,10 @@ class _Clock:
         enqueue = time.perf_counter() - start
         self.backend.synchronize()
         return result, enqueue, time.perf_counter() - start
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.close()
 
 
 def _outputs(result: Any) -> tuple[Any, ...]:
@@ -186,6 +204,7 @@ def time_stage(backend: Backend, call: Callable[..., Any], inputs: Callable[[int
         samples.append(once(i))
         i += 1
     wall = time.perf_counter() - start
+    clock.close()
     latency, enqueue, h2d, compute, d2h = zip(*samples)
     return {
         "iterations": len(samples),

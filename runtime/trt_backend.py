@@ -334,6 +334,11 @@ class TrtBackend:
     def to_host(self, handle: Any) -> np.ndarray:
         return self._ring.to_host(handle) if isinstance(handle, DeviceArray) else np.asarray(handle)
 
+    @property
+    def compute_stream(self) -> Any:
+        """The stream every engine runs on: dff-profile brackets a stage with events on it."""
+        return self._ring.compute
+
     def stage_ms(self) -> dict[str, float]:
         """GPU ms of the latest run of each stage ("flow+task" for a CUDA graph replay), H2D
         and D2H; empty unless made with `timing=True`."""

@@ -376,3 +376,26 @@ def test_ort_cuda_runs_on_the_rings_compute_stream(engines, monkeypatch):
     assert options["user_compute_stream"].isdigit()
     with pytest.raises(ValueError, match="onnxruntime-cpu binds cpu memory, got CudaLike"):
         OrtBackend(engines, io_binding=True, memory=CudaLike())
+
+
+def test_profile_times_buffer_layer_backends_with_events_on_their_compute_stream():
+    """dff-profile's clock on a CUDA-memory backend (a stand-in over host memory): the span
+    is bracketed by the Timer's events on the backend's compute stream, and freed after."""
+    from dff.runtime.profile import _Clock
+
+    class CudaLike(HostMemory):
+        device_type = "cuda"
+
+    memory = Counting(CudaLike())
+    recorded = []
+    record = memory.inner.record
+    memory.inner.record = lambda event, stream: (recorded.append(stream), record(event, stream))
+    backend = types.SimpleNamespace(name="onnxruntime-cuda", memory=memory,
+                                    compute_stream=memory.stream())
+    clock = _Clock(backend)
+    assert clock.method == "cuda events"
+    result, enqueue, compute = clock.span(lambda: time.sleep(0.01) or "done")
+    assert result == "done" and 0.005 < compute < 1 and enqueue >= compute * 0.5
+    assert recorded == [backend.compute_stream] * 2
+    clock.close()
+    assert memory.calls["destroy_event"] == 2

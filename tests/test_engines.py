@@ -322,7 +322,9 @@ def test_dff_build_without_tensorrt_exits_1_with_one_line(tmp_path):
 def test_empty_tensorrt_namespace_package_is_not_mistaken_for_tensorrt(tmp_path, monkeypatch):
     (tmp_path / "tensorrt").mkdir()  # what tensorrt-stubs leaves when its folders are not renamed
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    # the import below puts the empty package into sys.modules: setitem makes undo drop it
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.delitem(sys.modules, "tensorrt")
     with pytest.raises(builder.TensorRTMissing, match="found only an empty package"):
         builder.require_tensorrt()
     assert not builder.tensorrt_available()

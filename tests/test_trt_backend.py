@@ -42,7 +42,8 @@ def test_open_backend_tensorrt_without_tensorrt_says_what_to_install(tmp_path):
 
 
 @needs_no_trt
-def test_trt_backend_without_tensorrt_is_one_sentence(tmp_path):
+def test_trt_backend_without_tensorrt_is_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not importable, whatever is installed
     with pytest.raises(BackendError, match=r"^--backend tensorrt needs TensorRT \(import "
                                            r"tensorrt: .*\): pip install tensorrt"):
         TrtBackend(tmp_path)

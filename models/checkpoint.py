@@ -1,5 +1,10 @@
 """Checkpoint save/load (DESIGN.md §3): a dict of ``config`` and ``state_dict`` (plus
-``format``, ``version`` and free-form ``meta``), always loaded with weights_only=True."""
+``format``, ``version`` and free-form ``meta``), always loaded with weights_only=True.
+
+Weights are stored as float32, float16, or int8: the latter (version 2) keeps each large
+weight as int8 with a float32 scale per output channel in ``quantized`` (symmetric, max/127)
+and the rest as float16; loading dequantizes, so the model always runs in float32 and is
+exactly the model that evaluation measured."""
 
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ from dff.models.dff import DFF
 from dff.errors import CheckpointError
 
 FORMAT = "dff-trt-checkpoint"
-VERSION = 1
+VERSION = 1  # float weights
+VERSION_QUANTIZED = 2  # adds ``quantized``: {state_dict key: per-channel scale}
+WEIGHTS_DTYPES = ("float32", "float16", "int8")
+_MIN_QUANTIZED = 1024  # smaller tensors (biases, BatchNorm) stay float16
 DEMO_NAME = "dff_small_synthetic.pth"
 
 
@@ -39,16 +47,40 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
             os.unlink(tmp)
 
 
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 scale per slice along dim 0): symmetric, scale = max|w| / 127."""
+    peak = weight.abs().reshape(weight.shape[0], -1).amax(1).clamp_min(1e-12)
+    scale = (peak / 127).float()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    q = torch.round(weight.float() / scale.view(shape)).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float().view((-1,) + (1,) * (q.dim() - 1))
+
+
 def save_checkpoint(path: str | os.PathLike, model: DFF, meta: dict | None = None,
-                    half: bool = False) -> None:
-    """Write atomically: a temp file in the same folder, then rename. ``half`` stores the
-    floating-point weights as float16 (loading casts them back to the model's float32); the
-    shipped demo uses it to stay under 10 MB."""
+                    weights: str = "float32") -> None:
+    """Write atomically: a temp file in the same folder, then rename. ``weights`` is how the
+    floating-point weights are stored: float32, float16, or int8 (module docstring); loading
+    always gives float32. The shipped demo uses int8 to stay under 10 MB."""
+    if weights not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights must be one of {WEIGHTS_DTYPES}, got {weights!r}")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    blob = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(),
-            "state_dict": state, "meta": meta or {}}
+    quantized = {}
+    if weights != "float32":
+        for k, v in state.items():
+            if not v.is_floating_point():
+                continue
+            if weights == "int8" and v.dim() >= 2 and v.numel() >= _MIN_QUANTIZED:
+                state[k], quantized[k] = quantize(v)
+            else:
+                state[k] = v.half()
+    blob = {"format": FORMAT, "version": VERSION_QUANTIZED if quantized else VERSION,
+            "config": model.config.to_dict(), "state_dict": state, "meta": meta or {}}
+    if quantized:
+        blob["quantized"] = quantized
     atomic_torch_save(blob, path)
 
 
@@ -68,13 +100,32 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a PyTorch file but not a dff-trt checkpoint (no "
                               f"format={FORMAT!r}); save models with dff.models.save_checkpoint")
-    if blob.get("version") != VERSION:
+    if blob.get("version") not in (VERSION, VERSION_QUANTIZED):
         raise CheckpointError(f"{path}: checkpoint version {blob.get('version')!r}, this tool "
-                              f"reads version {VERSION}; re-save it with this version's dff-train")
+                              f"reads versions {VERSION} and {VERSION_QUANTIZED}; re-save it "
+                              "with this version's dff-train")
     for key in ("config", "state_dict"):
         if not isinstance(blob.get(key), dict):
             raise CheckpointError(f"{path}: checkpoint has no {key!r} dict; it is damaged")
+    if blob["version"] == VERSION_QUANTIZED:
+        blob["state_dict"] = _dequantized(path, blob)
     return blob
+
+
+def _dequantized(path: Path, blob: dict) -> dict:
+    """The state_dict with every quantized entry back in float32."""
+    quantized, state = blob.get("quantized"), dict(blob["state_dict"])
+    if not isinstance(quantized, dict):
+        raise CheckpointError(f"{path}: version {VERSION_QUANTIZED} checkpoint without its "
+                              "'quantized' scales; it is damaged")
+    for key, scale in quantized.items():
+        q = state.get(key)
+        if (not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() < 1
+                or not isinstance(scale, torch.Tensor) or scale.shape != (q.shape[0],)):
+            raise CheckpointError(f"{path}: quantized weight {key!r} does not match its scale; "
+                                  "the file is damaged or was edited")
+        state[key] = dequantize(q, scale)
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike | None = None) -> DFF:

@@ -42,7 +42,7 @@ class DFFConfig:
 
 # Configurations by name. "small" is the shipped demo model: it trains on a CPU.
 PRESETS = {
-    "small": DFFConfig(trunk_depth=18, trunk_width=36, feat_channels=96, feat_dilation=2,
+    "small": DFFConfig(trunk_depth=18, trunk_width=56, feat_channels=96, feat_dilation=2,
                        flow_width=0.125, head_channels=48, head_subcell=1,
                        std=[58.4, 57.1, 57.4]),
     "resnet101": DFFConfig(),

@@ -34,7 +34,7 @@ class DFF(nn.Module):
         return self.trunk((image - self.mean) * self.inv_std)
 
     def flow(self, image: torch.Tensor, key_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.flownet(image - self.mean, key_image - self.mean)
+        return self.flownet(image, key_image, self.mean)
 
     def task(self, feat: torch.Tensor) -> torch.Tensor:
         return self.head(feat)

@@ -1,8 +1,7 @@
 """N_flow: FlowNet-S on the half-resolution frame pair, with the flow and scale heads of DFF.
 
 Layout and constants follow the original DFF (DESIGN.md §4): input = [current, key] / 255
-(6 channels; the frames already mean-subtracted, as the original's data layer does) average-
-pooled 2×2; the FlowNet-S encoder and deconv/refine decoder; the last
+(6 channels, mean-subtracted as the original's data layer does) average-pooled 2×2; the FlowNet-S encoder and deconv/refine decoder; the last
 concat is average-pooled once more so the outputs land on the stride-16 feature grid;
 flow = conv × 2.5 in feature cells (current → key); scale = sibling 1×1 conv with C outputs,
 weight 0 and frozen bias 1, so training starts from scale = 1.
@@ -26,6 +25,14 @@ def _conv(cin: int, cout: int, k: int, stride: int) -> nn.Sequential:
 
 def _deconv(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1), nn.LeakyReLU(0.1, inplace=True))
+
+
+def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
+    """2×2 average pooling, stride 2, written as a depthwise convolution: the same numbers,
+    but ONNX Runtime runs it in half the time of AveragePool. Pooling comes before the
+    normalisation (affine, so it commutes) to normalise a quarter of the pixels."""
+    weight = x.new_full((x.shape[1], 1, 2, 2), 0.25)
+    return F.conv2d(x, weight, stride=2, groups=x.shape[1])
 
 
 def _match(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -80,10 +87,14 @@ class FlowNetS(nn.Module):
         nn.init.ones_(self.predict_scale.bias)
         self.predict_scale.bias.requires_grad_(False)
 
-    def forward(self, image: torch.Tensor, key_image: torch.Tensor):
-        """image, key_image: mean-subtracted float [N,3,H,W] on the 0..255 scale → flow
-        [N,2,H/16,W/16] (cells), scale [N,C,H/16,W/16]."""
-        x = F.avg_pool2d(torch.cat((image, key_image), 1) * (1.0 / 255.0), 2)
+    def forward(self, image: torch.Tensor, key_image: torch.Tensor,
+                mean: torch.Tensor | None = None):
+        """image, key_image: float [N,3,H,W] on the 0..255 scale, `mean` [1,3,1,1] (or None)
+        subtracted from both → flow [N,2,H/16,W/16] (cells), scale [N,C,H/16,W/16]."""
+        x = _avg_pool2(torch.cat((image, key_image), 1))
+        if mean is not None:
+            x = x - mean.repeat(1, 2, 1, 1)
+        x = x * (1.0 / 255.0)
         x2 = self.conv2(self.conv1(x))
         x3 = self.conv3_1(self.conv3(x2))
         x4 = self.conv4_1(self.conv4(x3))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dff.data.synthetic import make_clip, train_seeds
-from dff.models.checkpoint import atomic_torch_save, save_checkpoint
+from dff.models.checkpoint import WEIGHTS_DTYPES, atomic_torch_save, save_checkpoint
 from dff.models.config import PRESETS, DFFConfig
 from dff.models.dff import DFF
 
@@ -219,7 +219,7 @@ def run(args) -> Path:
             "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log)}
     save_checkpoint(out / "model.pth", model, meta=meta)
     if args.save:
-        save_checkpoint(args.save, model, meta=meta, half=args.weights_dtype == "float16")
+        save_checkpoint(args.save, model, meta=meta, weights=args.weights_dtype)
     print(f"wrote {out / 'model.pth'}" + (f" and {args.save}" if args.save else ""))
     return out / "model.pth"
 
@@ -229,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(PRESETS), default="small")
     p.add_argument("--out", default="runs/small", help="folder for state.pt and model.pth")
     p.add_argument("--save", help="also write the final checkpoint here")
-    p.add_argument("--weights-dtype", choices=("float32", "float16"), default="float32",
-                   help="storage dtype of --save's weights (float16 halves the file)")
+    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
+                   help="storage of --save's weights: float16 halves the file, int8 (per-channel "
+                        "scales, the rest float16) quarters it; loading gives float32")
     p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips", type=int, default=96, help="training clips to render")

@@ -58,8 +58,17 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
     return False
 
 
+def _nchw(frame: Any) -> np.ndarray | None:
+    """HWC -> [1,3,H,W] contiguous, the layout the graphs take; None for what is not an HxWx3
+    array (the compute thread's checks then say what is wrong with it)."""
+    if not (isinstance(frame, np.ndarray) and frame.ndim == 3 and frame.shape[2] == 3):
+        return None
+    return np.ascontiguousarray(frame.transpose(2, 0, 1)[None])
+
+
 def _decode(frames: Iterable[np.ndarray], q: queue.Queue, stop: threading.Event) -> None:
-    """The decode thread: frames (with their decode time) into `q`, then _END or a failure."""
+    """The decode thread: frames, their NCHW copy (made here, off the compute thread) and
+    their decode time into `q`, then _END or a failure."""
     it = iter(frames)
     try:
         while not stop.is_set():
@@ -69,7 +78,8 @@ def _decode(frames: Iterable[np.ndarray], q: queue.Queue, stop: threading.Event)
             except StopIteration:
                 _put(q, _END, stop)
                 return
-            if not _put(q, (frame, time.perf_counter() - start), stop):
+            nchw = _nchw(frame)
+            if not _put(q, (frame, nchw, time.perf_counter() - start), stop):
                 return
     except BaseException as e:  # noqa: BLE001 - the consumer re-raises it
         _put(q, _Failure(e), stop)
@@ -146,8 +156,8 @@ class Pipeline:
                     break
                 if isinstance(item, _Failure):
                     raise item.exc
-                frame, decode_s = item
-                result = self._step(index, frame)
+                frame, nchw, decode_s = item
+                result = self._step(index, frame, nchw)
                 result.times["decode"] = decode_s
                 self._record(result)
                 yield result
@@ -203,7 +213,7 @@ class Pipeline:
         self._end = time.perf_counter()
         return self.summary()
 
-    def _step(self, index: int, frame: np.ndarray) -> FrameResult:
+    def _step(self, index: int, frame: np.ndarray, nchw: np.ndarray | None = None) -> FrameResult:
         """One frame: schedule, upload, then feature (key) or flow + warp, then task."""
         b, times = self.backend, {}
         start = last = time.perf_counter()
@@ -217,7 +227,7 @@ class Pipeline:
         if not is_key and self._key_feat is None:
             raise RuntimeError(f"{self.scheduler!r} made no key frame at the start")
         lap("schedule")
-        image = b.upload(self._to_nchw(index, frame))  # the key image, if it becomes one
+        image = b.upload(self._to_nchw(index, frame, nchw))  # the key image, if it becomes one
         lap("upload")
         feat = None
         if not is_key:
@@ -234,8 +244,9 @@ class Pipeline:
         times["total"] = last - start
         return FrameResult(index, frame, labels, is_key, times)
 
-    def _to_nchw(self, index: int, frame: np.ndarray) -> np.ndarray:
-        """HWC uint8 RGB -> [1,3,H,W] contiguous, checking the size against the backend."""
+    def _to_nchw(self, index: int, frame: np.ndarray, nchw: np.ndarray | None) -> np.ndarray:
+        """HWC uint8 RGB -> [1,3,H,W] contiguous (`nchw`, when the decode thread made it),
+        checking the size against the backend."""
         if self._shape is None:
             self._check_first(index, frame)
             self._shape = frame.shape
@@ -243,7 +254,7 @@ class Pipeline:
             raise DffError(f"frame {index}: {frame.shape[1]}x{frame.shape[0]}, but the video "
                            f"started at {self._shape[1]}x{self._shape[0]}; every frame of a "
                            "video must have one size")
-        return np.ascontiguousarray(frame.transpose(2, 0, 1)[None])
+        return nchw if nchw is not None else np.ascontiguousarray(frame.transpose(2, 0, 1)[None])
 
     def _check_first(self, index: int, frame: Any) -> None:
         if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3

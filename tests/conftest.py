@@ -43,3 +43,9 @@ def tiny_export(tmp_path_factory):
     export_model(root / "tiny.pth", root / "engines", min_shape=(1, 32, 32),
                  opt_shape=(1, 64, 96), max_shape=(2, 128, 192))
     return root / "tiny.pth", root / "engines"
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_export):
+    """The engine folder of `tiny_export` (ONNX graphs + manifest.json)."""
+    return tiny_export[1]

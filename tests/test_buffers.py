@@ -279,12 +279,6 @@ def test_missing_cuda_python_is_one_sentence(monkeypatch):
 # --- ONNX Runtime's IOBinding over the buffer layer -----------------------------------------
 
 @pytest.fixture(scope="module")
-def engines(tiny_export):
-    """conftest's tiny model, exported once per session (as tests/test_runtime_core.py uses)."""
-    return tiny_export[1]
-
-
-@pytest.fixture(scope="module")
 def clip():
     from dff.data.synthetic import make_clip
 

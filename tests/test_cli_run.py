@@ -34,11 +34,6 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_export):
-    return tiny_export[1]
-
-
-@pytest.fixture(scope="module")
 def tiny_pth(tiny_export):
     return tiny_export[0]
 

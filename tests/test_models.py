@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config
 from dff.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from dff.models.config import PRESETS, DFFConfig
-from dff.models.dff import fixed_schedule
+from dff.models.dff import DFF, fixed_schedule
 from dff.models.flownet import FlowNetS
 from dff.models.heads import build_head
 from dff.models.trunk import ResNetTrunk
@@ -125,7 +125,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, tiny_model):
 def test_half_checkpoint_is_smaller_and_close(tmp_path, tiny_model):
     full, half = tmp_path / "f.pth", tmp_path / "h.pth"
     save_checkpoint(full, tiny_model)
-    save_checkpoint(half, tiny_model, half=True)
+    save_checkpoint(half, tiny_model, weights="float16")
     assert half.stat().st_size < 0.7 * full.stat().st_size
     loaded = load_checkpoint(half)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
@@ -133,6 +133,46 @@ def test_half_checkpoint_is_smaller_and_close(tmp_path, tiny_model):
     with torch.no_grad():
         a, b = loaded.forward_key(x)[1], tiny_model.forward_key(x)[1]
     assert (a - b).abs().max() < 1e-2 * b.abs().max()
+
+
+def test_int8_checkpoint_is_a_quarter_and_loads_as_its_dequantized_weights(tmp_path):
+    torch.manual_seed(0)
+    model = DFF(tiny_config(trunk_width=16, feat_channels=32)).eval()
+    full, q8 = tmp_path / "f.pth", tmp_path / "q.pth"
+    save_checkpoint(full, model)
+    save_checkpoint(q8, model, weights="int8")
+    assert q8.stat().st_size < 0.4 * full.stat().st_size
+    raw = torch.load(q8, weights_only=True)
+    assert raw["version"] == 2
+    key = "trunk.feat_conv.0.weight"
+    assert raw["state_dict"][key].dtype == torch.int8 and key in raw["quantized"]
+    # what loads is exactly q * scale, per output channel, and every tensor is float32
+    w = model.state_dict()[key]
+    scale = w.abs().reshape(w.shape[0], -1).amax(1) / 127
+    want = torch.round(w / scale.view(-1, 1, 1, 1)).clamp(-127, 127) * scale.view(-1, 1, 1, 1)
+    loaded = load_checkpoint(q8)
+    torch.testing.assert_close(loaded.state_dict()[key], want, rtol=0, atol=1e-7)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert (loaded.state_dict()[key] - w).abs().max() <= scale.max() / 2 + 1e-7
+    x = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        a, b = loaded.forward_key(x)[1], model.forward_key(x)[1]
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_int8_checkpoint_with_a_damaged_scale_is_refused(tmp_path, tiny_model):
+    path = tmp_path / "q.pth"
+    save_checkpoint(path, tiny_model, weights="int8")
+    blob = torch.load(path, weights_only=True)
+    key = next(iter(blob["quantized"]))
+    blob["quantized"][key] = blob["quantized"][key][:1]
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=f"quantized weight '{key}' does not match"):
+        load_checkpoint(path)
+    del blob["quantized"]
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="without its 'quantized' scales"):
+        load_checkpoint(path)
 
 
 def _write(path, obj):

@@ -32,11 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def engines(tiny_export):
-    return tiny_export[1]
-
-
-@pytest.fixture(scope="module")
 def clip():
     return make_clip(7, 12, 64, 96)
 

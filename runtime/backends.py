@@ -45,6 +45,8 @@ class Backend(Protocol):
     `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data."""
 
     name: str          # e.g. "onnxruntime-cpu"
+    # optional `overlaps_uploads: bool`: upload() is asynchronous, so the Pipeline uploads the
+    # next frame before it waits for this one's labels
     stride: int        # feature stride: image H and W must be multiples of it
     profile: dict | None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any size
 
@@ -212,6 +214,7 @@ class OrtBackend:
                 "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
                 "CUDA) or use --backend onnxruntime-cpu")
         self.memory: Memory | None = None
+        self.overlaps_uploads = self.io_binding  # uploads go through the pinned ring
         if self.io_binding:
             self.memory = memory or (buffers.CudaMemory(device) if cuda
                                      else buffers.HostMemory())

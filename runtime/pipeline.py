@@ -132,6 +132,7 @@ class Pipeline:
         self._key_image: Any = None
         self._key_feat: Any = None
         self._shape: tuple[int, ...] | None = None
+        self._staged: tuple[np.ndarray, Any] | None = None  # next frame's NCHW, its upload
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -147,6 +148,13 @@ class Pipeline:
                                    daemon=True)
         self._start = time.perf_counter()
         decoder.start()
+
+        def peek() -> np.ndarray | None:
+            """The next decoded frame's NCHW copy, if it is already waiting."""
+            with q.mutex:
+                item = q.queue[0] if q.queue else None
+            return item[1] if isinstance(item, tuple) else None
+
         try:
             for index in itertools.count():
                 wait = time.perf_counter()
@@ -157,7 +165,7 @@ class Pipeline:
                 if isinstance(item, _Failure):
                     raise item.exc
                 frame, nchw, decode_s = item
-                result = self._step(index, frame, nchw)
+                result = self._step(index, frame, nchw, peek)
                 result.times["decode"] = decode_s
                 self._record(result)
                 yield result
@@ -166,7 +174,7 @@ class Pipeline:
             self._end = time.perf_counter()
             stop.set()
             decoder.join(_JOIN)
-            self._key_image = self._key_feat = None  # the key frame's device memory back
+            self._key_image = self._key_feat = self._staged = None  # device memory back
 
     def run_to(self, frames: Iterable[np.ndarray],
                sink: Callable[[FrameResult], None]) -> dict:
@@ -213,8 +221,12 @@ class Pipeline:
         self._end = time.perf_counter()
         return self.summary()
 
-    def _step(self, index: int, frame: np.ndarray, nchw: np.ndarray | None = None) -> FrameResult:
-        """One frame: schedule, upload, then feature (key) or flow + warp, then task."""
+    def _step(self, index: int, frame: np.ndarray, nchw: np.ndarray | None = None,
+              peek: Callable[[], np.ndarray | None] | None = None) -> FrameResult:
+        """One frame: schedule, upload, then feature (key) or flow + warp, then task. On a
+        backend whose uploads are asynchronous (`overlaps_uploads`), the next frame, when
+        already decoded, is uploaded before this one's labels are waited for, so its H2D
+        overlaps this frame's compute."""
         b, times = self.backend, {}
         start = last = time.perf_counter()
 
@@ -227,7 +239,10 @@ class Pipeline:
         if not is_key and self._key_feat is None:
             raise RuntimeError(f"{self.scheduler!r} made no key frame at the start")
         lap("schedule")
-        image = b.upload(self._to_nchw(index, frame, nchw))  # the key image, if it becomes one
+        nchw = self._to_nchw(index, frame, nchw)
+        staged, self._staged = self._staged, None
+        # the key image, if it becomes one
+        image = staged[1] if staged is not None and staged[0] is nchw else b.upload(nchw)
         lap("upload")
         feat = None
         if not is_key:
@@ -239,6 +254,13 @@ class Pipeline:
             feat = self._key_feat = b.feature(image)
             self._key_image = image
             lap("feature")
+        if peek is not None and getattr(b, "overlaps_uploads", False):
+            ahead = peek()
+            if ahead is not None and ahead.shape == nchw.shape:
+                self._staged = (ahead, b.upload(ahead))
+                now = time.perf_counter()
+                times["upload"] += now - last
+                last = now
         labels = b.task(feat)[0]
         lap("task")
         times["total"] = last - start

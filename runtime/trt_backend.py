@@ -236,6 +236,7 @@ class TrtBackend:
     `flow`); `timing` records per-stage GPU times, read with `stage_ms()`."""
 
     name = "tensorrt"
+    overlaps_uploads = True  # upload() only enqueues H2D on the ring's upload stream
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, device: int = 0,
                  precision: str | None = None, cuda_graph: bool = False, timing: bool = False,

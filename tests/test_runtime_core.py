@@ -437,6 +437,50 @@ def test_decoding_runs_ahead_but_never_more_than_the_queue():
     assert max(ahead) >= queue_size, "decoding never ran ahead"
 
 
+class AsyncUploads(FakeBackend):
+    """A FakeBackend whose uploads are 'asynchronous': it logs uploads and tasks in order."""
+
+    overlaps_uploads = True
+
+    def upload(self, image):
+        self.calls.append(("upload", int(image[0, 0, 0, 0])))
+        return image.copy()  # a handle of its own, as a device buffer would be
+
+    def task(self, feat):
+        self.calls.append(("task", None))
+        return super().task(feat)
+
+    def feature(self, image):
+        time.sleep(0.05)  # slow compute: the decoder has queued the next frame by now
+        return super().feature(image)
+
+    def flow(self, image, key_image, key_feat):
+        time.sleep(0.05)
+        return super().flow(image, key_image, key_feat)
+
+
+def test_next_frame_is_uploaded_before_this_frames_labels_are_waited_for():
+    backend = AsyncUploads()
+    results = list(Pipeline(backend, FixedInterval(3)).run(frames(6)))
+    uploads = [v for op, v in backend.calls if op == "upload"]
+    assert uploads == list(range(6)), "each frame uploaded exactly once, in order"
+    order = [op if op != "upload" else f"upload {v}" for op, v in backend.calls
+             if op in ("upload", "task")]
+    for t in range(5):  # frame t+1's upload comes before frame t's task
+        assert order.index(f"upload {t + 1}") < [i for i, op in enumerate(order)
+                                                 if op == "task"][t]
+    assert [r.is_key for r in results] == [True, False, False, True, False, False]
+    assert all(r.times["upload"] >= 0 for r in results)
+
+
+def test_a_synchronous_backend_is_not_uploaded_ahead():
+    backend = AsyncUploads()
+    backend.overlaps_uploads = False
+    list(Pipeline(backend, FixedInterval(3)).run(frames(4)))
+    order = [op for op, _ in backend.calls if op in ("upload", "task")]
+    assert order == ["upload", "task"] * 4
+
+
 def test_run_to_writes_in_order_and_keeps_no_frames_alive():
     alive = []
 

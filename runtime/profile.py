@@ -128,7 +128,8 @@ class _Clock:
         elif getattr(memory, "device_type", None) == "cuda":
             from dff.runtime.buffers import Timer
 
-            self.timer, self.stream = Timer(memory), backend.compute_stream  # type: ignore[attr-defined]
+            self.timer = Timer(memory)
+            self.stream = backend.compute_stream  # type: ignore[attr-defined]
         gpu = self.torch is not None or self.timer is not None
         self.method = "cuda events" if gpu else "host clock, synchronised"
 

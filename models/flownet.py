@@ -3,8 +3,9 @@
 Layout and constants follow the original DFF (DESIGN.md §4): input = [current, key] / 255
 (6 channels, mean-subtracted as the original's data layer does) average-pooled 2×2; the
 FlowNet-S encoder and deconv/refine decoder; the last concat is average-pooled once more
-so the outputs land on the stride-16 feature grid; flow = conv × 2.5 in feature cells (current → key); scale = sibling 1×1 conv with C outputs,
-weight 0 and frozen bias 1, so training starts from scale = 1.
+so the outputs land on the stride-16 feature grid; flow = conv × 2.5 in feature cells
+(current → key); scale = sibling 1×1 conv with C outputs, weight 0 and frozen bias 1, so
+training starts from scale = 1.
 """
 
 from __future__ import annotations

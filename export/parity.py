@@ -104,7 +104,8 @@ OPTIONAL = {"probs"}  # outputs a graph may leave out (dff-export --probs)
 def torch_outputs(model: DFF, case: Case) -> tuple[dict, dict]:
     """Per graph, the feeds and PyTorch's outputs for one case."""
     image, key = torch.from_numpy(case.image), torch.from_numpy(case.key_image)
-    feature, flow, task = FeatureGraph(model).eval(), FlowGraph(model).eval(), TaskGraph(model, probs=True)
+    feature, flow = FeatureGraph(model).eval(), FlowGraph(model).eval()
+    task = TaskGraph(model, probs=True)
     feat = feature(image)
     key_feat = feature(key)
     flow_out = flow(image, key, key_feat)

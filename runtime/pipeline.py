@@ -276,7 +276,7 @@ class Pipeline:
             raise DffError(f"frame {index}: {frame.shape[1]}x{frame.shape[0]}, but the video "
                            f"started at {self._shape[1]}x{self._shape[0]}; every frame of a "
                            "video must have one size")
-        return nchw if nchw is not None else np.ascontiguousarray(frame.transpose(2, 0, 1)[None])
+        return nchw if nchw is not None else _nchw(frame)  # type: ignore[return-value]
 
     def _check_first(self, index: int, frame: Any) -> None:
         if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3

@@ -95,18 +95,16 @@ def main(argv: list[str] | None = None) -> int:
 def gpu_backends() -> list[str]:
     from dff.runtime.backends import available_backends
 
-    return [k for k in available_backends() if k != "torch-cpu" and not k.endswith("-cpu")]
+    return [k for k in available_backends() if not k.endswith("-cpu")]
 
 
 def profile(kind: str, out: Path, quick: bool) -> int:
     """dff-profile --demo on one GPU backend; prints its table, writes profile-KIND.json."""
     cmd = [sys.executable, "-m", "dff.runtime.profile", "--demo", "--backend", kind,
-           "--key-intervals", "1,10", "--json", str(out / f"profile-{kind}.json")]
+           "--key-intervals", "1,10", "--json", str(out.resolve() / f"profile-{kind}.json")]
     if quick:
         cmd += ["--warmUp", "200", "--iterations", "50"]
     print("$", " ".join(cmd[1:]), flush=True)
-    out = out.resolve()
-    cmd[-1] = str(out / f"profile-{kind}.json")
     with tempfile.TemporaryDirectory() as work:  # the demo export, not worth bringing back
         return subprocess.run(cmd, cwd=work, check=False).returncode
 

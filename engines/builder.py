@@ -3,7 +3,8 @@
 `build_engines(directory)` reads dff-export's manifest, registers the dff::FlowWarp plugin,
 parses each graph with TensorRT's ONNX parser, builds one engine per graph at one precision with
 the manifest's optimization profile and a timing cache kept beside the engines (loaded when
-present, saved after each engine), then records the engines in the manifest.
+present, saved after each engine), then records the engines in the manifest. An int8 set takes
+the feature graph that `quantize.quantize_feature` calibrated (Q/DQ: explicit quantization).
 
 TensorRT (and cuda-python or torch, for the GPU's name) are imported inside the functions that
 use them, so this module imports anywhere; `require_tensorrt` says in one sentence when the
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dff.errors import DffError
 
-from . import entries, naming
+from . import entries, naming, quantize
 from .compat import GRAPHS
 from .profile import Shape, format_shapes, profile_shapes
 
@@ -133,8 +134,10 @@ def build_engine(builder: trt.Builder, logger: trt.ILogger, onnx_path: Path,
                  shapes: dict[str, tuple[Shape, Shape, Shape]], precision: str,
                  workspace_mib: int | None, cache: trt.ITimingCache | None, log: Log, *,
                  has_warp: bool = False) -> tuple[bytes, trt.ITimingCache, dict[str, Any]]:
-    """Parse `onnx_path` and build one serialized engine: (plan, timing cache, entry extras;
-    with `has_warp`, extras["flow_warp"] says whether the plugin or the function body ran)."""
+    """Parse `onnx_path` and build one serialized engine with `precision`'s kernels (int8: a
+    Q/DQ graph, int8 where its Q/DQ nodes sit, fp16 elsewhere): (plan, timing cache, entry
+    extras; with `has_warp`, extras["flow_warp"] says whether the plugin or the function body
+    ran)."""
     import tensorrt as trt
 
     network = builder.create_network(_network_flags())
@@ -145,10 +148,12 @@ def build_engine(builder: trt.Builder, logger: trt.ILogger, onnx_path: Path,
     config = builder.create_builder_config()
     if workspace_mib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    if precision == "fp16":  # weak typing: TensorRT may pick fp16 kernels (TensorRT 10)
+    if precision in ("fp16", "int8"):  # weak typing: TensorRT may pick fp16 kernels (TRT 10)
         if not getattr(builder, "platform_has_fast_fp16", True):
             log(f"  warning: this GPU has no fast fp16; building {onnx_path.name} in fp16 anyway")
         config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":  # explicit quantization: the graph's Q/DQ nodes carry the scales
+        config.set_flag(trt.BuilderFlag.INT8)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # for inspect_engine
     if cache is None:
         cache = config.create_timing_cache(b"")
@@ -210,7 +215,6 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
     them in its manifest. Raises TensorRTMissing, ManifestError or EngineBuildError."""
     log = log or (lambda _: None)
     d = Path(directory)
-    version = require_tensorrt(naming.build_command(str(d), precision))
     if precision not in naming.PRECISIONS:
         raise DffError(f"precision {precision!r}: expected one of {', '.join(naming.PRECISIONS)}")
     if workspace_mib is not None and workspace_mib <= 0:
@@ -218,15 +222,19 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
     unknown = [g for g in graphs if g not in GRAPHS]
     if unknown:
         raise DffError(f"unknown graph {unknown[0]!r}: expected some of {', '.join(GRAPHS)}")
-
-    import tensorrt as trt
     from dff.export.manifest import load_manifest
 
-    if precision == "fp16" and not hasattr(trt.BuilderFlag, "FP16"):
+    if precision == "int8":  # no calibrated graph (or a stale one): say so before anything
+        quantize.int8_graph(d, load_manifest(d, verify_hashes=False))
+    version = require_tensorrt(naming.build_command(str(d), precision))
+
+    import tensorrt as trt
+
+    if precision != "fp32" and not hasattr(trt.BuilderFlag, "FP16"):
         raise EngineBuildError(
             f"TensorRT {version} builds strongly typed networks only (no BuilderFlag.FP16, as "
-            "from TensorRT 11): build with --fp32, or use TensorRT 10 for --fp16 (fp16 engines "
-            "on TensorRT 11 need fp16 ONNX graphs, e.g. from ModelOpt AutoCast)")
+            f"from TensorRT 11): build with --fp32, or use TensorRT 10 for --{precision} (fp16 "
+            "engines on TensorRT 11 need fp16 ONNX graphs, e.g. from ModelOpt AutoCast)")
 
     for key in entries.prune_engines(d):
         log(f"dropped the manifest's entry for {key}: its engine file is missing or changed")
@@ -244,19 +252,25 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
     built: dict[str, dict[str, Any]] = {}
     for graph in graphs:
         info = manifest["graphs"][graph]
+        source, source_sha256, kernels = d / info["file"], info["sha256"], precision
+        if precision == "int8":  # the set: feature from its Q/DQ graph, flow and task fp16
+            kernels = "int8" if graph == quantize.GRAPH else "fp16"
+            if graph == quantize.GRAPH:
+                source, source_sha256 = quantize.int8_graph(d, manifest), info["int8"]["sha256"]
         shapes = profile_shapes(manifest, graph)
         filename = naming.engine_filename(graph, gpu, version, precision)
-        log(f"building {d}/{filename} ({precision}; {format_shapes(shapes)}) ...")
+        log(f"building {d}/{filename} from {source.name} ({kernels}; "
+            f"{format_shapes(shapes)}) ...")
         start = time.perf_counter()
-        plan, cache, extras = build_engine(builder, logger, d / info["file"], shapes,
-                                           precision, workspace_mib, cache, log,
+        plan, cache, extras = build_engine(builder, logger, source, shapes,
+                                           kernels, workspace_mib, cache, log,
                                            has_warp=bool(info.get("custom_ops")))
         seconds = time.perf_counter() - start
         name, entry = entries.engine_entry(
             graph=graph, plan=plan, gpu_name=gpu, cc=cc, trt_version=version,
-            precision=precision, onnx_sha256=info["sha256"], shapes=shapes,
+            precision=precision, onnx_sha256=source_sha256, shapes=shapes,
             workspace_mib=workspace_mib, timing_cache=cache_path.name, seconds=seconds,
-            extra=extras)
+            extra={"onnx_file": source.name, "kernels": kernels, **extras})
         # each engine is recorded as soon as it is written: an interrupted build keeps the
         # engines before it, and prune_engines heals the one it was writing
         entries.write_atomic(d / entry["file"], plan)

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from dff.errors import DffError
 
 from .naming import PRECISIONS
+from .quantize import DEFAULT_FRAMES
 
 GRAPHS = ("feature", "flow", "task")
 
@@ -27,9 +29,16 @@ feat/key_feat [N,C,H/16,W/16]. The dff::FlowWarp plugin is registered before par
 An engine runs only on the GPU model and TensorRT version that built it; the runtime refuses
 others with the command to rebuild.
 
+int8 (--int8): feature.onnx is calibrated on frames of --calib-video with ONNX Runtime's
+quantizer (symmetric int8 Q/DQ on every convolution's input, weights per output channel) into
+feature.int8.onnx, recorded in the manifest with how far its features are from the float
+graph's; TensorRT then builds that graph in int8 and flow and task in fp16. Calibration runs
+without TensorRT, and dff-run --precision int8 runs the int8 graph on ONNX Runtime.
+
 examples:
   dff-export runs/model.pth -o engines/     # the ONNX graphs (any machine)
   dff-build engines/ --fp16                  # the engines (a machine with TensorRT and a GPU)
+  dff-build engines/ --int8 --calib-video clip.mp4 --calib-frames 64
   dff-build engines/ --fp32 --workspace 4096 --graphs feature,task
   dff-build --inspect engines/feature.h100-80gb-hbm3.trt10.13.0.35.fp16.plan
 """
@@ -44,14 +53,26 @@ def _graphs_arg(text: str) -> tuple[str, ...]:
     return names
 
 
-def _workspace_arg(text: str) -> int:
+def _positive(what: str, example: str = "32") -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a positive {what}, e.g. "
+                                             f"{example}")
+        return value
+    return parse
+
+
+def _size_arg(text: str) -> tuple[int, int]:
+    from dff.runtime.video import parse_size
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive size in MiB, e.g. 4096")
-    return value
+        return parse_size(text)
+    except DffError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
                            help="allow fp16 kernels (the default)")
     precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
                            help="fp32 kernels only")
-    p.add_argument("--workspace", type=_workspace_arg, metavar="MiB",
+    precision.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                           help="the feature graph in int8 (explicit Q/DQ quantization, "
+                                "calibrated with --calib-video), flow and task in fp16")
+    calib = p.add_argument_group("int8 calibration (with --int8; needs onnxruntime, not TensorRT)")
+    calib.add_argument("--calib-video", metavar="VIDEO",
+                       help="calibrate feature.onnx on frames of this video and write "
+                            "feature.int8.onnx (required the first time; later --int8 builds "
+                            "reuse the calibrated graph)")
+    calib.add_argument("--calib-frames", type=_positive("number of frames"), default=DEFAULT_FRAMES,
+                       metavar="N", help=f"frames to calibrate on, spread over the video "
+                                         f"(default: {DEFAULT_FRAMES})")
+    calib.add_argument("--resize", type=_size_arg, metavar="HxW",
+                       help="resize calibration frames as dff-run --resize would (default: "
+                            "the video's size, which must fit the manifest's profile)")
+    p.add_argument("--workspace", type=_positive("size in MiB", "4096"), metavar="MiB",
                    help="limit TensorRT's workspace memory pool (default: TensorRT's, the "
                         "GPU's memory)")
     p.add_argument("--graphs", type=_graphs_arg, default=GRAPHS, metavar="LIST",
@@ -103,15 +138,21 @@ def _inspect_summary(report: dict[str, Any]) -> str:
 
 def run_build(directory: str | Path, precision: str = PRECISIONS[0],
               workspace_mib: int | None = None, graphs: tuple[str, ...] = GRAPHS,
-              verbose: bool = False, as_json: bool = False, prog: str = "dff-build") -> int:
-    """Build and print the summary; 1 with one line on stderr for a DffError (TensorRT
-    missing included)."""
-    from . import builder
+              verbose: bool = False, as_json: bool = False, prog: str = "dff-build",
+              calib_video: str | None = None, calib_frames: int = DEFAULT_FRAMES,
+              resize: tuple[int, int] | None = None) -> int:
+    """Calibrate (with `calib_video`), build and print the summary; 1 with one line on stderr
+    for a DffError (TensorRT missing included: a calibrated graph is kept)."""
+    from . import builder, quantize
 
+    log = None if as_json else (lambda line: print(line, flush=True))
     try:
+        if calib_video is not None:
+            quantize.quantize_feature(directory, calib_video, frames=calib_frames,
+                                      resize=resize, log=log)
         result = builder.build_engines(
             directory, precision=precision, workspace_mib=workspace_mib, graphs=graphs,
-            verbose=verbose, log=None if as_json else (lambda line: print(line, flush=True)))
+            verbose=verbose, log=log)
     except DffError as e:
         if verbose:
             traceback.print_exc()
@@ -154,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(report, indent=2) if args.json else _inspect_summary(report))
         return 0
+    calib = args.calib_video is not None or args.resize is not None
+    if calib and args.precision != "int8":
+        parser.error("--calib-video and --resize calibrate an int8 build: add --int8")
     return run_build(args.directory, args.precision or PRECISIONS[0], args.workspace,
-                     args.graphs, args.verbose, args.json)
+                     args.graphs, args.verbose, args.json, calib_video=args.calib_video,
+                     calib_frames=args.calib_frames, resize=args.resize)
 
 
 if __name__ == "__main__":

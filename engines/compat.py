@@ -72,7 +72,7 @@ def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int,
     """One engines entry per graph {"feature", "flow", "task"} usable on this machine.
 
     All three share one precision: `precision` when given, else the first of PRECISIONS
-    (fp16, fp32) that every graph has. Raises EngineError naming the engine and the dff-build
+    (fp16, fp32, int8) that every graph has. Raises EngineError naming the engine and the dff-build
     command when an engine is missing, built elsewhere, or built from an older ONNX graph.
     """
     d = _dir(directory)
@@ -115,7 +115,11 @@ def _check_fresh(manifest: dict[str, Any], chosen: dict[str, dict[str, Any]],
     """Refuse an engine built from another version of its ONNX graph than the manifest's."""
     for graph, entry in chosen.items():
         built_from = entry.get("onnx_sha256")
-        current = manifest.get("graphs", {}).get(graph, {}).get("sha256")
+        info = manifest.get("graphs", {}).get(graph, {})
+        current = info.get("sha256")
+        int8 = info.get("int8")  # an int8 set's feature engine comes from its Q/DQ graph
+        if isinstance(int8, dict) and entry.get("onnx_file") == int8.get("file"):
+            current = int8.get("sha256")
         if built_from and current and built_from != current:
             raise EngineError(f"{directory}/{entry.get('file')} was built from another "
                               f"{graph}.onnx than the one in {directory}/manifest.json; rebuild "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import re
 
-PRECISIONS = ("fp16", "fp32")  # preference order when a manifest holds both
+# preference order when a manifest holds several sets; an int8 set (dff-build --int8) runs the
+# feature graph in int8 and flow and task in fp16
+PRECISIONS = ("fp16", "fp32", "int8")
 ENGINE_SUFFIX = ".plan"
 CACHE_SUFFIX = ".cache"
 

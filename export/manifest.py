@@ -10,7 +10,8 @@ Layout (version 1)::
     normalisation {mean, std, input}, stride, feat_channels, key_interval,
     profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
     graphs {feature|flow|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
-        (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w),
+        (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w;
+        feature may hold `int8` {file, sha256, ...}: dff-build --int8's Q/DQ graph),
     plugin {op, domain, version, graph, function},
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
     export {checkpoint, checkpoint_sha256, tool, tool_version, torch, onnx, onnxruntime,
@@ -77,22 +78,23 @@ def _field(data: dict, dotted: str) -> Any:
 
 
 def _check_file(directory: Path, manifest_path: Path, field: str, entry: dict,
-                verify_hashes: bool) -> None:
+                verify_hashes: bool, fix: str | None = None) -> None:
+    fix = fix or _rebuild(directory)
     name = entry.get("file")
     if not isinstance(name, str) or not name or Path(name).name != name:
         raise ManifestError(f"{manifest_path}: field '{field}.file' is {name!r}, expected a "
-                            f"file name inside {directory}; {_rebuild(directory)}")
+                            f"file name inside {directory}; {fix}")
     path = directory / name
     if not path.is_file():
         raise ManifestError(f"{path}: missing (listed in {manifest_path} as '{field}.file'); "
-                            f"{_rebuild(directory)}")
+                            f"{fix}")
     want = entry.get("sha256")
     if verify_hashes and want is not None:
         got = sha256_file(path)
         if got != want:
             raise ManifestError(f"{path}: sha256 {got[:12]}… does not match '{field}.sha256' "
                                 f"{str(want)[:12]}… in {manifest_path}; the file changed after "
-                                f"export, {_rebuild(directory)}")
+                                f"it was written, {fix}")
 
 
 def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True) -> dict:
@@ -135,6 +137,13 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
                                 f"{getattr(kind, '__name__', kind)}; {_rebuild(directory)}")
     for name in GRAPHS:
         _check_file(directory, path, f"graphs.{name}", data["graphs"][name], verify_hashes)
+        int8 = data["graphs"][name].get("int8")  # optional: dff-build --int8's Q/DQ graph
+        if int8 is not None:
+            fix = (f"calibrate again with `dff-build {directory}/ --int8 --calib-video "
+                   "VIDEO.mp4`")
+            if not isinstance(int8, dict):
+                raise ManifestError(f"{path}: field 'graphs.{name}.int8' is not an object; {fix}")
+            _check_file(directory, path, f"graphs.{name}.int8", int8, verify_hashes, fix)
     for name, entry in data["engines"].items():
         if not isinstance(entry, dict):
             raise ManifestError(f"{path}: field 'engines.{name}' is not an object; "

@@ -30,6 +30,10 @@ from dff.errors import DffError
 
 KINDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch-cuda", "torch-cpu")
 ALIASES = {"onnxruntime": "onnxruntime-cpu", "ort": "onnxruntime-cpu", "torch": "torch-cpu"}
+# what --precision each backend runs: TensorRT's engine sets (dff-build); ONNX Runtime the
+# exported fp32 graphs, or with int8 the Q/DQ feature graph of dff-build --int8
+PRECISIONS = {"tensorrt": ("fp16", "fp32", "int8"), "onnxruntime": ("fp32", "int8"),
+              "torch": ("fp32",)}
 
 # tensor names fixed by DESIGN.md §3
 _INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"], "task": ["feat"]}
@@ -143,13 +147,23 @@ def pick_auto(engine_dir: str | os.PathLike[str]) -> tuple[str, str]:
     return "onnxruntime-cpu", f"picked onnxruntime-cpu: {', '.join(why)}"
 
 
+def check_precision(kind: str, precision: str | None) -> None:
+    """Refuse a precision backend `kind` does not run (one line naming what it runs)."""
+    runs = PRECISIONS["onnxruntime" if kind.startswith("onnxruntime") else
+                      "torch" if kind.startswith("torch") else kind]
+    if precision is not None and precision not in runs:
+        raise BackendError(f"--precision {precision}: the {kind} backend runs "
+                           f"{' or '.join(runs)}; drop --precision or use --backend tensorrt")
+
+
 def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device: int = 0,
                  checkpoint: str | os.PathLike[str] | None = None, threads: int = 0,
-                 cuda_graph: bool = False) -> Backend:
+                 cuda_graph: bool = False, precision: str | None = None) -> Backend:
     """Open backend `kind` ("auto" picks one with `pick_auto`) on the graphs of `engine_dir`
     (the torch backend: on `checkpoint`, else the manifest's `export.checkpoint`).
     `threads` > 0 caps the CPU threads of one stage; 0 leaves the library's default.
-    `cuda_graph` replays the non-key path as a CUDA graph (TensorRT only)."""
+    `cuda_graph` replays the non-key path as a CUDA graph (TensorRT only). `precision`
+    (PRECISIONS) picks TensorRT's engine set, or ONNX Runtime's int8 feature graph."""
     kind = ALIASES.get(kind, kind)
     if kind == "auto":
         if engine_dir is None:
@@ -161,6 +175,7 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
     if cuda_graph and kind != "tensorrt":
         raise BackendError(f"CUDA graph capture is done by the tensorrt backend only, not "
                            f"{kind}; drop --useCudaGraph or use --backend tensorrt")
+    check_precision(kind, precision)
     if kind == "tensorrt":
         usable, why = tensorrt_status()
         if not usable:
@@ -172,7 +187,7 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
                                "from dff-build)")
         from dff.runtime.trt_backend import TrtBackend
 
-        return TrtBackend(engine_dir, device=device, cuda_graph=cuda_graph)
+        return TrtBackend(engine_dir, device=device, cuda_graph=cuda_graph, precision=precision)
     if kind.startswith("torch"):
         return TorchBackend(_torch_checkpoint(engine_dir, checkpoint),
                             cuda=kind == "torch-cuda", device=device, threads=threads)
@@ -180,7 +195,7 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
         raise BackendError(f"--backend {kind} needs an engine folder (-e DIR written by "
                            "dff-export)")
     return OrtBackend(engine_dir, cuda=kind == "onnxruntime-cuda", device=device,
-                      threads=threads)
+                      threads=threads, int8=precision == "int8")
 
 
 # --- ONNX Runtime ---------------------------------------------------------------------------
@@ -193,17 +208,18 @@ class OrtBackend:
     pools: allocated once per shape, reused only when no handle to them is left, so the key
     frame's features survive later calls), ONNX Runtime running on the ring's compute stream;
     only `labels` comes back, by D2H into pinned memory. Handles are DeviceArrays on CUDA and
-    OrtValues over the same memory on the CPU."""
+    OrtValues over the same memory on the CPU. `int8` runs dff-build --int8's feature graph."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
                  device: int = 0, threads: int = 0, io_binding: bool | None = None,
-                 memory: Memory | None = None):
+                 memory: Memory | None = None, int8: bool = False):
         ort = _ort()
         self._ort = ort
         self.manifest = load_manifest(engine_dir)
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
         self.device_id = device
         self.io_binding = cuda if io_binding is None else io_binding
@@ -253,6 +269,10 @@ class OrtBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for graph in _INPUTS:
             path = graph_path(engine_dir, self.manifest, graph)
+            if graph == "feature" and self.precision == "int8":
+                from dff.engines.quantize import int8_graph
+
+                path = int8_graph(engine_dir, self.manifest)
             try:
                 session = ort.InferenceSession(os.fspath(path), options, providers=providers)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types

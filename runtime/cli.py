@@ -90,8 +90,8 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """--engine-dir, --backend, --checkpoint, --device, --threads, --demo, --useCudaGraph,
-    --verbose: shared by dff-run and dff-profile."""
+    """--engine-dir, --backend, --checkpoint, --device, --threads, --demo, --precision,
+    --useCudaGraph, --verbose: shared by dff-run and dff-profile."""
     p.add_argument("-e", "--engine-dir", metavar="DIR",
                    help="folder written by dff-export (with --demo: default ./dff-demo/engines)")
     p.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
@@ -105,6 +105,10 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per stage (default: 0 = the library's choice)")
     p.add_argument("--demo", action="store_true",
                    help="export the shipped demo model into --engine-dir (cached) and use it")
+    p.add_argument("--precision", choices=("fp16", "fp32", "int8"),
+                   help="tensorrt: the engine set to load (default: fp16 if built, else fp32, "
+                        "else int8); onnxruntime: fp32 (the default) or int8, the feature graph "
+                        "of dff-build --int8; torch: fp32 only")
     p.add_argument("--useCudaGraph", action="store_true",
                    help="tensorrt backend: replay flow + task of non-key frames as one CUDA "
                         "graph (dff-profile's flow stage then includes the task); refused by "
@@ -168,8 +172,8 @@ def choose_backend(args: argparse.Namespace, engine_dir: Path,
         kind, reason = pick_auto(engine_dir)
         log(reason)
     backend = open_backend(kind, engine_dir, device=args.device, checkpoint=args.checkpoint,
-                           threads=args.threads,
-                           cuda_graph=args.useCudaGraph)
+                           threads=args.threads, cuda_graph=args.useCudaGraph,
+                           precision=args.precision)
     return backend, reason
 
 

@@ -411,7 +411,7 @@ class _FakeTRT(types.ModuleType):
         self.LayerType = enum(PLUGIN_V3="plugin_v3", PLUGIN_V2="plugin_v2", PLUGIN="plugin",
                               GRID_SAMPLE="grid_sample", CONSTANT="constant")
         self.MemoryPoolType = enum(WORKSPACE="workspace")
-        self.BuilderFlag = enum(FP16="fp16")
+        self.BuilderFlag = enum(FP16="fp16", INT8="int8")
         self.ProfilingVerbosity = enum(DETAILED="detailed")
         self.NetworkDefinitionCreationFlag = enum(PREFER_AOT_PYTHON_PLUGINS=3)
         self.Dims = tuple
@@ -556,6 +556,34 @@ def test_build_reports_parser_errors_with_the_node_and_keeps_earlier_engines(fak
     assert "node 7 '/model/Conv_3' (Conv): kernel weights are not constant" in err
     kept = load_manifest(out)["engines"]
     assert sorted(e["graph"] for e in kept.values()) == ["feature", "flow"]
+
+
+def test_int8_set_builds_the_calibrated_feature_graph_in_int8_and_the_rest_in_fp16(
+        fake_trt, tmp_path):
+    pytest.importorskip("cv2", reason="calibration decodes a video with OpenCV")
+    from dff.runtime.video import write_synthetic_clip
+
+    out, fake = fake_trt
+    write_synthetic_clip(tmp_path / "clip.mp4", seed=1, num_frames=6, height=64, width=96)
+    assert build_cli.main([str(out), "--int8", "--calib-video", str(tmp_path / "clip.mp4"),
+                           "--calib-frames", "3"]) == 0
+    ev = fake.events
+    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.int8.onnx", "flow.onnx", "task.onnx"]
+    flags = [e[1] for e in ev if e[0] == "flag"]
+    assert flags == ["fp16", "int8", "fp16", "fp16"]  # int8 for the feature engine only
+    m = load_manifest(out)
+    chosen = select_engines(m, H100, "9.0", TRT, precision="int8", directory=out)
+    assert chosen["feature"]["onnx_sha256"] == m["graphs"]["feature"]["int8"]["sha256"]
+    assert [chosen[g]["kernels"] for g in ("feature", "flow", "task")] == ["int8", "fp16", "fp16"]
+    assert chosen["flow"]["file"] == naming.engine_filename("flow", H100, TRT, "int8")
+    mode = os.stat(out / chosen["flow"]["file"]).st_mode & 0o777
+    assert mode == 0o666 & ~_umask(), oct(mode)  # not mkstemp's private 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_fp16_on_a_strongly_typed_only_tensorrt_is_refused(fake_trt):

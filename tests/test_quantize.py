@@ -1,0 +1,152 @@
+"""dff-build --int8's calibration: feature.onnx -> feature.int8.onnx (Q/DQ) on frames of a video,
+recorded in the manifest, run by ONNX Runtime, refused when missing, stale or damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from dff.engines import cli as build_cli
+from dff.engines import quantize
+from dff.engines.compat import select_engines
+from dff.export.manifest import ManifestError, load_manifest, sha256_file
+from dff.runtime.backends import BackendError, OrtBackend, open_backend
+from dff.runtime.video import write_synthetic_clip
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
+
+H, W, T = 64, 96, 24
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "clip.mp4"
+    return path, write_synthetic_clip(path, seed=3, num_frames=T, height=H, width=W)
+
+
+@pytest.fixture(scope="module")
+def calibrated(engines, clip, tmp_path_factory):
+    """A copy of the tiny export with feature.int8.onnx calibrated on 8 frames of `clip`."""
+    out = tmp_path_factory.mktemp("int8") / "engines"
+    shutil.copytree(engines, out)
+    lines: list[str] = []
+    entry = quantize.quantize_feature(out, clip[0], frames=8, log=lines.append)
+    return out, entry, lines
+
+
+def fresh_copy(calibrated, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(calibrated[0], out)
+    return out
+
+
+def test_read_frames_spreads_calibration_and_check_frames_over_the_video(engines, clip):
+    manifest = load_manifest(engines)
+    calib, check = quantize.read_frames(clip[0], 6, manifest)
+    assert len(calib) == 6 and 1 <= len(check) <= quantize.CHECK_FRAMES
+    assert all(f.shape == (1, 3, H, W) and f.dtype == np.uint8 for f in calib + check)
+    # frames 0, 4, 8, ... 20 calibrate; the check frames lie between them, none reused
+    assert not any(np.array_equal(a, b) for a in calib for b in check)
+    resized, _ = quantize.read_frames(clip[0], 2, manifest, resize=(32, 48))
+    assert resized[0].shape == (1, 3, 32, 48)
+
+
+def test_a_frame_size_outside_the_profile_is_refused_with_a_resize_that_fits(engines, clip):
+    with pytest.raises(quantize.DffError, match=r"--resize 128x192 .*--max-shape"):
+        quantize.read_frames(clip[0], 2, load_manifest(engines), resize=(256, 384))
+
+
+def test_int8_graph_is_symmetric_qdq_on_every_conv_and_recorded_in_the_manifest(
+        calibrated, engines, clip):
+    out, entry, lines = calibrated
+    model = onnx.load(str(out / "feature.int8.onnx"))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    produced_by = {o: n for n in model.graph.node for o in n.output}
+    for conv in convs:  # activation and weight both come through DequantizeLinear
+        assert all(produced_by[x].op_type == "DequantizeLinear" for x in conv.input[:2]), conv.name
+    zero_points = [consts[n.input[2]] for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    manifest = load_manifest(out)  # checks the new file's sha256 too
+    assert manifest["graphs"]["feature"]["int8"] == entry
+    assert entry["sha256"] == sha256_file(out / entry["file"])
+    assert entry["source_sha256"] == load_manifest(engines)["graphs"]["feature"]["sha256"]
+    assert entry["calibration"] == {"video": str(clip[0]), "video_sha256": sha256_file(clip[0]),
+                                    "frames": 8, "size": [H, W]}
+    assert entry["check"]["frames"] >= 1 and 0 < entry["check"]["relative_rms_error"] < 0.1
+    assert "relative RMS error" in lines[-1]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_onnxruntime_runs_the_int8_feature_graph_close_to_the_float_one(calibrated, clip):
+    out = calibrated[0]
+    frames = clip[1].frames
+    image = np.ascontiguousarray(frames[5].transpose(2, 0, 1)[None])
+    fp32 = OrtBackend(out)
+    int8 = open_backend("onnxruntime-cpu", out, precision="int8")
+    assert int8.precision == "int8" and fp32.precision == "fp32"
+    ref, got = fp32.feature(image), int8.feature(image)
+    assert not np.array_equal(ref, got)  # really another graph
+    rel = np.sqrt(np.square(got - ref).mean() / np.square(ref).mean())
+    assert rel < 0.1
+    # an untrained model's logits are close to ties, so labels flip more than a trained one's
+    assert (fp32.task(ref) == int8.task(got)).mean() > 0.9
+
+
+def test_int8_without_calibration_names_the_command_that_makes_it(engines, tmp_path, capsys):
+    out = tmp_path / "engines"
+    shutil.copytree(engines, out)
+    with pytest.raises(quantize.QuantizeError, match="has no int8 feature graph.*--calib-video"):
+        open_backend("onnxruntime-cpu", out, precision="int8")
+    assert build_cli.main([str(out), "--int8"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"`dff-build {out}/ --int8 --calib-video VIDEO.mp4`" in err[0]
+
+
+def test_a_stale_or_damaged_int8_graph_is_refused(calibrated, tmp_path):
+    out = fresh_copy(calibrated, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["feature"]["int8"]["source_sha256"] = "0" * 64
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(quantize.QuantizeError, match="calibrated from another feature.onnx"):
+        quantize.int8_graph(out, load_manifest(out))
+    (out / "feature.int8.onnx").write_bytes(b"damaged")
+    with pytest.raises(ManifestError, match=r"feature.int8.onnx: sha256 .*calibrate again"):
+        load_manifest(out)
+
+
+@pytest.mark.parametrize("kind, precision", [("torch-cpu", "int8"), ("onnxruntime-cpu", "fp16")])
+def test_a_precision_the_backend_does_not_run_is_refused(engines, kind, precision):
+    with pytest.raises(BackendError, match=f"--precision {precision}: the {kind} backend runs"):
+        open_backend(kind, engines, precision=precision)
+
+
+def test_calibration_flags_need_int8(engines, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_cli.main([str(engines), "--calib-video", "clip.mp4"])
+    assert e.value.code == 2 and "add --int8" in capsys.readouterr().err
+
+
+def test_int8_engines_are_a_set_whose_feature_engine_comes_from_the_int8_graph(calibrated):
+    out, entry, _ = calibrated
+    manifest = load_manifest(out)
+    gpu, trt = "NVIDIA H100 80GB HBM3", "10.13.0.35"
+    engines = {}
+    for graph in ("feature", "flow", "task"):
+        sha = entry["sha256"] if graph == "feature" else manifest["graphs"][graph]["sha256"]
+        engines[f"{graph}.int8"] = {
+            "file": f"{graph}.int8.plan", "graph": graph, "precision": "int8", "gpu": gpu,
+            "compute_capability": "9.0", "tensorrt": trt, "onnx_sha256": sha,
+            "onnx_file": entry["file"] if graph == "feature" else f"{graph}.onnx"}
+    manifest["engines"] = engines
+    chosen = select_engines(manifest, gpu, "9.0", trt, directory=out)
+    assert chosen["feature"]["onnx_file"] == "feature.int8.onnx"
+    engines["feature.int8"]["onnx_sha256"] = manifest["graphs"]["feature"]["sha256"]
+    with pytest.raises(quantize.DffError, match="built from another feature.onnx"):
+        select_engines(manifest, gpu, "9.0", trt, directory=out)

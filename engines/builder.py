@@ -45,17 +45,11 @@ class EngineBuildError(DffError):
 
 def require_tensorrt(command: str = "dff-build engines/ --fp16") -> str:
     """The installed TensorRT's version; TensorRTMissing (one sentence) when there is none."""
-    try:
-        import tensorrt as trt
-    except (ImportError, OSError) as e:  # OSError: the bindings without libnvinfer
-        raise TensorRTMissing(NOT_INSTALLED.format(reason=f"import tensorrt: {e}",
-                                                   command=command)) from None
-    if not hasattr(trt, "Builder"):
-        where = ", ".join(getattr(trt, "__path__", [])) or str(getattr(trt, "__file__", "?"))
-        raise TensorRTMissing(NOT_INSTALLED.format(
-            reason=f"`import tensorrt` found only an empty package at {where}, such as "
-                   "tensorrt-stubs not yet renamed by scripts/install_tensorrt_stubs.sh",
-            command=command))
+    from dff.plugins.find_tensorrt import find_tensorrt
+
+    trt, why = find_tensorrt()
+    if trt is None:
+        raise TensorRTMissing(NOT_INSTALLED.format(reason=why, command=command))
     return str(trt.__version__)
 
 

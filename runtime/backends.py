@@ -87,13 +87,11 @@ def tensorrt_status() -> tuple[bool, str]:
     """(usable, why not): `tensorrt` importable (an empty namespace package, as tensorrt-stubs
     installed in place leaves, DESIGN.md §4, does not count) and cuda-python, which the
     TensorRT backend's buffers (runtime/buffers.py) need, importable too."""
-    try:
-        trt = importlib.import_module("tensorrt")
-    except (ImportError, OSError, RuntimeError) as e:  # a broken install raises the latter
-        return False, f"import tensorrt failed: {type(e).__name__}"
-    if not hasattr(trt, "Runtime"):
-        return False, "import tensorrt found an empty package (stubs?), not TensorRT"
-    version = f"TensorRT {getattr(trt, '__version__', '?')}"
+    from dff.plugins.find_tensorrt import find_tensorrt
+
+    trt, version = find_tensorrt()
+    if trt is None:
+        return False, version
     try:
         spec = importlib.util.find_spec("cuda.bindings.runtime")
     except ImportError:  # no `cuda` package at all
@@ -448,6 +446,7 @@ class TorchBackend:
         self._torch, self._warp = torch, flow_warp
         self.device = torch.device(f"cuda:{device}" if cuda else "cpu")
         self.name = "torch-cuda" if cuda else "torch-cpu"
+        self.precision = "fp32"
         self.model = load_checkpoint(checkpoint).to(self.device).eval()
         self.stride = self.model.config.stride
         self.profile: dict | None = None  # any size the model takes

@@ -358,7 +358,8 @@ def format_summary(s: dict) -> list[str]:
     h, w = video["resized_to"] or video["size"]
     schedule = s["schedule_name"] + (f", key interval {s['key_interval']}"
                                      if s["key_interval"] else "")
-    lines = [f"{video['path']}: {s['frames']} frames at {h}x{w} on {s['backend']}, {schedule}"]
+    on = s["backend"] + (f" ({s['precision']})" if s.get("precision") else "")
+    lines = [f"{video['path']}: {s['frames']} frames at {h}x{w} on {on}, {schedule}"]
     if video["resized_to"]:
         lines.append(f"  resized from {video['size'][0]}x{video['size'][1]} to {h}x{w} "
                      "(--resize)")

@@ -2,7 +2,8 @@
 folder, and a synthetic benchmark clip to run it on.
 
 The export is redone only when the folder's manifest is missing, unreadable, or was made from
-another checkpoint (by sha256), so a second `--demo` starts in seconds.
+another checkpoint (by sha256) or by another dff-trt version, so a second `--demo` starts in
+seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from dff.export.manifest import ManifestError, load_manifest, sha256_file
 
+import dff
 from dff.errors import DffError
 
 DEMO_DIR = Path("dff-demo")
@@ -49,12 +51,16 @@ def ensure_demo_engines(engine_dir: str | os.PathLike[str] = DEMO_ENGINES,
     want = sha256_file(checkpoint)
     try:
         manifest = load_manifest(engine_dir)
-        why = None if manifest["export"].get("checkpoint_sha256") == want else (
-            f"its manifest was made from {manifest['export'].get('checkpoint')}")
+        made = manifest["export"]
+        why = (None if made.get("checkpoint_sha256") == want else
+               f"its manifest was made from {made.get('checkpoint')}")
+        if why is None and made.get("tool_version") != dff.__version__:
+            why = f"it was made by dff-export {made.get('tool_version')}, this is {dff.__version__}"
     except ManifestError as e:
         manifest, why = None, str(e).split(";")[0]
     if why is None and manifest is not None:
-        log(f"demo: reusing the export in {engine_dir}/ (same checkpoint sha256)")
+        log(f"demo: reusing the export in {engine_dir}/ (same checkpoint sha256 and dff-trt "
+            "version)")
         return manifest
     log(f"demo: exporting {checkpoint.name} into {engine_dir}/ ({why}) ...")
     from dff.export.exporter import export_model

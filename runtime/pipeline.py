@@ -321,6 +321,7 @@ class Pipeline:
         busy = sum(s.total for n, s in self._stages.items() if n in STAGES)
         return {
             "backend": getattr(self.backend, "name", type(self.backend).__name__),
+            "precision": getattr(self.backend, "precision", None),
             "scheduler": repr(self.scheduler),
             "frames": self._frames,
             "key_frames": self._key_frames,

@@ -291,11 +291,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
         r = (med["flow"] + med["task"]) / (med["feature"] + med["task"])
         end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r)
-        name = backend.name
+        name, precision = backend.name, getattr(backend, "precision", None)
     finally:
         backend.close()
     result = {
-        "tool": "dff-profile", "backend": name, "backend_reason": reason,
+        "tool": "dff-profile", "backend": name, "precision": precision, "backend_reason": reason,
         "gpu": stages["feature"]["gpu_compute_ms"] is not None,
         "engine_dir": str(engine_dir), "shape": list(shape), "frames": args.frames,
         "clip_seed": EVAL_SEEDS[0], "warmUp_ms": args.warmUp,
@@ -316,7 +316,8 @@ def format_report(res: dict) -> list[str]:
     amount = (f"{res['iterations']} iterations" if res["iterations"]
               else f"{res['duration_s']:g} s")
     moves = "without data transfers" if res["noDataTransfers"] else "data transfers included"
-    head = (f"{res['backend']} on {res['engine_dir']} at {format_shape(res['shape'])}: "
+    what = res["backend"] + (f" ({res['precision']})" if res.get("precision") else "")
+    head = (f"{what} on {res['engine_dir']} at {format_shape(res['shape'])}: "
             f"{amount} per stage after {res['warmUp_ms']:g} ms warm-up ({moves})")
     columns = (f"{'stage (ms)':<13}{'min':>8}{'mean':>8}{'median':>8}{'p90':>8}{'p95':>8}"
                f"{'p99':>8}{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")

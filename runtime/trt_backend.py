@@ -49,16 +49,13 @@ DTYPES = {"FLOAT": "float32", "HALF": "float16", "UINT8": "uint8", "INT8": "int8
 
 def require_tensorrt() -> str:
     """TensorRT's version, or one BackendError saying what is missing."""
-    try:
-        import tensorrt
-    except (ImportError, OSError) as e:  # OSError: the bindings without libnvinfer
-        reason = f"import tensorrt: {e}"
-    else:
-        if hasattr(tensorrt, "Runtime"):
-            return str(tensorrt.__version__)
-        reason = "`import tensorrt` found an empty package (tensorrt-stubs?), not TensorRT"
-    raise BackendError(f"--backend tensorrt needs TensorRT ({reason}): pip install tensorrt on a "
-                       "machine with an NVIDIA GPU, or use --backend onnxruntime-cuda")
+    from dff.plugins.find_tensorrt import find_tensorrt
+
+    trt, why = find_tensorrt()
+    if trt is None:
+        raise BackendError(f"--backend tensorrt needs TensorRT ({why}): pip install tensorrt "
+                           "on a machine with an NVIDIA GPU, or use --backend onnxruntime-cuda")
+    return str(trt.__version__)
 
 
 @dataclass(frozen=True)

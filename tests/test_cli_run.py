@@ -320,14 +320,16 @@ def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, tin
         assert sum(1 for _ in video) == 5
 
 
-def test_demo_reexports_when_the_cache_holds_another_checkpoint(engines, tiny_pth, tmp_path,
-                                                                monkeypatch):
+@pytest.mark.parametrize("field, value", [("checkpoint_sha256", "0" * 64),
+                                          ("tool_version", "0.0.1")])
+def test_demo_reexports_when_the_cache_holds_another_checkpoint_or_version(
+        engines, tiny_pth, tmp_path, monkeypatch, field, value):
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
                         lambda: tiny_pth)
     cache = tmp_path / "engines"
     shutil.copytree(engines, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
-    manifest["export"]["checkpoint_sha256"] = "0" * 64
+    manifest["export"][field] = value
     (cache / "manifest.json").write_text(json.dumps(manifest))
     calls = []
 

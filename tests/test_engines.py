@@ -497,7 +497,7 @@ class _FakeTRT(types.ModuleType):
             def build_serialized_network(self, network, config):
                 return b"PLAN " + ",".join(network.inputs).encode()
 
-        self.Builder, self.OnnxParser = Builder, OnnxParser
+        self.Builder, self.OnnxParser, self.Runtime = Builder, OnnxParser, object
 
 
 @pytest.fixture

@@ -150,3 +150,22 @@ def test_int8_engines_are_a_set_whose_feature_engine_comes_from_the_int8_graph(c
     engines["feature.int8"]["onnx_sha256"] = manifest["graphs"]["feature"]["sha256"]
     with pytest.raises(quantize.DffError, match="built from another feature.onnx"):
         select_engines(manifest, gpu, "9.0", trt, directory=out)
+
+
+def test_dff_run_precision_int8_runs_the_int8_graph_and_says_so(calibrated, clip, tmp_path):
+    import contextlib
+    import io
+
+    from dff.runtime import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main([str(clip[0]), "--engine-dir", str(calibrated[0]), "--backend",
+                         "onnxruntime", "--precision", "int8", "--json",
+                         str(tmp_path / "x.jsonl"), "--summary", str(tmp_path / "s.json"),
+                         "--threads", "1", "--quiet", "--max-frames", "4"])
+    assert code == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert (summary["backend"], summary["precision"], summary["frames"]) == (
+        "onnxruntime-cpu", "int8", 4)
+    assert "on onnxruntime-cpu (int8)" in out.getvalue()

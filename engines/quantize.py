@@ -5,9 +5,10 @@ quantization: QuantizeLinear/DequantizeLinear pairs in the ONNX graph carry the 
 TensorRT runs int8 kernels where they sit. So `dff-build --int8 --calib-video VIDEO` calibrates
 here, on the CPU, with ONNX Runtime's static quantizer, in the form TensorRT reads: symmetric
 int8 activations (scale = max |x| over the calibration frames / 127, zero point 0) on the
-inputs of every convolution, and symmetric int8 weights per output channel. The same graph runs
-on ONNX Runtime (`dff-run --precision int8`), which is how its accuracy is measured on a
-machine without a GPU.
+inputs of every convolution, and symmetric int8 weights per output channel; biases stay float
+(TensorRT dequantizes only 8-bit tensors and folds the bias into the int8 convolution). The
+same graph runs on ONNX Runtime (`dff-run --precision int8`), which is how its accuracy is
+measured on a machine without a GPU.
 
 Only the feature graph is quantized: it is nearly all of a key frame's cost. The flow net
 regresses sub-cell motion and the head is cheap, so an int8 engine set keeps both in fp16.
@@ -143,7 +144,10 @@ def _quantize(source: Path, target: Path, frames: list[np.ndarray]) -> None:
         os.fspath(prepared), os.fspath(target), Frames(), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        # TensorRT's parser refuses DequantizeLinear on int32, so biases stay float (TensorRT
+        # folds them into the int8 convolution)
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                       "QuantizeBias": False})
 
 
 def quantize_feature(directory: str | os.PathLike[str], video: str | os.PathLike[str], *,

@@ -73,6 +73,10 @@ def test_int8_graph_is_symmetric_qdq_on_every_conv_and_recorded_in_the_manifest(
     zero_points = [consts[n.input[2]] for n in model.graph.node
                    if n.op_type == "QuantizeLinear" and len(n.input) > 2]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+    dequantized = [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    int32 = [x for x in dequantized if x in consts and consts[x].dtype != np.int8]
+    assert not int32, f"TensorRT dequantizes only 8-bit tensors: {int32}"
+    assert all(len(conv.input) < 3 or conv.input[2] in consts for conv in convs)  # float bias
     manifest = load_manifest(out)  # checks the new file's sha256 too
     assert manifest["graphs"]["feature"]["int8"] == entry
     assert entry["sha256"] == sha256_file(out / entry["file"])

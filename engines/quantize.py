@@ -17,9 +17,12 @@ Needs onnxruntime and OpenCV (to decode the video), not TensorRT.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import sys
 import tempfile
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,16 +75,30 @@ def read_frames(video: str | os.PathLike[str], count: int, manifest: dict[str, A
     check_at = set(sorted(check_at)[:: max(1, len(check_at) // CHECK_FRAMES)][:CHECK_FRAMES])
     calib: list[np.ndarray] = []
     check: list[np.ndarray] = []
-    with reader:
+    last = max(calib_at | check_at)
+    with reader, _progress(last + 1) as bar:  # a long video is decoded up to `last`
         for i, frame in enumerate(reader):
+            bar.update(1)
             if i in calib_at or i in check_at:
                 nchw = np.ascontiguousarray(fit_frame(frame, (height, width)).transpose(2, 0, 1))
                 (calib if i in calib_at else check).append(nchw[None])
-            if i >= max(calib_at | check_at):
+            if i >= last:
                 break
     if not calib:
         raise QuantizeError(f"{video}: no frame could be decoded for calibration")
     return calib, check
+
+
+def _progress(total: int) -> Any:
+    """tqdm's bar over the decoded frames on a terminal, else a silent stand-in."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    quiet = tqdm is None or total < 300 or not sys.stderr.isatty()
+    if quiet:
+        return contextlib.nullcontext(types.SimpleNamespace(update=lambda n: None))
+    return tqdm(total=total, unit="frame", desc="decoding", leave=False)
 
 
 def _session(path: Path) -> Any:

@@ -172,6 +172,10 @@ def build_engine(builder: trt.Builder, logger: trt.ILogger, onnx_path: Path,
     extras: dict[str, Any] = {}
     if has_warp:
         extras["flow_warp"] = _warp_implementation(network)
+        if extras["flow_warp"] != "plugin":
+            log(f"  warning: {onnx_path.name}: TensorRT runs FlowWarp as its "
+                f"{extras['flow_warp']}, not the dff::FlowWarp plugin (slower); a graph from "
+                "an older dff-export lacks the node's plugin_namespace: re-export it")
     return bytes(plan), config.get_timing_cache(), extras
 
 

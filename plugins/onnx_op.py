@@ -1,7 +1,10 @@
 """The `dff::FlowWarp` op wherever ONNX is concerned (DESIGN.md §3, §4).
 
 One node, domain "dff" version 1: inputs feat [N,C,h,w], flow [N,2,h,w], scale [N,C,h,w];
-output out [N,C,h,w]; no attributes. Three pieces make it exportable and runnable:
+output out [N,C,h,w]; one attribute, `plugin_namespace` = "dff", which is how TensorRT's ONNX
+parser finds our plugin: it takes a node that has a model-local function as a plugin only when
+the node names the plugin's namespace (the plugin itself gets no attributes). Three pieces make
+it exportable and runnable:
 
 - an `onnx.defs.OpSchema`, so onnxscript (and the checker) accept the node;
 - a torch custom op `dff::flow_warp` with an onnxscript translation that emits the bare node;
@@ -30,6 +33,9 @@ DEFAULT_OPSET = 20
 MIN_OPSET = 16
 
 _FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+# TensorRT's parser reads the plugin namespace from this node attribute (default ""), not
+# from the node's domain, and only with it prefers the plugin over the function body
+PLUGIN_NAMESPACE_ATTR = "plugin_namespace"
 
 
 def register_schema() -> None:
@@ -47,6 +53,9 @@ def register_schema() -> None:
                 param("scale", "T", "scale field [N,C,h,w]")],
         outputs=[param("out", "T", "warped features [N,C,h,w]")],
         type_constraints=[("T", _FLOAT_TYPES, "floating-point tensors")],
+        attributes=[onnx.defs.OpSchema.Attribute(
+            PLUGIN_NAMESPACE_ATTR, onnx.defs.OpSchema.AttrType.STRING,
+            "TensorRT: namespace of the plugin that implements this node", required=False)],
     )
     schema.set_type_and_shape_inference_function(_infer_out_like_feat)
     onnx.defs.register_schema(schema)
@@ -121,15 +130,23 @@ def function_proto(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, OP_TYPE, ["feat", "flow", "scale"], ["out"], nodes,
         opset_imports=[helper.make_opsetid("", opset)],
+        attributes=[PLUGIN_NAMESPACE_ATTR],  # declared so runtimes accept it; the body ignores it
         doc_string="FlowWarp via GridSample(align_corners=0, zeros) times scale.",
     )
 
 
 def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Append FlowWarp's FunctionProto and the dff opset import to an exported model (in place).
+    """Append FlowWarp's FunctionProto and the dff opset import to an exported model (in place),
+    and mark each FlowWarp node with `plugin_namespace` "dff" for TensorRT's parser.
 
     The body uses the model's own default-domain opset, as the checker requires.
     """
+    for node in model.graph.node:
+        if (node.domain, node.op_type) == (DOMAIN, OP_TYPE):
+            kept_attrs = [a for a in node.attribute if a.name != PLUGIN_NAMESPACE_ATTR]
+            del node.attribute[:]
+            node.attribute.extend(kept_attrs + [helper.make_attribute(PLUGIN_NAMESPACE_ATTR,
+                                                                      DOMAIN)])
     opsets = {o.domain: o for o in model.opset_import}
     default = opsets.get("") or opsets.get("ai.onnx")
     if default is None:

@@ -449,8 +449,12 @@ class _FakeTRT(types.ModuleType):
                     return False
                 graph = onnx.load(path, load_external_data=False).graph
                 self.network.inputs = [i.name for i in graph.input]
+                # the parser's rule: a node with a local function becomes the plugin only when
+                # its plugin_namespace attribute names a registered plugin's namespace
                 self.network.layers = [
-                    "plugin_v3" if n.op_type == "FlowWarp" else "conv" for n in graph.node]
+                    ("plugin_v3" if {a.name: a.s for a in n.attribute}.get("plugin_namespace")
+                     == b"dff" and ("register_plugin",) in ev else "grid_sample")
+                    if n.op_type == "FlowWarp" else "conv" for n in graph.node]
                 return True
 
             def get_error(self, i):
@@ -544,6 +548,25 @@ def test_build_registers_the_plugin_first_and_records_three_engines(fake_trt):
     builder.build_engines(out, precision="fp16")
     assert ("cache", b"cache+") in fake.events
     assert len(load_manifest(out)["engines"]) == 3
+
+
+def test_a_flowwarp_node_without_plugin_namespace_is_reported_as_the_slow_body(fake_trt):
+    import onnx
+
+    out, fake = fake_trt
+    model = onnx.load(str(out / "flow.onnx"))
+    for node in model.graph.node:  # as an older dff-export wrote it
+        if node.op_type == "FlowWarp":
+            del node.attribute[:]
+    onnx.save(model, str(out / "old_flow.onnx"))
+    fake.events.append(("register_plugin",))
+    lines: list[str] = []
+    shapes = profile_shapes(load_manifest(out), "flow")
+    for name, want in (("flow.onnx", "plugin"), ("old_flow.onnx", "onnx function (GridSample)")):
+        _, _, extras = builder.build_engine(fake.Builder(None), None, out / name, shapes, "fp16",
+                                            None, None, lines.append, has_warp=True)
+        assert extras["flow_warp"] == want
+    assert len(lines) == 1 and "old_flow.onnx" in lines[0] and "re-export" in lines[0]
 
 
 def test_build_reports_parser_errors_with_the_node_and_keeps_earlier_engines(fake_trt, capsys):

@@ -135,6 +135,16 @@ def test_attach_function_twice_keeps_one_function():
     model = onnx_op.attach_function(onnx_op.attach_function(one_node_model(20)))
     assert len(model.functions) == 1
     assert [o.domain for o in model.opset_import].count("dff") == 1
+    assert len(model.graph.node[0].attribute) == 1
+
+
+def test_flowwarp_node_names_its_tensorrt_plugin_namespace(warp_model):
+    # TensorRT's parser takes a node with a local function as a plugin only when the node's
+    # `plugin_namespace` attribute names the plugin's namespace (the domain is not enough)
+    (node,) = warp_model.graph.node
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs == {"plugin_namespace": b"dff"}
+    assert list(warp_model.functions[0].attribute) == ["plugin_namespace"]
 
 
 def test_register_schema_twice_is_harmless():

@@ -384,6 +384,9 @@ class PinnedRing(_Owned):
         self.memory.synchronize(self.compute)
 
     def close(self) -> None:
+        """Wait for copies in flight (an upload may still be reading a slot), then free."""
+        if self.upload is not None:
+            self.synchronize()
         slots, self._slots, self._out = self._slots + self._out, [], []
         for slot in slots:
             if slot.view is not None:
@@ -413,7 +416,13 @@ class Timer(_Owned):
             self._events[name] = (self.memory.event(timing=True), self.memory.event(timing=True))
         start, end = self._events[name]
         self.memory.record(start, stream)
-        yield
+        try:
+            yield
+        except BaseException:  # a span cut short has no time: `read` must not pair its start
+            del self._events[name]  # with an older end, or with an end never recorded
+            for event in (start, end):
+                self.memory.destroy_event(event)
+            raise
         self.memory.record(end, stream)
 
     def read(self) -> dict[str, float]:

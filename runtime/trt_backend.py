@@ -114,7 +114,7 @@ class _Stage:
                                        "outside the engine's profile (manifest.json 'profile'); "
                                        "resize the video into it or re-export and rebuild")
                 self._shapes[name] = x.shape
-            context.set_tensor_address(name, x.ptr)
+            self._address(name, x.ptr)
         outputs = {}
         for name, tensor in self.tensors.items():
             if tensor.is_input:
@@ -128,9 +128,14 @@ class _Stage:
                 y = fixed[name].ensure(shape, tensor.dtype).view()
             else:
                 y = self.pools[name].take(shape, tensor.dtype)
-            context.set_tensor_address(name, y.ptr)
+            self._address(name, y.ptr)
             outputs[name] = y
         return outputs
+
+    def _address(self, name: str, ptr: int) -> None:
+        if not self.context.set_tensor_address(name, ptr):  # a bad name or a misaligned pointer
+            raise RuntimeError(f"{self.path}: TensorRT refused the address {ptr:#x} of tensor "
+                               f"{name} (its log above says why)")
 
     def enqueue(self, stream: int) -> None:
         if not self.context.execute_async_v3(stream):
@@ -195,7 +200,10 @@ class _FlowTaskGraph:
         self.flow.enqueue(handle)
         self.task.enqueue(handle)
         collecting = gc.isenabled()
-        gc.disable()  # no finalizer may record events into the capture
+        # Only the two enqueues may run inside the capture. Pausing the cycle collector keeps
+        # it from running finalizers there (a ring slot's finalizer records an event); objects
+        # freed by reference counting alone are not stopped by this, and none are made here.
+        gc.disable()
         try:
             check(rt.cudaStreamBeginCapture(
                 stream, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
@@ -203,8 +211,13 @@ class _FlowTaskGraph:
             try:
                 self.flow.enqueue(handle)
                 self.task.enqueue(handle)
-            finally:
-                self.graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+            except BaseException:
+                # end the broken capture unchecked, so its error does not hide this one
+                err, graph = rt.cudaStreamEndCapture(stream)[:2]
+                if graph is not None and int(err) == 0:
+                    rt.cudaGraphDestroy(graph)
+                raise
+            self.graph = check(rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
             self.exec = check(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
         finally:
             if collecting:

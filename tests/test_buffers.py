@@ -227,6 +227,16 @@ def test_stage_waits_for_a_slots_h2d_before_overwriting_its_pinned_memory():
     assert carried == [f.tobytes() for f in data]
 
 
+def test_close_lets_copies_in_flight_finish_before_freeing_their_memory():
+    memory = LateMemory()
+    data = frames(3)
+    ring = PinnedRing(memory, slots=3)
+    stage_and_drop(ring, data)
+    assert memory.carried == []  # all three uploads still queued
+    ring.close()
+    assert [c for kind, c in memory.carried if kind == "h2d"] == [f.tobytes() for f in data]
+
+
 def test_stage_orders_h2d_after_computes_last_use_and_compute_after_h2d():
     memory = LateMemory()
     with PinnedRing(memory, slots=1) as ring:
@@ -256,6 +266,19 @@ def test_timer_gives_the_latest_span_of_each_name_in_ms(memory):
     assert all(v >= 0 for v in ms.values())
     if isinstance(memory.inner, HostMemory):  # host clock: the sleep is in it
         assert 15 <= ms["wait"] < 1000
+
+
+def test_a_span_cut_short_by_an_error_is_dropped_not_paired_with_an_old_end(memory):
+    with PinnedRing(memory) as ring, Timer(memory) as timer:
+        with timer.span("flow", ring.compute):
+            pass
+        with pytest.raises(ValueError), timer.span("flow", ring.compute):
+            raise ValueError("the stage failed")
+        assert "flow" not in timer.read()
+        assert memory.calls["destroy_event"] == 2  # the cut span's pair, at once
+        with timer.span("flow", ring.compute):
+            pass
+        assert sorted(timer.read()) == ["flow"]
 
 
 # --- CUDA without a device ------------------------------------------------------------------

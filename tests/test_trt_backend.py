@@ -100,6 +100,7 @@ class FakeEngine:
         self.graph, self.max_side = graph, max_side
         self.tensors = tensors or TENSORS[graph]
         self.log = [] if log is None else log
+        self.refused: set[str] = set()  # tensors whose address set_tensor_address refuses
 
     num_io_tensors = property(lambda self: len(self.tensors))
 
@@ -133,7 +134,7 @@ class FakeContext:
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
-        return True
+        return name not in self.engine.refused
 
     def execute_async_v3(self, stream):
         self.engine.log.append((self.engine.graph, "execute", stream, dict(self.addresses)))
@@ -152,6 +153,16 @@ def test_engine_tensors_checks_names_and_dtypes():
     fp8 = [("feat", "INPUT", "FP8"), *TENSORS["task"][1:]]
     with pytest.raises(BackendError, match="tensor 'feat' is FP8, which dff-trt does not bind"):
         engine_tensors(FakeEngine("task", fp8), "task", Path("task.plan"))
+
+
+def test_an_address_tensorrt_refuses_is_an_error_naming_the_tensor():
+    memory = HostMemory()
+    engine = FakeEngine("task")
+    engine.refused.add("labels")
+    stage = _Stage("task", engine, memory, Path("task.plan"))
+    feat = BufferPool(memory).take((1, C, 4, 6), np.float32)
+    with pytest.raises(RuntimeError, match="task.plan: TensorRT refused the address .* labels"):
+        stage.bind({"feat": feat})
 
 
 def test_stage_sets_shapes_once_addresses_always_and_outputs_from_its_pools():

@@ -157,10 +157,11 @@ def check_driver_can_load_nvrtc_ptx() -> None:
     driver_cuda = (version // 1000, version % 1000 // 10)
     nvrtc_cuda = nvrtc_version()
     if nvrtc_cuda > driver_cuda:
+        fix = (f"pip install 'nvidia-cuda-nvrtc=={driver_cuda[0]}.{driver_cuda[1]}.*', or update "
+               "the driver" if driver_cuda[0] == nvrtc_cuda[0] else
+               "update the driver: dff-trt[gpu] is built for CUDA 13 (R580 or newer)")
         raise DffError(f"NVRTC {nvrtc_cuda[0]}.{nvrtc_cuda[1]} makes PTX that the GPU driver "
-                       f"(CUDA {driver_cuda[0]}.{driver_cuda[1]}) cannot load: pip install "
-                       f"'nvidia-cuda-nvrtc=={driver_cuda[0]}.{driver_cuda[1]}.*', or update "
-                       "the driver")
+                       f"(CUDA {driver_cuda[0]}.{driver_cuda[1]}) cannot load: {fix}")
 
 
 def _check_nvrtc(nvrtc: Any, err: Any, what: str) -> None:

@@ -1,4 +1,4 @@
-"""TensorRT's `dff::FlowWarp` plugin: `tensorrt.plugin` (TensorRT 10.7+) with an AOT kernel.
+"""TensorRT's `dff::FlowWarp` plugin: `tensorrt.plugin` (TensorRT 10.10+) with an AOT kernel.
 
 `register_plugin()` registers, once per process, the shape/type rule, the supported formats
 (fp32 or fp16, LINEAR) and an ahead-of-time implementation: the FlowWarp kernel's PTX
@@ -84,7 +84,7 @@ def _require_tensorrt() -> None:
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise DffError("TensorRT is not installed: pip install tensorrt (10.7 or later) to "
+        raise DffError("TensorRT is not installed: pip install tensorrt (10.10 or later) to "
                        "build engines with the FlowWarp plugin") from e
     if not hasattr(trt, "Builder"):  # e.g. tensorrt-stubs importable as a namespace package
         raise DffError("the importable 'tensorrt' is not TensorRT (no tensorrt.Builder: "
@@ -93,7 +93,7 @@ def _require_tensorrt() -> None:
 
     if not hasattr(trtp, "KernelLaunchParams"):
         raise DffError(f"TensorRT {trt.__version__} has no AOT plugins (tensorrt.plugin "
-                       "aot_impl): install TensorRT 10.7 or later")
+                       "aot_impl): install TensorRT 10.10 or later")
 
 
 def _dtype_name(trt_dtype: Any) -> str:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dff.export.manifest import load_manifest
-from dff.runtime.backends import _INPUTS, _OUTPUTS, BackendError
+from dff.runtime.backends import INPUTS, OUTPUTS, BackendError
 from dff.runtime.buffers import (
     BufferPool,
     CudaMemory,
@@ -80,9 +80,9 @@ def engine_tensors(engine: trt.ICudaEngine, graph: str, path: Path) -> list[Tens
                               np.dtype(DTYPES[dtype])))
     inputs = sorted(t.name for t in tensors if t.is_input)
     outputs = {t.name for t in tensors if not t.is_input}
-    if inputs != sorted(_INPUTS[graph]) or not set(_OUTPUTS[graph]) <= outputs:
+    if inputs != sorted(INPUTS[graph]) or not set(OUTPUTS[graph]) <= outputs:
         raise BackendError(f"{path}: inputs {inputs} and outputs {sorted(outputs)}, expected "
-                           f"inputs {_INPUTS[graph]} and outputs {_OUTPUTS[graph]} (DESIGN.md §3); "
+                           f"inputs {INPUTS[graph]} and outputs {OUTPUTS[graph]} (DESIGN.md §3); "
                            "re-export and rebuild with this version's dff-export and dff-build")
     return tensors
 
@@ -155,7 +155,7 @@ class _FlowTaskGraph:
 
     def __init__(self, memory: CudaMemory, flow: _Stage, task: _Stage):
         self.memory, self.flow, self.task = memory, flow, task
-        self.inputs = {n: DeviceBuffer(memory) for n in _INPUTS["flow"]}
+        self.inputs = {n: DeviceBuffer(memory) for n in INPUTS["flow"]}
         # every output of both engines (probs too): the graph writes them all
         self.outputs = {n: DeviceBuffer(memory) for stage in (flow, task)
                         for n, t in stage.tensors.items() if not t.is_input}
@@ -169,7 +169,7 @@ class _FlowTaskGraph:
         if any(ref() is not None for ref in self._handed):
             raise RuntimeError("cuda_graph=True: the previous flow's outputs are still held; "
                                "they are overwritten by this call (use them before it)")
-        key = tuple(x[n].shape for n in _INPUTS["flow"])
+        key = tuple(x[n].shape for n in INPUTS["flow"])
         keys = (x["key_image"], x["key_feat"])
         fresh = key != self.key or tuple(ref() for ref in self._keys) != keys
         for name, src in x.items():
@@ -181,7 +181,7 @@ class _FlowTaskGraph:
             self._capture(stream)
             self.key = key
         check(self.memory.rt.cudaGraphLaunch(self.exec, stream), "cudaGraphLaunch")
-        out = tuple(self.outputs[n].view() for n in _OUTPUTS["flow"])
+        out = tuple(self.outputs[n].view() for n in OUTPUTS["flow"])
         self._handed = [weakref.ref(v) for v in out]
         return out
 

@@ -321,7 +321,7 @@ def pipeline_labels(backend, clip, k=3):
 
 @pytest.mark.usefixtures("one_thread")
 def test_ort_iobinding_over_host_memory_gives_the_labels_of_a_plain_run(engines, clip):
-    from dff.runtime.backends import OrtBackend
+    from dff.runtime.ort_backend import OrtBackend
 
     plain = OrtBackend(engines, threads=1)
     memory = Counting(HostMemory())
@@ -342,7 +342,7 @@ def test_ort_iobinding_over_host_memory_gives_the_labels_of_a_plain_run(engines,
 
 @pytest.mark.usefixtures("one_thread")
 def test_ort_iobinding_never_overwrites_a_key_feature_handle(engines, clip):
-    from dff.runtime.backends import OrtBackend
+    from dff.runtime.ort_backend import OrtBackend
 
     plain = OrtBackend(engines, threads=1)
     bound = OrtBackend(engines, threads=1, io_binding=True, memory=HostMemory())
@@ -367,7 +367,7 @@ def test_ort_iobinding_never_overwrites_a_key_feature_handle(engines, clip):
 def test_ort_cuda_runs_on_the_rings_compute_stream(engines, monkeypatch):
     """The provider options that hand ONNX Runtime our stream (checked without a GPU)."""
     import onnxruntime as ort
-    from dff.runtime.backends import OrtBackend
+    from dff.runtime.ort_backend import OrtBackend
 
     class CudaLike(HostMemory):
         device_type = "cuda"

@@ -19,7 +19,8 @@ import pytest
 import torch
 from dff.data.synthetic import make_clip
 from dff.runtime import backends
-from dff.runtime.backends import OrtBackend, open_backend, pick_auto
+from dff.runtime.backends import open_backend, pick_auto
+from dff.runtime.ort_backend import OrtBackend
 from dff.runtime.pipeline import FrameResult, Pipeline
 from dff.runtime.scheduler import Adaptive, FixedInterval, flow_stats, make_scheduler
 

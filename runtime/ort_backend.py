@@ -1,0 +1,226 @@
+"""The `onnxruntime-cpu` and `onnxruntime-cuda` backends: the exported graphs on ONNX Runtime.
+
+On the CPU, plain `run` with numpy arrays. On CUDA, IOBinding on the buffer layer
+(runtime/buffers.py), so frames cross PCIe once and ONNX Runtime runs on the ring's compute
+stream; `io_binding=True` runs that same code over HostMemory on the CPU, which is how the tests
+exercise it. onnxruntime is imported when a backend opens.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dff.export.manifest import graph_path, load_manifest
+from dff.runtime import buffers
+from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, import_ort
+from dff.runtime.buffers import DeviceArray, Memory
+
+
+class OrtBackend:
+    """The exported graphs on ONNX Runtime. On the CPU, plain `run` with numpy arrays. On CUDA
+    (or with `io_binding=True` on the CPU, over HostMemory, which tests that path here),
+    IOBinding on the buffer layer (runtime/buffers.py): frames staged through a pinned ring,
+    every input and output bound by pointer to device buffers the backend owns (outputs from
+    pools: allocated once per shape, reused only when no handle to them is left, so the key
+    frame's features survive later calls), ONNX Runtime running on the ring's compute stream;
+    only `labels` comes back, by D2H into pinned memory. Handles are DeviceArrays on CUDA and
+    OrtValues over the same memory on the CPU. `int8` runs dff-build --int8's feature graph."""
+
+    def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
+                 device: int = 0, threads: int = 0, io_binding: bool | None = None,
+                 memory: Memory | None = None, int8: bool = False):
+        ort = import_ort()
+        self._ort = ort
+        self.manifest = load_manifest(engine_dir)
+        self.stride = int(self.manifest["stride"])
+        self.profile = self.manifest["profile"]
+        self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
+        self.precision = "int8" if int8 else "fp32"
+        self.device_type = "cuda" if cuda else "cpu"
+        self.device_id = device
+        self.io_binding = cuda if io_binding is None else io_binding
+        self.sessions: dict[str, Any] = {}
+        if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError(
+                f"--backend onnxruntime-cuda: this onnxruntime {ort.__version__} has no "
+                "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
+                "CUDA) or use --backend onnxruntime-cpu")
+        self.memory: Memory | None = None
+        self.overlaps_uploads = self.io_binding  # uploads go through the pinned ring
+        if self.io_binding:
+            self.memory = memory or (buffers.CudaMemory(device) if cuda
+                                     else buffers.HostMemory())
+            if self.memory.device_type != self.device_type:
+                raise ValueError(f"{self.name} binds {self.device_type} memory, got "
+                                 f"{type(self.memory).__name__}")
+            self._ring = buffers.PinnedRing(self.memory)
+            self._pools: dict[tuple[str, str], buffers.BufferPool] = {}
+            self._labels = buffers.DeviceBuffer(self.memory)
+            self._views: weakref.WeakKeyDictionary[Any, DeviceArray] = \
+                weakref.WeakKeyDictionary()  # OrtValue handle -> the memory it views
+        try:
+            self._open_sessions(engine_dir, cuda, threads)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_sessions(self, engine_dir: str | os.PathLike[str], cuda: bool,
+                       threads: int) -> None:
+        ort = self._ort
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if cuda:
+            cuda_options = {"device_id": str(self.device_id)}
+            if self.memory is not None:  # ONNX Runtime runs on the ring's compute stream
+                handle = self.memory.stream_handle(self._ring.compute)
+                cuda_options |= {"has_user_compute_stream": "1",
+                                 "user_compute_stream": str(handle)}
+            providers.insert(0, ("CUDAExecutionProvider", cuda_options))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = max(0, threads)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        # three sessions take turns: a finished one's spinning threads would steal the
+        # cores of the next (measured: per-frame fps 87 -> 131 on 2 cores without spinning)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for graph in INPUTS:
+            path = graph_path(engine_dir, self.manifest, graph)
+            if graph == "feature" and self.precision == "int8":
+                from dff.engines.quantize import int8_graph
+
+                path = int8_graph(engine_dir, self.manifest)
+            try:
+                session = ort.InferenceSession(os.fspath(path), options, providers=providers)
+            except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise BackendError(f"{path}: onnxruntime cannot load it ({first[:200]}); "
+                                   f"re-export with `dff-export MODEL.pth -o {engine_dir}`") from e
+            if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
+                raise BackendError(f"{path}: onnxruntime fell back to {session.get_providers()} "
+                                   "(the CUDA provider failed to load: CUDA/cuDNN libraries "
+                                   "missing or mismatched); fix the install or use "
+                                   "--backend onnxruntime-cpu")
+            _check_names(path, graph, [i.name for i in session.get_inputs()],
+                         [o.name for o in session.get_outputs()])
+            self.sessions[graph] = session
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
+        """The graph's outputs (OUTPUTS order): host arrays, or, with IOBinding, DeviceArrays
+        over the backend's buffers."""
+        if self.memory is None:
+            host = {k: self.to_host(v) for k, v in feeds.items()}
+            return self.sessions[graph].run(OUTPUTS[graph], host)
+        self.memory.activate()
+        where = (self.memory.device_type, self.memory.device_id)
+        binding = self.sessions[graph].io_binding()
+        inputs = {}
+        for spec in self.manifest["graphs"][graph]["inputs"]:
+            inputs[spec["name"]] = x = self._device(feeds[spec["name"]], spec["dtype"])
+            binding.bind_input(spec["name"], *where, x.dtype, list(x.shape), x.ptr)
+        outputs = []
+        for name, (shape, dtype) in output_shapes(self.manifest, graph, inputs).items():
+            if name == "labels":  # copied to the host at once: one buffer is enough
+                y = self._labels.ensure(shape, dtype).view()
+            else:
+                pool = self._pools.setdefault((graph, name), buffers.BufferPool(self.memory))
+                y = pool.take(shape, dtype)
+            binding.bind_output(name, *where, y.dtype, list(y.shape), y.ptr)
+            outputs.append(y)
+        self.sessions[graph].run_with_iobinding(binding)
+        return outputs
+
+    def _device(self, value: Any, dtype: str) -> DeviceArray:
+        """An input as device memory: a handle of ours as it is, a host array staged."""
+        if isinstance(value, DeviceArray):
+            return value
+        if isinstance(value, self._ort.OrtValue):
+            if value in self._views:
+                return self._views[value]
+            value = value.numpy()  # someone else's OrtValue: through the host, like an array
+        return self._ring.stage(np.ascontiguousarray(value, dtype=dtype))[1]
+
+    def _handle(self, x: DeviceArray) -> Any:
+        if self.device_type == "cuda":
+            return x
+        host = buffers.host_view(x.ptr, x.shape, x.dtype)  # HostMemory: device memory is host
+        value = self._ort.OrtValue.ortvalue_from_numpy(host)
+        self._views[value] = x  # keeps the buffer taken while the handle lives
+        return value
+
+    def feature(self, image: np.ndarray) -> Any:
+        feat = self._run("feature", {"image": image})[0]
+        return feat if self.memory is None else self._handle(feat)
+
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+        out = self._run("flow", {"image": image, "key_image": key_image, "key_feat": key_feat})
+        if self.memory is not None:
+            out = [self._handle(x) for x in out]
+        return out[0], out[1], out[2]
+
+    def task(self, feat: Any) -> np.ndarray:
+        labels = self._run("task", {"feat": feat})[0]
+        return labels if self.memory is None else self._ring.to_host(labels)
+
+    def upload(self, image: Any) -> Any:
+        """Keep an array resident where the graphs run: with IOBinding staged into device
+        memory (a handle), else the (contiguous) array itself."""
+        if isinstance(image, (DeviceArray, self._ort.OrtValue)):
+            return image
+        image = np.ascontiguousarray(image)
+        if self.memory is None:
+            return image
+        self.memory.activate()
+        return self._handle(self._ring.stage(image)[1])
+
+    def to_host(self, handle: Any) -> np.ndarray:
+        if isinstance(handle, DeviceArray):
+            return self._ring.to_host(handle)
+        return handle.numpy() if isinstance(handle, self._ort.OrtValue) else np.asarray(handle)
+
+    @property
+    def compute_stream(self) -> Any:
+        """The stream the graphs run on (IOBinding only, else None): dff-profile brackets
+        a stage with CUDA events on it."""
+        return self._ring.compute if self.memory is not None else None
+
+    def synchronize(self) -> None:
+        """Wait for the streams. run_with_iobinding returns after the provider's stream is
+        synchronised (ONNX Runtime's default), so only uploads can still be in flight."""
+        if self.memory is not None:
+            self._ring.synchronize()
+
+    def close(self) -> None:
+        """Sessions first (ONNX Runtime may hold the compute stream), then the buffers;
+        handles given out are invalid after it. Idempotent."""
+        self.sessions.clear()
+        if self.memory is not None:
+            for owned in (*self._pools.values(), self._labels, self._ring):
+                owned.close()
+            self._pools = {}
+
+
+def output_shapes(manifest: dict, graph: str,
+                  inputs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{output: (shape, dtype)} of `graph` (the DESIGN.md §3 outputs only, not e.g. `probs`)
+    for inputs of these shapes, from the manifest's symbolic shapes (N, H, W, h, w)."""
+    stride = int(manifest["stride"])
+    first = inputs["image"].shape if "image" in inputs else inputs["feat"].shape
+    n, hh, ww = first[0], first[2], first[3]
+    if "image" not in inputs:
+        hh, ww = hh * stride, ww * stride
+    sizes = {"N": n, "H": hh, "W": ww, "h": hh // stride, "w": ww // stride}
+    specs = {o["name"]: o for o in manifest["graphs"][graph]["outputs"]}
+    return {name: (tuple(sizes[d] if isinstance(d, str) else int(d)
+                         for d in specs[name]["shape"]), specs[name]["dtype"])
+            for name in OUTPUTS[graph]}
+
+
+def _check_names(path: Path, graph: str, inputs: list[str], outputs: list[str]) -> None:
+    if inputs != INPUTS[graph] or not set(OUTPUTS[graph]) <= set(outputs):
+        raise BackendError(f"{path}: inputs {inputs} and outputs {outputs}, expected inputs "
+                           f"{INPUTS[graph]} and outputs {OUTPUTS[graph]} (DESIGN.md §3); "
+                           "re-export it with this version's dff-export")

@@ -1,0 +1,95 @@
+"""The `torch-cpu` and `torch-cuda` backends: the PyTorch reference, straight from a checkpoint.
+
+DFF.features, DFF.flow + the reference warp and DFF.task; handles are torch tensors. torch is
+imported when a backend opens, so the runtime imports without it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dff.export.manifest import load_manifest, sha256_file
+from dff.runtime.backends import BackendError, import_torch
+
+
+def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
+                      checkpoint: str | os.PathLike[str] | None) -> Path:
+    """An explicit checkpoint, else the one the engines were exported from (checked by hash,
+    so the reference is the model the engines hold)."""
+    if checkpoint is not None:
+        return Path(checkpoint)
+    if engine_dir is None:
+        raise BackendError("--backend torch needs --checkpoint MODEL.pth or an engine folder "
+                           "whose manifest names its checkpoint")
+    manifest = load_manifest(engine_dir, verify_hashes=False)
+    where = f"{Path(engine_dir) / 'manifest.json'}: field 'export.checkpoint'"
+    path = manifest["export"].get("checkpoint")
+    if not isinstance(path, str) or not Path(path).is_file():
+        raise BackendError(f"{where} is {path!r}, not a file here; pass --checkpoint "
+                           "MODEL.pth for the torch backend")
+    want = manifest["export"].get("checkpoint_sha256")
+    if want is not None and sha256_file(path) != want:
+        raise BackendError(f"{where}: {path} changed after export (sha256 differs from "
+                           "'export.checkpoint_sha256'); pass --checkpoint MODEL.pth explicitly "
+                           "or re-export")
+    return Path(path)
+
+
+class TorchBackend:
+    """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles)."""
+
+    def __init__(self, checkpoint: str | os.PathLike[str], *, cuda: bool = False,
+                 device: int = 0, threads: int = 0):
+        torch = import_torch()
+        from dff.models.checkpoint import load_checkpoint
+        from dff.models.warp import flow_warp
+
+        if cuda and not torch.cuda.is_available():
+            raise BackendError("--backend torch-cuda: torch.cuda.is_available() is False here "
+                               f"(torch {torch.__version__}); use --backend torch-cpu")
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self._torch, self._warp = torch, flow_warp
+        self.device = torch.device(f"cuda:{device}" if cuda else "cpu")
+        self.name = "torch-cuda" if cuda else "torch-cpu"
+        self.precision = "fp32"
+        self.model = load_checkpoint(checkpoint).to(self.device).eval()
+        self.stride = self.model.config.stride
+        self.profile: dict | None = None  # any size the model takes
+
+    def _float(self, image: Any) -> Any:
+        return self.upload(image).float()
+
+    def feature(self, image: np.ndarray) -> Any:
+        with self._torch.inference_mode():
+            return self.model.features(self._float(image))
+
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+        with self._torch.inference_mode():
+            flow, scale = self.model.flow(self._float(image), self._float(key_image))
+            return flow, scale, self._warp(self.upload(key_feat), flow, scale)
+
+    def task(self, feat: Any) -> np.ndarray:
+        with self._torch.inference_mode():
+            labels = self.model.task(self.upload(feat)).argmax(1).to(self._torch.uint8)
+        return labels.cpu().numpy()
+
+    def upload(self, image: Any) -> Any:
+        if isinstance(image, self._torch.Tensor):
+            return image.to(self.device)
+        return self._torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
+
+    def to_host(self, handle: Any) -> np.ndarray:
+        if isinstance(handle, self._torch.Tensor):
+            return handle.detach().cpu().numpy()
+        return np.asarray(handle)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+    def close(self) -> None:
+        self.model = None

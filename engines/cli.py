@@ -75,12 +75,9 @@ def _size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dff-build", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build TensorRT engines from dff-export's ONNX graphs and manifest.json.")
-    p.add_argument("directory", nargs="?", metavar="ENGINES_DIR",
-                   help="dff-export's output folder (with manifest.json)")
+def add_build_args(p: argparse.ArgumentParser | Any) -> None:
+    """--fp16/--fp32/--int8, --workspace and int8 calibration's --calib-video, --calib-frames,
+    --resize, on `p` (a parser or an argument group): shared by dff-build and dff-export."""
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                            help="allow fp16 kernels (the default)")
@@ -89,20 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--int8", dest="precision", action="store_const", const="int8",
                            help="the feature graph in int8 (explicit Q/DQ quantization, "
                                 "calibrated with --calib-video), flow and task in fp16")
-    calib = p.add_argument_group("int8 calibration (with --int8; needs onnxruntime, not TensorRT)")
-    calib.add_argument("--calib-video", metavar="VIDEO",
-                       help="calibrate feature.onnx on frames of this video and write "
-                            "feature.int8.onnx (required the first time; later --int8 builds "
-                            "reuse the calibrated graph)")
-    calib.add_argument("--calib-frames", type=_positive("number of frames"), default=DEFAULT_FRAMES,
-                       metavar="N", help=f"frames to calibrate on, spread over the video "
-                                         f"(default: {DEFAULT_FRAMES})")
-    calib.add_argument("--resize", type=_size_arg, metavar="HxW",
-                       help="resize calibration frames as dff-run --resize would (default: "
-                            "the video's size, which must fit the manifest's profile)")
     p.add_argument("--workspace", type=_positive("size in MiB", "4096"), metavar="MiB",
                    help="limit TensorRT's workspace memory pool (default: TensorRT's, the "
                         "GPU's memory)")
+    p.add_argument("--calib-video", metavar="VIDEO",
+                   help="--int8: calibrate feature.onnx on frames of this video into "
+                        "feature.int8.onnx (needs onnxruntime, not TensorRT; required the "
+                        "first time, later --int8 builds reuse the calibrated graph)")
+    p.add_argument("--calib-frames", type=_positive("number of frames"), default=DEFAULT_FRAMES,
+                   metavar="N", help=f"--int8: frames to calibrate on, spread over the video "
+                                     f"(default: {DEFAULT_FRAMES})")
+    p.add_argument("--resize", type=_size_arg, metavar="HxW",
+                   help="--int8: resize calibration frames as dff-run --resize would "
+                        "(default: the video's size, which must fit the manifest's profile)")
+
+
+def check_build_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Calibration options only with --int8 (argparse's error, exit 2)."""
+    if (args.calib_video is not None or args.resize is not None) and args.precision != "int8":
+        parser.error("--calib-video and --resize calibrate an int8 build: add --int8")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dff-build", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build TensorRT engines from dff-export's ONNX graphs and manifest.json.")
+    p.add_argument("directory", nargs="?", metavar="ENGINES_DIR",
+                   help="dff-export's output folder (with manifest.json)")
+    add_build_args(p)
     p.add_argument("--graphs", type=_graphs_arg, default=GRAPHS, metavar="LIST",
                    help="build only these graphs (default: feature,flow,task)")
     p.add_argument("--inspect", metavar="PLAN",
@@ -162,18 +173,33 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
     return 0
 
 
-def build_after_export(directory: str | Path, precision: str | None, workspace_mib: int | None,
-                       verbose: bool = False) -> int:
-    """dff-export's --build: engines now when TensorRT is installed, else one line and 0 (the
-    ONNX graphs are written either way)."""
+def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
+    """dff-export's --build (add_build_args' options in `args`): engines now when TensorRT is
+    installed, else one line and 0 (the ONNX graphs, and with --int8 --calib-video the
+    calibrated graph, are written either way)."""
+    from . import quantize
     from .builder import tensorrt_available
 
+    precision = args.precision or PRECISIONS[0]
     if not tensorrt_available():
-        print(f"TensorRT is not installed: wrote the ONNX graphs only; build engines later with "
-              f"dff-build {directory} on a machine with TensorRT")
+        wrote = "the ONNX graphs"
+        if precision == "int8" and args.calib_video is not None:
+            try:
+                quantize.quantize_feature(directory, args.calib_video, frames=args.calib_frames,
+                                          resize=args.resize,
+                                          log=lambda line: print(line, flush=True))
+            except DffError as e:
+                if args.verbose:
+                    traceback.print_exc()
+                print(f"dff-export: {e}", file=sys.stderr)
+                return 1
+            wrote += " and feature.int8.onnx"
+        print(f"TensorRT is not installed: wrote {wrote} only; build engines later with "
+              f"dff-build {directory} --{precision} on a machine with TensorRT")
         return 0
-    return run_build(directory, precision or PRECISIONS[0], workspace_mib, verbose=verbose,
-                     prog="dff-export")
+    return run_build(directory, precision, args.workspace, verbose=args.verbose,
+                     prog="dff-export", calib_video=args.calib_video,
+                     calib_frames=args.calib_frames, resize=args.resize)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(json.dumps(report, indent=2) if args.json else _inspect_summary(report))
         return 0
-    calib = args.calib_video is not None or args.resize is not None
-    if calib and args.precision != "int8":
-        parser.error("--calib-video and --resize calibrate an int8 build: add --int8")
+    check_build_args(parser, args)
     return run_build(args.directory, args.precision or PRECISIONS[0], args.workspace,
                      args.graphs, args.verbose, args.json, calib_video=args.calib_video,
                      calib_frames=args.calib_frames, resize=args.resize)

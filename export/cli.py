@@ -6,6 +6,7 @@ import argparse
 import sys
 import traceback
 
+from dff.engines.cli import add_build_args, check_build_args
 from dff.export.profile import shape_arg
 
 from dff.errors import DffError
@@ -24,12 +25,13 @@ profile defaults, from the checkpoint's training size HxW:
 
 Every graph is checked (onnx.checker, full) and compared with PyTorch on ONNX Runtime CPU
 (random and synthetic-clip frames at the opt shape; float outputs: max abs error <=
-tolerance x max(1, peak |output|); labels >= 99.9% equal). Files are written to a temporary folder and moved into place only
-when everything passed.
+tolerance x max(1, peak |output|); labels >= 99.9% equal). Files are written to a temporary
+folder and moved into place only when everything passed.
 
 examples:
   dff-export                               # the shipped demo model into engines/
   dff-export runs/model.pth -o engines/ --opt-shape 1x256x448 --max-shape 2x512x896
+  dff-export runs/model.pth -o engines/ --int8 --calib-video clip.mp4   # + int8 (dff-build)
 """
 
 
@@ -58,14 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     engines = p.add_argument_group("TensorRT engines, after the export (dff-build; skipped with "
                                    "one line when TensorRT is not installed)")
     engines.add_argument("--build", action="store_true",
-                         help="also build the engines (--fp16 or --fp32 imply it)")
-    precision = engines.add_mutually_exclusive_group()
-    precision.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
-                           help="build fp16 engines (the default precision)")
-    precision.add_argument("--fp32", dest="precision", action="store_const", const="fp32",
-                           help="build fp32 engines")
-    engines.add_argument("--workspace", type=int, metavar="MiB",
-                         help="TensorRT workspace memory pool limit")
+                         help="also build the engines (--fp16, --fp32 or --int8 imply it)")
+    add_build_args(engines)
     p.add_argument("-v", "--verbose", action="store_true",
                    help="show the exporter's log and full tracebacks")
     return p
@@ -78,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give MODEL.pth or --demo, not both")
     if not args.tolerance > 0:
         parser.error(f"--tolerance must be positive, got {args.tolerance}")
-    if args.workspace is not None and args.workspace <= 0:
-        parser.error(f"--workspace must be a positive size in MiB, got {args.workspace}")
+    check_build_args(parser, args)
     try:
         # imported here so that --help and argument errors come back without loading torch
         from dff.export.exporter import export_model, human_size
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build or args.precision or args.workspace is not None:
         from dff.engines.cli import build_after_export
 
-        return build_after_export(result.directory, args.precision, args.workspace, args.verbose)
+        return build_after_export(result.directory, args)
     return 0
 
 

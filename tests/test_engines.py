@@ -238,7 +238,7 @@ def test_dff_export_fp16_without_tensorrt_writes_onnx_and_says_so_in_one_line(ex
     out, stdout = exported
     assert stdout.strip().splitlines()[-1] == (
         f"TensorRT is not installed: wrote the ONNX graphs only; build engines later with "
-        f"dff-build {out} on a machine with TensorRT")
+        f"dff-build {out} --fp16 on a machine with TensorRT")
     assert not list(out.glob("*.plan")) and load_manifest(out)["engines"] == {}
 
 

@@ -11,6 +11,7 @@ import onnx
 import pytest
 from dff.engines import cli as build_cli
 from dff.engines import quantize
+from dff.engines.builder import tensorrt_available
 from dff.engines.compat import select_engines
 from dff.export.manifest import ManifestError, load_manifest, sha256_file
 from dff.runtime.backends import BackendError, open_backend
@@ -174,3 +175,19 @@ def test_dff_run_precision_int8_runs_the_int8_graph_and_says_so(calibrated, clip
     assert (summary["backend"], summary["precision"], summary["frames"]) == (
         "onnxruntime-cpu", "int8", 4)
     assert "on onnxruntime-cpu (int8)" in out.getvalue()
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="TensorRT is installed here")
+def test_dff_export_int8_calibrates_after_exporting_and_says_what_it_wrote(tiny_export, clip,
+                                                                          tmp_path, capsys):
+    from dff.export import cli as export_cli
+
+    out = tmp_path / "engines"
+    code = export_cli.main([str(tiny_export[0]), "-o", str(out), "--int8", "--calib-video",
+                            str(clip[0]), "--calib-frames", "4"])
+    stdout = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    assert stdout[-1] == (f"TensorRT is not installed: wrote the ONNX graphs and "
+                          f"feature.int8.onnx only; build engines later with dff-build {out} "
+                          "--int8 on a machine with TensorRT")
+    assert load_manifest(out)["graphs"]["feature"]["int8"]["calibration"]["frames"] == 4

@@ -43,6 +43,16 @@ class BackendError(DffError):
     """A backend that cannot be opened here: unknown name, missing library or device."""
 
 
+def check_names(path: str | os.PathLike[str], graph: str, inputs: list[str],
+                outputs: list[str], fix: str) -> None:
+    """Refuse a graph or engine whose inputs are not exactly INPUTS[graph] (in any order) or
+    whose outputs lack one of OUTPUTS[graph]; `fix` ends the message."""
+    if sorted(inputs) != sorted(INPUTS[graph]) or not set(OUTPUTS[graph]) <= set(outputs):
+        raise BackendError(f"{path}: inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+                           f"expected inputs {INPUTS[graph]} and outputs {OUTPUTS[graph]} "
+                           f"(DESIGN.md §3); {fix}")
+
+
 class Backend(Protocol):
     """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned;
     `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data."""

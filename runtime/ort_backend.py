@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import weakref
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from dff.export.manifest import graph_path, load_manifest
 from dff.runtime import buffers
-from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, import_ort
+from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, check_names, import_ort
 from dff.runtime.buffers import DeviceArray, Memory
 
 
@@ -104,8 +103,9 @@ class OrtBackend:
                                    "(the CUDA provider failed to load: CUDA/cuDNN libraries "
                                    "missing or mismatched); fix the install or use "
                                    "--backend onnxruntime-cpu")
-            _check_names(path, graph, [i.name for i in session.get_inputs()],
-                         [o.name for o in session.get_outputs()])
+            check_names(path, graph, [i.name for i in session.get_inputs()],
+                        [o.name for o in session.get_outputs()],
+                        "re-export it with this version's dff-export")
             self.sessions[graph] = session
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
@@ -217,10 +217,3 @@ def output_shapes(manifest: dict, graph: str,
     return {name: (tuple(sizes[d] if isinstance(d, str) else int(d)
                          for d in specs[name]["shape"]), specs[name]["dtype"])
             for name in OUTPUTS[graph]}
-
-
-def _check_names(path: Path, graph: str, inputs: list[str], outputs: list[str]) -> None:
-    if inputs != INPUTS[graph] or not set(OUTPUTS[graph]) <= set(outputs):
-        raise BackendError(f"{path}: inputs {inputs} and outputs {outputs}, expected inputs "
-                           f"{INPUTS[graph]} and outputs {OUTPUTS[graph]} (DESIGN.md §3); "
-                           "re-export it with this version's dff-export")

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dff.export.manifest import load_manifest
-from dff.runtime.backends import INPUTS, OUTPUTS, BackendError
+from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, check_names
 from dff.runtime.buffers import (
     BufferPool,
     CudaMemory,
@@ -78,12 +78,9 @@ def engine_tensors(engine: trt.ICudaEngine, graph: str, path: Path) -> list[Tens
                                "bind; rebuild the engine with `dff-build` from dff-export's graphs")
         tensors.append(Tensor(name, engine.get_tensor_mode(name).name == "INPUT",
                               np.dtype(DTYPES[dtype])))
-    inputs = sorted(t.name for t in tensors if t.is_input)
-    outputs = {t.name for t in tensors if not t.is_input}
-    if inputs != sorted(INPUTS[graph]) or not set(OUTPUTS[graph]) <= outputs:
-        raise BackendError(f"{path}: inputs {inputs} and outputs {sorted(outputs)}, expected "
-                           f"inputs {INPUTS[graph]} and outputs {OUTPUTS[graph]} (DESIGN.md §3); "
-                           "re-export and rebuild with this version's dff-export and dff-build")
+    check_names(path, graph, [t.name for t in tensors if t.is_input],
+                [t.name for t in tensors if not t.is_input],
+                "re-export and rebuild with this version's dff-export and dff-build")
     return tensors
 
 

@@ -530,3 +530,15 @@ def test_leaving_the_loop_early_stops_the_decoder():
     stopped_at = next(decoded)
     time.sleep(0.2)
     assert next(decoded) == stopped_at + 1 and stopped_at <= 3 + 2 + 2
+
+
+def test_check_names_takes_inputs_in_any_order_and_refuses_a_missing_output():
+    from dff.runtime.backends import BackendError, check_names
+
+    check_names("flow.onnx", "flow", ["key_feat", "image", "key_image"],
+                ["feat", "scale", "flow", "extra"], "fix it")
+    with pytest.raises(BackendError, match=r"^flow.onnx: inputs .* expected .*; re-export"):
+        check_names("flow.onnx", "flow", ["image", "key_image", "key_feat"], ["flow", "scale"],
+                    "re-export")
+    with pytest.raises(BackendError, match="inputs \\['image'\\]"):
+        check_names("task.plan", "task", ["image"], ["labels"], "rebuild")

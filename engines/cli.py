@@ -194,6 +194,8 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
                 print(f"dff-export: {e}", file=sys.stderr)
                 return 1
             wrote += " and feature.int8.onnx"
+        elif precision == "int8":  # the new export has no calibrated graph yet
+            precision += " --calib-video VIDEO.mp4"
         print(f"TensorRT is not installed: wrote {wrote} only; build engines later with "
               f"dff-build {directory} --{precision} on a machine with TensorRT")
         return 0

@@ -72,8 +72,9 @@ def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int,
     """One engines entry per graph {"feature", "flow", "task"} usable on this machine.
 
     All three share one precision: `precision` when given, else the first of PRECISIONS
-    (fp16, fp32, int8) that every graph has. Raises EngineError naming the engine and the dff-build
-    command when an engine is missing, built elsewhere, or built from an older ONNX graph.
+    (fp16, fp32, int8) that every graph has. Raises EngineError naming the engine and the
+    dff-build command when an engine is missing, built elsewhere, or built from an older ONNX
+    graph (for an int8 set's feature engine: from another calibrated graph).
     """
     d = _dir(directory)
     if precision is not None and precision not in PRECISIONS:

@@ -81,14 +81,12 @@ def _ptx() -> bytes:
 
 def _require_tensorrt() -> None:
     """One DffError saying why TensorRT cannot register the plugin, if it cannot."""
-    try:
-        import tensorrt as trt
-    except ImportError as e:
-        raise DffError("TensorRT is not installed: pip install tensorrt (10.10 or later) to "
-                       "build engines with the FlowWarp plugin") from e
-    if not hasattr(trt, "Builder"):  # e.g. tensorrt-stubs importable as a namespace package
-        raise DffError("the importable 'tensorrt' is not TensorRT (no tensorrt.Builder: "
-                       "tensorrt-stubs?): install the tensorrt package to build engines")
+    from dff.plugins.find_tensorrt import find_tensorrt
+
+    trt, why = find_tensorrt()
+    if trt is None:
+        raise DffError(f"TensorRT is not usable here ({why}): pip install tensorrt (10.10 or "
+                       "later) to build engines with the FlowWarp plugin")
     import tensorrt.plugin as trtp
 
     if not hasattr(trtp, "KernelLaunchParams"):

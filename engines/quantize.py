@@ -165,6 +165,20 @@ def _quantize(source: Path, target: Path, frames: list[np.ndarray]) -> None:
         # folds them into the int8 convolution)
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                        "QuantizeBias": False})
+    _drop_unused_opsets(target)
+
+
+def _drop_unused_opsets(path: Path) -> None:
+    """Keep only the opset imports the graph's nodes use: ONNX Runtime's optimizer declares its
+    own domains (com.microsoft, ...), which a graph for TensorRT should not carry."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    used = {node.domain for node in model.graph.node} | {""}
+    kept = [o for o in model.opset_import if o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    onnx.save(model, os.fspath(path))
 
 
 def quantize_feature(directory: str | os.PathLike[str], video: str | os.PathLike[str], *,

@@ -67,6 +67,10 @@ def test_int8_graph_is_symmetric_qdq_on_every_conv_and_recorded_in_the_manifest(
         calibrated, engines, clip):
     out, entry, lines = calibrated
     model = onnx.load(str(out / "feature.int8.onnx"))
+    # standard ONNX only, for TensorRT's parser: no ONNX Runtime domains left by its optimizer
+    assert {n.domain for n in model.graph.node} == {""}
+    assert [o.domain for o in model.opset_import] == [""]
+    onnx.checker.check_model(model, full_check=True)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     produced_by = {o: n for n in model.graph.node for o in n.output}

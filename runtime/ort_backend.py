@@ -18,6 +18,9 @@ from dff.runtime import buffers
 from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, check_names, import_ort
 from dff.runtime.buffers import DeviceArray, Memory
 
+# RunOptions entry: "1" makes a run return without synchronising the execution provider's stream
+NO_SYNC = "disable_synchronize_execution_providers"
+
 
 class OrtBackend:
     """The exported graphs on ONNX Runtime. On the CPU, plain `run` with numpy arrays. On CUDA
@@ -26,8 +29,11 @@ class OrtBackend:
     every input and output bound by pointer to device buffers the backend owns (outputs from
     pools: allocated once per shape, reused only when no handle to them is left, so the key
     frame's features survive later calls), ONNX Runtime running on the ring's compute stream;
-    only `labels` comes back, by D2H into pinned memory. Handles are DeviceArrays on CUDA and
-    OrtValues over the same memory on the CPU. `int8` runs dff-build --int8's feature graph."""
+    only `labels` comes back, by D2H into pinned memory. On CUDA a run returns once its
+    kernels are queued (ONNX Runtime's end-of-run stream synchronisation is turned off), as
+    TensorRT's enqueue does: everything after it is ordered on the same stream, and the ring's
+    events say when results are on the host. Handles are DeviceArrays on CUDA and OrtValues
+    over the same memory on the CPU. `int8` runs dff-build --int8's feature graph."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
                  device: int = 0, threads: int = 0, io_binding: bool | None = None,
@@ -49,6 +55,9 @@ class OrtBackend:
                 "CUDAExecutionProvider; `pip install onnxruntime-gpu` (built for your "
                 "CUDA) or use --backend onnxruntime-cpu")
         self.memory: Memory | None = None
+        self._run_options = ort.RunOptions()
+        if cuda:  # return from a run without waiting for its kernels (see the class docstring)
+            self._run_options.add_run_config_entry(NO_SYNC, "1")
         self.overlaps_uploads = self.io_binding  # uploads go through the pinned ring
         if self.io_binding:
             self.memory = memory or (buffers.CudaMemory(device) if cuda
@@ -130,7 +139,7 @@ class OrtBackend:
                 y = pool.take(shape, dtype)
             binding.bind_output(name, *where, y.dtype, list(y.shape), y.ptr)
             outputs.append(y)
-        self.sessions[graph].run_with_iobinding(binding)
+        self.sessions[graph].run_with_iobinding(binding, self._run_options)
         return outputs
 
     def _device(self, value: Any, dtype: str) -> DeviceArray:
@@ -188,14 +197,15 @@ class OrtBackend:
         return self._ring.compute if self.memory is not None else None
 
     def synchronize(self) -> None:
-        """Wait for the streams. run_with_iobinding returns after the provider's stream is
-        synchronised (ONNX Runtime's default), so only uploads can still be in flight."""
+        """Wait for the streams: uploads, and on CUDA the queued runs."""
         if self.memory is not None:
             self._ring.synchronize()
 
     def close(self) -> None:
-        """Sessions first (ONNX Runtime may hold the compute stream), then the buffers;
-        handles given out are invalid after it. Idempotent."""
+        """Wait for queued work, then drop the sessions (ONNX Runtime may hold the compute
+        stream), then the buffers; handles given out are invalid after it. Idempotent."""
+        if self.memory is not None and self.sessions:
+            self._ring.synchronize()
         self.sessions.clear()
         if self.memory is not None:
             for owned in (*self._pools.values(), self._labels, self._ring):

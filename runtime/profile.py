@@ -114,7 +114,7 @@ def is_gpu(backend: Backend) -> bool:
 class _Clock:
     """Times a span of device work: CUDA events on torch-cuda's stream or on the compute
     stream of the backends built on runtime/buffers.py (tensorrt, onnxruntime-cuda), else the
-    host clock up to a synchronize (ONNX Runtime's run returns synchronised anyway)."""
+    host clock up to a synchronize (on the CPU backends a run is done when it returns)."""
 
     def __init__(self, backend: Backend):
         self.backend = backend

@@ -395,6 +395,58 @@ def test_ort_cuda_runs_on_the_rings_compute_stream(engines, monkeypatch):
         OrtBackend(engines, io_binding=True, memory=CudaLike())
 
 
+def test_ort_cuda_runs_return_without_synchronising_and_close_waits(engines, monkeypatch):
+    """On CUDA a run only queues its kernels, as TensorRT's enqueue does (ordering is the
+    compute stream's); on the CPU runs keep ONNX Runtime's default. Checked with stand-ins for
+    the CUDA provider's session and a CUDA-typed HostMemory."""
+    import onnxruntime as ort
+    from dff.runtime.ort_backend import NO_SYNC, OrtBackend
+
+    class CudaLike(HostMemory):
+        device_type = "cuda"
+
+    runs = []
+    real_session = ort.InferenceSession
+
+    class Binding:
+        def bind_input(self, *args): pass
+        def bind_output(self, *args): pass
+
+    class Session:
+        def __init__(self, path, options, providers):
+            real = real_session(path, providers=["CPUExecutionProvider"])
+            self.inputs, self.outputs = real.get_inputs(), real.get_outputs()
+
+        def get_inputs(self): return self.inputs
+        def get_outputs(self): return self.outputs
+        def get_providers(self): return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        def io_binding(self): return Binding()
+
+        def run_with_iobinding(self, binding, run_options=None):
+            try:
+                runs.append(run_options.get_run_config_entry(NO_SYNC))
+            except RuntimeError:  # no such entry: ONNX Runtime's default, synchronised
+                runs.append(None)
+
+    memory = Counting(CudaLike())
+    synced = []
+    monkeypatch.setattr(memory.inner, "synchronize", lambda stream: synced.append(stream))
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    backend = OrtBackend(engines, cuda=True, memory=memory)
+    image = np.zeros((1, 3, 64, 96), np.uint8)
+    backend.feature(image)
+    assert runs == ["1"]
+    streams = {backend._ring.upload, backend._ring.compute}
+    backend.close()
+    assert streams <= set(synced)  # queued work done before freeing
+    cpu = OrtBackend(engines, io_binding=True, memory=HostMemory())
+    cpu.feature(image)
+    assert runs == ["1", None]
+    cpu.close()
+
+
 def test_profile_times_buffer_layer_backends_with_events_on_their_compute_stream():
     """dff-profile's clock on a CUDA-memory backend (a stand-in over host memory): the span
     is bracketed by the Timer's events on the backend's compute stream, and freed after."""

@@ -35,7 +35,8 @@ _DOCS = {
     "feature": "N_feat on a key frame: uint8 image -> features (cast and normalisation inside)",
     "flow": "N_flow plus the warp on a non-key frame: flow and scale from (image, key_image), "
             "then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
-    "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), at image size",
+    "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), "
+            "at image size",
 }
 _DIMS = {"N": "batch", "H": "image height, a multiple of the stride",
          "W": "image width, a multiple of the stride", "h": "H / stride (feature grid height)",

@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 from dff.export.manifest import load_manifest
-from dff.runtime.backends import ALIASES, KINDS, Backend, open_backend, pick_auto
+from dff.runtime.backends import (
+    ALIASES,
+    KINDS,
+    PRECISIONS,
+    Backend,
+    open_backend,
+    pick_auto,
+)
 from dff.runtime.demo import (
     DEMO_CLIP,
     DEMO_DIR,
@@ -105,7 +112,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="CPU threads per stage (default: 0 = the library's choice)")
     p.add_argument("--demo", action="store_true",
                    help="export the shipped demo model into --engine-dir (cached) and use it")
-    p.add_argument("--precision", choices=("fp16", "fp32", "int8"),
+    p.add_argument("--precision", choices=PRECISIONS["tensorrt"],
                    help="tensorrt: the engine set to load (default: fp16 if built, else fp32, "
                         "else int8); onnxruntime: fp32 (the default) or int8, the feature graph "
                         "of dff-build --int8; torch: fp32 only")
@@ -352,13 +359,19 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     return 0
 
 
+def backend_label(report: dict) -> str:
+    """'onnxruntime-cpu (int8)': a report's backend and, when it has one, its precision."""
+    precision = report.get("precision")
+    return report["backend"] + (f" ({precision})" if precision else "")
+
+
 def format_summary(s: dict) -> list[str]:
     """The human summary: frames, key frames and why, fps, median ms per stage, efficiency."""
     video = s["video"]
     h, w = video["resized_to"] or video["size"]
     schedule = s["schedule_name"] + (f", key interval {s['key_interval']}"
                                      if s["key_interval"] else "")
-    on = s["backend"] + (f" ({s['precision']})" if s.get("precision") else "")
+    on = backend_label(s)
     lines = [f"{video['path']}: {s['frames']} frames at {h}x{w} on {on}, {schedule}"]
     if video["resized_to"]:
         lines.append(f"  resized from {video['size'][0]}x{video['size'][1]} to {h}x{w} "

@@ -97,16 +97,18 @@ class OrtBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         for graph in INPUTS:
             path = graph_path(engine_dir, self.manifest, graph)
+            fix = f"re-export with `dff-export MODEL.pth -o {engine_dir}`"
             if graph == "feature" and self.precision == "int8":
-                from dff.engines.quantize import int8_graph
+                from dff.engines.quantize import calibration_command, int8_graph
 
                 path = int8_graph(engine_dir, self.manifest)
+                fix = f"calibrate again with `{calibration_command(engine_dir)}`"
             try:
                 session = ort.InferenceSession(os.fspath(path), options, providers=providers)
             except Exception as e:  # ORT raises its own Fail/InvalidGraph types
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise BackendError(f"{path}: onnxruntime cannot load it ({first[:200]}); "
-                                   f"re-export with `dff-export MODEL.pth -o {engine_dir}`") from e
+                                   f"{fix}") from e
             if cuda and session.get_providers()[0] != "CUDAExecutionProvider":
                 raise BackendError(f"{path}: onnxruntime fell back to {session.get_providers()} "
                                    "(the CUDA provider failed to load: CUDA/cuDNN libraries "

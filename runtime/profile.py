@@ -29,6 +29,7 @@ from dff.export.profile import format_shape, shape_arg
 from dff.runtime.backends import Backend
 from dff.runtime.cli import (
     add_backend_args,
+    backend_label,
     check_backend_args,
     choose_backend,
     guarded,
@@ -194,18 +195,20 @@ def time_stage(backend: Backend, call: Callable[..., Any], inputs: Callable[[int
         end = time.perf_counter()
         return end - start, enqueue, up - start, compute, end - down
 
-    start, i = time.perf_counter(), 0
-    while time.perf_counter() - start < warmup_s:
-        once(i)
-        i += 1
-    samples = []
-    start = time.perf_counter()
-    while (len(samples) < iterations if iterations is not None
-           else not samples or time.perf_counter() - start < duration_s):
-        samples.append(once(i))
-        i += 1
-    wall = time.perf_counter() - start
-    clock.close()
+    try:
+        start, i = time.perf_counter(), 0
+        while time.perf_counter() - start < warmup_s:
+            once(i)
+            i += 1
+        samples = []
+        start = time.perf_counter()
+        while (len(samples) < iterations if iterations is not None
+               else not samples or time.perf_counter() - start < duration_s):
+            samples.append(once(i))
+            i += 1
+        wall = time.perf_counter() - start
+    finally:
+        clock.close()
     latency, enqueue, h2d, compute, d2h = zip(*samples)
     return {
         "iterations": len(samples),
@@ -316,8 +319,7 @@ def format_report(res: dict) -> list[str]:
     amount = (f"{res['iterations']} iterations" if res["iterations"]
               else f"{res['duration_s']:g} s")
     moves = "without data transfers" if res["noDataTransfers"] else "data transfers included"
-    what = res["backend"] + (f" ({res['precision']})" if res.get("precision") else "")
-    head = (f"{what} on {res['engine_dir']} at {format_shape(res['shape'])}: "
+    head = (f"{backend_label(res)} on {res['engine_dir']} at {format_shape(res['shape'])}: "
             f"{amount} per stage after {res['warmUp_ms']:g} ms warm-up ({moves})")
     columns = (f"{'stage (ms)':<13}{'min':>8}{'mean':>8}{'median':>8}{'p90':>8}{'p95':>8}"
                f"{'p99':>8}{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")

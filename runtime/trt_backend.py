@@ -238,7 +238,8 @@ class _FlowTaskGraph:
 class TrtBackend:
     """The Backend interface on TensorRT engines from `dff-build` (runtime/backends.py).
 
-    Handles are DeviceArrays. `precision` picks the engines (default: fp16 if built, else fp32);
+    Handles are DeviceArrays. `precision` picks the engine set (default: fp16 if built, else
+    fp32, else int8);
     `cuda_graph` replays flow + task as a CUDA graph (its outputs are valid until the next
     `flow`); `timing` records per-stage GPU times, read with `stage_ms()`."""
 

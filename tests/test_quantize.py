@@ -131,6 +131,17 @@ def test_a_stale_or_damaged_int8_graph_is_refused(calibrated, tmp_path):
         load_manifest(out)
 
 
+def test_an_int8_graph_onnxruntime_cannot_load_names_the_calibration_fix(calibrated, tmp_path):
+    out = fresh_copy(calibrated, tmp_path)
+    (out / "feature.int8.onnx").write_bytes(b"not onnx")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["feature"]["int8"]["sha256"] = sha256_file(out / "feature.int8.onnx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match=r"feature.int8.onnx: onnxruntime cannot load it "
+                                           r".*calibrate again with `dff-build .* --int8"):
+        open_backend("onnxruntime-cpu", out, precision="int8")
+
+
 @pytest.mark.parametrize("kind, precision", [("torch-cpu", "int8"), ("onnxruntime-cpu", "fp16")])
 def test_a_precision_the_backend_does_not_run_is_refused(engines, kind, precision):
     with pytest.raises(BackendError, match=f"--precision {precision}: the {kind} backend runs"):

@@ -1,7 +1,7 @@
 """Time the FlowWarp CUDA kernel against the PyTorch warp and a plain device-to-device copy.
 
     python benchmarks/bench_flow_warp.py [--channels 1024] [--batch 1] [--maps 38x63,68x120]
-        [--dtypes fp16,fp32] [--warmUp 20] [--iterations 200] [--json FILE]
+        [--dtypes fp16,fp32] [--warmUp 20] [--iterations 200] [--plugin-ptx] [--json FILE]
 
 For each map and dtype, all in one run on one GPU: the kernel; the PyTorch path
 (`dff.models.warp.flow_warp`: grid construction, grid_sample, multiply); and a copy
@@ -10,7 +10,8 @@ traffic, so that it reads and writes the same number of bytes. Times are GPU tim
 events, median over --iterations samples of LAUNCHES launches each, with the stream queued up
 behind a GPU sleep so Python's launch overhead is not timed. Bandwidth counts compulsory traffic
 only (feat, flow and scale read once, out written once); on maps that fit the L2 cache both
-kernel and copy run from it.
+kernel and copy run from it. The kernel is NVRTC's PTX for this GPU, or with --plugin-ptx the
+sm_80 PTX that TensorRT engines embed (`dff.plugins.trt_plugin.PTX_ARCH`).
 
 Exit status: 0 after measuring; 2, with one line saying why, when there is no CUDA GPU or
 cuda-python (`pip install dff-trt[gpu]`) is missing.
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtypes", default="fp16,fp32")
     p.add_argument("--warmUp", type=int, default=20, help="untimed launches first")
     p.add_argument("--iterations", type=int, default=200, help="timed samples")
+    p.add_argument("--plugin-ptx", action="store_true",
+                   help="time the PTX TensorRT engines embed (sm_80) instead of this GPU's")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -59,10 +62,17 @@ def device_time_us(torch, fn, warmup: int, iterations: int) -> float:
     return statistics.median(samples)
 
 
-def load_kernel(kernel, device: int):
-    """FlowWarpKernel with NVRTC's PTX, or nvcc's where the NVRTC library is missing."""
+def load_kernel(kernel, device: int, plugin_ptx: bool = False):
+    """FlowWarpKernel with NVRTC's PTX (the plugin's sm_80 PTX if `plugin_ptx`), or nvcc's
+    where the NVRTC library is missing."""
     from dff.errors import DffError
 
+    if plugin_ptx:
+        from dff.plugins.trt_plugin import PTX_ARCH
+
+        warp = kernel.FlowWarpKernel(device, ptx=kernel.compile_ptx(PTX_ARCH))
+        warp.arch = PTX_ARCH
+        return warp
     try:
         return kernel.FlowWarpKernel(device)
     except DffError:
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.cuda.current_device()
     torch.cuda.init()
     try:
-        warp = load_kernel(kernel, device)
+        warp = load_kernel(kernel, device, args.plugin_ptx)
     except DffError as e:
         print(f"bench_flow_warp: {e}", file=sys.stderr)
         return 2

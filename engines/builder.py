@@ -3,7 +3,8 @@
 `build_engines(directory)` reads dff-export's manifest, registers the dff::FlowWarp plugin,
 parses each graph with TensorRT's ONNX parser, builds one engine per graph at one precision with
 the manifest's optimization profile and a timing cache kept beside the engines (loaded when
-present, saved after each engine), then records the engines in the manifest. An int8 set takes
+present, saved after each engine), then records the engines in the manifest (with `ptx_isa`,
+the PTX ISA of the FlowWarp kernel an engine embeds, for the runtime's driver). An int8 set takes
 the feature graph that `quantize.quantize_feature` calibrated (Q/DQ: explicit quantization).
 
 TensorRT (and cuda-python or torch, for the GPU's name) are imported inside the functions that
@@ -238,10 +239,12 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
         log(f"dropped the manifest's entry for {key}: its engine file is missing or changed")
     manifest = load_manifest(d)  # checks the ONNX files (and engines) against their sha256
     gpu, cc = device_info()
+    isa = None  # the PTX ISA of the FlowWarp kernel that plugin engines embed
     if any(manifest["graphs"][g].get("custom_ops") for g in graphs):
-        from dff.plugins.trt_plugin import register_plugin
+        from dff.plugins.trt_plugin import ptx_isa, register_plugin
 
         register_plugin()  # before parsing: the parser prefers a registered plugin
+        isa = ptx_isa()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     cache_path = d / naming.timing_cache_filename(gpu, version)
@@ -255,6 +258,11 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
             kernels = "int8" if graph == quantize.GRAPH else "fp16"
             if graph == quantize.GRAPH:
                 source, source_sha256 = quantize.int8_graph(d, manifest), info["int8"]["sha256"]
+                if info["int8"].get("reduce_range"):
+                    log(f"  note: {source.name} has 7-bit weights (--reduce-range, for ONNX "
+                        "Runtime on CPUs without VNNI); TensorRT's int8 kernels use all 8 bits: "
+                        f"for TensorRT, calibrate again without it "
+                        f"(`{quantize.calibration_command(d)}`)")
         shapes = profile_shapes(manifest, graph)
         filename = naming.engine_filename(graph, gpu, version, precision)
         log(f"building {d}/{filename} from {source.name} ({kernels}; "
@@ -264,6 +272,8 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
                                            kernels, workspace_mib, cache, log,
                                            has_warp=bool(info.get("custom_ops")))
         seconds = time.perf_counter() - start
+        if extras.get("flow_warp") == "plugin":  # the runtime checks its driver loads this PTX
+            extras["ptx_isa"] = isa
         name, entry = entries.engine_entry(
             graph=graph, plan=plan, gpu_name=gpu, cc=cc, trt_version=version,
             precision=precision, onnx_sha256=source_sha256, shapes=shapes,
@@ -287,7 +297,8 @@ def _dims(dims: trt.Dims) -> list[int]:
 def inspect_engine(path: str | Path) -> dict[str, Any]:
     """An engine's I/O tensors (name, mode, dtype, shape, profile 0's min/opt/max) and its
     layers as TensorRT's engine inspector reports them (JSON; detailed for dff-build's
-    engines, which are built with ProfilingVerbosity.DETAILED)."""
+    engines, which are built with ProfilingVerbosity.DETAILED). dff-build's engines embed the
+    FlowWarp kernel (AOT plugin), so the plugin is not registered here."""
     import json
 
     path = Path(path)
@@ -296,12 +307,6 @@ def inspect_engine(path: str | Path) -> dict[str, Any]:
     require_tensorrt()
     import tensorrt as trt
 
-    try:
-        from dff.plugins.trt_plugin import register_plugin
-
-        register_plugin()  # needed only by engines with a JIT (Python) plugin
-    except (ImportError, DffError):
-        pass
     logger = trt.Logger(trt.Logger.WARNING)
     engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
     if engine is None:

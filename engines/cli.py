@@ -32,8 +32,10 @@ others with the command to rebuild.
 int8 (--int8): feature.onnx is calibrated on frames of --calib-video with ONNX Runtime's
 quantizer (symmetric int8 Q/DQ on every convolution's input, weights per output channel) into
 feature.int8.onnx, recorded in the manifest with how far its features are from the float
-graph's; TensorRT then builds that graph in int8 and flow and task in fp16. Calibration runs
-without TensorRT, and dff-run --precision int8 runs the int8 graph on ONNX Runtime.
+graph's (Q/DQ simulated in float: the same figure on every CPU); TensorRT then builds that graph
+in int8 and flow and task in fp16. Calibration runs without TensorRT, and dff-run --precision
+int8 runs the int8 graph on ONNX Runtime, whose x86 int8 kernels lose accuracy on CPUs without
+VNNI: dff-run measures them and says so, and --reduce-range calibrates for such CPUs.
 
 examples:
   dff-export runs/model.pth -o engines/     # the ONNX graphs (any machine)
@@ -99,12 +101,18 @@ def add_build_args(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--resize", type=_size_arg, metavar="HxW",
                    help="--int8: resize calibration frames as dff-run --resize would "
                         "(default: the video's size, which must fit the manifest's profile)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="--int8 --calib-video: weights in 7 bits, for ONNX Runtime's int8 "
+                        "kernels on x86 CPUs without VNNI (whose 8-bit products saturate); "
+                        "less accurate elsewhere, and TensorRT does not need it")
 
 
 def check_build_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Calibration options only with --int8 (argparse's error, exit 2)."""
     if (args.calib_video is not None or args.resize is not None) and args.precision != "int8":
         parser.error("--calib-video and --resize calibrate an int8 build: add --int8")
+    if args.reduce_range and args.calib_video is None:
+        parser.error("--reduce-range is a calibration option: add --int8 --calib-video VIDEO")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,7 +159,7 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
               workspace_mib: int | None = None, graphs: tuple[str, ...] = GRAPHS,
               verbose: bool = False, as_json: bool = False, prog: str = "dff-build",
               calib_video: str | None = None, calib_frames: int = DEFAULT_FRAMES,
-              resize: tuple[int, int] | None = None) -> int:
+              resize: tuple[int, int] | None = None, reduce_range: bool = False) -> int:
     """Calibrate (with `calib_video`), build and print the summary; 1 with one line on stderr
     for a DffError (TensorRT missing included: a calibrated graph is kept)."""
     from . import builder, quantize
@@ -160,7 +168,7 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
     try:
         if calib_video is not None:
             quantize.quantize_feature(directory, calib_video, frames=calib_frames,
-                                      resize=resize, log=log)
+                                      resize=resize, reduce_range=reduce_range, log=log)
         result = builder.build_engines(
             directory, precision=precision, workspace_mib=workspace_mib, graphs=graphs,
             verbose=verbose, log=log)
@@ -186,7 +194,7 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
         if precision == "int8" and args.calib_video is not None:
             try:
                 quantize.quantize_feature(directory, args.calib_video, frames=args.calib_frames,
-                                          resize=args.resize,
+                                          resize=args.resize, reduce_range=args.reduce_range,
                                           log=lambda line: print(line, flush=True))
             except DffError as e:
                 if args.verbose:
@@ -201,7 +209,8 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
         return 0
     return run_build(directory, precision, args.workspace, verbose=args.verbose,
                      prog="dff-export", calib_video=args.calib_video,
-                     calib_frames=args.calib_frames, resize=args.resize)
+                     calib_frames=args.calib_frames, resize=args.resize,
+                     reduce_range=args.reduce_range)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     check_build_args(parser, args)
     return run_build(args.directory, args.precision or PRECISIONS[0], args.workspace,
                      args.graphs, args.verbose, args.json, calib_video=args.calib_video,
-                     calib_frames=args.calib_frames, resize=args.resize)
+                     calib_frames=args.calib_frames, resize=args.resize,
+                     reduce_range=args.reduce_range)
 
 
 if __name__ == "__main__":

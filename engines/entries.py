@@ -2,8 +2,10 @@
 
 An entry (key: the engine's file name without '.plan') records what the runtime checks before
 loading it: file, sha256, bytes, graph, precision, gpu, compute_capability, tensorrt (version),
-onnx_sha256 (the graph it was built from), plus how it was built. `dff.export.manifest`
-checks `file` and `sha256`; `dff.engines.compat` checks the rest. Plain Python.
+onnx_sha256 (the graph it was built from), plus how it was built, and for an engine with the
+FlowWarp plugin ptx_isa (the PTX ISA of the kernel it embeds). `dff.export.manifest` checks
+`file` and `sha256`, `dff.runtime.trt_backend` the ptx_isa, `dff.engines.compat` the rest.
+Plain Python.
 """
 
 from __future__ import annotations

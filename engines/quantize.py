@@ -6,9 +6,14 @@ TensorRT runs int8 kernels where they sit. So `dff-build --int8 --calib-video VI
 here, on the CPU, with ONNX Runtime's static quantizer, in the form TensorRT reads: symmetric
 int8 activations (scale = max |x| over the calibration frames / 127, zero point 0) on the
 inputs of every convolution, and symmetric int8 weights per output channel; biases stay float
-(TensorRT dequantizes only 8-bit tensors and folds the bias into the int8 convolution). The
-same graph runs on ONNX Runtime (`dff-run --precision int8`), which is how its accuracy is
-measured on a machine without a GPU.
+(TensorRT dequantizes only 8-bit tensors and folds the bias into the int8 convolution).
+
+The manifest records the graph's own error: Q/DQ simulated in float (ONNX Runtime with graph
+optimizations off, the arithmetic TensorRT's int8 path models), the same on every CPU. ONNX
+Runtime's fused x86 int8 kernels (`dff-run --precision int8`) match it only on CPUs with VNNI:
+without it their u8s8 products saturate. So the check frames are kept beside the graph, and an
+int8 backend measures its own kernels on them (`kernel_check`) and says when they lose more;
+`--reduce-range` (7-bit weights, ONNX Runtime's remedy) is for such CPUs, not for TensorRT.
 
 Only the feature graph is quantized: it is nearly all of a key frame's cost. The flow net
 regresses sub-cell motion and the head is cheap, so an int8 engine set keeps both in fp16.
@@ -37,10 +42,17 @@ Log = Callable[[str], None]
 
 GRAPH = "feature"  # the one graph an int8 set quantizes
 SUFFIX = ".int8.onnx"
+CHECK_SUFFIX = ".int8.check.npy"  # the check frames, uint8 [n,3,H,W], kept for kernel_check
 DEFAULT_FRAMES = 32
 CHECK_FRAMES = 8  # frames between the calibration frames, for the int8 vs fp32 check
 METHOD = ("activations: symmetric int8 per tensor, max |x| over the calibration frames; "
           "weights: symmetric int8 per output channel; on the inputs of every Conv")
+REDUCED = "; weights in 7 bits (--reduce-range, for ONNX Runtime on x86 CPUs without VNNI)"
+ARITHMETIC = ("Q/DQ simulated in float (ONNX Runtime, graph optimizations off): the graph's own "
+              "error, the same on every CPU")
+# kernel_check: a backend's int8 kernels may add this much relative RMS error to the graph's
+# own before it says so (VNNI CPUs add ~1e-4; AVX2-only ones 5 points on the test graph)
+KERNEL_SLACK = (1.25, 0.005)  # allowed = max(factor * graph's, graph's + points)
 
 
 class QuantizeError(DffError):
@@ -101,20 +113,29 @@ def _progress(total: int) -> Any:
     return tqdm(total=total, unit="frame", desc="decoding", leave=False)
 
 
-def _session(path: Path) -> Any:
+def _session(path: str | os.PathLike[str], simulate: bool = False, threads: int = 0) -> Any:
+    """A CPU session; `simulate` turns ONNX Runtime's graph optimizations off, so Q and DQ run
+    as separate float ops instead of fused (CPU-dependent) int8 kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = max(0, threads)
+    if simulate:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
-def compare(float_graph: Path, int8_graph: Path, frames: list[np.ndarray]) -> dict[str, Any]:
+def compare(float_graph: Path, int8_graph: Path | Any, frames: list[np.ndarray],
+            threads: int = 0) -> dict[str, Any]:
     """How far the int8 graph's features are from the float graph's on `frames`: relative RMS
-    error (RMS of the difference / RMS of the float features), max abs error and peak."""
+    error (RMS of the difference / RMS of the float features), max abs error and peak. A path
+    runs Q/DQ simulated in float (ARITHMETIC); a session runs that session's own kernels."""
     if not frames:
         return {"frames": 0}
-    ref_s, q_s = _session(float_graph), _session(int8_graph)
+    ref_s = _session(float_graph, threads=threads)
+    q_s = _session(int8_graph, simulate=True, threads=threads) \
+        if isinstance(int8_graph, (str, os.PathLike)) else int8_graph
     name = ref_s.get_inputs()[0].name
     sq_err = sq_ref = 0.0
     max_err = peak = 0.0
@@ -130,8 +151,10 @@ def compare(float_graph: Path, int8_graph: Path, frames: list[np.ndarray]) -> di
             "max_abs_error": round(max_err, 5), "peak": round(peak, 5)}
 
 
-def _quantize(source: Path, target: Path, frames: list[np.ndarray]) -> None:
-    """ONNX Runtime's static quantizer, in TensorRT's Q/DQ form, from `source` to `target`."""
+def _quantize(source: Path, target: Path, frames: list[np.ndarray],
+              reduce_range: bool = False) -> None:
+    """ONNX Runtime's static quantizer, in TensorRT's Q/DQ form, from `source` to `target`
+    (with `reduce_range`, weights in 7 bits)."""
     try:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -161,6 +184,7 @@ def _quantize(source: Path, target: Path, frames: list[np.ndarray]) -> None:
         os.fspath(prepared), os.fspath(target), Frames(), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["Conv"], per_channel=True, activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=reduce_range,
         # TensorRT's parser refuses DequantizeLinear on int32, so biases stay float (TensorRT
         # folds them into the int8 convolution)
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
@@ -183,10 +207,10 @@ def _drop_unused_opsets(path: Path) -> None:
 
 def quantize_feature(directory: str | os.PathLike[str], video: str | os.PathLike[str], *,
                      frames: int = DEFAULT_FRAMES, resize: tuple[int, int] | None = None,
-                     log: Log | None = None) -> dict[str, Any]:
+                     reduce_range: bool = False, log: Log | None = None) -> dict[str, Any]:
     """Calibrate `directory`'s feature.onnx on `frames` frames of `video`, write
-    feature.int8.onnx beside it (atomically) and record it in the manifest as
-    `graphs.feature.int8`; return that entry."""
+    feature.int8.onnx and its check frames beside it (atomically) and record them in the
+    manifest as `graphs.feature.int8`; return that entry."""
     from dff.export.manifest import graph_path, load_manifest, sha256_file
 
     log = log or (lambda _: None)
@@ -196,16 +220,25 @@ def quantize_feature(directory: str | os.PathLike[str], video: str | os.PathLike
     calib, check = read_frames(video, frames, manifest, resize)
     size = list(calib[0].shape[2:])
     log(f"calibrating {source} on {len(calib)} frames of {video} at {size[0]}x{size[1]} ...")
-    target = d / (GRAPH + SUFFIX)
+    target, check_file = d / (GRAPH + SUFFIX), d / (GRAPH + CHECK_SUFFIX)
     with tempfile.TemporaryDirectory(prefix=".int8.", dir=d) as tmp:
         staged = Path(tmp) / target.name
-        _quantize(source, staged, calib)
+        _quantize(source, staged, calib, reduce_range)
         report = compare(source, staged, check)
         data = staged.read_bytes()
+    report["arithmetic"] = ARITHMETIC
     entries.write_atomic(target, data)
+    if check:
+        frames_bytes = _npy_bytes(np.concatenate(check))
+        entries.write_atomic(check_file, frames_bytes)
+        report["frames_file"] = {"file": check_file.name, "bytes": len(frames_bytes),
+                                 "sha256": hashlib.sha256(frames_bytes).hexdigest()}
+    elif check_file.exists():  # an earlier calibration's frames: not this graph's
+        check_file.unlink()
     entry = {
         "file": target.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-        "source_sha256": manifest["graphs"][GRAPH]["sha256"], "method": METHOD,
+        "source_sha256": manifest["graphs"][GRAPH]["sha256"],
+        "method": METHOD + (REDUCED if reduce_range else ""), "reduce_range": reduce_range,
         "calibration": {"video": os.fspath(video), "video_sha256": sha256_file(video),
                         "frames": len(calib), "size": size},
         "check": report,
@@ -216,11 +249,20 @@ def quantize_feature(directory: str | os.PathLike[str], video: str | os.PathLike
     return entry
 
 
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def describe_check(report: dict[str, Any]) -> str:
     if not report.get("frames"):
         return "no frames left over to compare the int8 graph with the float one"
-    return (f"int8 vs float features on {report['frames']} frames not used for calibration: "
-            f"relative RMS error {100 * report['relative_rms_error']:.2f} %, max abs error "
+    return (f"int8 vs float features on {report['frames']} frames not used for calibration "
+            f"(Q/DQ simulated in float, as on every CPU): relative RMS error "
+            f"{100 * report['relative_rms_error']:.2f} %, max abs error "
             f"{report['max_abs_error']:.3g} (peak {report['peak']:.3g})")
 
 
@@ -237,3 +279,75 @@ def int8_graph(directory: str | os.PathLike[str], manifest: dict[str, Any]) -> P
         raise QuantizeError(f"{d}/{entry.get('file')} was calibrated from another "
                             f"{info.get('file')}; calibrate again with `{calibration_command(d)}`")
     return Path(d) / str(entry["file"])
+
+
+def kernel_check(directory: str | os.PathLike[str], manifest: dict[str, Any], session: Any,
+                 threads: int = 0) -> dict[str, Any]:
+    """How far `session` (a backend's int8 feature graph on this machine's ONNX Runtime
+    kernels) puts the features from the float graph's, on the calibration's check frames,
+    against the graph's own error recorded there; `ok` is False when the kernels lose more."""
+    entry = manifest["graphs"][GRAPH]["int8"]
+    recorded = entry.get("check", {})
+    frames_file = recorded.get("frames_file")
+    report: dict[str, Any] = {"cpu": cpu_description(), "measured": False}
+    if recorded.get("arithmetic") != ARITHMETIC or not isinstance(frames_file, dict):
+        report["reason"] = ("it was calibrated by an older dff-trt, which kept no check frames "
+                            "and measured on its own CPU's kernels")
+        return report
+    from dff.export.manifest import graph_path
+
+    d = Path(directory)
+    frames = np.load(d / frames_file["file"], allow_pickle=False)
+    got = compare(graph_path(d, manifest, GRAPH), session, list(frames[:, None]), threads)
+    graph_error = float(recorded["relative_rms_error"])
+    factor, points = KERNEL_SLACK
+    allowed = max(factor * graph_error, graph_error + points)
+    report.update(measured=True, frames=got["frames"],
+                  relative_rms_error=got["relative_rms_error"],
+                  graph_relative_rms_error=graph_error, allowed=round(allowed, 5),
+                  ok=got["relative_rms_error"] <= allowed)
+    return report
+
+
+def describe_kernel_check(report: dict[str, Any], directory: str | os.PathLike[str]) -> str:
+    """The one line dff-run and dff-profile print about an int8 backend's kernel_check."""
+    if not report["measured"]:
+        return (f"int8: ONNX Runtime's int8 kernels on this CPU ({report['cpu']}) not checked: "
+                f"{report['reason']}; calibrate again with `{calibration_command(directory)}` "
+                "to measure them")
+    figures = (f"{100 * report['relative_rms_error']:.2f} % relative RMS error from the float "
+               f"features, the int8 graph's own {100 * report['graph_relative_rms_error']:.2f} %")
+    if report["ok"]:
+        return f"int8: ONNX Runtime's int8 kernels on this CPU ({report['cpu']}): {figures}"
+    return (f"warning: ONNX Runtime's int8 kernels on this CPU ({report['cpu']}) lose accuracy: "
+            f"{figures} (x86 int8 products saturate without VNNI); run --precision fp32 here, "
+            f"calibrate for this CPU with `{calibration_command(directory)} --reduce-range`, "
+            "or run the int8 graph on TensorRT")
+
+
+def cpu_description() -> str:
+    """'Intel(R) Xeon(R) ..., AVX-512 VNNI' / '..., AVX2 without VNNI': the CPU and the x86
+    features that decide ONNX Runtime's int8 kernels (from /proc/cpuinfo; else the platform)."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        return model
+    if "avx512_vnni" in flags:
+        features = "AVX-512 VNNI"
+    elif "avx_vnni" in flags:
+        features = "AVX-VNNI"
+    elif "avx2" in flags:
+        features = "AVX2 without VNNI"
+    else:
+        features = "no AVX2" if flags else ""
+    return f"{model}, {features}" if features else model

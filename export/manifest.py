@@ -144,6 +144,10 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
             if not isinstance(int8, dict):
                 raise ManifestError(f"{path}: field 'graphs.{name}.int8' is not an object; {fix}")
             _check_file(directory, path, f"graphs.{name}.int8", int8, verify_hashes, fix)
+            frames = int8.get("check", {}).get("frames_file")  # kept for kernel checks
+            if isinstance(frames, dict):
+                _check_file(directory, path, f"graphs.{name}.int8.check.frames_file", frames,
+                            verify_hashes, fix)
     for name, entry in data["engines"].items():
         if not isinstance(entry, dict):
             raise ManifestError(f"{path}: field 'engines.{name}' is not an object; "

@@ -1,5 +1,6 @@
-"""The FlowWarp CUDA kernel (`flow_warp.cu`): its source, PTX compilation, launch geometry, and a
-small launcher over the CUDA driver API, shared by the TensorRT plugin, the runtime and tests.
+"""The FlowWarp CUDA kernel (`flow_warp.cu`): its source, PTX compilation, which PTX ISA a GPU
+driver loads, launch geometry, and a small launcher over the CUDA driver API, shared by the
+TensorRT plugin, the runtime and tests.
 
 Kernels `flow_warp_f32` and `flow_warp_f16` take, in TensorRT's AOT plugin order (input
 pointers, scalar extras, output pointers):
@@ -8,12 +9,13 @@ pointers, scalar extras, output pointers):
 
 all NCHW and contiguous; fp16 tensors are read and written as fp16, arithmetic is fp32.
 cuda-python (`pip install dff-trt[gpu]`) is imported only where a function needs it; the
-geometry is plain Python.
+geometry and the PTX ISA rules are plain Python.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -76,7 +78,8 @@ def _nvrtc() -> Any:
 
         nvrtc.nvrtcVersion()  # loads the library (the nvidia-cuda-nvrtc wheel or a toolkit's)
     except (ImportError, RuntimeError) as e:
-        raise DffError(f"compiling the FlowWarp kernel needs cuda-python and NVRTC ({e}): "
+        why = " ".join(str(e).split())  # one line, whatever the loader said
+        raise DffError(f"compiling the FlowWarp kernel needs cuda-python and NVRTC ({why}): "
                        f"{_GPU_HINT}") from e
     return nvrtc
 
@@ -147,21 +150,75 @@ def nvrtc_version() -> tuple[int, int]:
     return major, minor
 
 
-def check_driver_can_load_nvrtc_ptx() -> None:
-    """Raise DffError if NVRTC is newer than the GPU driver, which could not load its PTX (the
-    PTX ISA version follows the compiler). Without a driver (building PTX only) it passes."""
+# The NVRTC that dff-trt[gpu] pins (pyproject.toml): the oldest CUDA 13, whose PTX (ISA 9.0)
+# loads on every CUDA 13 driver.
+NVRTC_PIN = (13, 0)
+NVRTC_FIX = f"pip install 'nvidia-cuda-nvrtc=={NVRTC_PIN[0]}.{NVRTC_PIN[1]}.*'"
+
+# The newest PTX ISA a driver of each CUDA version loads. Documented (the PTX ISA manual's
+# release notes): 12.0-12.5 -> 8.0-8.5, 12.6 -> 8.5, 12.8 -> 8.7, 12.9 -> 8.8, 13.0 -> 9.0.
+# Extrapolated: 13.N -> 9.N for N >= 1, and any CUDA M.N newer than the table -> (M-4).N.
+_PTX_ISA = {(12, 0): (8, 0), (12, 1): (8, 1), (12, 2): (8, 2), (12, 3): (8, 3), (12, 4): (8, 4),
+            (12, 5): (8, 5), (12, 6): (8, 5), (12, 8): (8, 7), (12, 9): (8, 8), (13, 0): (9, 0)}
+
+
+def ptx_isa(ptx: bytes | str) -> tuple[int, int]:
+    """The PTX ISA version (major, minor) of a PTX text, from its `.version X.Y` line."""
+    text = ptx.decode("ascii", "replace") if isinstance(ptx, bytes) else ptx
+    match = re.search(r"^\s*\.version\s+(\d+)\.(\d+)", text, re.MULTILINE)
+    if match is None:
+        raise ValueError("not PTX: no `.version X.Y` line")
+    return int(match.group(1)), int(match.group(2))
+
+
+def newest_ptx_isa(cuda: tuple[int, int]) -> tuple[int, int] | None:
+    """The newest PTX ISA a driver of CUDA version `cuda` loads; None before CUDA 12.0."""
+    if cuda in _PTX_ISA:
+        return _PTX_ISA[cuda]
+    if cuda > max(_PTX_ISA):  # extrapolated: ISA major = CUDA major - 4, minor = minor
+        return cuda[0] - 4, cuda[1]
+    known = [v for v in _PTX_ISA if v <= cuda]  # a release between entries (12.7): the one below
+    return _PTX_ISA[max(known)] if known else None
+
+
+def driver_loads_ptx(isa: tuple[int, int], cuda: tuple[int, int]) -> bool:
+    """Whether a driver of CUDA version `cuda` loads PTX of ISA version `isa`."""
+    newest = newest_ptx_isa(cuda)
+    return newest is not None and isa <= newest
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def check_ptx_loads(isa: tuple[int, int], driver_cuda: tuple[int, int],
+                    nvrtc: tuple[int, int]) -> None:
+    """Raise DffError unless the driver (CUDA `driver_cuda`) loads PTX of ISA `isa` that NVRTC
+    `nvrtc` made; the message names all three and the fix."""
+    if driver_loads_ptx(isa, driver_cuda):
+        return
+    fix = (NVRTC_FIX if driver_cuda >= NVRTC_PIN else
+           f"update the GPU driver to CUDA {_dotted(NVRTC_PIN)} or newer (R580+), which "
+           "dff-trt[gpu] is built for")
+    raise DffError(f"NVRTC {_dotted(nvrtc)} makes FlowWarp PTX of ISA {_dotted(isa)}, which "
+                   f"this GPU driver (CUDA {_dotted(driver_cuda)}) cannot load: {fix}")
+
+
+def driver_cuda_version() -> tuple[int, int] | None:
+    """The CUDA version (major, minor) of this machine's GPU driver; None without a driver."""
     try:
         version = _check(_driver().cuDriverGetVersion(), "cuDriverGetVersion")
-    except RuntimeError:  # no driver library on this machine
-        return
-    driver_cuda = (version // 1000, version % 1000 // 10)
-    nvrtc_cuda = nvrtc_version()
-    if nvrtc_cuda > driver_cuda:
-        fix = (f"pip install 'nvidia-cuda-nvrtc=={driver_cuda[0]}.{driver_cuda[1]}.*', or update "
-               "the driver" if driver_cuda[0] == nvrtc_cuda[0] else
-               "update the driver: dff-trt[gpu] is built for CUDA 13 (R580 or newer)")
-        raise DffError(f"NVRTC {nvrtc_cuda[0]}.{nvrtc_cuda[1]} makes PTX that the GPU driver "
-                       f"(CUDA {driver_cuda[0]}.{driver_cuda[1]}) cannot load: {fix}")
+    except (DffError, RuntimeError, OSError):  # no cuda-python, or no driver library here
+        return None
+    return version // 1000, version % 1000 // 10
+
+
+def check_driver_can_load_nvrtc_ptx(ptx: bytes) -> None:
+    """Raise DffError if this machine's GPU driver cannot load `ptx` (from this NVRTC): its
+    PTX ISA follows the compiler. Without a driver (building PTX only) it passes."""
+    driver_cuda = driver_cuda_version()
+    if driver_cuda is not None:
+        check_ptx_loads(ptx_isa(ptx), driver_cuda, nvrtc_version())
 
 
 def _check_nvrtc(nvrtc: Any, err: Any, what: str) -> None:
@@ -205,9 +262,9 @@ class FlowWarpKernel:
             # PTX for the device's architecture (NVRTC), unless the caller brings its own.
             self.arch = None
             if ptx is None:
-                check_driver_can_load_nvrtc_ptx()
                 self.arch = self._best_arch()
                 ptx = compile_ptx(self.arch)
+                check_driver_can_load_nvrtc_ptx(ptx)
             self.ptx = ptx
             self._module = self._load(self.ptx)
             self._functions = {
@@ -239,7 +296,7 @@ class FlowWarpKernel:
         _check_nvrtc(nvrtc, err, "nvrtcGetSupportedArchs")
         usable = [a for a in archs if a <= 10 * major + minor]
         if not usable:
-            raise DffError(f"NVRTC {nvrtc_version()} cannot compile for sm_{major}{minor}")
+            raise DffError(f"NVRTC {_dotted(nvrtc_version())} cannot compile for sm_{major}{minor}")
         return f"sm_{max(usable)}"
 
     def __call__(self, feat: int, flow: int, scale: int, out: int, n: int, c: int, h: int,

@@ -4,11 +4,14 @@
 (fp32 or fp16, LINEAR) and an ahead-of-time implementation: the FlowWarp kernel's PTX
 (NVRTC, `dff.plugins.kernel`), its launch grid as shape expressions and the scalar arguments
 N, C, H, W. The ONNX parser then maps the node FlowWarp in domain "dff" to this plugin.
+It compiles the PTX and checks that this machine's driver loads it first: TensorRT only logs
+an exception raised inside the AOT callback, and the build then fails without saying why.
 
 Why AOT `tensorrt.plugin` rather than a C++ IPluginV3: TensorRT embeds the PTX and launch
 rule in the engine, so the engine runs with no Python callback (from C++ too) and there is
 no plugin .so to build and ship per platform; and FlowWarp has no attributes, which AOT
-plugins do not serialise. Python (with cuda-python) is needed only to build the engine.
+plugins do not serialise. Python (with cuda-python) is needed only to build the engine; the
+runtime never registers the plugin.
 
 The rules themselves are plain functions of ints and dtype names, so they are tested
 without TensorRT; the decorated functions only translate TensorRT's descriptors.
@@ -75,8 +78,31 @@ def kernel_name(dtype: str) -> str:
 
 @functools.cache
 def _ptx() -> bytes:
-    kernel.check_driver_can_load_nvrtc_ptx()  # else TensorRT fails later, less clearly
-    return kernel.compile_ptx(PTX_ARCH)
+    """The sm_80 PTX that engines embed, compiled once and checked against this driver."""
+    ptx = kernel.compile_ptx(PTX_ARCH)
+    kernel.check_driver_can_load_nvrtc_ptx(ptx)
+    return ptx
+
+
+def compile_plugin_ptx() -> bytes:
+    """`_ptx()`, with NVRTC's failures as one DffError line naming the fix."""
+    try:
+        return _ptx()
+    except RuntimeError as e:  # NVRTC refused flow_warp.cu, or one of its calls failed
+        raise DffError(f"NVRTC could not compile plugins/flow_warp.cu for the FlowWarp plugin "
+                       f"({_first_error(str(e))}): install the NVRTC it is built with, "
+                       f"{kernel.NVRTC_FIX}") from e
+
+
+def _first_error(log: str) -> str:
+    """The first line of an NVRTC message that names an error (else its first line)."""
+    lines = [" ".join(line.split()) for line in log.splitlines() if line.strip()] or ["?"]
+    return next((line for line in lines[1:] if "error" in line), lines[0])[:200]
+
+
+def ptx_isa() -> str:
+    """The PTX ISA version ('9.0') of the kernel that engines embed, for their manifest entry."""
+    return "{}.{}".format(*kernel.ptx_isa(compile_plugin_ptx()))
 
 
 def _require_tensorrt() -> None:
@@ -107,8 +133,10 @@ def _dims(desc: Any) -> Dims:
 
 
 def register_plugin() -> None:
-    """Register `dff::FlowWarp` with TensorRT's plugin registry; later calls do nothing."""
+    """Register `dff::FlowWarp` with TensorRT's plugin registry; later calls do nothing. Call
+    it before parsing: it compiles the PTX here, so that TensorRT's callback cannot fail."""
     _require_tensorrt()
+    compile_plugin_ptx()
     import tensorrt.plugin as trtp
 
     namespace, name = PLUGIN_ID.split("::")

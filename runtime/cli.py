@@ -173,7 +173,8 @@ def resolve_engines(args: argparse.Namespace, parser: argparse.ArgumentParser,
 
 def choose_backend(args: argparse.Namespace, engine_dir: Path,
                    log: Log) -> tuple[Backend, str | None]:
-    """Open --backend; for `auto`, log which one pick_auto took and why (one line)."""
+    """Open --backend; for `auto`, log which one pick_auto took and why (one line); for ONNX
+    Runtime int8, how its kernels here compare with the graph's own error (one line)."""
     kind, reason = ALIASES.get(args.backend, args.backend), None
     if kind == "auto":
         kind, reason = pick_auto(engine_dir)
@@ -181,6 +182,15 @@ def choose_backend(args: argparse.Namespace, engine_dir: Path,
     backend = open_backend(kind, engine_dir, device=args.device, checkpoint=args.checkpoint,
                            threads=args.threads, cuda_graph=args.useCudaGraph,
                            precision=args.precision)
+    check = getattr(backend, "int8_check", None)  # ONNX Runtime int8: its kernels, measured
+    if check is not None:
+        from dff.engines.quantize import describe_kernel_check
+
+        line = describe_kernel_check(check, engine_dir)
+        if check.get("ok", True):
+            log(line)
+        else:  # a worse model than the graph: said even with --quiet
+            print(line, file=sys.stderr, flush=True)
     return backend, reason
 
 
@@ -321,6 +331,7 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     written = [p for p in (out_video, out_json) if p is not None]
     summary.update({
         "backend_reason": reason,
+        "int8_check": getattr(backend, "int8_check", None),
         "schedule_name": args.schedule,
         "key_interval": None if args.schedule == "per-frame" else key_interval,
         "engine_dir": str(engine_dir),

@@ -33,7 +33,8 @@ class OrtBackend:
     kernels are queued (ONNX Runtime's end-of-run stream synchronisation is turned off), as
     TensorRT's enqueue does: everything after it is ordered on the same stream, and the ring's
     events say when results are on the host. Handles are DeviceArrays on CUDA and OrtValues
-    over the same memory on the CPU. `int8` runs dff-build --int8's feature graph."""
+    over the same memory on the CPU. `int8` runs dff-build --int8's feature graph and measures
+its kernels here against the graph's own error (`int8_check`, quantize.kernel_check)."""
 
     def __init__(self, engine_dir: str | os.PathLike[str], *, cuda: bool = False,
                  device: int = 0, threads: int = 0, io_binding: bool | None = None,
@@ -49,6 +50,7 @@ class OrtBackend:
         self.device_id = device
         self.io_binding = cuda if io_binding is None else io_binding
         self.sessions: dict[str, Any] = {}
+        self.int8_check: dict[str, Any] | None = None  # int8: quantize.kernel_check's report
         if cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError(
                 f"--backend onnxruntime-cuda: this onnxruntime {ort.__version__} has no "
@@ -118,6 +120,11 @@ class OrtBackend:
                         [o.name for o in session.get_outputs()],
                         "re-export it with this version's dff-export")
             self.sessions[graph] = session
+        if self.precision == "int8":  # these kernels against the graph's own error
+            from dff.engines.quantize import kernel_check
+
+            self.int8_check = kernel_check(engine_dir, self.manifest, self.sessions["feature"],
+                                           threads)
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
         """The graph's outputs (OUTPUTS order): host arrays, or, with IOBinding, DeviceArrays

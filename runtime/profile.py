@@ -295,10 +295,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         r = (med["flow"] + med["task"]) / (med["feature"] + med["task"])
         end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r)
         name, precision = backend.name, getattr(backend, "precision", None)
+        int8_check = getattr(backend, "int8_check", None)
     finally:
         backend.close()
     result = {
         "tool": "dff-profile", "backend": name, "precision": precision, "backend_reason": reason,
+        "int8_check": int8_check,
         "gpu": stages["feature"]["gpu_compute_ms"] is not None,
         "engine_dir": str(engine_dir), "shape": list(shape), "frames": args.frames,
         "clip_seed": EVAL_SEEDS[0], "warmUp_ms": args.warmUp,

@@ -9,6 +9,10 @@ stream, labels back by async D2H into a pinned slot. With `cuda_graph=True` the 
 (flow + task) is captured into a CUDA graph over fixed buffers and replayed, captured again
 when the input shapes change.
 
+dff-build's engines embed the FlowWarp kernel (TensorRT's AOT plugin): the runtime never
+registers the Python plugin (its creator would make a JIT plugin with no implementation); it
+only checks that this machine's driver loads the embedded PTX (the entry's `ptx_isa`).
+
 TensorRT and cuda-python are imported when a TrtBackend is made; `engine_tensors` and
 `_Stage` only call the engine's methods, so tests drive them with a stand-in.
 """
@@ -37,8 +41,6 @@ from dff.runtime.buffers import (
     check,
 )
 
-from dff.errors import DffError
-
 if TYPE_CHECKING:
     import tensorrt as trt
 
@@ -56,6 +58,29 @@ def require_tensorrt() -> str:
         raise BackendError(f"--backend tensorrt needs TensorRT ({why}): pip install tensorrt "
                            "on a machine with an NVIDIA GPU, or use --backend onnxruntime-cuda")
     return str(trt.__version__)
+
+
+def check_ptx_isa(chosen: dict[str, dict[str, Any]], engine_dir: str | os.PathLike[str],
+                  precision: str) -> None:
+    """Refuse an engine whose embedded FlowWarp PTX (its entry's `ptx_isa`) this machine's GPU
+    driver cannot load: the driver of the machine that built it may have been newer."""
+    from dff.plugins import kernel
+
+    driver = kernel.driver_cuda_version()
+    d = os.fspath(engine_dir).rstrip("/") or "."
+    rebuild = f"`dff-build {d}/ --{precision}`"
+    for entry in chosen.values():
+        isa = entry.get("ptx_isa")
+        if isa is None or driver is None:
+            continue
+        parts = str(isa).split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise BackendError(f"{d}/manifest.json: engine {entry['file']} has ptx_isa {isa!r}, "
+                               f"not 'major.minor'; rebuild with {rebuild}")
+        if not kernel.driver_loads_ptx((int(parts[0]), int(parts[1])), driver):
+            raise BackendError(f"{d}/{entry['file']} embeds FlowWarp PTX of ISA {isa}, which this "
+                               f"GPU driver (CUDA {driver[0]}.{driver[1]}) cannot load: update the "
+                               f"driver, or rebuild here with {rebuild} after {kernel.NVRTC_FIX}")
 
 
 @dataclass(frozen=True)
@@ -261,7 +286,7 @@ class TrtBackend:
         chosen = select_engines(self.manifest, gpu, cc, version, precision,
                                 directory=engine_dir)
         self.precision = chosen["feature"]["precision"]
-        plugin_error = _register_plugin()
+        check_ptx_isa(chosen, engine_dir, self.precision)
         self.memory = memory = memory or CudaMemory(device)
         if cuda_graph and not isinstance(memory, CudaMemory):
             raise ValueError("cuda_graph=True needs CudaMemory")
@@ -274,8 +299,7 @@ class TrtBackend:
         self._open = True
         try:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            engines = {g: self._load(Path(engine_dir) / e["file"], plugin_error)
-                       for g, e in chosen.items()}
+            engines = {g: self._load(Path(engine_dir) / e["file"]) for g, e in chosen.items()}
             for graph, (engine, path) in engines.items():
                 self._stages[graph] = _Stage(graph, engine, self.memory, path)
             if cuda_graph:
@@ -286,12 +310,11 @@ class TrtBackend:
             self.close()
             raise
 
-    def _load(self, path: Path, plugin_error: str) -> tuple[trt.ICudaEngine, Path]:
+    def _load(self, path: Path) -> tuple[trt.ICudaEngine, Path]:
         engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:
-            why = f"; the FlowWarp plugin did not register: {plugin_error}" if plugin_error else ""
-            raise BackendError(f"{path}: TensorRT could not deserialize this engine{why} (its "
-                               f"log above says why); rebuild it with `dff-build {path.parent}/ "
+            raise BackendError(f"{path}: TensorRT could not deserialize this engine (its log "
+                               f"above says why); rebuild it with `dff-build {path.parent}/ "
                                f"--{self.precision}`")
         return engine, path
 
@@ -370,15 +393,3 @@ class TrtBackend:
         self._stages = {}
         for owned in (self._labels, self._ring, *([self.timer] if self.timer else [])):
             owned.close()
-
-
-def _register_plugin() -> str:
-    """Register dff::FlowWarp (engines with a JIT plugin need it; AOT ones embed the kernel);
-    the reason when it cannot be, for the error if an engine then fails to load."""
-    try:
-        from dff.plugins.trt_plugin import register_plugin
-
-        register_plugin()
-    except (ImportError, DffError) as e:
-        return str(e)
-    return ""

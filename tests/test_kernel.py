@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from dff.plugins.reference import flow_warp_numpy
 
 from dff.errors import DffError
 
+REPO = Path(__file__).resolve().parents[1]
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 
@@ -92,27 +94,98 @@ def test_bad_architecture_name_is_refused():
         kernel._compute_arch("ampere")
 
 
+# --- PTX ISA and the driver that loads it -----------------------------------------------------
+
+def test_ptx_isa_is_read_from_real_nvrtc_output(nvrtc_ptx):
+    line = next(x for x in nvrtc_ptx.splitlines() if x.startswith(".version"))
+    major, minor = line.split()[1].split(".")
+    isa = kernel.ptx_isa(nvrtc_ptx.encode())
+    assert isa == kernel.ptx_isa(nvrtc_ptx) == (int(major), int(minor))
+    nvrtc = kernel.nvrtc_version()
+    if nvrtc == kernel.NVRTC_PIN:  # the pinned NVRTC 13.0 (pyproject.toml's gpu extra)
+        assert isa == (9, 0)
+    assert kernel.driver_loads_ptx(isa, nvrtc)  # a driver of NVRTC's own CUDA loads its PTX
+
+
+def test_text_without_a_version_line_is_not_ptx():
+    with pytest.raises(ValueError, match="no `.version X.Y` line"):
+        kernel.ptx_isa(b"// .version 9.0\n.target sm_80\n")
+
+
+@pytest.mark.parametrize("isa, cuda, loads", [
+    ((9, 0), (13, 0), True), ((9, 5), (13, 0), False), ((9, 5), (13, 5), True),
+    ((9, 1), (13, 0), False), ((8, 8), (13, 0), True), ((9, 0), (12, 9), False),
+    ((8, 8), (12, 9), True), ((8, 8), (12, 8), False), ((8, 7), (12, 8), True),
+    ((8, 5), (12, 6), True), ((8, 6), (12, 6), False), ((8, 4), (12, 4), True),
+    ((8, 5), (12, 4), False), ((8, 0), (12, 0), True), ((8, 5), (12, 7), True),
+    ((8, 6), (12, 7), False), ((10, 2), (14, 2), True), ((10, 3), (14, 2), False),
+    ((7, 8), (11, 8), False),
+])
+def test_driver_loads_ptx_up_to_its_cuda_versions_isa(isa, cuda, loads):
+    assert kernel.driver_loads_ptx(isa, cuda) is loads
+
+
+def test_drivers_before_cuda_12_are_not_in_the_table():
+    assert kernel.newest_ptx_isa((11, 8)) is None
+    assert kernel.newest_ptx_isa((12, 0)) == (8, 0)
+    assert kernel.newest_ptx_isa((13, 0)) == (9, 0)
+
+
+def test_ptx_newer_than_a_cuda_13_driver_names_both_and_the_nvrtc_pin():
+    with pytest.raises(DffError) as info:
+        kernel.check_ptx_loads((9, 5), (13, 0), nvrtc=(13, 5))
+    assert str(info.value) == ("NVRTC 13.5 makes FlowWarp PTX of ISA 9.5, which this GPU driver "
+                               "(CUDA 13.0) cannot load: pip install 'nvidia-cuda-nvrtc==13.0.*'")
+
+
+def test_ptx_for_a_cuda_12_driver_says_update_the_driver():
+    with pytest.raises(DffError, match=r"^NVRTC 13.0 makes FlowWarp PTX of ISA 9.0, which this "
+                                       r"GPU driver \(CUDA 12.8\) cannot load: update the GPU "
+                                       r"driver to CUDA 13.0 or newer"):
+        kernel.check_ptx_loads((9, 0), (12, 8), nvrtc=(13, 0))
+    kernel.check_ptx_loads((9, 0), (13, 2), nvrtc=(13, 0))  # loads: no error
+
+
 class FakeDriver:
-    def __init__(self, version):
+    def __init__(self, version=None):
         self.version = version
 
     def cuDriverGetVersion(self):
+        if self.version is None:  # as cuda.bindings without libcuda
+            raise RuntimeError('"cuda" is an NVIDIA driver library')
         return 0, self.version
 
 
-@pytest.mark.parametrize("driver, nvrtc, loads", [(13000, (13, 5), False), (13050, (13, 5), True),
-                                                  (13020, (13, 0), True), (12080, (13, 0), False)])
-def test_nvrtc_newer_than_the_driver_is_one_clear_error(monkeypatch, driver, nvrtc, loads):
-    monkeypatch.setattr(kernel, "_driver", lambda: FakeDriver(driver))
-    monkeypatch.setattr(kernel, "nvrtc_version", lambda: nvrtc)
-    if loads:
-        kernel.check_driver_can_load_nvrtc_ptx()
-    else:  # an older NVRTC of the same CUDA major, or (CUDA 12 driver) a newer driver
-        want = (f"nvidia-cuda-nvrtc=={driver // 1000}.{driver % 1000 // 10}"
-                if driver // 1000 == nvrtc[0] else "update the driver: dff-trt[gpu] is built for "
-                "CUDA 13")
-        with pytest.raises(DffError, match=re.escape(want)):
-            kernel.check_driver_can_load_nvrtc_ptx()
+def test_driver_check_compares_the_ptxs_isa_with_the_drivers(monkeypatch):
+    monkeypatch.setattr(kernel, "nvrtc_version", lambda: (13, 5))
+    ptx95, ptx90 = b".version 9.5\n.target sm_80\n", b".version 9.0\n.target sm_80\n"
+    monkeypatch.setattr(kernel, "_driver", lambda: FakeDriver(13000))
+    assert kernel.driver_cuda_version() == (13, 0)
+    kernel.check_driver_can_load_nvrtc_ptx(ptx90)  # the ISA decides, not NVRTC's version
+    with pytest.raises(DffError, match=r"ISA 9.5, which this GPU driver \(CUDA 13.0\)"):
+        kernel.check_driver_can_load_nvrtc_ptx(ptx95)
+    monkeypatch.setattr(kernel, "_driver", lambda: FakeDriver(13050))
+    kernel.check_driver_can_load_nvrtc_ptx(ptx95)
+    monkeypatch.setattr(kernel, "_driver", lambda: FakeDriver(None))  # no driver: PTX only
+    assert kernel.driver_cuda_version() is None
+    kernel.check_driver_can_load_nvrtc_ptx(ptx95)
+
+
+def test_the_gpu_extra_admits_no_nvrtc_newer_than_cuda_13_0():
+    """The pin and the ISA rule cannot drift apart: the extra admits NVRTC 13.0 only, whose
+    PTX (ISA 9.0) every CUDA 13 driver loads, and the fix the errors print is that pin."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+")
+    from packaging.requirements import Requirement  # pytest's own dependency
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    gpu = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["gpu"]]
+    (nvrtc,) = [r for r in gpu if r.name == "nvidia-cuda-nvrtc"]
+    assert nvrtc.specifier.contains("13.0.88")
+    newer = [f"13.{n}.{m}" for n in range(1, 10) for m in (0, 99)] + ["14.0.0", "15.1.0"]
+    assert [v for v in newer if nvrtc.specifier.contains(v)] == []
+    assert kernel.NVRTC_PIN == (13, 0)
+    assert kernel.NVRTC_FIX == "pip install 'nvidia-cuda-nvrtc==13.0.*'"
+    assert kernel.newest_ptx_isa((13, 0)) == (9, 0)
 
 
 # --- launch geometry --------------------------------------------------------------------------

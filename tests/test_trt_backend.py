@@ -8,6 +8,7 @@ reads a TensorRT result that TensorRT did not make."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,13 +20,14 @@ from dff.engines.compat import EngineError
 from dff.engines.profile import profile_shapes
 from dff.export.manifest import load_manifest
 from dff.plugins.kernel import cuda_device_count
-from dff.runtime import backends, trt_backend
+from dff.runtime import backends
 from dff.runtime.backends import BackendError, open_backend, tensorrt_status
 from dff.runtime.buffers import BufferPool, HostMemory
 from dff.runtime.trt_backend import TrtBackend, _Stage, engine_tensors
 
 HAVE_TRT = tensorrt_status()[0]
 needs_no_trt = pytest.mark.skipif(HAVE_TRT, reason="TensorRT is usable here")
+REPO = Path(__file__).resolve().parents[1]
 GPU, CC, TRT = "NVIDIA H100 80GB HBM3", "9.0", "10.13.0.35"
 C = 16  # the tiny preset's feature channels
 
@@ -245,7 +247,7 @@ def stand_in(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt",
                         fake_tensorrt(Runtime=Runtime, Logger=Logger, __version__=TRT))
     monkeypatch.setattr("dff.engines.builder.device_info", lambda device=0: (GPU, CC))
-    monkeypatch.setattr(trt_backend, "_register_plugin", lambda: "")
+    monkeypatch.setattr("dff.plugins.kernel.driver_cuda_version", lambda: (13, 0))
     return log
 
 
@@ -294,6 +296,65 @@ def test_backend_names_an_engine_that_does_not_deserialize(engine_dir, stand_in)
         TrtBackend(engine_dir, memory=HostMemory())
 
 
+class Untouchable(types.ModuleType):
+    """A module that records every attribute read (an import reads __spec__ too)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        object.__setattr__(self, "reads", [])
+
+    def __getattribute__(self, attr):
+        if attr != "reads":
+            object.__getattribute__(self, "reads").append(attr)
+        return object.__getattribute__(self, attr)
+
+
+def test_opening_the_backend_never_touches_the_python_plugin(engine_dir, stand_in, monkeypatch):
+    """AOT engines embed the kernel; a registered creator would make a JIT plugin instead."""
+    import dff.plugins
+
+    plugin = Untouchable("dff.plugins.trt_plugin")
+    monkeypatch.setitem(sys.modules, "dff.plugins.trt_plugin", plugin)
+    monkeypatch.setattr(dff.plugins, "trt_plugin", plugin, raising=False)
+    backend = TrtBackend(engine_dir, memory=HostMemory())
+    backend.task(backend.feature(np.zeros((1, 3, 64, 96), np.uint8)))
+    backend.close()
+    assert plugin.reads == []
+
+
+def with_ptx_isa(engine_dir, isa):
+    """Record `isa` as the flow engine's ptx_isa, as dff-build does for the FlowWarp plugin."""
+    manifest = load_manifest(engine_dir)
+    (name, entry), = [(k, e) for k, e in manifest["engines"].items() if e["graph"] == "flow"]
+    entries.record_engines(engine_dir, manifest, {name: {**entry, "ptx_isa": isa}})
+    return entry["file"]
+
+
+def test_backend_refuses_engines_whose_ptx_this_driver_cannot_load(engine_dir, stand_in):
+    flow = with_ptx_isa(engine_dir, "9.5")
+    with pytest.raises(BackendError) as info:
+        TrtBackend(engine_dir, memory=HostMemory())
+    assert str(info.value) == (
+        f"{engine_dir}/{flow} embeds FlowWarp PTX of ISA 9.5, which this GPU driver (CUDA 13.0) "
+        f"cannot load: update the driver, or rebuild here with `dff-build {engine_dir}/ --fp32` "
+        "after pip install 'nvidia-cuda-nvrtc==13.0.*'")
+
+
+def test_backend_loads_engines_whose_ptx_this_driver_loads(engine_dir, stand_in, monkeypatch):
+    with_ptx_isa(engine_dir, "9.0")
+    TrtBackend(engine_dir, memory=HostMemory()).close()
+    with_ptx_isa(engine_dir, "9.5")
+    monkeypatch.setattr("dff.plugins.kernel.driver_cuda_version", lambda: (13, 5))
+    TrtBackend(engine_dir, memory=HostMemory()).close()
+
+
+def test_backend_refuses_a_ptx_isa_that_is_not_major_minor(engine_dir, stand_in):
+    flow = with_ptx_isa(engine_dir, "nine")
+    with pytest.raises(BackendError, match=rf"manifest.json: engine {flow} has ptx_isa 'nine', "
+                                           r"not 'major.minor'; rebuild with `dff-build "):
+        TrtBackend(engine_dir, memory=HostMemory())
+
+
 def test_cuda_graph_needs_cuda_memory(engine_dir, stand_in):
     with pytest.raises(ValueError, match="cuda_graph=True needs CudaMemory"):
         TrtBackend(engine_dir, memory=HostMemory(), cuda_graph=True)
@@ -317,21 +378,84 @@ def built(tiny_export, tmp_path_factory):
     return out
 
 
-@needs_trt_gpu
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_tensorrt_labels_agree_with_onnxruntime_through_the_pipeline(built, cuda_graph):
+def clip_labels(backend) -> np.ndarray:
+    """The labels of a 9-frame synthetic clip through the pipeline at key interval 3 (as
+    RUN_ENGINES below computes them)."""
     from dff.data.synthetic import make_clip
     from dff.runtime.pipeline import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
-    clip = make_clip(7, 9, 64, 96)
-    labels = {}
-    for name, backend in (("ort", open_backend("onnxruntime-cpu", built, threads=1)),
-                          ("trt", TrtBackend(built, cuda_graph=cuda_graph, timing=True))):
-        results = Pipeline(backend, FixedInterval(3)).run(iter(clip.frames))
-        labels[name] = np.stack([r.labels for r in results])
-        if name == "trt":
-            assert {"feature", "task", "h2d", "d2h"} <= set(backend.stage_ms())
+    results = Pipeline(backend, FixedInterval(3)).run(iter(make_clip(7, 9, 64, 96).frames))
+    return np.stack([r.labels for r in results])
+
+
+@pytest.fixture(scope="module")
+def ort_labels(built):
+    backend = open_backend("onnxruntime-cpu", built, threads=1)
+    try:
+        return clip_labels(backend)
+    finally:
         backend.close()
-    agree = (labels["trt"] == labels["ort"]).mean()
+
+
+@needs_trt_gpu
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_tensorrt_labels_agree_with_onnxruntime_through_the_pipeline(built, ort_labels,
+                                                                    cuda_graph):
+    """In the process that built the engines (where the plugin is registered)."""
+    assert "dff.plugins.trt_plugin" in sys.modules
+    backend = TrtBackend(built, cuda_graph=cuda_graph, timing=True)
+    try:
+        labels = clip_labels(backend)
+        assert {"feature", "task", "h2d", "d2h"} <= set(backend.stage_ms())
+    finally:
+        backend.close()
+    agree = (labels == ort_labels).mean()
+    assert agree >= 0.99, agree
+
+
+@needs_trt_gpu
+def test_the_flow_engine_records_the_ptx_isa_it_embeds_and_this_driver_loads(built):
+    from dff.plugins import kernel
+
+    (flow,) = [e for e in load_manifest(built)["engines"].values() if e["graph"] == "flow"]
+    assert flow["flow_warp"] == "plugin"
+    assert flow["ptx_isa"] == "{}.{}".format(*kernel.ptx_isa(kernel.compile_ptx("sm_80")))
+    major, minor = map(int, flow["ptx_isa"].split("."))
+    assert kernel.driver_loads_ptx((major, minor), kernel.driver_cuda_version())
+
+
+# Runs the engines as a deployment box would: no dff.plugins.trt_plugin, no dff creator.
+RUN_ENGINES = """
+import sys
+import numpy as np
+import tensorrt as trt
+from dff.data.synthetic import make_clip
+from dff.runtime.pipeline import Pipeline
+from dff.runtime.scheduler import FixedInterval
+from dff.runtime.trt_backend import TrtBackend
+
+backend = TrtBackend(sys.argv[1])
+results = Pipeline(backend, FixedInterval(3)).run(iter(make_clip(7, 9, 64, 96).frames))
+labels = np.stack([r.labels for r in results])
+backend.close()
+assert "dff.plugins.trt_plugin" not in sys.modules, "the runtime imported the Python plugin"
+registry = trt.get_plugin_registry()
+dff = [c.name for c in registry.all_creators if getattr(c, "plugin_namespace", "") == "dff"]
+assert not dff, f"dff plugin creators registered: {dff}"
+np.save(sys.argv[2], labels)
+"""
+
+
+@needs_trt_gpu
+def test_engines_run_in_a_fresh_process_that_never_imports_the_plugin(built, ort_labels,
+                                                                      tmp_path):
+    """AOT engines embed the FlowWarp kernel: a process without the Python plugin runs them."""
+    out = tmp_path / "labels.npy"
+    result = subprocess.run([sys.executable, "-c", RUN_ENGINES, str(built), str(out)],
+                            cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    labels = np.load(out)
+    assert labels.shape == ort_labels.shape
+    agree = (labels == ort_labels).mean()
     assert agree >= 0.99, agree

@@ -108,6 +108,86 @@ def test_stubs_without_tensorrt_are_not_taken_for_tensorrt(monkeypatch):
         trt_plugin.register_plugin()
 
 
+# --- the eager PTX compile, with TensorRT stand-ins -------------------------------------------
+
+class Untouchable(types.ModuleType):
+    """A module that records every attribute read (an import reads __spec__ too)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        object.__setattr__(self, "reads", [])
+
+    def __getattribute__(self, attr):
+        if attr != "reads":
+            object.__getattribute__(self, "reads").append(attr)
+        return object.__getattribute__(self, attr)
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """TensorRT 'present' as stand-ins that record any use, and fresh PTX caches."""
+    trtp = Untouchable("tensorrt.plugin")
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    monkeypatch.setattr(trt_plugin, "_require_tensorrt", lambda: None)
+    monkeypatch.setattr(trt_plugin, "_ptx", functools.cache(trt_plugin._ptx.__wrapped__))
+    monkeypatch.setattr(kernel, "compile_ptx", functools.cache(kernel.compile_ptx.__wrapped__))
+    return trtp
+
+
+NVRTC_LOG = ('NVRTC failed on flow_warp.cu for sm_80:\nflow_warp.cu(40): error: identifier '
+             '"__half" is undefined\n\n1 error detected in the compilation of "flow_warp.cu".\n')
+
+
+def test_register_plugin_turns_an_nvrtc_failure_into_one_line_before_registering(
+        eager, monkeypatch):
+    def fail(arch="sm_80", fp16=True):
+        raise RuntimeError(NVRTC_LOG)
+
+    monkeypatch.setattr(kernel, "compile_ptx", fail)
+    with pytest.raises(DffError) as info:
+        trt_plugin.register_plugin()
+    assert str(info.value) == (
+        "NVRTC could not compile plugins/flow_warp.cu for the FlowWarp plugin (flow_warp.cu(40): "
+        "error: identifier \"__half\" is undefined): install the NVRTC it is built with, "
+        "pip install 'nvidia-cuda-nvrtc==13.0.*'")
+    assert eager.reads == []  # tensorrt.plugin never imported: nothing registered
+
+
+def test_register_plugin_without_a_loadable_nvrtc_is_one_line_before_registering(
+        eager, monkeypatch):
+    nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python is not installed")
+
+    def missing():
+        raise RuntimeError("libnvrtc.so.13: cannot open shared object file\n  (searched: wheel)")
+
+    monkeypatch.setattr(nvrtc, "nvrtcVersion", missing)
+    with pytest.raises(DffError, match=r"^compiling the FlowWarp kernel needs cuda-python and "
+                                       r"NVRTC \(libnvrtc.so.13: cannot open shared object file "
+                                       r"\(searched: wheel\)\): pip install dff-trt\[gpu\]$"):
+        trt_plugin.register_plugin()
+    assert eager.reads == []
+
+
+def test_register_plugin_refuses_ptx_this_driver_cannot_load_before_registering(
+        eager, monkeypatch):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python is not installed")
+    monkeypatch.setattr(kernel, "driver_cuda_version", lambda: (12, 8))  # older than the PTX
+    with pytest.raises(DffError, match=r"GPU driver \(CUDA 12.8\) cannot load: update the GPU "
+                                       r"driver to CUDA 13.0"):
+        trt_plugin.register_plugin()
+    assert eager.reads == []
+
+
+def test_the_plugins_ptx_isa_is_the_version_of_the_ptx_it_compiled(eager):
+    pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python is not installed")
+    try:
+        ptx = trt_plugin.compile_plugin_ptx().decode()
+    except DffError as e:  # no NVRTC library, or a driver that cannot load its PTX
+        pytest.skip(str(e))
+    assert f".version {trt_plugin.ptx_isa()}\n" in ptx and ".target sm_80" in ptx
+
+
 # --- with TensorRT ----------------------------------------------------------------------------
 
 @needs_trt

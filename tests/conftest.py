@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 from dff.models.config import PRESETS, DFFConfig
@@ -49,3 +51,16 @@ def tiny_export(tmp_path_factory):
 def engines(tiny_export):
     """The engine folder of `tiny_export` (ONNX graphs + manifest.json)."""
     return tiny_export[1]
+
+
+class Untouchable(types.ModuleType):
+    """A module that records every attribute read (an import reads __spec__ too)."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        object.__setattr__(self, "reads", [])
+
+    def __getattribute__(self, attr):
+        if attr != "reads":
+            object.__getattribute__(self, "reads").append(attr)
+        return object.__getattribute__(self, attr)

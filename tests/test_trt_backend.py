@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Untouchable
 from dff.engines import entries
 from dff.engines.compat import EngineError
 from dff.engines.profile import profile_shapes
@@ -294,19 +295,6 @@ def test_backend_names_an_engine_that_does_not_deserialize(engine_dir, stand_in)
     with pytest.raises(BackendError, match=r"task\..*\.plan: TensorRT could not deserialize this "
                                            r"engine .*rebuild it with `dff-build .* --fp32`"):
         TrtBackend(engine_dir, memory=HostMemory())
-
-
-class Untouchable(types.ModuleType):
-    """A module that records every attribute read (an import reads __spec__ too)."""
-
-    def __init__(self, name):
-        super().__init__(name)
-        object.__setattr__(self, "reads", [])
-
-    def __getattribute__(self, attr):
-        if attr != "reads":
-            object.__getattribute__(self, "reads").append(attr)
-        return object.__getattribute__(self, attr)
 
 
 def test_opening_the_backend_never_touches_the_python_plugin(engine_dir, stand_in, monkeypatch):

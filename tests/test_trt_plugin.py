@@ -14,6 +14,7 @@ import types
 
 import numpy as np
 import pytest
+from conftest import Untouchable
 from dff.plugins import kernel, trt_plugin
 from dff.plugins.reference import flow_warp_numpy
 
@@ -109,19 +110,6 @@ def test_stubs_without_tensorrt_are_not_taken_for_tensorrt(monkeypatch):
 
 
 # --- the eager PTX compile, with TensorRT stand-ins -------------------------------------------
-
-class Untouchable(types.ModuleType):
-    """A module that records every attribute read (an import reads __spec__ too)."""
-
-    def __init__(self, name):
-        super().__init__(name)
-        object.__setattr__(self, "reads", [])
-
-    def __getattribute__(self, attr):
-        if attr != "reads":
-            object.__getattribute__(self, "reads").append(attr)
-        return object.__getattribute__(self, attr)
-
 
 @pytest.fixture
 def eager(monkeypatch):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 CLASS_NAMES: tuple[str, ...] = ("background", "disc", "box", "triangle", "cross")
+DETECTION_CLASS_NAMES: tuple[str, ...] = CLASS_NAMES[1:]  # detection class i is label i + 1
 EVAL_FRAMES = 60
 EVAL_SEEDS: tuple[int, ...] = tuple(10_000_000 + i for i in range(20))
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from dff.data.synthetic import CLASS_NAMES
+from dff.data.synthetic import CLASS_NAMES, DETECTION_CLASS_NAMES
+
+from dff.tasks import DETECTION, MAX_DETECTIONS, SCORE_THRESHOLD
 
 
 @dataclass
@@ -18,6 +20,9 @@ class DFFConfig:
     flow_width: float = 0.5          # FlowNet-S width: 1 = released code, 0.5 = FlowNet Half
     head_channels: int = 256
     head_subcell: int = 4            # logits per cell side before bilinear upsampling (1 = DeepLab)
+    head_upsample: int = 1           # detection: 2 doubles the head's map (output stride 8)
+    max_detections: int = MAX_DETECTIONS      # detection: K, the fixed rows of task.onnx
+    score_threshold: float = SCORE_THRESHOLD  # detection: rows at or below are padding
     stride: int = 16
     mean: list[float] = field(default_factory=lambda: [123.15, 115.90, 103.06])
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
@@ -30,6 +35,12 @@ class DFFConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def for_task(self, task: str) -> DFFConfig:
+        """This architecture for `task`, with the benchmark's class names for it (detection
+        has no background class)."""
+        names = DETECTION_CLASS_NAMES if task == DETECTION else CLASS_NAMES
+        return DFFConfig.from_dict({**self.to_dict(), "task": task, "class_names": list(names)})
 
     @classmethod
     def from_dict(cls, d: dict) -> DFFConfig:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from dff.models.config import DFFConfig
@@ -24,7 +25,8 @@ class DFF(nn.Module):
                                  config.feat_dilation)
         self.flownet = FlowNetS(config.feat_channels, config.flow_width)
         self.head = build_head(config.task, config.feat_channels, config.num_classes,
-                               config.head_channels, config.stride, config.head_subcell)
+                               config.head_channels, config.stride, config.head_subcell,
+                               config.head_upsample)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(config.std).view(1, 3, 1, 1),
                              persistent=False)
@@ -36,8 +38,23 @@ class DFF(nn.Module):
     def flow(self, image: torch.Tensor, key_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.flownet(image, key_image, self.mean)
 
-    def task(self, feat: torch.Tensor) -> torch.Tensor:
+    def task(self, feat: torch.Tensor) -> Any:
+        """The head's raw outputs: logits [N,K,H,W] (segmentation), or (heat, size, offset)
+        (detection); `outputs` turns them into the task contract's tensors."""
         return self.head(feat)
+
+    def outputs(self, raw: Any) -> dict[str, torch.Tensor]:
+        """The task contract's outputs (dff/tasks.py) from `task`'s raw outputs: `labels`
+        (segmentation), or boxes, scores, classes, num (detection). task.onnx computes this."""
+        cfg = self.config
+        if cfg.task == "detection":
+            from dff.models.detection import decode
+
+            boxes, scores, classes, num = decode(*raw, stride=self.head.out_stride,
+                                                 max_detections=cfg.max_detections,
+                                                 score_threshold=cfg.score_threshold)
+            return {"boxes": boxes, "scores": scores, "classes": classes, "num": num}
+        return {"labels": raw.argmax(1).to(torch.uint8)}
 
     # the two paths
     def forward_key(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,8 +74,9 @@ class DFF(nn.Module):
 
     @torch.no_grad()
     def video(self, frames: Iterable[torch.Tensor], is_key: Iterable[bool],
-              copy_features: bool = False) -> Iterator[torch.Tensor]:
-        """Run a clip frame by frame ([1,3,H,W] each) under a key-frame schedule; yields logits.
+              copy_features: bool = False) -> Iterator[Any]:
+        """Run a clip frame by frame ([1,3,H,W] each) under a key-frame schedule; yields the
+        head's raw outputs (`outputs` decodes them).
         ``copy_features`` is the naive baseline: non-key frames reuse the key features as is."""
         key_feat = key_image = None
         for frame, key in zip(frames, is_key):

@@ -1,6 +1,6 @@
 """N_task heads. Each takes the (possibly warped) features [N,C,h,w] and returns its raw
-outputs; ``build_head`` picks one from the config's ``task``. Detection comes later and
-plugs in here with its own ``task`` name."""
+outputs; ``build_head`` picks one from the config's ``task`` (the detection head lives in
+``dff.models.detection``)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,11 @@ class SegmentationHead(nn.Module):
 
 
 def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int,
-               subcell: int = 4) -> nn.Module:
+               subcell: int = 4, upsample: int = 1) -> nn.Module:
     if task == "segmentation":
         return SegmentationHead(in_channels, num_classes, channels, stride=stride, subcell=subcell)
-    raise ValueError(f"unknown task {task!r}: this version has 'segmentation'")
+    if task == "detection":
+        from dff.models.detection import DetectionHead
+
+        return DetectionHead(in_channels, num_classes, channels, stride=stride, upsample=upsample)
+    raise ValueError(f"unknown task {task!r}: expected 'segmentation' or 'detection'")

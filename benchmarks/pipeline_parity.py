@@ -2,7 +2,8 @@
 
 Runs the exported graphs (ONNX Runtime CPU) and the PyTorch backend through the same
 Pipeline and fixed schedule on every clip of the synthetic evaluation split, and prints the
-fraction of label pixels on which they agree, per key interval (issue 3 asks ≥ 99.9 % at
+fraction of label pixels on which they agree (segmentation; detection has
+benchmarks/detection_parity.py), per key interval (issue 3 asks ≥ 99.9 % at
 k=1 and k=10). Also the mIoU of each against the ground truth. With `--precision int8`
 ONNX Runtime runs the int8 feature graph of `dff-build --int8` instead: the agreement and the
 mIoU then measure what quantization costs, and no agreement is required.
@@ -21,7 +22,7 @@ import numpy as np
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.export.manifest import load_manifest
 from dff.models.evaluate import confusion, miou
-from dff.runtime.backends import open_backend
+from dff.runtime.backends import open_backend, task_spec
 from dff.runtime.pipeline import Pipeline
 from dff.runtime.scheduler import make_scheduler
 
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--json")
     args = p.parse_args(argv)
     manifest = load_manifest(args.engine_dir)
+    if task_spec(manifest)["kind"] != "segmentation":
+        print(f"pipeline_parity: {args.engine_dir}/manifest.json holds a detection model (field "
+              "'task.kind'); compare it with benchmarks/detection_parity.py", file=sys.stderr)
+        return 1
     k = len(manifest["class_names"])
     _, h, w = manifest["profile"]["opt"]
     backends = {name: open_backend(name, args.engine_dir, threads=args.threads,

@@ -25,6 +25,10 @@ import numpy as np
 CLASS_NAMES: tuple[str, ...] = ("background", "disc", "box", "triangle", "cross")
 DETECTION_CLASS_NAMES: tuple[str, ...] = CLASS_NAMES[1:]  # detection class i is label i + 1
 EVAL_FRAMES = 60
+# An object is an ignore region (docs/DESIGN.md §4) when fewer pixels than this are visible
+# (one stride-16 cell), or less than this fraction of its whole silhouette is.
+IGNORE_MIN_PIXELS = 256
+IGNORE_MIN_VISIBLE = 0.25
 EVAL_SEEDS: tuple[int, ...] = tuple(10_000_000 + i for i in range(20))
 
 _EDGE_MARGIN = 1.5  # image px: flow within this distance of a visible edge is invalid
@@ -56,7 +60,10 @@ class Clip:
     labels: np.ndarray  # uint8 [T,H,W] class id
     instances: np.ndarray  # int16 [T,H,W]: 0 background, i+1 object i (topmost visible)
     boxes: list[np.ndarray]  # per frame float32 [M_t,4] x0,y0,x1,y1 (x1,y1 exclusive)
-    box_classes: list[np.ndarray]  # per frame int64 [M_t]
+    box_classes: list[np.ndarray]  # per frame int64 [M_t]: segmentation label (1..4)
+    box_pixels: list[np.ndarray]  # per frame int64 [M_t]: visible pixels (top layer, in view)
+    box_visible: list[np.ndarray]  # per frame float32 [M_t]: of the whole silhouette, visible
+    box_ignore: list[np.ndarray]  # per frame bool [M_t]: ignore region (see is_ignore)
     gains: np.ndarray  # float64 [T]
     _poses: np.ndarray = field(repr=False)  # [T, 1+objects, 4]: scale, angle, bx, by
     _shapes: tuple[_Shape, ...] = field(repr=False)
@@ -87,6 +94,12 @@ class Clip:
                 valid[sel] = ~bad
         flow = np.stack([qx - xs, qy - ys]).astype(np.float32)
         return flow, valid
+
+
+def is_ignore(pixels: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """The ignore rule: fewer than IGNORE_MIN_PIXELS visible pixels, or less than
+    IGNORE_MIN_VISIBLE of the silhouette (in and out of the image) visible."""
+    return (np.asarray(pixels) < IGNORE_MIN_PIXELS) | (np.asarray(visible) < IGNORE_MIN_VISIBLE)
 
 
 def make_clip(seed: int, num_frames: int = 60, height: int = 128, width: int = 224) -> Clip:
@@ -303,11 +316,11 @@ def _render(poses: np.ndarray, shapes: tuple[_Shape, ...], textures: list[_Textu
     frames = np.empty((num_frames, height, width, 3), np.uint8)
     instances = np.zeros((num_frames, height, width), np.int16)
     class_of = np.array([0] + [s.cls for s in shapes], np.uint8)
-    boxes, box_classes = [], []
+    boxes, box_classes, box_pixels, box_visible = [], [], [], []
     for t in range(num_frames):
         image = _sample_texture(textures[0], *_to_local(poses[t, 0], xs, ys))
         inst = instances[t]
-        crops = []
+        crops, areas = [], []
         for k, shape in enumerate(shapes):
             pose = poses[t, k + 1]
             reach = pose[0] * shape.radius + 1.0
@@ -315,6 +328,7 @@ def _render(poses: np.ndarray, shapes: tuple[_Shape, ...], textures: list[_Textu
             y0, y1 = max(0, int(pose[3] - reach)), min(height, int(np.ceil(pose[3] + reach)) + 1)
             crops.append((x0, x1, y0, y1))
             if x0 >= x1 or y0 >= y1:
+                areas.append(0)
                 continue
             u, v = _to_local(pose, xs[y0:y1, x0:x1], ys[y0:y1, x0:x1])
             sd = _shape_sd(shape, u, v) * pose[0]  # image pixels
@@ -322,8 +336,11 @@ def _render(poses: np.ndarray, shapes: tuple[_Shape, ...], textures: list[_Textu
             region = image[y0:y1, x0:x1]
             region += alpha * (_sample_texture(textures[k + 1], u, v) - region)
             inst[y0:y1, x0:x1][sd <= 0] = k + 1
+            whole = x0 <= pose[2] - reach and x1 - 1 >= pose[2] + reach and \
+                y0 <= pose[3] - reach and y1 - 1 >= pose[3] + reach  # the crop holds it all
+            areas.append(int((sd <= 0).sum()) if whole else _silhouette_pixels(shape, pose))
         frames[t] = np.clip(np.rint(image * gains[t]), 0, 255).astype(np.uint8)
-        frame_boxes, frame_classes = [], []
+        frame_boxes, frame_classes, frame_pixels, frame_visible = [], [], [], []
         for k, (x0, x1, y0, y1) in enumerate(crops):
             mask = inst[y0:y1, x0:x1] == k + 1
             if x0 >= x1 or y0 >= y1 or not mask.any():
@@ -331,7 +348,22 @@ def _render(poses: np.ndarray, shapes: tuple[_Shape, ...], textures: list[_Textu
             rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
             frame_boxes.append([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1])
             frame_classes.append(shapes[k].cls)
+            frame_pixels.append(int(mask.sum()))
+            frame_visible.append(frame_pixels[-1] / max(areas[k], frame_pixels[-1]))
         boxes.append(np.array(frame_boxes, np.float32).reshape(-1, 4))
         box_classes.append(np.array(frame_classes, np.int64))
-    return Clip(frames, class_of[instances], instances, boxes, box_classes,
-                np.asarray(gains, np.float64), poses, shapes)
+        box_pixels.append(np.array(frame_pixels, np.int64))
+        box_visible.append(np.array(frame_visible, np.float32))
+    return Clip(frames=frames, labels=class_of[instances], instances=instances, boxes=boxes,
+                box_classes=box_classes, box_pixels=box_pixels, box_visible=box_visible,
+                box_ignore=[is_ignore(p, v) for p, v in zip(box_pixels, box_visible)],
+                gains=np.asarray(gains, np.float64), _poses=poses, _shapes=shapes)
+
+
+def _silhouette_pixels(shape: _Shape, pose: np.ndarray) -> int:
+    """Pixel centres inside the whole silhouette, on a grid not clipped to the image."""
+    reach = pose[0] * shape.radius + 1.0
+    x0, x1 = int(np.floor(pose[2] - reach)), int(np.ceil(pose[2] + reach)) + 1
+    y0, y1 = int(np.floor(pose[3] - reach)), int(np.ceil(pose[3] + reach)) + 1
+    ys, xs = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    return int((_shape_sd(shape, *_to_local(pose, xs, ys)) <= 0).sum())

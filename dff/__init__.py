@@ -7,5 +7,5 @@ The subpackages live in the repository's top-level folders (see pyproject.toml):
 
 from dff.errors import DffError
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["DffError", "__version__"]

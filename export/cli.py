@@ -10,6 +10,7 @@ from dff.engines.cli import add_build_args, check_build_args
 from dff.export.profile import shape_arg
 
 from dff.errors import DffError
+from dff.tasks import KINDS, SEGMENTATION
 
 EPILOG = """\
 graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
@@ -18,18 +19,24 @@ graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
                 -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w]
                 (feat = dff::FlowWarp(key_feat, flow, scale): the warp is the one custom
                 node, inside the graph that uses it, with its ONNX function body attached)
-  task.onnx     feat [N,C,h,w] -> labels uint8 [N,H,W] (+ probs [N,K,H,W] with --probs)
+  task.onnx     segmentation: feat [N,C,h,w] -> labels uint8 [N,H,W]
+                (+ probs [N,K,H,W] with --probs)
+                detection: feat -> boxes [N,K,4] (x0,y0,x1,y1 in pixels), scores [N,K],
+                classes int32 [N,K], num int32 [N]; K = the model's max_detections
 
 profile defaults, from the checkpoint's training size HxW:
   --min-shape 1 x min(64,H) x min(64,W)   --opt-shape 1xHxW   --max-shape 4 x 2H x 2W
 
 Every graph is checked (onnx.checker, full) and compared with PyTorch on ONNX Runtime CPU
 (random and synthetic-clip frames at the opt shape; float outputs: max abs error <=
-tolerance x max(1, peak |output|); labels >= 99.9% equal). Files are written to a temporary
-folder and moved into place only when everything passed.
+tolerance x max(1, peak |output|); labels >= 99.9% equal; detections: >= 99.9% of frames
+with num and, row by row up to num, classes equal and boxes and scores within the tolerance,
+on those frames and on 1000 feature maps made from clip frames). Files are written to a
+temporary folder and moved into place only when everything passed.
 
 examples:
   dff-export                               # the shipped demo model into engines/
+  dff-export --demo detection -o det/      # the shipped detection demo model
   dff-export runs/model.pth -o engines/ --opt-shape 1x256x448 --max-shape 2x512x896
   dff-export runs/model.pth -o engines/ --int8 --calib-video clip.mp4   # + int8 (dff-build)
 """
@@ -41,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a DFF checkpoint to three ONNX graphs plus manifest.json.")
     p.add_argument("checkpoint", nargs="?", metavar="MODEL.pth",
                    help="checkpoint written by dff-train (default: the shipped demo model)")
-    p.add_argument("--demo", action="store_true",
-                   help="export the shipped demo model (dff_small_synthetic.pth); the same as "
-                        "giving no MODEL.pth")
+    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=KINDS, metavar="TASK",
+                   help="export the shipped demo model of TASK: segmentation (the default; "
+                        "dff_small_synthetic.pth, the same as giving no MODEL.pth) or detection "
+                        "(dff_small_detection.pth)")
     p.add_argument("-o", "--output", default="engines", metavar="DIR",
                    help="output folder (default: engines/); existing files are replaced")
     for name in ("min", "opt", "max"):
@@ -53,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parity: max abs error allowed in float outputs, times the output's "
                         "peak |value| when that exceeds 1 (default: 1e-4)")
     p.add_argument("--probs", action="store_true",
-                   help="task.onnx also outputs the class probabilities (softmax at image "
-                        "size; off by default: it costs more than the rest of the head)")
+                   help="segmentation: task.onnx also outputs the class probabilities (softmax "
+                        "at image size; off by default: it costs more than the rest of the head)")
     p.add_argument("--simplify", action="store_true",
                    help="run onnxsim on feature.onnx and task.onnx (needs onnxsim installed)")
     engines = p.add_argument_group("TensorRT engines, after the export (dff-build; skipped with "
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                               opt_shape=args.opt_shape, max_shape=args.max_shape,
                               simplify=args.simplify, probs=args.probs,
                               tolerance=args.tolerance, verbose=args.verbose,
-                              log=lambda line: print(line, flush=True))
+                              log=lambda line: print(line, flush=True),
+                              demo=args.demo or SEGMENTATION)
     except DffError as e:
         if args.verbose:
             traceback.print_exc()
@@ -94,18 +103,29 @@ def main(argv: list[str] | None = None) -> int:
           f"opt {_fmt(m['profile']['opt'])}, max {_fmt(m['profile']['max'])}):")
     for name, path in result.files.items():
         print(f"  {name:<14} {human_size(path):>10}")
-    rows = result.rows
-    floats = [r for r in rows if r.metric != "equal"]
-    worst = max(floats, key=lambda r: r.value / r.tolerance)
-    equal = min((r.value for r in rows if r.metric == "equal"), default=1.0)
-    print(f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
-          f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
-          f"labels {100 * equal:.2f}% equal)")
+    print(parity_summary(result.rows))
     if args.build or args.precision or args.workspace is not None:
         from dff.engines.cli import build_after_export
 
         return build_after_export(result.directory, args)
     return 0
+
+
+def parity_summary(rows: list) -> str:
+    """One line: how many outputs passed, the float output closest to its tolerance, and the
+    worst share of equal labels or matching detection frames."""
+    floats = [r for r in rows if r.metric == "max|err|"]
+    worst = max(floats, key=lambda r: r.value / r.tolerance)
+    labels = [r.value for r in rows if r.metric == "equal"]
+    frames = [r.value for r in rows if r.metric == "frames"]
+    shares = []
+    if labels:
+        shares.append(f"labels {100 * min(labels):.2f}% equal")
+    if frames:
+        shares.append(f"detections {100 * min(frames):.2f}% of frames match")
+    return (f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
+            f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
+            f"{'; '.join(shares)})")
 
 
 def _fmt(shape: list[int]) -> str:

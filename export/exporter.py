@@ -8,6 +8,7 @@ file, the manifest last), so a failed export leaves the output folder as it was.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from dff.models.dff import DFF
 from dff.plugins import onnx_op
 
 import dff
+from dff import tasks
 from dff.errors import DffError
 
 Log = Callable[[str], None]
@@ -37,7 +39,10 @@ _DOCS = {
             "then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
     "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), "
             "at image size",
+    "task/detection": "N_task: features -> boxes, scores, classes, num (CenterNet decode: "
+                      "3x3 peak test, TopK(K), gathers; rows after num are padding)",
 }
+DETECTION_WEIGHTS = "dff_small_detection.pth"  # until models.checkpoint names it per task
 _DIMS = {"N": "batch", "H": "image height, a multiple of the stride",
          "W": "image width, a multiple of the stride", "h": "H / stride (feature grid height)",
          "w": "W / stride (feature grid width)"}
@@ -68,13 +73,32 @@ def _simplify(proto: onnx.ModelProto, spec: graphs_mod.GraphSpec) -> onnx.ModelP
     return simplified
 
 
+def demo_checkpoint(task: str = tasks.SEGMENTATION) -> Path:
+    """The shipped demo weights for `task`, or a DffError saying they are missing."""
+    tasks.check_kind(task, "--demo", "pass segmentation or detection")
+    if "task" in inspect.signature(demo_checkpoint_path).parameters:
+        path = Path(demo_checkpoint_path(task=task))
+    else:  # models.checkpoint before its per-task demo weights
+        path = Path(demo_checkpoint_path())
+        if task == tasks.DETECTION:
+            path = path.with_name(DETECTION_WEIGHTS)
+    if path.is_file():
+        return path
+    if task == tasks.DETECTION:
+        raise DffError(f"--demo detection: the shipped detection weights {path} are missing "
+                       "from this install; pass a detection MODEL.pth written by dff-train")
+    raise DffError(f"the shipped demo model {path} is missing (this install has no demo "
+                   "weights); pass MODEL.pth written by dff-train")
+
+
 def export_model(checkpoint: str | os.PathLike[str] | None = None,
                  out_dir: str | os.PathLike[str] = "engines", *,
                  min_shape: Shape | None = None, opt_shape: Shape | None = None,
                  max_shape: Shape | None = None, simplify: bool = False, probs: bool = False,
                  tolerance: float = parity_mod.TOLERANCE, verbose: bool = False,
-                 log: Log | None = None) -> ExportResult:
-    """Export `checkpoint` (None: the shipped demo) into `out_dir`; see the module docstring.
+                 log: Log | None = None, demo: str = tasks.SEGMENTATION) -> ExportResult:
+    """Export `checkpoint` (None: the shipped demo model for the task `demo`) into `out_dir`;
+    see the module docstring.
 
     Unset profile shapes default from the checkpoint's input_size (`default_profile`). Raises
     a DffError (checkpoint, profile, export, parity) and then writes nothing.
@@ -82,10 +106,7 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
     log = log or (lambda _: None)
     if simplify:
         require_onnxsim()
-    ckpt = Path(checkpoint) if checkpoint is not None else demo_checkpoint_path()
-    if checkpoint is None and not ckpt.is_file():
-        raise DffError(f"the shipped demo model {ckpt} is missing (this install has no demo "
-                       "weights); pass MODEL.pth written by dff-train")
+    ckpt = Path(checkpoint) if checkpoint is not None else demo_checkpoint(demo)
     model = load_checkpoint(ckpt)
     cfg = model.config
     profile = make_profile(cfg.input_size, cfg.stride, min_shape, opt_shape, max_shape)
@@ -108,13 +129,21 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
                 f"{human_size(tmp / spec.file)}, {time.perf_counter() - start:.1f} s")
         shape = profile.opt
         log(f"parity vs PyTorch on ONNX Runtime CPU, random and clip frames at "
-            f"{'x'.join(map(str, shape))} ...")
+            f"{'x'.join(map(str, shape))}"
+            + (f" (+ {parity_mod.DETECTION_FRAMES} feature maps for task.onnx)"
+               if cfg.task == tasks.DETECTION else "") + " ...")
         paths = {name: tmp / spec.file for name, spec in specs.items()}
-        rows = parity_mod.check_parity(model, paths, parity_mod.default_cases(shape), tolerance)
+        cases = parity_mod.default_cases(shape)
+        rows = parity_mod.check_parity(model, paths, cases, tolerance)
+        if cfg.task == tasks.DETECTION:  # many frames, so that 99.9 % of them means something
+            cases.append(parity_mod.feature_case(model, shape))
+            batch = 100 if profile.dynamic("N") else profile.min[0]
+            rows.append(parity_mod.check_task_frames(model, paths["task"], cases[-1],
+                                                     tolerance, batch=batch))
         log(parity_mod.format_table(rows))
         parity_mod.require_pass(rows)
         manifest = build_manifest(model, profile, specs, tmp, ckpt, rows, tolerance,
-                                  simplify)
+                                  simplify, {c.name: len(c.image) for c in cases})
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [spec.file for spec in specs.values()] + [manifest_mod.FILENAME]
         out.mkdir(parents=True, exist_ok=True)
@@ -127,17 +156,25 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
 
 def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.GraphSpec],
                    directory: Path, checkpoint: Path, rows: list[parity_mod.Row],
-                   tolerance: float, simplified: bool) -> dict:
+                   tolerance: float, simplified: bool,
+                   frames: dict[str, int] | None = None) -> dict:
+    """The manifest (export/manifest.py's layout) for the graphs in `directory`; `frames`:
+    the parity cases' frame counts."""
     import onnxruntime
 
     cfg = model.config
+    outputs = [t.name for t in specs["task"].outputs]
+    task = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
+                            score_threshold=cfg.score_threshold, probs="probs" in outputs)
+    detection = cfg.task == tasks.DETECTION
     warp = f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"
     graphs = {}
     for name, spec in specs.items():
         path = directory / spec.file
         graphs[name] = {
             "file": spec.file, "sha256": manifest_mod.sha256_file(path),
-            "bytes": path.stat().st_size, "doc": _DOCS[name],
+            "bytes": path.stat().st_size,
+            "doc": _DOCS["task/detection" if detection and name == "task" else name],
             "inputs": [t.to_dict() for t in spec.inputs],
             "outputs": [t.to_dict() for t in spec.outputs],
             "custom_ops": [warp] if name == "flow" else [],
@@ -145,11 +182,19 @@ def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.Gra
     worst: dict[str, float] = {}
     for r in rows:
         key = f"{r.graph}/{r.output}"
-        worst[key] = (min if r.metric == "equal" else max)(worst.get(key, r.value), r.value)
+        share = r.metric in ("equal", "frames")  # a fraction: the worst is the smallest
+        worst[key] = (min if share else max)(worst.get(key, r.value), r.value)
+    parity: dict = {"backend": "onnxruntime CPUExecutionProvider", "tolerance": tolerance,
+                    "tolerance_rule": parity_mod.TOLERANCE_RULE,
+                    "min_equal": parity_mod.MIN_EQUAL, "passed": all(r.passed for r in rows),
+                    "cases": sorted({r.case for r in rows}), "frames": frames or {},
+                    "worst": worst}
+    if detection:
+        parity["detection_rule"] = parity_mod.DETECTION_RULE
     return {
         "format": manifest_mod.FORMAT,
         "version": manifest_mod.VERSION,
-        "task": cfg.task,
+        "task": task,
         "class_names": list(cfg.class_names),
         "num_classes": cfg.num_classes,
         "normalisation": {"mean": list(cfg.mean), "std": list(cfg.std),
@@ -174,11 +219,7 @@ def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.Gra
             "tool": "dff-export", "tool_version": dff.__version__,
             "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": graphs_mod.OPSET,
-            "simplified": simplified,
-            "parity": {"backend": "onnxruntime CPUExecutionProvider", "tolerance": tolerance,
-                       "tolerance_rule": "max abs error <= tolerance * max(1, peak |output|)",
-                       "min_equal": parity_mod.MIN_EQUAL, "passed": all(r.passed for r in rows),
-                       "cases": sorted({r.case for r in rows}), "worst": worst},
+            "simplified": simplified, "parity": parity,
         },
     }
 

@@ -3,8 +3,9 @@
 - feature: image uint8 [N,3,H,W] -> feat [N,C,h,w]
 - flow:    image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
            -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale)
-- task:    feat [N,C,h,w] -> labels uint8 [N,H,W] (arg-max), with --probs also
-           probs [N,K,H,W] (softmax)
+- task:    feat [N,C,h,w] -> the task contract's outputs (dff/tasks.py, docs/DESIGN.md §2):
+           segmentation labels uint8 [N,H,W] (arg-max; with --probs also probs [N,K,H,W]),
+           detection boxes [N,K,4], scores [N,K], classes int32 [N,K], num int32 [N]
 
 h = H/stride, w = W/stride. Images cross into the graphs as uint8; the cast and the
 normalisation are inside. The warp is the one custom node `dff::FlowWarp` and lives in the flow
@@ -29,6 +30,7 @@ from dff.models.dff import DFF
 from dff.plugins import onnx_op
 from torch import nn
 
+from dff import tasks
 from dff.errors import DffError
 
 OPSET = onnx_op.DEFAULT_OPSET
@@ -62,18 +64,20 @@ class FlowGraph(nn.Module):
 
 
 class TaskGraph(nn.Module):
-    """labels, and with `probs` the softmax too: off by default, since ONNX Runtime computes
-    every output of a graph whether asked for or not, and the channel softmax at image size
-    cost more than the rest of the head (1.3 of 1.7 ms at 128x224 on a 2-core CPU)."""
+    """The task contract's outputs in its order (`DFF.outputs`); for segmentation with `probs`
+    the softmax too: off by default, since ONNX Runtime computes every output of a graph whether
+    asked for or not, and the channel softmax at image size cost more than the rest of the head
+    (1.3 of 1.7 ms at 128x224 on a 2-core CPU)."""
 
     def __init__(self, model: DFF, probs: bool = False):
         super().__init__()
         self.model, self.probs = model, probs
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model.task(feat)
-        labels = logits.argmax(1).to(torch.uint8)
-        return (labels, logits.softmax(1)) if self.probs else (labels,)
+        raw = self.model.task(feat)
+        outputs = self.model.outputs(raw)
+        contract = tuple(outputs[name] for name in tasks.output_names(self.model.config.task))
+        return (*contract, raw.softmax(1)) if self.probs else contract
 
 
 WRAPPERS = {"feature": FeatureGraph, "flow": FlowGraph, "task": TaskGraph}
@@ -102,31 +106,40 @@ class GraphSpec:
 
 def graph_specs(model: DFF, profile: Profile, probs: bool = False) -> dict[str, GraphSpec]:
     """The contract's names, dtypes and shapes; a dynamic axis is named N, H, W (image) or
-    h, w (feature grid), a fixed one is its size. `probs`: task.onnx outputs the softmax too."""
+    h, w (feature grid), a fixed one is its size (detection's K is max_detections). `probs`:
+    a segmentation task.onnx outputs the softmax too."""
     cfg = model.config
-    if cfg.num_classes > 256:
+    kind = cfg.task
+    if probs and "probs" not in tasks.OPTIONAL.get(kind, ()):
+        raise ExportError(f"--probs: this model's task is {kind} (config.task), and only "
+                          "segmentation has class probabilities; drop --probs")
+    if kind == tasks.SEGMENTATION and cfg.num_classes > 256:
         raise ExportError(f"{cfg.num_classes} classes do not fit the uint8 `labels` output "
                           "(at most 256)")
     s = profile.stride
     n = "N" if profile.dynamic("N") else profile.min[0]
     big_h, h = ("H", "h") if profile.dynamic("H") else (profile.min[1], profile.min[1] // s)
     big_w, w = ("W", "w") if profile.dynamic("W") else (profile.min[2], profile.min[2] // s)
-    c, k = cfg.feat_channels, cfg.num_classes
+    c = cfg.feat_channels
+    sizes: dict[str, Dim] = {"N": n, "H": big_h, "W": big_w, "K": cfg.max_detections,
+                             "C": cfg.num_classes}
 
     def t(name: str, dtype: str, *shape: Dim) -> TensorSpec:
         return TensorSpec(name, dtype, shape)
 
     image = t("image", "uint8", n, 3, big_h, big_w)
     feat = t("feat", "float32", n, c, h, w)
+    outputs = [t(o.name, o.dtype, *(sizes[d] if isinstance(d, str) else d for d in o.shape))
+               for o in tasks.OUTPUTS[kind]]
+    if probs:
+        outputs.append(t("probs", "float32", n, cfg.num_classes, big_h, big_w))
     return {
         "feature": GraphSpec("feature", (image,), (feat,)),
         "flow": GraphSpec("flow", (image, t("key_image", "uint8", n, 3, big_h, big_w),
                                    t("key_feat", "float32", n, c, h, w)),
                           (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
                            feat)),
-        "task": GraphSpec("task", (feat,), (t("labels", "uint8", n, big_h, big_w),
-                                            *([t("probs", "float32", n, k, big_h, big_w)]
-                                              if probs else []))),
+        "task": GraphSpec("task", (feat,), tuple(outputs)),
     }
 
 

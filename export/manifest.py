@@ -4,9 +4,12 @@ Written by `dff.export.exporter`, read by the runtime through `load_manifest`, w
 manifest or graph file that does not match with one message naming the file, the field and
 how to rebuild. This module needs neither torch nor onnx (the runtime imports it).
 
-Layout (version 1)::
+Layout (version 2; docs/DESIGN.md §2)::
 
-    format "dff-trt-manifest", version 1, task, class_names, num_classes,
+    format "dff-trt-manifest", version 2,
+    task {kind, outputs, and for detection max_detections, score_threshold}
+        (dff.tasks.task_entry; `outputs` are task.onnx's outputs in order), class_names,
+    num_classes,
     normalisation {mean, std, input}, stride, feat_channels, key_interval,
     profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
     graphs {feature|flow|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
@@ -16,7 +19,10 @@ Layout (version 1)::
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
     export {checkpoint, checkpoint_sha256, tool, tool_version, torch, onnx, onnxruntime,
             opset, simplified, parity {backend, tolerance, tolerance_rule, min_equal, passed,
-            cases, worst}}
+            cases, frames, worst; detection: detection_rule}}
+
+Version 1 had `task` as a string; it is refused with the re-export command, as any other
+version is.
 """
 
 from __future__ import annotations
@@ -28,15 +34,16 @@ from pathlib import Path
 from typing import Any
 
 from dff.errors import DffError
+from dff.tasks import TaskError, check_task_entry
 
 FORMAT = "dff-trt-manifest"
-VERSION = 1
+VERSION = 2
 FILENAME = "manifest.json"
 GRAPHS = ("feature", "flow", "task")
 
 # field path -> expected JSON type(s); checked in this order by load_manifest
 _REQUIRED: tuple[tuple[str, type | tuple[type, ...]], ...] = (
-    ("task", str), ("class_names", list), ("normalisation", dict), ("normalisation.mean", list),
+    ("task", dict), ("class_names", list), ("normalisation", dict), ("normalisation.mean", list),
     ("normalisation.std", list), ("stride", int), ("feat_channels", int),
     ("key_interval", int), ("profile", dict), ("profile.min", list), ("profile.opt", list),
     ("profile.max", list), ("graphs", dict),
@@ -135,6 +142,7 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ManifestError(f"{path}: field '{dotted}' is {type(value).__name__}, expected "
                                 f"{getattr(kind, '__name__', kind)}; {_rebuild(directory)}")
+    _check_task(data, path, directory)
     for name in GRAPHS:
         _check_file(directory, path, f"graphs.{name}", data["graphs"][name], verify_hashes)
         int8 = data["graphs"][name].get("int8")  # optional: dff-build --int8's Q/DQ graph
@@ -154,6 +162,19 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
                                 f"{_rebuild(directory)}")
         _check_file(directory, path, f"engines.{name}", entry, verify_hashes)
     return data
+
+
+def _check_task(data: dict, path: Path, directory: Path) -> None:
+    """The `task` object against the contract and task.onnx's recorded outputs."""
+    outputs = data["graphs"]["task"]["outputs"]
+    names = [t.get("name") if isinstance(t, dict) else None for t in outputs]
+    if not all(isinstance(n, str) for n in names):
+        raise ManifestError(f"{path}: field 'graphs.task.outputs' holds an entry without a "
+                            f"name; {_rebuild(directory)}")
+    try:
+        check_task_entry(data["task"], names, str(path), _rebuild(directory))
+    except TaskError as e:
+        raise ManifestError(str(e)) from None
 
 
 def graph_path(directory: str | os.PathLike[str], manifest: dict, graph: str) -> Path:

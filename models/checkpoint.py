@@ -19,6 +19,7 @@ from dff.models.config import DFFConfig
 from dff.models.dff import DFF
 
 from dff.errors import CheckpointError
+from dff.tasks import DETECTION, SEGMENTATION, check_kind
 
 FORMAT = "dff-trt-checkpoint"
 VERSION = 1  # float weights
@@ -26,11 +27,15 @@ VERSION_QUANTIZED = 2  # adds ``quantized``: {state_dict key: per-channel scale}
 WEIGHTS_DTYPES = ("float32", "float16", "int8")
 _MIN_QUANTIZED = 1024  # smaller tensors (biases, BatchNorm) stay float16
 DEMO_NAME = "dff_small_synthetic.pth"
+DEMO_NAMES = {SEGMENTATION: DEMO_NAME, DETECTION: "dff_small_detection.pth"}
 
 
-def demo_checkpoint_path() -> Path:
-    """The shipped demo weights, the default every command falls back to."""
-    return Path(str(resources.files("dff.models") / "weights" / DEMO_NAME))
+def demo_checkpoint_path(task: str = SEGMENTATION) -> Path:
+    """The shipped demo weights for `task`; segmentation's is the default every command
+    falls back to."""
+    check_kind(task, "demo_checkpoint_path: task", "the shipped demos are "
+               + " and ".join(DEMO_NAMES.values()))
+    return Path(str(resources.files("dff.models") / "weights" / DEMO_NAMES[task]))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
@@ -107,6 +112,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("config", "state_dict"):
         if not isinstance(blob.get(key), dict):
             raise CheckpointError(f"{path}: checkpoint has no {key!r} dict; it is damaged")
+    check_kind(blob["config"].get("task", SEGMENTATION), f"{path}: field 'config.task'",
+               "this version reads segmentation and detection checkpoints; retrain it with "
+               "dff-train --task")
     if blob["version"] == VERSION_QUANTIZED:
         blob["state_dict"] = _dequantized(path, blob)
     return blob

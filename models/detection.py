@@ -9,6 +9,7 @@ task.onnx, and uses only ops that ONNX Runtime runs and TensorRT's parser import
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +96,78 @@ def _image_limits(heat: torch.Tensor, stride: int) -> torch.Tensor:
     ones_w = heat.new_ones(heat.shape[3]).sum() * stride
     ones_h = heat.new_ones(heat.shape[2]).sum() * stride
     return torch.stack((ones_w, ones_h, ones_w, ones_h))
+
+
+# ---------------------------------------------------------------- training targets and loss
+# CenterNet's penalty-reduced focal loss (alpha 2, beta 4) on Gaussian centre targets, L1 on size
+# and offset at the centre cells only. The Gaussian's sigma is a sixth of the box size per axis
+# (elliptical, as TTFNet; simpler than CenterNet's IoU-0.7 radius, which at stride 16 is
+# below one cell for our 3-6 cell objects). Ignore regions (docs/DESIGN.md §4) get no centre,
+# and the heatmap loss of their class is masked inside their box.
+
+
+def detection_targets(boxes: list, classes: list, ignore: list, num_classes: int,
+                      map_size: tuple[int, int], stride: int) -> dict[str, torch.Tensor]:
+    """Per image: boxes [M,4] x0,y0,x1,y1 pixels, classes [M] (0-based), ignore [M] bool →
+    `heat` [B,K,h,w] (1 at centres), `weight` [B,K,h,w] (0 where the heatmap loss is masked),
+    `centre` [B,1,h,w], `size` [B,2,h,w] (cells) and `offset` [B,2,h,w] (0..1) at centres."""
+    import numpy as np
+
+    h, w = map_size
+    out = {"heat": np.zeros((len(boxes), num_classes, h, w), np.float32),
+           "weight": np.ones((len(boxes), num_classes, h, w), np.float32),
+           "centre": np.zeros((len(boxes), 1, h, w), np.float32),
+           "size": np.zeros((len(boxes), 2, h, w), np.float32),
+           "offset": np.zeros((len(boxes), 2, h, w), np.float32)}
+    rows, cols = np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None]
+    for b, (bx, cl, ig) in enumerate(zip(boxes, classes, ignore)):
+        bx = np.asarray(bx, np.float32).reshape(-1, 4) / stride
+        for (x0, y0, x1, y1), c, skip in zip(bx, np.asarray(cl), np.asarray(ig, bool)):
+            if skip:  # cells a centre inside the box would fall in
+                r0, r1 = int(np.floor(y0)), int(np.ceil(y1))
+                c0, c1 = int(np.floor(x0)), int(np.ceil(x1))
+                out["weight"][b, c, max(r0, 0):r1, max(c0, 0):c1] = 0
+                continue
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            j, i = min(int(cx), w - 1), min(int(cy), h - 1)
+            sx, sy = max(x1 - x0, 1e-3) / 6, max(y1 - y0, 1e-3) / 6
+            gauss = np.exp(-(cols - j) ** 2 / (2 * sx * sx) - (rows - i) ** 2 / (2 * sy * sy))
+            np.maximum(out["heat"][b, c], gauss, out=out["heat"][b, c])
+            out["heat"][b, c, i, j] = 1.0
+            out["centre"][b, 0, i, j] = 1.0
+            out["size"][b, :, i, j] = (x1 - x0, y1 - y0)
+            out["offset"][b, :, i, j] = (cx - j, cy - i)
+    out["weight"][out["heat"] >= 1] = 1.0  # a centre is never masked
+    return {k: torch.from_numpy(v) for k, v in out.items()}
+
+
+def focal_loss(logits: torch.Tensor, heat: torch.Tensor, weight: torch.Tensor,
+               alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss, summed over unmasked cells / centres."""
+    pos = (heat >= 1).to(logits.dtype)
+    p = logits.sigmoid()
+    pos_loss = -(1 - p) ** alpha * F.logsigmoid(logits) * pos
+    neg_loss = -(1 - heat) ** beta * p ** alpha * F.logsigmoid(-logits) * (1 - pos)
+    return ((pos_loss + neg_loss) * weight).sum() / pos.sum().clamp(min=1)
+
+
+def detection_loss(raw: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                   targets: dict[str, torch.Tensor], size_weight: float = 0.1,
+                   offset_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """`loss` = focal heatmap loss + size_weight · L1(size) + offset_weight · L1(offset), the
+    L1 terms at centre cells per object; also each term (`heat`, `size`, `offset`)."""
+    heat_logits, size, offset = raw
+    t = {k: v.to(heat_logits.device) for k, v in targets.items()}
+    n = t["centre"].sum().clamp(min=1)
+    heat = focal_loss(heat_logits, t["heat"], t["weight"])
+    size_l1 = ((size - t["size"]).abs() * t["centre"]).sum() / n
+    offset_l1 = ((offset - t["offset"]).abs() * t["centre"]).sum() / n
+    return {"loss": heat + size_weight * size_l1 + offset_weight * offset_l1,
+            "heat": heat, "size": size_l1, "offset": offset_l1}
+
+
+def flip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """Boxes x0,y0,x1,y1 [M,4] of an image `width` pixels wide, mirrored left to right."""
+    out = boxes.copy()
+    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return out

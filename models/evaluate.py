@@ -1,9 +1,10 @@
 """dff-eval: accuracy and speed of a DFF checkpoint on the synthetic evaluation split.
 
 Per-frame inference, DFF at each key interval, and the naive baseline that copies the key
-frame's features unchanged (flow = 0, scale = 1): mIoU over all frames of the split, and
-frames per second of the PyTorch backend (batch 1, frames in order). Also the flow net's
-end-point error against the exact flow, on the pairs DFF at k=10 uses.
+frame's features unchanged (flow = 0, scale = 1): mIoU over all frames of the split
+(segmentation) or AP@0.5 and AP@[.5:.95] from pycocotools (detection, dff.models.metrics),
+and frames per second of the PyTorch backend (batch 1, frames in order, decoding included).
+Also the flow net's end-point error against the exact flow, on the pairs DFF at k=10 uses.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
 from dff.models.dff import DFF, fixed_schedule
+from dff.models.metrics import clip_ground_truth, detection_ap
 
 from dff.errors import DffError
+from dff.tasks import DETECTION
 
 DEFAULT_INTERVALS = (1, 2, 5, 10, 20)
 
@@ -38,29 +41,42 @@ def miou(conf: np.ndarray) -> float:
     return float((inter[present] / union[present]).mean())
 
 
+def run_mode(model: DFF, frames: torch.Tensor, interval: int | None, copy: bool,
+             post) -> tuple[list, float]:
+    """`post(raw head outputs)` for every frame of a clip, and the seconds spent (post
+    included). ``interval=None`` is per-frame inference (N_task(N_feat(frame)) every frame)."""
+    t = len(frames)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if interval is None:
+            outs = [post(model.task(model.features(frames[i:i + 1]))) for i in range(t)]
+        else:
+            outs = [post(raw) for raw in model.video((frames[i:i + 1] for i in range(t)),
+                                                     fixed_schedule(t, interval),
+                                                     copy_features=copy)]
+    return outs, time.perf_counter() - start
+
+
 def run_clip(model: DFF, frames: torch.Tensor, labels: np.ndarray, interval: int | None,
              copy: bool, conf: np.ndarray) -> float:
-    """Run one clip; add to ``conf``; return seconds spent in the model. ``interval=None``
-    is per-frame inference (N_task(N_feat(frame)) for every frame)."""
+    """Segment one clip; add to ``conf``; return seconds spent in the model."""
     k = conf.shape[0]
-    t = len(frames)
-    elapsed = 0.0
-    if interval is None:
-        outs = []
-        start = time.perf_counter()
-        with torch.no_grad():
-            for i in range(t):
-                outs.append(model.task(model.features(frames[i:i + 1])).argmax(1))
-        elapsed = time.perf_counter() - start
-    else:
-        start = time.perf_counter()
-        outs = [logits.argmax(1) for logits in
-                model.video((frames[i:i + 1] for i in range(t)), fixed_schedule(t, interval),
-                            copy_features=copy)]
-        elapsed = time.perf_counter() - start
+    outs, elapsed = run_mode(model, frames, interval, copy, lambda logits: logits.argmax(1))
     for i, out in enumerate(outs):
         conf += confusion(out[0].numpy().astype(np.int64), labels[i], k)
     return elapsed
+
+
+def detect_clip(model: DFF, frames: torch.Tensor, interval: int | None,
+                copy: bool) -> tuple[list[dict], float]:
+    """Detections of one clip, one {boxes, scores, classes} per frame (the rows in use), and
+    the seconds spent in the model and its decoding."""
+    outs, elapsed = run_mode(model, frames, interval, copy, model.outputs)
+    dets = []
+    for out in outs:
+        n = int(out["num"][0])
+        dets.append({k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")})
+    return dets, elapsed
 
 
 def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tuple[float, int]:
@@ -92,10 +108,12 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
 
     h, w = model.config.input_size
     k = model.config.num_classes
+    detect = model.config.task == DETECTION
     seeds = EVAL_SEEDS[:num_clips] if num_clips else EVAL_SEEDS
     modes = [("per_frame", None, False)]
     modes += [("dff", i, False) for i in intervals] + [("copy", i, True) for i in intervals if i > 1]
     confs = {m: np.zeros((k, k), np.int64) for m in modes}
+    found: dict = {m: [] for m in modes}  # detection: (ground truth, detections) per frame
     times = {m: 0.0 for m in modes}
     epe_sum, epe_n, nframes = 0.0, 0, 0
     for seed in tqdm(seeds, desc="evaluate", disable=not progress):
@@ -103,17 +121,28 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
         frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
         nframes += len(frames)
         for mode in modes:
-            times[mode] += run_clip(model, frames, clip.labels, mode[1], mode[2], confs[mode])
+            if detect:
+                dets, seconds = detect_clip(model, frames, mode[1], mode[2])
+                found[mode] += zip(clip_ground_truth(clip), dets)
+                times[mode] += seconds
+            else:
+                times[mode] += run_clip(model, frames, clip.labels, mode[1], mode[2], confs[mode])
         s, n = flow_epe(model, clip, frames)
         epe_sum, epe_n = epe_sum + s, epe_n + n
 
+    aps = {m: detection_ap(found[m], model.config.class_names, model.config.max_detections)
+           for m in modes} if detect else {}
+
     def entry(mode):
-        return {"miou": round(miou(confs[mode]), 5), "fps": round(nframes / times[mode], 2)}
+        fps = round(nframes / times[mode], 2)
+        if detect:
+            return {"map50": aps[mode]["map50"], "map": aps[mode]["map"], "fps": fps}
+        return {"miou": round(miou(confs[mode]), 5), "fps": fps}
 
     per_frame = entry(modes[0])
     stride = model.config.stride
     epe_cells = epe_sum / max(epe_n, 1)
-    return {
+    res = {
         "per_frame": per_frame,
         "dff": {str(m[1]): entry(m) for m in modes if m[0] == "dff"},
         # at k=1 every frame is a key frame: copying and warping are the same run
@@ -122,8 +151,11 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
         "flow_epe": round(epe_cells * stride, 4),        # input pixels, on the feature grid
         "flow_epe_cells": round(epe_cells, 5),
         "frames": nframes, "clips": len(seeds),
-        "class_iou_per_frame": [round(x, 4) for x in _class_iou(confs[modes[0]])],
     }
+    if detect:
+        return {"task": DETECTION, **res, "class_ap_per_frame": aps[modes[0]]["per_class"],
+                "detections_per_frame": aps[modes[0]]["detections"]}
+    return {**res, "class_iou_per_frame": [round(x, 4) for x in _class_iou(confs[modes[0]])]}
 
 
 def _class_iou(conf: np.ndarray) -> list[float]:
@@ -132,7 +164,14 @@ def _class_iou(conf: np.ndarray) -> list[float]:
     return list(np.where(union > 0, inter / np.maximum(union, 1), np.nan))
 
 
+def _metric(res: dict) -> tuple[str, str]:
+    """(JSON field, label) of the headline accuracy: mIoU, or AP@0.5 for detection."""
+    return ("map50", "AP@0.5") if res.get("task") == DETECTION else ("miou", "mIoU")
+
+
 def format_table(res: dict) -> str:
+    if res.get("task") == DETECTION:
+        return _detection_table(res)
     base = res["per_frame"]["miou"]
     rows = [f"{'mode':<12}{'mIoU':>8}{'Δ pts':>8}{'fps':>9}",
             f"{'per-frame':<12}{base:>8.4f}{0:>8.2f}{res['per_frame']['fps']:>9.1f}"]
@@ -147,26 +186,44 @@ def format_table(res: dict) -> str:
     return "\n".join(rows)
 
 
+def _detection_table(res: dict) -> str:
+    base50, base = res["per_frame"]["map50"], res["per_frame"]["map"]
+
+    def row(name: str, v: dict) -> str:
+        return (f"{name:<12}{v['map50']:>8.4f}{100 * (v['map50'] - base50):>8.2f}"
+                f"{v['map']:>8.4f}{100 * (v['map'] - base):>8.2f}{v['fps']:>9.1f}")
+
+    rows = [f"{'mode':<12}{'AP@0.5':>8}{'Δ pts':>8}{'AP':>8}{'Δ pts':>8}{'fps':>9}",
+            row("per-frame", res["per_frame"])]
+    rows += [row("dff k=" + k, v) for k, v in res["dff"].items()]
+    rows += [row("copy k=" + k, v) for k, v in res["copy"].items() if k != "1"]
+    rows.append("AP: COCO 101-point (pycocotools), mean over classes; AP = AP@[.5:.95]")
+    rows.append(f"flow EPE: {res['flow_epe']:.3f} px ({res['flow_epe_cells']:.4f} cells) "
+                f"over {res['frames']} frames of {res['clips']} clips")
+    return "\n".join(rows)
+
+
 def plot(res: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key, label = _metric(res)
     fig, ax = plt.subplots(figsize=(6, 4))
     ks = list(res["dff"])
-    ax.plot([res["dff"][k]["fps"] for k in ks], [res["dff"][k]["miou"] for k in ks], "o-",
+    ax.plot([res["dff"][k]["fps"] for k in ks], [res["dff"][k][key] for k in ks], "o-",
             label="DFF (warped features)")
     ck = [k for k in res["copy"] if k != "1"]
-    ax.plot([res["copy"][k]["fps"] for k in ck], [res["copy"][k]["miou"] for k in ck], "s--",
+    ax.plot([res["copy"][k]["fps"] for k in ck], [res["copy"][k][key] for k in ck], "s--",
             label="copy key features")
     for k in ks:
-        ax.annotate(f"k={k}", (res["dff"][k]["fps"], res["dff"][k]["miou"]),
+        ax.annotate(f"k={k}", (res["dff"][k]["fps"], res["dff"][k][key]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot([res["per_frame"]["fps"]], [res["per_frame"]["miou"]], "k*", ms=12, label="per-frame")
+    ax.plot([res["per_frame"]["fps"]], [res["per_frame"][key]], "k*", ms=12, label="per-frame")
     ax.set_xlabel("frames per second (PyTorch, batch 1)")
-    ax.set_ylabel("mIoU")
-    ax.set_title("DFF on the synthetic evaluation split")
+    ax.set_ylabel(label)
+    ax.set_title(("DFF detection" if key == "map50" else "DFF") + " on the synthetic evaluation split")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -1,9 +1,13 @@
 """dff-train: the three training stages of DFF on the synthetic benchmark.
 
 1. flow: pretrain N_flow on frame pairs with exact flow (end-point error on the feature grid);
-2. seg:  train N_feat + N_task per frame (pixel cross-entropy);
+2. seg:  train N_feat + N_task per frame (pixel cross-entropy), or `det` with --task detection
+         (CenterNet's focal loss on centre heatmaps, L1 on size and offset; dff.models.detection);
 3. dff:  train everything end to end: the key frame is 0..9 frames before the current one,
          its features are warped to the current frame, loss on the current frame only.
+
+``--init CHECKPOINT`` starts the trunk and the flow net from a trained checkpoint of the same
+architecture (e.g. the shipped segmentation model; then ``--iters-flow 0`` skips stage 1).
 
 State is saved every ``--save-every`` iterations to OUT/state.pt (atomically), and
 ``--resume`` continues from it; sampling is seeded per (stage, iteration) so a resumed run
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -22,15 +27,31 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dff.data.synthetic import make_clip, train_seeds
-from dff.models.checkpoint import WEIGHTS_DTYPES, atomic_torch_save, save_checkpoint
+from dff.data.synthetic import CLASS_NAMES, make_clip, train_seeds
+from dff.models.checkpoint import (
+    WEIGHTS_DTYPES,
+    atomic_torch_save,
+    file_sha256,
+    read_checkpoint,
+    save_checkpoint,
+)
 from dff.models.config import PRESETS, DFFConfig
+from dff.models.detection import detection_loss, detection_targets, flip_boxes
 from dff.models.dff import DFF
 
 from dff.errors import DffError
+from dff.tasks import DETECTION, KINDS
 
 STAGES = ("flow", "seg", "dff")
+DETECTION_STAGES = ("flow", "det", "dff")
 MAX_KEY_OFFSET = 9  # the paper samples the key frame up to 9 frames before the current one
+# what --init must share with the model being trained: the trunk and the flow net
+INIT_FIELDS = ("trunk_depth", "trunk_width", "feat_channels", "feat_dilation", "flow_width",
+               "stride", "mean", "std")
+
+
+def stages_for(task: str) -> tuple[str, str, str]:
+    return DETECTION_STAGES if task == DETECTION else STAGES
 
 
 class TrainData:
@@ -66,6 +87,17 @@ class TrainData:
 
     def labels(self, pairs) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.clips[c].labels[t] for c, t, _ in pairs])).long()
+
+    def boxes(self, pairs, flip: bool) -> tuple[list, list, list]:
+        """The current frames' boxes (mirrored if `flip`), detection classes (label - 1) and
+        ignore flags, one array per pair."""
+        width = self.clips[0].frames.shape[2]
+        frames = [(self.clips[c], t) for c, t, _ in pairs]
+        boxes = [clip.boxes[t] for clip, t in frames]
+        if flip:
+            boxes = [flip_boxes(b, width) for b in boxes]
+        return (boxes, [clip.box_classes[t] - 1 for clip, t in frames],
+                [clip.box_ignore[t] for clip, t in frames])
 
     def cell_flows(self, pairs, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
         """True flow on the feature grid in cells [B,2,h,w] and a valid mask [B,h,w]: the mean
@@ -105,13 +137,13 @@ def cosine_lr(base: float, it: int, total: int, warmup: int = 50) -> float:
 def parameters_for(model: DFF, stage: str):
     if stage == "flow":
         return [p for p in model.flownet.parameters() if p.requires_grad]
-    if stage == "seg":
+    if stage in ("seg", "det"):
         return list(model.trunk.parameters()) + list(model.head.parameters())
     return [p for p in model.parameters() if p.requires_grad]
 
 
 def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss: float,
-               flip: bool) -> dict:
+               flip: bool, size_weight: float = 0.1) -> dict:
     cur, key = data.images(pairs, 1), data.images(pairs, 2)
     stats = {}
     if stage == "flow":
@@ -122,19 +154,29 @@ def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss
         loss = epe(flow, flow_t.to(device), mask.to(device))
         stats["epe_cells"] = loss.item()
         return {"loss": loss, **stats}
-    labels = data.labels(pairs)
+    detect = model.config.task == DETECTION
+    labels = None if detect else data.labels(pairs)
     if flip:
-        cur, key, labels = hflip([cur, key, labels])[0]
-    if stage == "seg":
-        logits = model.task(model.features(cur.to(device)))
+        cur, key = hflip([cur, key])[0]
+        labels = None if detect else labels.flip(-1)
+    if stage in ("seg", "det"):
+        raw = model.task(model.features(cur.to(device)))
     else:
         key_feat = model.features(key.to(device))
         flow, scale = model.flow(cur.to(device), key.to(device))
         from dff.models.warp import flow_warp
 
-        logits = model.task(flow_warp(key_feat, flow, scale))
-    loss = F.cross_entropy(logits, labels.to(device), weight=data.class_weights.to(device))
-    stats["ce"] = loss.item()
+        raw = model.task(flow_warp(key_feat, flow, scale))
+    if detect:
+        stride = model.head.out_stride
+        targets = detection_targets(*data.boxes(pairs, flip), model.config.num_classes,
+                                    (cur.shape[2] // stride, cur.shape[3] // stride), stride)
+        terms = detection_loss(raw, targets, size_weight=size_weight)
+        loss = terms.pop("loss")
+        stats |= {k: v.item() for k, v in terms.items()}
+    else:
+        loss = F.cross_entropy(raw, labels.to(device), weight=data.class_weights.to(device))
+        stats["ce"] = loss.item()
     if stage == "dff" and flow_loss > 0:
         flow_t, mask = data.cell_flows(pairs, model.config.stride)
         if flip:
@@ -143,6 +185,37 @@ def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss
         stats["epe_cells"] = f_loss.item()
         loss = loss + flow_loss * f_loss
     return {"loss": loss, **stats}
+
+
+def init_from(model: DFF, path: str) -> dict:
+    """Copy the trunk and flow net of checkpoint `path` into `model`; its config must match on
+    INIT_FIELDS. Returns what the meta records about it."""
+    blob = read_checkpoint(path)
+    for name in INIT_FIELDS:
+        theirs, ours = blob["config"].get(name), getattr(model.config, name)
+        if theirs != ours:
+            raise DffError(f"{path}: field 'config.{name}' is {theirs!r}, but the model being "
+                           f"trained has {ours!r}; --init needs a checkpoint of the same "
+                           "architecture (same --config)")
+    parts = {k: v for k, v in blob["state_dict"].items() if k.startswith(("trunk.", "flownet."))}
+    missing = [k for k in model.state_dict() if k.startswith(("trunk.", "flownet."))
+               and k not in parts]
+    if missing:
+        raise DffError(f"{path}: no weights for {missing[:2]}; --init needs a dff-train "
+                       "checkpoint of the same architecture")
+    model.load_state_dict(parts, strict=False)
+    return {"init": str(path), "init_sha256": file_sha256(path),
+            "init_task": blob["config"].get("task")}
+
+
+def build_config(args) -> DFFConfig:
+    config = DFFConfig.from_dict(PRESETS[args.config].to_dict()).for_task(args.task)
+    config.input_size = [args.height, args.width]
+    config.key_interval = args.key_interval
+    for name in ("head_subcell", "head_channels", "head_upsample"):
+        if getattr(args, name):
+            setattr(config, name, getattr(args, name))
+    return config
 
 
 def run(args) -> Path:
@@ -155,26 +228,25 @@ def run(args) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = DFFConfig.from_dict(PRESETS[args.config].to_dict())
-    config.input_size = [args.height, args.width]
-    config.key_interval = args.key_interval
-    if args.head_subcell:
-        config.head_subcell = args.head_subcell
+    config = build_config(args)
     model = DFF(config).to(device)
-    iters = {"flow": args.iters_flow, "seg": args.iters_seg, "dff": args.iters_dff}
-    lrs = {"flow": args.lr_flow, "seg": args.lr, "dff": args.lr_dff}
+    stages = stages_for(config.task)
+    init_meta = init_from(model, args.init) if args.init else {}
+    iters = {"flow": args.iters_flow, "seg": args.iters_seg, "det": args.iters_det,
+             "dff": args.iters_dff}
+    lrs = {"flow": args.lr_flow, "seg": args.lr, "det": args.lr, "dff": args.lr_dff}
     stage_idx, start_it, log = 0, 0, []
     state_path = out / "state.pt"
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         stage_idx, start_it, log = state["stage"], state["iteration"], state["log"]
-        print(f"resumed {state_path}: stage {STAGES[stage_idx]}, iteration {start_it}")
+        print(f"resumed {state_path}: stage {stages[stage_idx]}, iteration {start_it}")
     data = TrainData(args.clips, args.frames, (args.height, args.width), args.seed,
-                     config.num_classes, progress=not args.quiet)
+                     len(CLASS_NAMES), progress=not args.quiet)
     t0 = time.time()
-    for si in range(stage_idx, len(STAGES)):
-        stage = STAGES[si]
+    for si in range(stage_idx, len(stages)):
+        stage = stages[si]
         total = iters[stage]
         params = parameters_for(model, stage)
         opt = torch.optim.AdamW(params, lr=lrs[stage], weight_decay=1e-4)
@@ -192,12 +264,12 @@ def run(args) -> Path:
         for it in bar:
             rng = np.random.default_rng([args.seed, si, it])
             pairs = data.sample_pairs(rng, args.batch)
-            if stage == "seg":  # per-frame training: current frame only
+            if stage in ("seg", "det"):  # per-frame training: current frame only
                 pairs = [(c, t, t) for c, t, _ in pairs]
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lrs[stage], it, total)
             stats = train_step(model, data, stage, pairs, device, args.flow_loss,
-                               flip=bool(rng.integers(2)))
+                               flip=bool(rng.integers(2)), size_weight=args.size_weight)
             opt.zero_grad(set_to_none=True)
             stats["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -214,9 +286,10 @@ def run(args) -> Path:
                                    "stage": nxt[0], "iteration": nxt[1], "log": log},
                                   state_path)
     model.eval()
-    meta = {"command": " ".join(["dff-train"] + sys.argv[1:]), "seed": args.seed,
+    argv = sys.argv[1:] if getattr(args, "argv", None) is None else args.argv
+    meta = {"command": shlex.join(["dff-train", *argv]), "seed": args.seed,
             "iterations": iters, "clips": args.clips, "frames": args.frames,
-            "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log)}
+            "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log), **init_meta}
     save_checkpoint(out / "model.pth", model, meta=meta)
     if args.save:
         save_checkpoint(args.save, model, meta=meta, weights=args.weights_dtype)
@@ -227,6 +300,9 @@ def run(args) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dff-train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(PRESETS), default="small")
+    p.add_argument("--task", choices=KINDS, default="segmentation")
+    p.add_argument("--init", help="start the trunk and flow net from this checkpoint (same "
+                                  "architecture, any task); --iters-flow 0 then skips stage 1")
     p.add_argument("--out", default="runs/small", help="folder for state.pt and model.pth")
     p.add_argument("--save", help="also write the final checkpoint here")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
@@ -241,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--iters-flow", type=int, default=4000)
     p.add_argument("--iters-seg", type=int, default=3000)
+    p.add_argument("--iters-det", type=int, default=3000, help="stage 2 of --task detection")
     p.add_argument("--iters-dff", type=int, default=3000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-flow", type=float, default=3e-3)
@@ -250,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-interval", type=int, default=10, help="default stored in the config")
     p.add_argument("--head-subcell", type=int, default=0,
                    help="override the preset's head_subcell (1 = DeepLab's stride-16 logits)")
+    p.add_argument("--head-channels", type=int, default=0, help="override the preset's head width")
+    p.add_argument("--head-upsample", type=int, default=0, choices=(0, 1, 2),
+                   help="detection: 2 doubles the head's map (output stride 8)")
+    p.add_argument("--size-weight", type=float, default=0.1,
+                   help="detection: weight of the L1 size loss (CenterNet's 0.1)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
@@ -260,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the checkpoint's meta; None = sys.argv
     for name in ("height", "width"):
         if getattr(args, name) % 16:
             print(f"dff-train: --{name} {getattr(args, name)} must be a multiple of 16 (the "

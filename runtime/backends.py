@@ -3,7 +3,8 @@
 A backend runs `feature`, `flow` (the warp inside) and `task` on uint8 NCHW images. What it
 returns from `feature`, `flow` and `upload` is an opaque handle that stays where the backend
 computes (device memory on CUDA), so a key frame's image and features cross PCIe once; only
-`task`'s labels (and `to_host` on request) come back to the host.
+`task`'s outputs (and `to_host` on request) come back to the host: a dict of host arrays, the
+manifest's `task.outputs` with the batch dimension (docs/DESIGN.md §6).
 
 - `onnxruntime-cpu` / `onnxruntime-cuda`: the exported graphs of an engine folder, in
   `runtime/ort_backend.py`;
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from dff.export.manifest import GRAPHS, load_manifest
 
+from dff import tasks
 from dff.errors import DffError
 
 KINDS = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch-cuda", "torch-cpu")
@@ -34,38 +36,68 @@ ALIASES = {"onnxruntime": "onnxruntime-cpu", "ort": "onnxruntime-cpu", "torch": 
 PRECISIONS = {"tensorrt": ("fp16", "fp32", "int8"), "onnxruntime": ("fp32", "int8"),
               "torch": ("fp32",)}
 
-# tensor names fixed by DESIGN.md §3
+# tensor names fixed by DESIGN.md §3; the task graph's outputs are the manifest's (task_spec)
 INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"], "task": ["feat"]}
-OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"], "task": ["labels"]}
+OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"]}
 
 
 class BackendError(DffError):
     """A backend that cannot be opened here: unknown name, missing library or device."""
 
 
+def task_spec(manifest: dict, where: str = "manifest.json") -> dict[str, Any]:
+    """The manifest's task as an object {kind, outputs, and for detection max_detections,
+    score_threshold}: the format-2 `task` object as it is, or a format-1 string with its outputs
+    read from the task graph's recorded outputs. An unknown kind is a TaskError naming `where`."""
+    entry = manifest.get("task")
+    fix = "re-export the model with this version's dff-export"
+    if isinstance(entry, dict):
+        tasks.check_kind(entry.get("kind"), f"{where}: field 'task.kind'", fix)
+        return entry
+    kind = tasks.check_kind(entry, f"{where}: field 'task'", fix)
+    specs = manifest["graphs"]["task"]["outputs"]
+    spec = tasks.task_entry(kind, probs=any(o.get("name") == "probs" for o in specs))
+    if kind == tasks.DETECTION:  # K as exported: the second axis of `scores`
+        k = next((o["shape"][1] for o in specs if o.get("name") == "scores"), None)
+        spec["max_detections"] = k if isinstance(k, int) else tasks.MAX_DETECTIONS
+    return spec
+
+
+def graph_outputs(manifest: dict, graph: str) -> list[str]:
+    """The outputs the runtime reads from `graph`: OUTPUTS, or the manifest's task.outputs."""
+    return list(task_spec(manifest)["outputs"]) if graph == "task" else OUTPUTS[graph]
+
+
 def check_names(path: str | os.PathLike[str], graph: str, inputs: list[str],
-                outputs: list[str], fix: str) -> None:
+                outputs: list[str], fix: str, want: list[str] | None = None) -> None:
     """Refuse a graph or engine whose inputs are not exactly INPUTS[graph] (in any order) or
-    whose outputs lack one of OUTPUTS[graph]; `fix` ends the message."""
-    if sorted(inputs) != sorted(INPUTS[graph]) or not set(OUTPUTS[graph]) <= set(outputs):
+    whose outputs lack one of `want` (default OUTPUTS[graph]; for the task graph pass the
+    manifest's, `graph_outputs`); `fix` ends the message."""
+    if want is None:
+        if graph not in OUTPUTS:
+            raise TypeError(f"check_names({graph!r}): pass `want`, the manifest's task outputs")
+        want = OUTPUTS[graph]
+    if sorted(inputs) != sorted(INPUTS[graph]) or not set(want) <= set(outputs):
         raise BackendError(f"{path}: inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
-                           f"expected inputs {INPUTS[graph]} and outputs {OUTPUTS[graph]} "
-                           f"(DESIGN.md §3); {fix}")
+                           f"expected inputs {INPUTS[graph]} and outputs {want} "
+                           f"(DESIGN.md §3, manifest.json 'task.outputs'); {fix}")
 
 
 class Backend(Protocol):
     """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned;
-    `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data."""
+    `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data: its
+    outputs by name (task_spec's `outputs`), each with the batch dimension."""
 
     name: str          # e.g. "onnxruntime-cpu"
     # optional `overlaps_uploads: bool`: upload() is asynchronous, so the Pipeline uploads the
     # next frame before it waits for this one's labels
     stride: int        # feature stride: image H and W must be multiples of it
     profile: dict | None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any size
+    task_spec: dict    # {kind, outputs, ...}: what `task` returns (task_spec above)
 
     def feature(self, image: np.ndarray) -> Any: ...
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]: ...
-    def task(self, feat: Any) -> np.ndarray: ...
+    def task(self, feat: Any) -> dict[str, np.ndarray]: ...
     def upload(self, image: np.ndarray) -> Any: ...
     def to_host(self, handle: Any) -> np.ndarray: ...
     def synchronize(self) -> None: ...

@@ -19,7 +19,7 @@ import math
 import time
 import types
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -361,12 +361,15 @@ class PinnedRing(_Owned):
 
     def download(self, src: DeviceArray) -> int:
         """Enqueue D2H of `src` on `compute` into the next output slot; the slot's index."""
+        with self._span("d2h", self.compute):
+            return self._download(src)
+
+    def _download(self, src: DeviceArray) -> int:
         i, mem = self._next_out, self.memory
         out, self._next_out = self._out[i], (i + 1) % len(self._out)
         mem.event_synchronize(out.copied)
         out.host.ensure(src.shape, src.dtype)
-        with self._span("d2h", self.compute):
-            mem.copy(out.host.ptr, src.ptr, src.nbytes, "d2h", self.compute)
+        mem.copy(out.host.ptr, src.ptr, src.nbytes, "d2h", self.compute)
         mem.record(out.copied, self.compute)
         return i
 
@@ -378,6 +381,15 @@ class PinnedRing(_Owned):
 
     def to_host(self, src: DeviceArray) -> np.ndarray:
         return self.result(self.download(src))
+
+    def to_host_all(self, srcs: Sequence[DeviceArray]) -> list[np.ndarray]:
+        """Copies of all `srcs` (a task's outputs): every D2H enqueued, as one "d2h" span,
+        before the first wait; the output slots grow so that none is reused among them."""
+        while len(self._out) < len(srcs):
+            self._out.append(_Slot(self.memory))
+        with self._span("d2h", self.compute):
+            slots = [self._download(src) for src in srcs]
+        return [self.result(i) for i in slots]
 
     def synchronize(self) -> None:
         self.memory.synchronize(self.upload)

@@ -1,5 +1,5 @@
 """`dff-run`: a video through the DFF pipeline (DESIGN.md §1) into an annotated video, JSON
-Lines and a summary.
+Lines and a summary, for a segmentation or a detection model (the manifest's `task.kind`).
 
 Checks everything it can before the first frame (engine folder, video, frame size, backend,
 output folders), then decodes, runs and writes in three threads. Outputs are staged beside
@@ -12,28 +12,23 @@ import argparse
 import itertools
 import os
 import sys
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dff.export.manifest import load_manifest
-from dff.runtime.backends import (
-    ALIASES,
-    KINDS,
-    PRECISIONS,
-    Backend,
-    open_backend,
-    pick_auto,
+from dff.runtime.backends import task_spec
+from dff.runtime.commands import (
+    Log,
+    add_backend_args,
+    backend_label,
+    check_backend_args,
+    choose_backend,
+    guarded,
+    int_at_least,
+    resolve_engines,
 )
-from dff.runtime.demo import (
-    DEMO_CLIP,
-    DEMO_DIR,
-    DEMO_ENGINES,
-    ensure_demo_clip,
-    ensure_demo_engines,
-)
+from dff.runtime.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.runtime.pipeline import FrameResult, Pipeline
 from dff.runtime.scheduler import SCHEDULES, make_scheduler
 from dff.runtime.video import (
@@ -48,10 +43,13 @@ from dff.runtime.video import (
 from dff.runtime.writers import ResultWriter, write_summary
 
 from dff.errors import DffError
+from dff.tasks import DETECTION, SEGMENTATION
 
-BACKENDS = ("auto", *ALIASES, *KINDS)
 SHOWN_STAGES = ("feature", "flow", "task")  # the compute stages the summary lists first
-Log = Callable[[str], None]
+MIN_SCORE = 0.3  # detection: default --min-score
+# options that apply to one task only: argument name -> (task, what it does)
+TASK_OPTIONS = {"alpha": (SEGMENTATION, "blends segmentation class colours"),
+                "min_score": (DETECTION, "picks the detection boxes drawn and counted")}
 
 EPILOG = """\
 backends (--backend):
@@ -64,12 +62,17 @@ schedules (--schedule):
   per-frame   every frame a key frame (no flow): the baseline
   adaptive    key frames at scene cuts, large or outgoing flow, or --key-interval at the latest
 
-outputs: an annotated video (--output, .mp4 or .avi), one JSON record per frame (--json: frame,
-key, labels as row-major run-length codes, class pixel counts, stage times in ms) and the run's
-summary (--summary). With neither --output nor --json: ./<video name>.dff.mp4.
+outputs: an annotated video (--output, .mp4 or .avi), one JSON record per frame (--json) and
+the run's summary (--summary). With neither --output nor --json: ./<video name>.dff.mp4.
+  segmentation: class colours blended over the frame (--alpha); records hold frame, key,
+                labels as row-major run-length codes, pixels per class, stage times in ms
+  detection:    boxes scoring at least --min-score drawn with class name and score; records
+                hold frame, key, every detection {box, score, class, name}, detections per
+                class, stage times in ms
 
 examples:
   dff-run --demo                                     # shipped demo model on a synthetic clip
+  dff-run --demo detection                           # the shipped detection model
   dff-run clip.mp4 -e engines/ -o clip.dff.mp4 --json clip.jsonl
   dff-run clip.mp4 -e engines/ --schedule adaptive --resize 256x448 --summary run.json
 """
@@ -77,16 +80,14 @@ examples:
 
 # --- arguments ------------------------------------------------------------------------------
 
-def int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} is below {low}")
-        return value
-    return parse
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..1")
+    return value
 
 
 def size_arg(text: str) -> tuple[int, int]:
@@ -96,38 +97,11 @@ def size_arg(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def add_backend_args(p: argparse.ArgumentParser) -> None:
-    """--engine-dir, --backend, --checkpoint, --device, --threads, --demo, --precision,
-    --useCudaGraph, --verbose: shared by dff-run and dff-profile."""
-    p.add_argument("-e", "--engine-dir", metavar="DIR",
-                   help="folder written by dff-export (with --demo: default ./dff-demo/engines)")
-    p.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
-                   help=f"one of {', '.join(BACKENDS)} (default: auto)")
-    p.add_argument("--checkpoint", metavar="MODEL.pth",
-                   help="torch backends: the checkpoint to run (default: the one the manifest "
-                        "was exported from)")
-    p.add_argument("--device", type=int_at_least(0), default=0, metavar="N",
-                   help="CUDA device index for GPU backends (default: 0)")
-    p.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",
-                   help="CPU threads per stage (default: 0 = the library's choice)")
-    p.add_argument("--demo", action="store_true",
-                   help="export the shipped demo model into --engine-dir (cached) and use it")
-    p.add_argument("--precision", choices=PRECISIONS["tensorrt"],
-                   help="tensorrt: the engine set to load (default: fp16 if built, else fp32, "
-                        "else int8); onnxruntime: fp32 (the default) or int8, the feature graph "
-                        "of dff-build --int8; torch: fp32 only")
-    p.add_argument("--useCudaGraph", action="store_true",
-                   help="tensorrt backend: replay flow + task of non-key frames as one CUDA "
-                        "graph (dff-profile's flow stage then includes the task); refused by "
-                        "other backends")
-    p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dff-run", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run a video through the DFF engines: segmentation with key frames and "
-                    "flow-warped features in between.")
+        description="Run a video through the DFF engines: segmentation or detection with key "
+                    "frames and flow-warped features in between.")
     p.add_argument("video", nargs="?", metavar="VIDEO",
                    help="input video (with --demo: default, a synthetic clip in ./dff-demo/)")
     add_backend_args(p)
@@ -145,76 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile) instead of refusing a video of another size")
     p.add_argument("--max-frames", type=int_at_least(1), metavar="N",
                    help="stop after N frames")
+    p.add_argument("--alpha", type=fraction, metavar="A",
+                   help="segmentation: opacity of the class colours in the video (default 0.5)")
+    p.add_argument("--min-score", type=fraction, metavar="S",
+                   help=f"detection: draw and count boxes scoring at least S (default "
+                        f"{MIN_SCORE}); the JSON records keep every detection")
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no notes; the final summary only")
     return p
-
-
-# --- shared with dff-profile ----------------------------------------------------------------
-
-def check_backend_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.checkpoint and not ALIASES.get(args.backend, args.backend).startswith("torch"):
-        parser.error("--checkpoint applies to the torch backends only (--backend torch)")
-
-
-def resolve_engines(args: argparse.Namespace, parser: argparse.ArgumentParser,
-                    log: Log) -> tuple[Path, dict]:
-    """The engine folder (exporting the demo model into it for --demo) and its manifest.
-    Hashes are checked when the backend opens the graphs."""
-    if args.demo:
-        engine_dir = Path(args.engine_dir) if args.engine_dir else DEMO_ENGINES
-        ensure_demo_engines(engine_dir, log=log)
-    elif args.engine_dir is None:
-        parser.error("--engine-dir DIR (written by dff-export) is required, or --demo")
-    else:
-        engine_dir = Path(args.engine_dir)
-    return engine_dir, load_manifest(engine_dir, verify_hashes=False)
-
-
-def choose_backend(args: argparse.Namespace, engine_dir: Path,
-                   log: Log) -> tuple[Backend, str | None]:
-    """Open --backend; for `auto`, log which one pick_auto took and why (one line); for ONNX
-    Runtime int8, how its kernels here compare with the graph's own error (one line)."""
-    kind, reason = ALIASES.get(args.backend, args.backend), None
-    if kind == "auto":
-        kind, reason = pick_auto(engine_dir)
-        log(reason)
-    backend = open_backend(kind, engine_dir, device=args.device, checkpoint=args.checkpoint,
-                           threads=args.threads, cuda_graph=args.useCudaGraph,
-                           precision=args.precision)
-    check = getattr(backend, "int8_check", None)  # ONNX Runtime int8: its kernels, measured
-    if check is not None:
-        from dff.engines.quantize import describe_kernel_check
-
-        line = describe_kernel_check(check, engine_dir)
-        if check.get("ok", True):
-            log(line)
-        else:  # a worse model than the graph: said even with --quiet
-            print(line, file=sys.stderr, flush=True)
-    return backend, reason
-
-
-def report_error(prog: str, error: BaseException, verbose: bool) -> int:
-    """The one line a user error gets (a traceback before it with --verbose); exit code 1."""
-    if verbose:
-        traceback.print_exception(error)
-    message = " ".join(str(error).split("\n")) or type(error).__name__
-    print(f"{prog}: {message}", file=sys.stderr)
-    return 1
-
-
-def guarded(prog: str, verbose: bool, body: Callable[[], int]) -> int:
-    """Run a command's body: DffError and OSError (missing files, full disks) become one
-    line and exit 1, Ctrl-C exit 130; other exceptions are bugs and keep their traceback."""
-    try:
-        return body()
-    except (DffError, OSError) as e:
-        return report_error(prog, e, verbose)
-    except KeyboardInterrupt:
-        if verbose:
-            traceback.print_exc()
-        print(f"{prog}: interrupted (Ctrl-C); no outputs written", file=sys.stderr)
-        return 130
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -237,16 +149,26 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _outputs(args: argparse.Namespace, video_path: Path, demo_clip: bool
+def check_task_options(args: argparse.Namespace, kind: str, engine_dir: Path) -> None:
+    """Refuse an option of TASK_OPTIONS given for a model of the other task (one line)."""
+    for name, (task, does) in TASK_OPTIONS.items():
+        if getattr(args, name, None) is not None and kind != task:
+            flag = "--" + name.replace("_", "-")
+            raise DffError(f"{flag}: {engine_dir / 'manifest.json'} holds a {kind} model "
+                           f"(field 'task.kind'), and {flag} {does}; drop {flag}")
+
+
+def _outputs(args: argparse.Namespace, video_path: Path, demo: str | None
              ) -> tuple[Path | None, Path | None, Path | None, bool]:
-    """(video, jsonl, summary) output paths and whether the video is the default one;
-    refuses paths that are the input or each other, and folders that do not exist."""
+    """(video, jsonl, summary) output paths and whether the video is the default one (in the
+    demo's folder when `demo` names the task of a demo clip); refuses paths that are the input
+    or each other, and folders that do not exist."""
     out_video = Path(args.output) if args.output else None
     out_json = Path(args.json) if args.json else None
     out_summary = Path(args.summary) if args.summary else None
     default = out_video is None and out_json is None
     if default:
-        out_video = (DEMO_DIR if demo_clip else Path(".")) / f"{video_path.stem}.dff.mp4"
+        out_video = (demo_dir(demo) if demo else Path(".")) / f"{video_path.stem}.dff.mp4"
     seen = {video_path.resolve(): "the input video"}
     for path, flag in ((out_video, "--output"), (out_json, "--json"),
                        (out_summary, "--summary")):
@@ -276,22 +198,24 @@ def _ms(times: dict[str, float]) -> dict[str, float]:
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     say: Log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     engine_dir, manifest = resolve_engines(args, parser, say)
-    demo_clip = args.demo and args.video is None
-    if demo_clip:
-        video_path = ensure_demo_clip(DEMO_CLIP, manifest, log=say)
+    check_task_options(args, task_spec(manifest, str(engine_dir / "manifest.json"))["kind"],
+                       engine_dir)
+    demo = args.demo if args.video is None else None  # the task of a demo clip
+    if demo:
+        video_path = ensure_demo_clip(demo_clip(demo), manifest, log=say)
     elif args.video is None:
         parser.error("VIDEO is required (or --demo to run on a synthetic clip)")
     else:
         video_path = Path(args.video)
     video = open_video(video_path)
     try:
-        return _run_video(args, engine_dir, manifest, video, demo_clip, say)
+        return _run_video(args, engine_dir, manifest, video, demo, say)
     finally:
         video.close()
 
 
 def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video: Any,
-               demo_clip: bool, say: Log) -> int:
+               demo: str | None, say: Log) -> int:
     profile, stride = manifest["profile"], int(manifest["stride"])
     if args.resize:
         h, w = args.resize
@@ -301,7 +225,9 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         check_size(video.height, video.width, profile["min"], profile["max"], stride,
                    what=str(video.path))
         size = video.size
-    out_video, out_json, out_summary, default_out = _outputs(args, video.path, demo_clip)
+    out_video, out_json, out_summary, default_out = _outputs(args, video.path, demo)
+    kind = task_spec(manifest)["kind"]
+    min_score = MIN_SCORE if args.min_score is None else args.min_score
     key_interval = args.key_interval or int(manifest["key_interval"])
     scheduler = make_scheduler(args.schedule, key_interval)
     backend, reason = choose_backend(args, engine_dir, say)
@@ -313,15 +239,16 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         keys = [0]
 
         def sink(result: FrameResult) -> None:
-            writer.write(result.index, result.frame, result.labels, result.is_key,
+            writer.write(result.index, result.frame, result.outputs, result.is_key,
                          _ms(result.times))
             keys[0] += result.is_key
             bar.update(1)
             bar.set_postfix(keys=keys[0], refresh=False)
 
         try:
-            with ResultWriter(out_video, out_json, video.fps, size,
-                              manifest["class_names"]) as writer:
+            with ResultWriter(out_video, out_json, video.fps, size, manifest["class_names"],
+                              0.5 if args.alpha is None else args.alpha, task=kind,
+                              min_score=min_score) as writer:
                 summary = Pipeline(backend, scheduler).run_to(
                     _frames(video, size, args.max_frames), sink)
         finally:
@@ -330,6 +257,10 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         backend.close()
     written = [p for p in (out_video, out_json) if p is not None]
     summary.update({
+        "task": kind,
+        "per_class": {"unit": "detections" if kind == DETECTION else "pixels",
+                      "min_score": min_score if kind == DETECTION else None,
+                      "counts": writer.class_counts()},
         "backend_reason": reason,
         "int8_check": getattr(backend, "int8_check", None),
         "schedule_name": args.schedule,
@@ -370,12 +301,6 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     return 0
 
 
-def backend_label(report: dict) -> str:
-    """'onnxruntime-cpu (int8)': a report's backend and, when it has one, its precision."""
-    precision = report.get("precision")
-    return report["backend"] + (f" ({precision})" if precision else "")
-
-
 def format_summary(s: dict) -> list[str]:
     """The human summary: frames, key frames and why, fps, median ms per stage, efficiency."""
     video = s["video"]
@@ -397,12 +322,33 @@ def format_summary(s: dict) -> list[str]:
     rest = [f"{n} {1000 * stages[n]['median_s']:.2f}"
             for n in ("upload", "schedule", "decode") if stages[n]["count"]]
     lines.append(f"  median ms per stage: {', '.join(main)}; {', '.join(rest)}")
+    per_class = s.get("per_class") or {}
+    if per_class.get("unit") == "detections":
+        counts = per_class["counts"]
+        lines.append(f"  detections scoring >= {per_class['min_score']:g}: {sum(counts.values())}"
+                     f" ({', '.join(f'{n} {c}' for n, c in counts.items()) or 'no classes'})")
     return lines
+
+
+def demo_video_first(argv: list[str]) -> list[str]:
+    """`dff-run --demo VIDEO` keeps meaning the segmentation demo model on VIDEO: argparse
+    would take VIDEO for --demo's TASK, so the task is spelt out before it. A word that is
+    neither a task nor a path (a misspelt task) is left for argparse to refuse."""
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--":
+            break
+        nxt = argv[i + 1]
+        if (arg == "--demo" and nxt not in DEMO_TASKS and not nxt.startswith("-")
+                and (Path(nxt).suffix or Path(nxt).exists())):
+            argv.insert(i + 1, SEGMENTATION)
+            break
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(demo_video_first(sys.argv[1:] if argv is None else argv))
     check_backend_args(parser, args)
     if not args.verbose:  # FFmpeg's own log lines ("moov atom not found") would precede ours
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")

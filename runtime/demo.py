@@ -1,9 +1,10 @@
-"""`--demo` for dff-run and dff-profile: the shipped demo model exported once into a cache
-folder, and a synthetic benchmark clip to run it on.
+"""`--demo [segmentation|detection]` for dff-run and dff-profile: a shipped demo model exported
+once into a cache folder per task, and a synthetic benchmark clip to run it on.
 
 The export is redone only when the folder's manifest is missing, unreadable, or was made from
 another checkpoint (by sha256) or by another dff-trt version, so a second `--demo` starts in
-seconds.
+seconds. Segmentation keeps ./dff-demo/ (engines/, clip.mp4); detection uses
+./dff-demo/detection/.
 """
 
 from __future__ import annotations
@@ -16,17 +17,33 @@ from dff.export.manifest import ManifestError, load_manifest, sha256_file
 
 import dff
 from dff.errors import DffError
+from dff.tasks import DETECTION, KINDS, SEGMENTATION
 
+DEMO_TASKS = KINDS  # what --demo takes; plain --demo is segmentation
 DEMO_DIR = Path("dff-demo")
 DEMO_ENGINES = DEMO_DIR / "engines"
 DEMO_CLIP = DEMO_DIR / "clip.mp4"
 DEMO_FRAMES = 60
+DETECTION_WEIGHTS = "dff_small_detection.pth"  # beside the segmentation demo weights
 
 Log = Callable[[str], None]
 
 
-def demo_checkpoint() -> Path:
-    """The shipped demo weights, or a DffError saying they are missing."""
+def demo_dir(task: str = SEGMENTATION) -> Path:
+    """The task's demo folder: ./dff-demo/ for segmentation, ./dff-demo/<task>/ otherwise."""
+    return DEMO_DIR if task == SEGMENTATION else DEMO_DIR / task
+
+
+def demo_engines(task: str = SEGMENTATION) -> Path:
+    return DEMO_ENGINES if task == SEGMENTATION else demo_dir(task) / "engines"
+
+
+def demo_clip(task: str = SEGMENTATION) -> Path:
+    return DEMO_CLIP if task == SEGMENTATION else demo_dir(task) / "clip.mp4"
+
+
+def demo_checkpoint(task: str = SEGMENTATION) -> Path:
+    """The shipped demo weights of `task`, or a DffError saying they are missing."""
     try:
         from dff.models.checkpoint import demo_checkpoint_path
     except ImportError as e:
@@ -34,7 +51,13 @@ def demo_checkpoint() -> Path:
                        f"({e}); `pip install dff-trt[export]`, or pass --engine-dir DIR "
                        "written by dff-export") from None
     path = demo_checkpoint_path()
-    if not path.is_file():
+    if task == DETECTION:
+        path = path.with_name(DETECTION_WEIGHTS)
+        if not path.is_file():
+            raise DffError(f"--demo detection: the shipped detection model {path} is missing "
+                           "(this install has no detection weights); export a detection model "
+                           "with `dff-export MODEL.pth -o engines` and pass --engine-dir engines")
+    elif not path.is_file():
         raise DffError(f"--demo: the shipped demo model {path} is missing (this install has no "
                        "demo weights); export your own with `dff-export MODEL.pth -o engines` "
                        "and pass --engine-dir engines")
@@ -42,12 +65,12 @@ def demo_checkpoint() -> Path:
 
 
 def ensure_demo_engines(engine_dir: str | os.PathLike[str] = DEMO_ENGINES,
-                        log: Log | None = None) -> dict:
-    """Export the demo model into `engine_dir` unless it already holds that export; return
-    the (checked) manifest."""
+                        log: Log | None = None, task: str = SEGMENTATION) -> dict:
+    """Export `task`'s demo model into `engine_dir` unless it already holds that export;
+    return the (checked) manifest."""
     log = log or (lambda _: None)
     engine_dir = Path(engine_dir)
-    checkpoint = demo_checkpoint()
+    checkpoint = demo_checkpoint(task)
     want = sha256_file(checkpoint)
     try:
         manifest = load_manifest(engine_dir)

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 from dff.export.manifest import graph_path, load_manifest
 from dff.runtime import buffers
-from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, check_names, import_ort
+from dff.runtime.backends import (
+    INPUTS,
+    BackendError,
+    check_names,
+    graph_outputs,
+    import_ort,
+    task_spec,
+)
 from dff.runtime.buffers import DeviceArray, Memory
 
 # RunOptions entry: "1" makes a run return without synchronising the execution provider's stream
@@ -29,10 +36,11 @@ class OrtBackend:
     every input and output bound by pointer to device buffers the backend owns (outputs from
     pools: allocated once per shape, reused only when no handle to them is left, so the key
     frame's features survive later calls), ONNX Runtime running on the ring's compute stream;
-    only `labels` comes back, by D2H into pinned memory. On CUDA a run returns once its
-    kernels are queued (ONNX Runtime's end-of-run stream synchronisation is turned off), as
-    TensorRT's enqueue does: everything after it is ordered on the same stream, and the ring's
-    events say when results are on the host. Handles are DeviceArrays on CUDA and OrtValues
+    only the task outputs (the manifest's `task.outputs`, all bound) come back, by D2H into
+    pinned memory. On CUDA a run returns once its kernels are queued (ONNX Runtime's
+    end-of-run stream synchronisation is turned off), as TensorRT's enqueue does: everything
+    after it is ordered on the same stream, and the ring's events say when results are on the
+    host. Handles are DeviceArrays on CUDA and OrtValues
     over the same memory on the CPU. `int8` runs dff-build --int8's feature graph and measures
 its kernels here against the graph's own error (`int8_check`, quantize.kernel_check)."""
 
@@ -44,6 +52,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.manifest = load_manifest(engine_dir)
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
+        self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
@@ -69,7 +78,9 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
                                  f"{type(self.memory).__name__}")
             self._ring = buffers.PinnedRing(self.memory)
             self._pools: dict[tuple[str, str], buffers.BufferPool] = {}
-            self._labels = buffers.DeviceBuffer(self.memory)
+            # task outputs are copied to the host at once: one buffer each is enough
+            self._task_out = {name: buffers.DeviceBuffer(self.memory)
+                              for name in self.task_spec["outputs"]}
             self._views: weakref.WeakKeyDictionary[Any, DeviceArray] = \
                 weakref.WeakKeyDictionary()  # OrtValue handle -> the memory it views
         try:
@@ -118,7 +129,8 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
                                    "--backend onnxruntime-cpu")
             check_names(path, graph, [i.name for i in session.get_inputs()],
                         [o.name for o in session.get_outputs()],
-                        "re-export it with this version's dff-export")
+                        "re-export it with this version's dff-export",
+                        want=graph_outputs(self.manifest, graph))
             self.sessions[graph] = session
         if self.precision == "int8":  # these kernels against the graph's own error
             from dff.engines.quantize import kernel_check
@@ -127,11 +139,11 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
                                            threads)
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
-        """The graph's outputs (OUTPUTS order): host arrays, or, with IOBinding, DeviceArrays
-        over the backend's buffers."""
+        """The graph's outputs (`graph_outputs` order): host arrays, or, with IOBinding,
+        DeviceArrays over the backend's buffers."""
         if self.memory is None:
             host = {k: self.to_host(v) for k, v in feeds.items()}
-            return self.sessions[graph].run(OUTPUTS[graph], host)
+            return self.sessions[graph].run(graph_outputs(self.manifest, graph), host)
         self.memory.activate()
         where = (self.memory.device_type, self.memory.device_id)
         binding = self.sessions[graph].io_binding()
@@ -141,8 +153,8 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
             binding.bind_input(spec["name"], *where, x.dtype, list(x.shape), x.ptr)
         outputs = []
         for name, (shape, dtype) in output_shapes(self.manifest, graph, inputs).items():
-            if name == "labels":  # copied to the host at once: one buffer is enough
-                y = self._labels.ensure(shape, dtype).view()
+            if graph == "task":
+                y = self._task_out[name].ensure(shape, dtype).view()
             else:
                 pool = self._pools.setdefault((graph, name), buffers.BufferPool(self.memory))
                 y = pool.take(shape, dtype)
@@ -179,9 +191,12 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
             out = [self._handle(x) for x in out]
         return out[0], out[1], out[2]
 
-    def task(self, feat: Any) -> np.ndarray:
-        labels = self._run("task", {"feat": feat})[0]
-        return labels if self.memory is None else self._ring.to_host(labels)
+    def task(self, feat: Any) -> dict[str, np.ndarray]:
+        """The task outputs by name (the manifest's `task.outputs`), host arrays."""
+        outputs = self._run("task", {"feat": feat})
+        if self.memory is not None:  # every D2H queued, then one wait
+            outputs = self._ring.to_host_all(outputs)
+        return dict(zip(self.task_spec["outputs"], outputs))
 
     def upload(self, image: Any) -> Any:
         """Keep an array resident where the graphs run: with IOBinding staged into device
@@ -217,22 +232,24 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
             self._ring.synchronize()
         self.sessions.clear()
         if self.memory is not None:
-            for owned in (*self._pools.values(), self._labels, self._ring):
+            for owned in (*self._pools.values(), *self._task_out.values(), self._ring):
                 owned.close()
             self._pools = {}
 
 
 def output_shapes(manifest: dict, graph: str,
                   inputs: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{output: (shape, dtype)} of `graph` (the DESIGN.md §3 outputs only, not e.g. `probs`)
-    for inputs of these shapes, from the manifest's symbolic shapes (N, H, W, h, w)."""
+    """{output: (shape, dtype)} of `graph` (the outputs the runtime reads, `graph_outputs`)
+    for inputs of these shapes, from the manifest's shapes: symbolic N, H, W, h, w (and K, C,
+    should an export name them), or fixed sizes."""
     stride = int(manifest["stride"])
     first = inputs["image"].shape if "image" in inputs else inputs["feat"].shape
     n, hh, ww = first[0], first[2], first[3]
     if "image" not in inputs:
         hh, ww = hh * stride, ww * stride
-    sizes = {"N": n, "H": hh, "W": ww, "h": hh // stride, "w": ww // stride}
+    sizes = {"N": n, "H": hh, "W": ww, "h": hh // stride, "w": ww // stride,
+             "K": task_spec(manifest).get("max_detections"), "C": len(manifest["class_names"])}
     specs = {o["name"]: o for o in manifest["graphs"][graph]["outputs"]}
     return {name: (tuple(sizes[d] if isinstance(d, str) else int(d)
                          for d in specs[name]["shape"]), specs[name]["dtype"])
-            for name in OUTPUTS[graph]}
+            for name in graph_outputs(manifest, graph)}

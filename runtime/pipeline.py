@@ -4,7 +4,8 @@ Decoding runs in a background thread feeding a bounded queue; compute runs in th
 thread, one frame at a time (batch 1); `run_to` hands results to a sink (a writer) in a third
 thread through another bounded queue. Results come out in frame order. Nothing accumulates:
 at most `queue_size` frames wait on either side, and the stage times keep running totals and
-a fixed-size sample for the medians.
+a fixed-size sample for the medians. A result holds one frame's task outputs (docs/DESIGN.md
+§6): the backend's dict with the batch dimension dropped and detection rows cut to `num`.
 """
 
 from __future__ import annotations
@@ -23,21 +24,44 @@ import numpy as np
 from dff.runtime.backends import Backend
 from dff.runtime.scheduler import Scheduler
 
+from dff import tasks
 from dff.errors import DffError
 
 STAGES = ("upload", "schedule", "feature", "flow", "task")
 _END = object()  # end of a queue's stream
 _POLL = 0.05  # s: how often a blocked thread looks at the stop flag
 _JOIN = 5.0  # s: how long a failing run waits for a busy thread before leaving it (daemon)
+# detection's per-row outputs (a K axis), cut to `num` rows per frame
+ROWS = tuple(o.name for o in tasks.OUTPUTS[tasks.DETECTION] if "K" in o.shape)
 
 
 @dataclass
 class FrameResult:
     index: int           # 0-based position in the video
     frame: np.ndarray    # HWC uint8 RGB, as decoded
-    labels: np.ndarray   # uint8 [H,W]
+    outputs: dict[str, np.ndarray]  # the task outputs of this frame (frame_outputs)
     is_key: bool         # ran N_feat (a redone frame of the adaptive schedule included)
     times: dict[str, float] = field(default_factory=dict)  # s per stage, plus decode, total
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Segmentation's uint8 [H,W] class map."""
+        if "labels" not in self.outputs:
+            raise AttributeError(f"this result has no labels (outputs {sorted(self.outputs)}: "
+                                 "a detection model); read .outputs")
+        return self.outputs["labels"]
+
+
+def frame_outputs(outputs: dict[str, np.ndarray], i: int = 0) -> dict[str, np.ndarray]:
+    """Frame `i` of a backend's batched task outputs: batch dimension dropped, and with `num`
+    (detection) boxes, scores and classes cut to its first `num` rows (the rest is padding)."""
+    one = {name: value[i] for name, value in outputs.items()}
+    if "num" in one:
+        n = max(0, int(one["num"]))
+        for name in ROWS:
+            if name in one:
+                one[name] = one[name][:n]
+    return one
 
 
 class _Failure:
@@ -225,7 +249,7 @@ class Pipeline:
               peek: Callable[[], np.ndarray | None] | None = None) -> FrameResult:
         """One frame: schedule, upload, then feature (key) or flow + warp, then task. On a
         backend whose uploads are asynchronous (`overlaps_uploads`), the next frame, when
-        already decoded, is uploaded before this one's labels are waited for, so its H2D
+        already decoded, is uploaded before this one's outputs are waited for, so its H2D
         overlaps this frame's compute."""
         b, times = self.backend, {}
         start = last = time.perf_counter()
@@ -261,10 +285,10 @@ class Pipeline:
                 now = time.perf_counter()
                 times["upload"] += now - last
                 last = now
-        labels = b.task(feat)[0]
+        outputs = frame_outputs(b.task(feat))
         lap("task")
         times["total"] = last - start
-        return FrameResult(index, frame, labels, is_key, times)
+        return FrameResult(index, frame, outputs, is_key, times)
 
     def _to_nchw(self, index: int, frame: np.ndarray, nchw: np.ndarray | None) -> np.ndarray:
         """HWC uint8 RGB -> [1,3,H,W] contiguous (`nchw`, when the decode thread made it),

@@ -4,7 +4,8 @@ in trtexec's vocabulary (--warmUp, --duration, --iterations, --noDataTransfers).
 Every number comes from real frames of a synthetic clip (the evaluation split's first seed),
 not random tensors: flow and task run on what feature and flow really produce.
 
-- Per stage (feature, flow with its FlowWarp, task), one call per iteration after `--warmUp`
+- Per stage (feature, flow with its FlowWarp, task: whatever outputs the manifest's task has,
+  segmentation or detection), one call per iteration after `--warmUp`
   ms of calls: latency (min/mean/median/p90/p95/p99), throughput (calls per second) and
   enqueue time (the wall time of the call itself). As trtexec, a latency includes copying
   every input to the backend's device and every output back, unless --noDataTransfers. GPU
@@ -26,8 +27,8 @@ from typing import Any
 
 import numpy as np
 from dff.export.profile import format_shape, shape_arg
-from dff.runtime.backends import Backend
-from dff.runtime.cli import (
+from dff.runtime.backends import Backend, task_spec
+from dff.runtime.commands import (
     add_backend_args,
     backend_label,
     check_backend_args,
@@ -164,6 +165,9 @@ class _Clock:
 
 
 def _outputs(result: Any) -> tuple[Any, ...]:
+    """A stage's outputs: flow's tuple, task's dict of arrays (either task), feature's one."""
+    if isinstance(result, dict):
+        return tuple(result.values())
     return result if isinstance(result, tuple) else (result,)
 
 
@@ -299,7 +303,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     finally:
         backend.close()
     result = {
-        "tool": "dff-profile", "backend": name, "precision": precision, "backend_reason": reason,
+        "tool": "dff-profile", "task": task_spec(manifest)["kind"], "backend": name, "precision": precision, "backend_reason": reason,
         "int8_check": int8_check,
         "gpu": stages["feature"]["gpu_compute_ms"] is not None,
         "engine_dir": str(engine_dir), "shape": list(shape), "frames": args.frames,
@@ -321,7 +325,8 @@ def format_report(res: dict) -> list[str]:
     amount = (f"{res['iterations']} iterations" if res["iterations"]
               else f"{res['duration_s']:g} s")
     moves = "without data transfers" if res["noDataTransfers"] else "data transfers included"
-    head = (f"{backend_label(res)} on {res['engine_dir']} at {format_shape(res['shape'])}: "
+    head = (f"{backend_label(res)} on {res['engine_dir']} ({res['task']}) at "
+            f"{format_shape(res['shape'])}: "
             f"{amount} per stage after {res['warmUp_ms']:g} ms warm-up ({moves})")
     columns = (f"{'stage (ms)':<13}{'min':>8}{'mean':>8}{'median':>8}{'p90':>8}{'p95':>8}"
                f"{'p99':>8}{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")

@@ -1,7 +1,8 @@
 """The `torch-cpu` and `torch-cuda` backends: the PyTorch reference, straight from a checkpoint.
 
-DFF.features, DFF.flow + the reference warp and DFF.task; handles are torch tensors. torch is
-imported when a backend opens, so the runtime imports without it.
+DFF.features, DFF.flow + the reference warp and DFF.task, decoded to the task contract's outputs
+by DFF.outputs (dff/tasks.py); handles are torch tensors. torch is imported when a backend
+opens, so the runtime imports without it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 import numpy as np
 from dff.export.manifest import load_manifest, sha256_file
 from dff.runtime.backends import BackendError, import_torch
+
+from dff import tasks
 
 
 def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
@@ -39,7 +42,8 @@ def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
 
 
 class TorchBackend:
-    """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles)."""
+    """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles); `task`
+    returns the contract's outputs of the checkpoint's task (`probs` is export-only)."""
 
     def __init__(self, checkpoint: str | os.PathLike[str], *, cuda: bool = False,
                  device: int = 0, threads: int = 0):
@@ -57,8 +61,11 @@ class TorchBackend:
         self.name = "torch-cuda" if cuda else "torch-cpu"
         self.precision = "fp32"
         self.model = load_checkpoint(checkpoint).to(self.device).eval()
-        self.stride = self.model.config.stride
+        cfg = self.model.config
+        self.stride = cfg.stride
         self.profile: dict | None = None  # any size the model takes
+        self.task_spec = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
+                                          score_threshold=cfg.score_threshold)
 
     def _float(self, image: Any) -> Any:
         return self.upload(image).float()
@@ -72,10 +79,10 @@ class TorchBackend:
             flow, scale = self.model.flow(self._float(image), self._float(key_image))
             return flow, scale, self._warp(self.upload(key_feat), flow, scale)
 
-    def task(self, feat: Any) -> np.ndarray:
+    def task(self, feat: Any) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():
-            labels = self.model.task(self.upload(feat)).argmax(1).to(self._torch.uint8)
-        return labels.cpu().numpy()
+            outputs = self.model.outputs(self.model.task(self.upload(feat)))
+        return {name: outputs[name].cpu().numpy() for name in self.task_spec["outputs"]}
 
     def upload(self, image: Any) -> Any:
         if isinstance(image, self._torch.Tensor):

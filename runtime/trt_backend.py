@@ -5,9 +5,9 @@ this GPU and TensorRT version by `engines.compat.select_engines`. Every I/O tens
 `set_tensor_address` to device memory from runtime/buffers.py: outputs from pools (allocated
 once per shape, a buffer reused only when no handle to it is left, so the key frame's features
 stay put), frames staged through the pinned ring, `execute_async_v3` on the ring's compute
-stream, labels back by async D2H into a pinned slot. With `cuda_graph=True` the non-key path
-(flow + task) is captured into a CUDA graph over fixed buffers and replayed, captured again
-when the input shapes change.
+stream, every task output (the manifest's `task.outputs`) back by async D2H into pinned
+slots. With `cuda_graph=True` the non-key path (flow + task) is captured into a CUDA graph over
+fixed buffers and replayed, captured again when the input shapes change.
 
 dff-build's engines embed the FlowWarp kernel (TensorRT's AOT plugin): the runtime never
 registers the Python plugin (its creator would make a JIT plugin with no implementation); it
@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from dff.export.manifest import load_manifest
-from dff.runtime.backends import INPUTS, OUTPUTS, BackendError, check_names
+from dff.runtime.backends import (
+    INPUTS,
+    OUTPUTS,
+    BackendError,
+    check_names,
+    graph_outputs,
+    task_spec,
+)
 from dff.runtime.buffers import (
     BufferPool,
     CudaMemory,
@@ -92,8 +99,10 @@ class Tensor:
     dtype: np.dtype
 
 
-def engine_tensors(engine: trt.ICudaEngine, graph: str, path: Path) -> list[Tensor]:
-    """The engine's I/O tensors, checked against the names DESIGN.md §3 fixes for `graph`."""
+def engine_tensors(engine: trt.ICudaEngine, graph: str, path: Path,
+                   outputs: list[str] | None = None) -> list[Tensor]:
+    """The engine's I/O tensors, checked against the names DESIGN.md §3 fixes for `graph` and
+    the `outputs` the runtime reads (default OUTPUTS[graph]; the task's from the manifest)."""
     tensors = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
@@ -105,17 +114,19 @@ def engine_tensors(engine: trt.ICudaEngine, graph: str, path: Path) -> list[Tens
                               np.dtype(DTYPES[dtype])))
     check_names(path, graph, [t.name for t in tensors if t.is_input],
                 [t.name for t in tensors if not t.is_input],
-                "re-export and rebuild with this version's dff-export and dff-build")
+                "re-export and rebuild with this version's dff-export and dff-build", want=outputs)
     return tensors
 
 
 class _Stage:
     """One engine and one execution context: `bind` sets the input shapes and every tensor's
-    address (outputs from the stage's pools, or the given fixed buffers), `enqueue` runs it."""
+    address (outputs from the stage's pools, or the given fixed buffers), `enqueue` runs it.
+    `outputs`: what the runtime reads (engine_tensors); every output is bound regardless."""
 
-    def __init__(self, graph: str, engine: trt.ICudaEngine, memory: Memory, path: Path):
+    def __init__(self, graph: str, engine: trt.ICudaEngine, memory: Memory, path: Path,
+                 outputs: list[str] | None = None):
         self.graph, self.path, self.engine = graph, path, engine
-        self.tensors = {t.name: t for t in engine_tensors(engine, graph, path)}
+        self.tensors = {t.name: t for t in engine_tensors(engine, graph, path, outputs)}
         self.context = engine.create_execution_context()
         if self.context is None:
             raise BackendError(f"{path}: TensorRT could not make an execution context (out of "
@@ -282,6 +293,7 @@ class TrtBackend:
         self.manifest = load_manifest(engine_dir)
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
+        self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
         gpu, cc = device_info(device)
         chosen = select_engines(self.manifest, gpu, cc, version, precision,
                                 directory=engine_dir)
@@ -293,7 +305,8 @@ class TrtBackend:
         self.timer = Timer(self.memory) if timing else None
         self._ring = PinnedRing(self.memory, timer=self.timer)
         self._stream = self.memory.stream_handle(self._ring.compute)
-        self._labels = DeviceBuffer(self.memory)
+        # task outputs are copied to the host at once: one fixed buffer each is enough
+        self._task_out = {n: DeviceBuffer(self.memory) for n in self.task_spec["outputs"]}
         self._stages: dict[str, _Stage] = {}
         self._graph: _FlowTaskGraph | None = None
         self._open = True
@@ -301,9 +314,11 @@ class TrtBackend:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engines = {g: self._load(Path(engine_dir) / e["file"]) for g, e in chosen.items()}
             for graph, (engine, path) in engines.items():
-                self._stages[graph] = _Stage(graph, engine, self.memory, path)
+                self._stages[graph] = _Stage(graph, engine, self.memory, path,
+                                             graph_outputs(self.manifest, graph))
             if cuda_graph:
-                task = _Stage("task", engines["task"][0], self.memory, engines["task"][1])
+                task = _Stage("task", engines["task"][0], self.memory, engines["task"][1],
+                              graph_outputs(self.manifest, "task"))
                 assert isinstance(memory, CudaMemory)
                 self._graph = _FlowTaskGraph(memory, self._stages["flow"], task)
         except BaseException:
@@ -330,7 +345,7 @@ class TrtBackend:
         stage = self._stages[graph]
         self.memory.activate()
         x = {name: self._input(v, stage.tensors[name].dtype) for name, v in feeds.items()}
-        outputs = stage.bind(x, fixed={"labels": self._labels})
+        outputs = stage.bind(x, fixed=self._task_out if graph == "task" else None)
         with self._span(graph):
             stage.enqueue(self._stream)
         return outputs
@@ -350,12 +365,15 @@ class TrtBackend:
             flow, scale, feat = self._graph.run(x, self._ring.compute)
         return flow, scale, feat
 
-    def task(self, feat: Any) -> np.ndarray:
-        if self._graph is not None and self._graph.owns(feat):
-            labels = self._graph.outputs["labels"].view()  # computed with the flow
+    def task(self, feat: Any) -> dict[str, np.ndarray]:
+        """The task outputs by name (the manifest's `task.outputs`), host arrays."""
+        names = self.task_spec["outputs"]
+        if self._graph is not None and self._graph.owns(feat):  # computed with the flow
+            device = [self._graph.outputs[n].view() for n in names]
         else:
-            labels = self._run("task", {"feat": feat})["labels"]
-        return self._ring.to_host(labels)
+            outputs = self._run("task", {"feat": feat})
+            device = [outputs[n] for n in names]
+        return dict(zip(names, self._ring.to_host_all(device)))
 
     def upload(self, image: Any) -> Any:
         if isinstance(image, DeviceArray):
@@ -391,5 +409,6 @@ class TrtBackend:
         for stage in self._stages.values():
             stage.close()
         self._stages = {}
-        for owned in (self._labels, self._ring, *([self.timer] if self.timer else [])):
+        for owned in (*self._task_out.values(), self._ring,
+                      *([self.timer] if self.timer else [])):
             owned.close()

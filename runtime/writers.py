@@ -1,4 +1,8 @@
-"""Result writers: annotated video, per-frame JSON lines (labels as run-length codes), summary.
+"""Result writers: annotated video, per-frame JSON lines, summary (docs/DESIGN.md §6).
+
+Segmentation blends class colours over the frame and records labels as run-length codes with
+pixel counts per class; detection draws each box in its class's colour with the class name and
+score, and records `detections`, a list of {box, score, class, name}.
 
 Every output is staged in a temp file beside its target and moved into place only when the run
 succeeds, so a failed or interrupted run never leaves a half-written file where a good one is
@@ -22,6 +26,8 @@ from dff.runtime.video import (
     import_cv2,
     temp_beside,
 )
+
+from dff.tasks import DETECTION, SEGMENTATION
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -52,6 +58,46 @@ def overlay(frame: np.ndarray, labels: np.ndarray, alpha: float = 0.5,
     if mask.any():
         colours = PALETTE[labels[mask]].astype(np.float32)
         out[mask] = np.rint((1 - alpha) * frame[mask] + alpha * colours).astype(np.uint8)
+    if is_key:
+        _key_tag(out)
+    return out
+
+
+def class_colour(k: int) -> tuple[int, int, int]:
+    """Detection class k's RGB colour: the palette's k + 1, the colour segmentation gives the
+    same object (segmentation's class 0 is the background, detection has none)."""
+    return tuple(int(c) for c in PALETTE[(k + 1) % len(PALETTE)])  # type: ignore[return-value]
+
+
+def class_name(class_names: Sequence[str], k: int) -> str:
+    return class_names[k] if 0 <= k < len(class_names) else f"class_{k}"
+
+
+def draw_detections(frame: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                    classes: np.ndarray, class_names: Sequence[str], is_key: bool = False,
+                    scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """A copy of `frame` with each box (x0,y0,x1,y1 pixels, times `scale` (sy, sx)) drawn in
+    its class's colour and labelled "name score" on a filled tab; the "KEY" tag with `is_key`."""
+    cv2 = import_cv2()
+    out = np.ascontiguousarray(frame.copy())
+    h, w = out.shape[:2]
+    font, size = cv2.FONT_HERSHEY_SIMPLEX, max(0.3, h / 720)
+    thick = max(2, round(h / 240))
+    sy, sx = scale
+    for box, score, k in zip(boxes, scores, classes):
+        x0, x1 = (round(float(v) * sx) for v in (box[0], box[2]))
+        y0, y1 = (round(float(v) * sy) for v in (box[1], box[3]))
+        x0, y0 = min(max(x0, 0), w - 1), min(max(y0, 0), h - 1)
+        x1, y1 = min(max(x1 - 1, x0), w - 1), min(max(y1 - 1, y0), h - 1)  # x1, y1 exclusive
+        colour = class_colour(int(k))
+        cv2.rectangle(out, (x0, y0), (x1, y1), colour, thick)
+        text = f"{class_name(class_names, int(k))} {float(score):.2f}"
+        (tw, th), base = cv2.getTextSize(text, font, size, 1)
+        top = y0 - th - base - 2 if y0 - th - base - 2 >= 0 else y0  # above the box, else inside
+        left = max(0, min(x0, w - tw - 2))  # moved left rather than cut at the right edge
+        cv2.rectangle(out, (left, top), (left + tw + 2, top + th + base + 2), colour, cv2.FILLED)
+        ink = (0, 0, 0) if sum(colour) > 384 else (255, 255, 255)
+        cv2.putText(out, text, (left + 1, top + th + 1), font, size, ink, 1, cv2.LINE_AA)
     if is_key:
         _key_tag(out)
     return out
@@ -107,6 +153,31 @@ def frame_record(index: int, is_key: bool, labels: np.ndarray, class_names: Sequ
             "classes": classes, "time_ms": {k: round(float(v), 3) for k, v in times.items()}}
 
 
+def detection_record(index: int, is_key: bool, boxes: np.ndarray, scores: np.ndarray,
+                     classes: np.ndarray, class_names: Sequence[str],
+                     times: Mapping[str, float]) -> dict[str, Any]:
+    """One frame's JSON record for detection: `detections` [{box [x0,y0,x1,y1] px to 0.01,
+    score to 1e-4, class, name}] in score order, detections per class, times in ms."""
+    detections = [{"box": [round(float(v), 2) for v in box], "score": round(float(score), 4),
+                   "class": int(k), "name": class_name(class_names, int(k))}
+                  for box, score, k in zip(boxes, scores, classes)]
+    counts: dict[str, int] = {}
+    for k in classes:
+        name = class_name(class_names, int(k))
+        counts[name] = counts.get(name, 0) + 1
+    return {"frame": int(index), "key": bool(is_key), "detections": detections,
+            "classes": counts, "time_ms": {k: round(float(v), 3) for k, v in times.items()}}
+
+
+def read_detections(record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A detection record's `detections` as arrays: boxes f32 [n,4], scores f32 [n],
+    classes i32 [n] (the inverse of `detection_record`, to its rounding)."""
+    rows = record["detections"]
+    return {"boxes": np.array([d["box"] for d in rows], np.float32).reshape(-1, 4),
+            "scores": np.array([d["score"] for d in rows], np.float32),
+            "classes": np.array([d["class"] for d in rows], np.int32)}
+
+
 def _json_default(obj: object) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
@@ -151,26 +222,33 @@ def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> N
 
 
 class ResultWriter:
-    """The run's outputs: an annotated video and/or a JSONL file, one `write` per frame.
+    """The run's outputs: an annotated video and/or a JSONL file, one `write` per frame, and
+    the counts per class the run summary reports (`class_counts`).
 
-    Frames are written at `size` (H, W): frames are resized with `fit_frame` and labels with
-    nearest neighbour when they differ; the JSONL keeps the labels as given. Both files appear
-    only when the block succeeds, and neither when it fails. Not thread-safe: call it from one
-    writer thread (opening and closing may happen on another).
+    Frames are written at `size` (H, W): frames are resized with `fit_frame`, labels with
+    nearest neighbour and boxes scaled when they differ; the JSONL keeps the model's size.
+    `task` (segmentation or detection) picks the drawing and the records; detection draws and
+    counts the boxes scoring at least `min_score`, and its JSONL keeps every detection. Both
+    files appear only when the block succeeds, and neither when it fails. Not thread-safe:
+    call it from one writer thread (opening and closing may happen on another).
     """
 
     def __init__(self, video_path: str | os.PathLike[str] | None,
                  jsonl_path: str | os.PathLike[str] | None, fps: float,
-                 size: tuple[int, int] | None, class_names: Sequence[str], alpha: float = 0.5):
+                 size: tuple[int, int] | None, class_names: Sequence[str], alpha: float = 0.5,
+                 *, task: str = SEGMENTATION, min_score: float = 0.0):
         if video_path is not None and size is None:
             raise ValueError("ResultWriter needs `size` to write a video")
         if (video_path is not None and jsonl_path is not None
                 and Path(video_path).resolve() == Path(jsonl_path).resolve()):
             raise ValueError(f"video and JSONL outputs are the same file: {video_path}")
+        if task not in (SEGMENTATION, DETECTION):
+            raise ValueError(f"unknown task {task!r}")
         self.size = size
         self.class_names = tuple(class_names)
-        self.alpha = alpha
+        self.alpha, self.task, self.min_score = alpha, task, min_score
         self.frames = 0
+        self._counts = np.zeros(max(len(self.class_names), 1), np.int64)
         self.video: VideoWriter | None = None
         self.jsonl: JsonlWriter | None = None
         try:
@@ -186,9 +264,25 @@ class ResultWriter:
     def _outputs(self) -> list[StagedOutput]:
         return [w for w in (self.video, self.jsonl) if w is not None]
 
-    def write(self, index: int, frame: np.ndarray, labels: np.ndarray, is_key: bool,
-              times: Mapping[str, float]) -> None:
-        """Add one frame: RGB uint8 [H,W,3], labels uint8 [h,w], `times` in milliseconds."""
+    def write(self, index: int, frame: np.ndarray, outputs: Mapping[str, np.ndarray],
+              is_key: bool, times: Mapping[str, float]) -> None:
+        """Add one frame: RGB uint8 [H,W,3], its task outputs (a FrameResult's: `labels` uint8
+        [h,w], or `boxes`, `scores`, `classes` cut to the frame's detections), times in ms."""
+        if self.task == DETECTION:
+            self._write_detections(index, frame, outputs, is_key, times)
+        else:
+            self._write_labels(index, frame, outputs["labels"], is_key, times)
+        self.frames += 1
+
+    def _count(self, ids: np.ndarray) -> None:
+        counts = np.bincount(ids.ravel().astype(np.int64), minlength=len(self._counts))
+        if len(counts) > len(self._counts):
+            self._counts = np.pad(self._counts, (0, len(counts) - len(self._counts)))
+        self._counts += counts
+
+    def _write_labels(self, index: int, frame: np.ndarray, labels: np.ndarray, is_key: bool,
+                      times: Mapping[str, float]) -> None:
+        self._count(labels)
         if self.video is not None:
             assert self.size is not None
             shown = fit_frame(frame, self.size)
@@ -199,7 +293,28 @@ class ResultWriter:
             self.video.write(overlay(shown, lab, self.alpha, is_key=is_key))
         if self.jsonl is not None:
             self.jsonl.write(frame_record(index, is_key, labels, self.class_names, times))
-        self.frames += 1
+
+    def _write_detections(self, index: int, frame: np.ndarray,
+                          outputs: Mapping[str, np.ndarray], is_key: bool,
+                          times: Mapping[str, float]) -> None:
+        boxes, scores, classes = (np.asarray(outputs[n]) for n in ("boxes", "scores", "classes"))
+        shown = scores >= self.min_score
+        self._count(classes[shown & (classes >= 0)])
+        if self.video is not None:
+            assert self.size is not None
+            scale = (self.size[0] / frame.shape[0], self.size[1] / frame.shape[1])
+            self.video.write(draw_detections(fit_frame(frame, self.size), boxes[shown],
+                                             scores[shown], classes[shown], self.class_names,
+                                             is_key=is_key, scale=scale))
+        if self.jsonl is not None:
+            self.jsonl.write(detection_record(index, is_key, boxes, scores, classes,
+                                              self.class_names, times))
+
+    def class_counts(self) -> dict[str, int]:
+        """Per class name, over the frames written: pixels (segmentation), or detections
+        scoring at least `min_score` (detection)."""
+        return {class_name(self.class_names, k): int(n) for k, n in enumerate(self._counts)
+                if n or k < len(self.class_names)}
 
     def close(self) -> None:
         """Finish every output first, then move them into place (nothing moves if one fails)."""

@@ -53,14 +53,63 @@ def engines(tiny_export):
     return tiny_export[1]
 
 
+def tiny_detection_model() -> DFF:
+    """A tiny detection DFF (seed 0) whose BatchNorm statistics come from 8 synthetic-clip
+    frames. With the default statistics an untrained trunk's features reach the hundreds and
+    its heat logits +-100: scores of exactly 1.0 tie, and TopK orders ties as each runtime
+    likes, so no export of it could pass parity."""
+    from dff.data.synthetic import make_clip
+
+    torch.manual_seed(0)
+    cfg = tiny_config().for_task("detection")
+    model = DFF(cfg)
+    frames = make_clip(0, 8, *cfg.input_size).frames.transpose(0, 3, 1, 2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: the statistics of these frames
+    with torch.no_grad():
+        model.train().task(model.features(torch.from_numpy(frames.copy()).float()))
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def detection_export(tmp_path_factory):
+    """(checkpoint, engine dir): `tiny_detection_model` exported once for the session with
+    tiny_export's profile (1x32x32 .. 2x128x192, opt 1x64x96). Tests copy it before changing
+    it."""
+    pytest.importorskip("onnxruntime")
+    from dff.export.exporter import export_model
+    from dff.models.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("detection_export")
+    save_checkpoint(root / "tiny_detection.pth", tiny_detection_model())
+    export_model(root / "tiny_detection.pth", root / "engines", min_shape=(1, 32, 32),
+                 opt_shape=(1, 64, 96), max_shape=(2, 128, 192))
+    return root / "tiny_detection.pth", root / "engines"
+
+
+@pytest.fixture(scope="session")
+def detection_engines(detection_export):
+    """The engine folder of `detection_export` (ONNX graphs + manifest.json)."""
+    return detection_export[1]
+
+
 class Untouchable(types.ModuleType):
-    """A module that records every attribute read (an import reads __spec__ too)."""
+    """A module that records every use: a read of a public name, or an import (which reads
+    __spec__). Other dunders are introspection, not use: any code that walks sys.modules with
+    isinstance() reads __class__ (CI caught one on a fresh machine), inspect reads __file__."""
+
+    _IMPORT = ("__spec__", "__path__", "__getattr__")
 
     def __init__(self, name):
         super().__init__(name)
         object.__setattr__(self, "reads", [])
 
     def __getattribute__(self, attr):
-        if attr != "reads":
+        dunder = attr.startswith("__") and attr.endswith("__")
+        if attr != "reads" and (not dunder or attr in Untouchable._IMPORT):
             object.__getattribute__(self, "reads").append(attr)
         return object.__getattribute__(self, attr)

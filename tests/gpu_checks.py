@@ -7,7 +7,9 @@ temporary folder first. Each step is a subprocess with a timeout (a hang or a cr
 step only) and is skipped, with the reason, where this machine lacks what it needs. Writes
 DIR/gpu_checks.json after every step (environment, then each step's name, status, reason,
 seconds, figures) and logs/STEP.log. Exit status 0 when no step failed (skips are not
-failures), 1 when one did. `--plan` lists the steps in order and runs nothing.
+failures), 1 when one did. `--plan` lists the steps in order and runs nothing. Both demo
+models are exported once each (segmentation into --engines, detection into ENGINES-detection),
+built and profiled alike; the detection steps skip while its shipped weights are missing.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import gpu_steps
 ROOT = Path(__file__).resolve().parents[1]
 STEPS_SCRIPT = Path(gpu_steps.__file__).resolve()
 DEFAULT_ENGINES = Path(tempfile.gettempdir()) / "dff-gpu-checks" / "engines"  # 38 MB: not in --out
+DETECTION_WEIGHTS = ROOT / "models" / "weights" / "dff_small_detection.pth"
 BUDGET_S = {True: 450.0, False: 1800.0}  # whole run by --quick: 450 s leaves margin under 8 min
 MIN_STEP_S = 15.0  # a step is not started with less of the budget left
 
@@ -54,10 +57,14 @@ class Step:
 
 # --- the plan -------------------------------------------------------------------------------
 
-def plan(out: Path, engines: Path, quick: bool) -> list[Step]:
-    """The steps in order: kernel and buffers, one export, then per backend on that folder
-    (TensorRT: engines built before they are profiled)."""
+def plan(out: Path, engines: Path, quick: bool,
+         detection_engines: Path | None = None) -> list[Step]:
+    """The steps in order: kernel and buffers, one export per task (segmentation into
+    `engines`, detection into `detection_engines`, default `engines`-detection beside it), then
+    per backend on each folder (TensorRT: engines built before they are profiled). The
+    detection steps come last, so a short budget cuts them first."""
     py, gpu = sys.executable, ("gpu",)
+    detection_engines = detection_engines or engines.with_name(f"{engines.name}-detection")
 
     def own(name: str, what: str, timeout: float, needs: tuple[str, ...]) -> Step:
         path = out / f"{name}.json"
@@ -65,24 +72,44 @@ def plan(out: Path, engines: Path, quick: bool) -> list[Step]:
         return Step(name, what, cmd, timeout, needs, ("ptx",) * (name != "ptx"), path,
                     lambda: read_json(path))
 
-    def profile(backend: str, needs: tuple[str, ...], precision: str | None = None) -> Step:
-        name = f"profile-{backend}" + (f"-{precision}" if precision else "")
+    def export(folder: Path, task: str, suffix: str, needs: tuple[str, ...]) -> Step:
+        return Step(f"export{suffix}", f"dff-export --demo {task}, once, into the folder every "
+                    f"{task} profile uses",
+                    [py, "-m", "dff.export.cli", "--demo", task, "-o", str(folder)],
+                    180 if quick else 600, gpu + ("gpu_backend",) + needs,
+                    read=lambda: read_engines(folder, None))
+
+    def profile(folder: Path, suffix: str, backend: str, needs: tuple[str, ...],
+                precision: str | None = None) -> Step:
+        name = f"profile-{backend}" + (f"-{precision}" if precision else "") + suffix
         path = out / f"{name}.json"
-        cmd = [py, "-m", "dff.runtime.profile", "-e", str(engines), "--backend", backend]
+        cmd = [py, "-m", "dff.runtime.profile", "-e", str(folder), "--backend", backend]
         cmd += ["--precision", precision] if precision else []
         cmd += (["--warmUp", "100", "--iterations", "50", "--frames", "30", "--key-intervals",
                  "1,10"] if quick else ["--key-intervals", "1,5,10,20"])
-        after = ("export", f"build-{precision}") if precision else ("export",)
+        after = (f"export{suffix}",) + ((f"build-{precision}{suffix}",) if precision else ())
         return Step(name, f"dff-profile --backend {backend}{f' --precision {precision}' * bool(precision)} on "
-                    "the export",
+                    f"the {folder.name} export",
                     cmd + ["--json", str(path)], 120 if quick else 600, gpu + needs, after,
                     path, lambda: read_profile(path))
 
-    def build(precision: str, needs: tuple[str, ...]) -> Step:
-        cmd = [py, "-m", "dff.engines.cli", str(engines), f"--{precision}"]
-        return Step(f"build-{precision}", f"dff-build --{precision} on the export", cmd,
-                    240 if quick else 900, gpu + needs, ("export",),
-                    read=lambda: read_engines(engines, precision))
+    def build(folder: Path, suffix: str, precision: str, needs: tuple[str, ...]) -> Step:
+        cmd = [py, "-m", "dff.engines.cli", str(folder), f"--{precision}"]
+        return Step(f"build-{precision}{suffix}", f"dff-build --{precision} on the "
+                    f"{folder.name} export", cmd,
+                    240 if quick else 900, gpu + needs, (f"export{suffix}",),
+                    read=lambda: read_engines(folder, precision))
+
+    def per_task(folder: Path, task: str, suffix: str, needs: tuple[str, ...]) -> list[Step]:
+        return [
+            export(folder, task, suffix, needs),
+            profile(folder, suffix, "torch-cuda", ("torch_cuda",) + needs),
+            profile(folder, suffix, "onnxruntime-cuda", ("ort_cuda",) + needs),
+            build(folder, suffix, "fp32", ("tensorrt",) + needs),
+            build(folder, suffix, "fp16", ("tensorrt", "fast_fp16") + needs),
+            profile(folder, suffix, "tensorrt", ("tensorrt",) + needs, "fp32"),
+            profile(folder, suffix, "tensorrt", ("tensorrt", "fast_fp16") + needs, "fp16"),
+        ]
 
     buffers_xml = out / "buffers.xml"
     bench = out / "kernel-time.json"
@@ -103,16 +130,17 @@ def plan(out: Path, engines: Path, quick: bool) -> list[Step]:
         Step("kernel-time", "FlowWarp vs the PyTorch warp and a device copy, C=1024",
              bench_cmd, 120 if quick else 600, gpu + ("torch_cuda",), ("ptx",), bench,
              lambda: read_bench(bench)),
-        Step("export", "dff-export --demo, once, into the folder every profile uses",
-             [py, "-m", "dff.export.cli", "--demo", "-o", str(engines)], 180 if quick else 600,
-             gpu + ("gpu_backend",), read=lambda: read_engines(engines, None)),
-        profile("torch-cuda", ("torch_cuda",)),
-        profile("onnxruntime-cuda", ("ort_cuda",)),
-        build("fp32", ("tensorrt",)),
-        build("fp16", ("tensorrt", "fast_fp16")),
-        profile("tensorrt", ("tensorrt",), "fp32"),
-        profile("tensorrt", ("tensorrt", "fast_fp16"), "fp16"),
+        *per_task(engines, "segmentation", "", ()),
+        *per_task(detection_engines, "detection", "-detection", ("detection_demo",)),
     ]
+
+
+def detection_demo_fact() -> str | None:
+    """None when the checkout ships the detection demo weights, else why its steps skip."""
+    if DETECTION_WEIGHTS.is_file():
+        return None
+    return (f"no shipped detection weights here ({DETECTION_WEIGHTS.relative_to(ROOT)} is "
+            "missing)")
 
 
 # --- reading the figures --------------------------------------------------------------------
@@ -316,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder for gpu_checks.json and the logs (default: $OUT, else "
                         "./gpu_checks)")
     p.add_argument("--engines", default=str(DEFAULT_ENGINES),
-                   help=f"folder of the one demo export (default: {DEFAULT_ENGINES})")
+                   help=f"folder of the segmentation demo export (default: {DEFAULT_ENGINES}); "
+                        "the detection demo goes beside it, into ENGINES-detection")
     p.add_argument("--quick", action="store_true",
                    help=f"few samples and shapes, the whole run within {BUDGET_S[True]:.0f} s")
     p.add_argument("--budget", type=float, metavar="S",
@@ -325,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out, engines = Path(args.out).resolve(), Path(args.engines).resolve()
-    steps = plan(out, engines, args.quick)
+    detection = engines.with_name(f"{engines.name}-detection")
+    steps = plan(out, engines, args.quick, detection)
     if args.plan:
         for i, step in enumerate(steps, 1):
             needs = ", ".join(step.needs + tuple(f"step {a}" for a in step.after)) or "nothing"
@@ -335,12 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     dff_import = ensure_dff()
     out.mkdir(parents=True, exist_ok=True)
     env, facts = gpu_steps.probe()
+    facts["detection_demo"] = detection_demo_fact()
     for key, value in env.items():
         print(f"{key:>20}: {value}")
     budget = args.budget or BUDGET_S[args.quick]
     doc: dict[str, Any] = {"tool": "gpu_checks", "started": started, "quick": args.quick,
                            "budget_s": budget, "dff_import": dff_import,
-                           "engines_dir": str(engines), "environment": env, "facts": facts}
+                           "engines_dir": str(engines),
+                           "detection_engines_dir": str(detection),
+                           "environment": env, "facts": facts}
     json_path = out / "gpu_checks.json"
     print(f"\n{len(steps)} steps, {budget:.0f} s budget:", flush=True)
 

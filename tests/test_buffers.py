@@ -154,6 +154,27 @@ def test_results_come_back_through_the_output_slots_in_order(memory):
         assert ring.download(views[0]) == 0  # wraps around
 
 
+def test_to_host_all_brings_back_more_arrays_than_output_slots_each_intact():
+    """A detection task's four outputs through a ring of two output slots, copies running late:
+    every D2H is queued before the first wait, the slots grow, none is reused among them."""
+    memory = LateMemory()
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((1, 5, 4)).astype(np.float32),
+              rng.standard_normal((1, 5)).astype(np.float32),
+              np.arange(5, dtype=np.int32)[None], np.int32([3])]
+    with PinnedRing(memory, slots=2) as ring:
+        views = [ring.stage(a)[1] for a in arrays]
+        ring.synchronize()
+        start = len(memory.log)
+        got = ring.to_host_all(views)
+        d2h = [i for i, entry in enumerate(memory.log[start:]) if entry[:2] == ("copy", "d2h")]
+        assert len(d2h) == 4 and len(ring._out) == 4
+        for a, b in zip(got, arrays):
+            assert a.dtype == b.dtype and np.array_equal(a, b)
+        again = ring.to_host_all(views[:1])  # fewer: the grown slots stay
+        np.testing.assert_array_equal(again[0], arrays[0])
+
+
 class LateMemory(HostMemory):
     """HostMemory whose copies run late, as on a GPU: a copy waits in its stream's queue until
     an event recorded after it is synchronised (or the stream is). `carried` is what each copy

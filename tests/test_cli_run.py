@@ -1,5 +1,6 @@
-"""dff-run and dff-profile: end to end on a tiny export, every output checked by reading it
-back; bad inputs give one line, exit 1 and no files; Ctrl-C leaves nothing behind."""
+"""dff-run and dff-profile: end to end on tiny segmentation and detection exports, every output
+checked by reading it back; bad inputs give one line, exit 1 and no files; Ctrl-C leaves
+nothing behind."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from dff.models.checkpoint import demo_checkpoint_path
 from dff.runtime import cli, demo, profile
 from dff.runtime.video import VideoWriter, open_video, write_synthetic_clip
-from dff.runtime.writers import ResultWriter, rle_decode
+from dff.runtime.writers import ResultWriter, read_detections, rle_decode
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
@@ -178,6 +179,140 @@ def test_dff_run_needs_no_torch(engines, clip, tmp_path):
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert len(read_jsonl(tmp_path / "n.jsonl")) == 2
+
+
+# --- detection ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def det_export(request):
+    """conftest's tiny detection export (checkpoint, engines), or a skip until it exists."""
+    try:
+        return request.getfixturevalue("detection_export")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no detection_export fixture (a tiny detection export)")
+
+
+@pytest.fixture(scope="module")
+def det_run(root, det_export, clip):
+    """dff-run on the detection export, ONNX Runtime, key interval 5, every output."""
+    out = root / "det"
+    out.mkdir()
+    result = call(cli.main, [clip, "-e", det_export[1], "--backend", "onnxruntime",
+                             "--key-interval", 5, "-o", out / "d.mp4", "--json", out / "d.jsonl",
+                             "--summary", out / "s.json", "--threads", 1, "--min-score", 0.2])
+    return out, result
+
+
+def test_detection_run_writes_boxes_video_detections_and_counts(det_run, clip):
+    out, (code, stdout, stderr) = det_run
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["d.jsonl", "d.mp4", "s.json"]
+    with open_video(out / "d.mp4") as video, open_video(clip) as source:
+        drawn, plain = np.stack(list(video)).astype(int), np.stack(list(source)).astype(int)
+    assert drawn.shape == (T, H, W, 3)
+    records = read_jsonl(out / "d.jsonl")
+    assert [r["frame"] for r in records if r["key"]] == [0, 5]
+    assert all("labels" not in r for r in records)
+    dets = [d for r in records for d in r["detections"]]
+    assert dets, "a model detecting nothing tests nothing"
+    assert {d["name"] for d in dets} <= {"disc", "box", "triangle", "cross"}
+    for r in records:
+        scores = [d["score"] for d in r["detections"]]
+        assert scores == sorted(scores, reverse=True) and min(scores, default=1) > 0.05
+        assert sum(r["classes"].values()) == len(r["detections"])
+    summary = json.loads((out / "s.json").read_text())
+    counts = summary["per_class"]["counts"]
+    assert summary["task"] == "detection" and summary["per_class"]["unit"] == "detections"
+    assert summary["per_class"]["min_score"] == 0.2
+    assert counts == {n: sum(d["name"] == n and d["score"] >= 0.2 for d in dets)
+                      for n in ("disc", "box", "triangle", "cross")}
+    assert f"detections scoring >= 0.2: {sum(counts.values())} (disc {counts['disc']}" in stdout
+    drawn_frames = [t for t, r in enumerate(records)
+                    if any(d["score"] >= 0.2 for d in r["detections"])]
+    for t in drawn_frames:  # boxes drawn where there are some, the frame's pixels elsewhere
+        assert np.abs(drawn[t] - plain[t]).mean() > 0.5
+
+
+def test_detection_torch_backend_agrees_with_onnxruntime_through_dff_run(det_run, det_export,
+                                                                         clip, tmp_path):
+    out, _ = det_run
+    code, _, stderr = call(cli.main, [clip, "-e", det_export[1], "--backend", "torch",
+                                      "--key-interval", 5, "--json", tmp_path / "t.jsonl",
+                                      "--threads", 1, "-q"])
+    assert code == 0, stderr
+    for a, b in zip(read_jsonl(out / "d.jsonl"), read_jsonl(tmp_path / "t.jsonl")):
+        da, db = read_detections(a), read_detections(b)
+        assert len(da["scores"]) == len(db["scores"])
+        np.testing.assert_allclose(da["scores"], db["scores"], atol=2e-4)
+        np.testing.assert_allclose(da["boxes"], db["boxes"], atol=0.02)
+        np.testing.assert_array_equal(da["classes"], db["classes"])
+
+
+@pytest.mark.parametrize("flag, value, kind", [("--alpha", 0.3, "detection"),
+                                               ("--min-score", 0.5, "segmentation")])
+def test_an_option_of_the_other_task_is_one_line_exit_1_and_no_files(flag, value, kind, engines,
+                                                                     det_export, clip,
+                                                                     tmp_path):
+    engine_dir = det_export[1] if kind == "detection" else engines
+    code, stdout, stderr = call(cli.main, [clip, "-e", engine_dir, flag, value, "-o",
+                                           tmp_path / "x.mp4", "--threads", 1])
+    assert code == 1 and stdout == ""
+    assert stderr == (f"dff-run: {flag}: {engine_dir / 'manifest.json'} holds a {kind} model "
+                      f"(field 'task.kind'), and {flag} "
+                      f"{cli.TASK_OPTIONS[flag[2:].replace('-', '_')][1]}; drop {flag}\n")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_profile_runs_either_task_at_batch_two(task, engines, det_export, tmp_path):
+    engine_dir = det_export[1] if task == "detection" else engines
+    code, stdout, stderr = call(profile.main, [
+        "-e", engine_dir, "--backend", "onnxruntime", "--iterations", 3, "--warmUp", 0,
+        "--key-intervals", "1,5", "--frames", 10, "--shape", "2x64x96",
+        "--json", tmp_path / "p.json", "--threads", 1])
+    assert code == 0, stderr
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["task"] == task and res["shape"] == [2, H, W]
+    assert all(res["stages"][s]["iterations"] == 3 for s in ("feature", "flow", "task"))
+    assert [row["key_frames"] for row in res["end_to_end"]] == [10, 2]
+    assert f"({task}) at 2x64x96" in stdout.splitlines()[0]
+
+
+def test_detection_parity_benchmark_reads_dff_runs_json_lines_back(det_export, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("pycocotools")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detection_parity.py"
+    spec = importlib.util.spec_from_file_location("detection_parity", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main(["--engine-dir", str(det_export[1]), "--clips", "1", "--frames", "6",
+                       "--intervals", "1,3", "--threads", "1", "--keep", str(tmp_path / "runs"),
+                       "--json", str(tmp_path / "p.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["passed"] and sorted(res["intervals"]) == ["1", "3"]
+    for k, r in res["intervals"].items():
+        records = read_jsonl(tmp_path / "runs" / f"k{k}_{10_000_000}.jsonl")
+        assert [rec["key"] for rec in records] == [t % int(k) == 0 for t in range(6)]
+        n = sum(len(rec["detections"]) for rec in records)
+        assert n > 0 and r["onnxruntime"]["detections"] == n == r["pytorch"]["detections"]
+        assert all(abs(d) <= 0.5 for d in r["delta_points"].values())
+    assert out.splitlines()[-1].startswith("within 0.5 AP points at k=1, 3 (1 clips x 6 frames")
+
+
+def test_detection_parity_benchmark_refuses_a_segmentation_export(engines, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detection_parity.py"
+    spec = importlib.util.spec_from_file_location("detection_parity", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--engine-dir", str(engines), "--clips", "1"]) == 1
+    assert "field 'task.kind' is 'segmentation'" in capsys.readouterr().err
 
 
 # --- bad inputs -----------------------------------------------------------------------------
@@ -342,6 +477,61 @@ def test_demo_reexports_when_the_cache_holds_another_checkpoint_or_version(
     assert calls == [(tiny_pth, cache)]
     assert demo.ensure_demo_engines(engines)["export"]["checkpoint"] == str(tiny_pth)
     assert len(calls) == 1  # the matching export was reused
+
+
+def test_demo_detection_without_its_weights_is_one_line_and_writes_nothing(tiny_pth, tmp_path,
+                                                                          monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tiny_pth, weights / "dff_small_synthetic.pth")  # segmentation's, not detection's
+    monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
+                        lambda: weights / "dff_small_synthetic.pth")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for command in (cli.main, profile.main):
+        code, stdout, stderr = call(command, ["--demo", "detection"])
+        assert code == 1 and stdout == ""
+        assert stderr.endswith(f"--demo detection: the shipped detection model "
+                               f"{weights / 'dff_small_detection.pth'} is missing (this install "
+                               "has no detection weights); export a detection model with "
+                               "`dff-export MODEL.pth -o engines` and pass --engine-dir engines\n")
+        assert stderr.count("\n") == 1
+    assert os.listdir(work) == []
+
+
+def test_demo_detection_uses_its_own_folder_and_ends_with_the_output_video(det_export, tiny_pth,
+                                                                            tmp_path,
+                                                                            monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    shutil.copy(tiny_pth, weights / "dff_small_synthetic.pth")
+    shutil.copy(det_export[0], weights / "dff_small_detection.pth")
+    monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
+                        lambda: weights / "dff_small_synthetic.pth")
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "dff-demo" / "detection" / "engines"
+    shutil.copytree(det_export[1], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())  # as if exported from there
+    manifest["export"]["checkpoint"] = str(weights / "dff_small_detection.pth")
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    code, stdout, stderr = call(cli.main, ["--demo", "detection", "--max-frames", 4,
+                                           "--threads", 1])
+    assert code == 0, stderr
+    assert "demo: reusing the export in dff-demo/detection/engines/" in stdout
+    assert stdout.splitlines()[-1] == "output video: dff-demo/detection/clip.dff.mp4"
+    assert sorted(os.listdir(tmp_path / "dff-demo")) == ["detection"]
+    with open_video(tmp_path / "dff-demo" / "detection" / "clip.dff.mp4") as video:
+        assert sum(1 for _ in video) == 4
+
+
+def test_demo_followed_by_a_video_is_still_the_segmentation_demo_on_it(clip):
+    assert cli.demo_video_first(["--demo", str(clip), "-q"]) == [
+        "--demo", "segmentation", str(clip), "-q"]
+    assert cli.demo_video_first(["--demo", "detection", str(clip)]) == [
+        "--demo", "detection", str(clip)]
+    assert cli.demo_video_first(["--demo", "detecton"]) == ["--demo", "detecton"]  # argparse's
+    assert cli.build_parser().parse_args(["--demo"]).demo == "segmentation"
 
 
 @pytest.mark.skipif(not demo_checkpoint_path().is_file(),

@@ -670,6 +670,35 @@ def test_fp16_on_a_strongly_typed_only_tensorrt_is_refused(fake_trt):
         builder.build_engines(out, precision="fp16")
 
 
+@pytest.fixture
+def fake_trt_detection(fake_trt, detection_engines):
+    """fake_trt, its folder holding a copy of the tiny detection export instead."""
+    out, fake = fake_trt
+    for f in out.iterdir():
+        f.unlink()
+    for f in detection_engines.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    return out, fake
+
+
+def test_build_takes_a_detection_export_through_the_same_code_path(fake_trt_detection):
+    out, fake = fake_trt_detection
+    before = load_manifest(out)
+    assert before["task"]["kind"] == "detection"
+    builder.build_engines(out, precision="fp16")
+    ev = fake.events
+    assert ev.index(("register_plugin",)) < ev.index(("parse", "feature.onnx"))
+    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.onnx", "flow.onnx", "task.onnx"]
+    profiles = [e[1] for e in ev if e[0] == "profile"]
+    assert profiles[2] == {"feat": ((1, 16, 2, 2), (1, 16, 4, 6), (2, 16, 8, 12))}
+    m = load_manifest(out)
+    chosen = select_engines(m, H100, "9.0", TRT, directory=out)
+    assert (out / chosen["task"]["file"]).read_bytes() == b"PLAN feat"
+    assert chosen["flow"]["flow_warp"] == "plugin" and "flow_warp" not in chosen["task"]
+    assert {k: v for k, v in m.items() if k != "engines"} == {
+        k: v for k, v in before.items() if k != "engines"}  # task, outputs: as exported
+
+
 # --- a real build (TensorRT and a GPU) ------------------------------------------------------
 
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed")
@@ -699,3 +728,24 @@ def test_dff_build_builds_three_engines_this_gpu_may_load(exported, tmp_path):
     report = builder.inspect_engine(out / chosen["feature"]["file"])
     assert [t["name"] for t in report["tensors"]] == ["image", "feat"]
     assert report["tensors"][0]["profile"]["max"] == [2, 3, 128, 192]
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed")
+def test_dff_build_builds_detection_engines_with_the_contracts_outputs(detection_engines,
+                                                                       tmp_path):
+    try:
+        gpu, cc = builder.device_info()
+    except Exception as e:  # noqa: BLE001 - any failure here means no usable GPU
+        pytest.skip(f"no CUDA GPU: {e}")
+    out = tmp_path / "engines"
+    out.mkdir()
+    for f in detection_engines.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    assert build_cli.main([str(out), "--fp32"]) == 0
+    m = load_manifest(out)
+    chosen = select_engines(m, gpu, cc, builder.require_tensorrt(), directory=out)
+    report = builder.inspect_engine(out / chosen["task"]["file"])
+    assert [(t["name"], t["dtype"]) for t in report["tensors"]] == [
+        ("feat", "FLOAT"), ("boxes", "FLOAT"), ("scores", "FLOAT"), ("classes", "INT32"),
+        ("num", "INT32")]
+    assert report["tensors"][1]["shape"][1:] == [m["task"]["max_detections"], 4]

@@ -73,7 +73,8 @@ def test_manifest_records_contract_profile_and_provenance(exported, checkpoint):
     out, _ = exported
     m = load_manifest(out)
     cfg = tiny_config()
-    assert (m["format"], m["version"], m["task"]) == (FORMAT, 1, "segmentation")
+    assert (m["format"], m["version"]) == (FORMAT, 2)
+    assert m["task"] == {"kind": "segmentation", "outputs": ["labels"]}
     assert m["class_names"] == list(cfg.class_names) and m["num_classes"] == cfg.num_classes
     assert m["normalisation"]["mean"] == cfg.mean and m["normalisation"]["std"] == cfg.std
     assert (m["stride"], m["key_interval"], m["feat_channels"]) == (16, 10, 16)
@@ -98,6 +99,8 @@ def test_manifest_records_contract_profile_and_provenance(exported, checkpoint):
     assert exp["checkpoint_sha256"] == file_sha256(checkpoint)
     assert exp["opset"] == 20 and exp["torch"] == torch.__version__
     assert exp["parity"]["passed"] is True and len(exp["parity"]["cases"]) == 2
+    assert exp["parity"]["frames"] == {"random 1x64x96": 1, "clip 1x64x96": 1}
+    assert exp["tool_version"] == "0.3.0" and "detection_rule" not in exp["parity"]
 
 
 def test_graphs_pass_full_check_with_the_warp_only_in_flow(exported):
@@ -133,7 +136,7 @@ def assert_all_pass(rows, graphs_expected=3):
     failed = [r for r in rows if not r.passed]
     assert not failed, parity.format_table(rows)
     for r in rows:  # and in absolute terms: 1e-4, relative to the peak where it exceeds 1
-        if r.metric == "equal":
+        if r.metric in ("equal", "frames"):
             assert r.value >= 0.999
         else:
             assert r.value <= 1e-4 * max(1.0, r.peak)
@@ -329,10 +332,41 @@ def test_load_manifest_other_format(engines_copy):
 
 
 def test_load_manifest_wrong_version(engines_copy):
-    edit_manifest(engines_copy, version=2)
-    with pytest.raises(ManifestError, match=r"field 'version' is 2, .* reads version 1; "
+    edit_manifest(engines_copy, version=3)
+    with pytest.raises(ManifestError, match=r"field 'version' is 3, .* reads version 2; "
                                             r"re-export with `dff-export"):
         load_manifest(engines_copy)
+
+
+def test_a_version_1_manifest_is_refused_with_the_reexport_command(engines_copy):
+    edit_manifest(engines_copy, version=1, task="segmentation")  # as dff-trt 0.2 wrote it
+    with pytest.raises(ManifestError) as e:
+        load_manifest(engines_copy)
+    message = str(e.value)
+    assert "field 'version' is 1" in message and "reads version 2" in message
+    assert f"dff-export MODEL.pth -o {engines_copy}" in message and "\n" not in message
+
+
+def test_load_manifest_task_as_a_string_names_the_field(engines_copy):
+    edit_manifest(engines_copy, task="segmentation")
+    with pytest.raises(ManifestError, match=r"manifest.json: field 'task' is str, expected "
+                                            r"dict; re-export"):
+        load_manifest(engines_copy)
+
+
+@pytest.mark.parametrize("task, field", [
+    ({"kind": "segmentation", "outputs": ["boxes", "scores", "classes", "num"]}, "task.outputs"),
+    ({"kind": "tracking", "outputs": ["labels"]}, "task.kind"),
+    ({"kind": "segmentation", "outputs": ["labels", "probs"]}, "task.outputs"),
+])
+def test_load_manifest_refuses_outputs_that_do_not_match_the_task(engines_copy, task, field):
+    edit_manifest(engines_copy, task=task)
+    with pytest.raises(ManifestError) as e:
+        load_manifest(engines_copy)
+    message = str(e.value)
+    assert message.startswith(str(engines_copy / "manifest.json")) and "\n" not in message
+    assert f"'{field}'" in message and message.endswith(f"re-export with `dff-export MODEL.pth "
+                                                        f"-o {engines_copy}`")
 
 
 def test_load_manifest_missing_field(engines_copy):
@@ -352,10 +386,189 @@ def test_load_manifest_sha256_mismatch(engines_copy):
         f.write(b"\0")
     with pytest.raises(ManifestError, match=r"flow.onnx: sha256 .* 'graphs.flow.sha256'"):
         load_manifest(engines_copy)
-    assert load_manifest(engines_copy, verify_hashes=False)["version"] == 1
+    assert load_manifest(engines_copy, verify_hashes=False)["version"] == 2
 
 
 def test_manifest_reader_imports_without_torch():
     code = ("import sys; from dff.export.manifest import load_manifest; "
             "import dff.export; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- detection ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def detection_model(detection_export):
+    return load_checkpoint(detection_export[0])
+
+
+def test_detection_manifest_records_the_task_object_and_the_fixed_size_outputs(
+        detection_engines):
+    m = load_manifest(detection_engines)
+    assert m["version"] == 2 and m["task"] == {
+        "kind": "detection", "outputs": ["boxes", "scores", "classes", "num"],
+        "max_detections": 100, "score_threshold": 0.05}
+    assert m["class_names"] == ["disc", "box", "triangle", "cross"] and m["num_classes"] == 4
+    task = m["graphs"]["task"]
+    assert [(t["name"], t["dtype"], t["shape"]) for t in task["outputs"]] == [
+        ("boxes", "float32", ["N", 100, 4]), ("scores", "float32", ["N", 100]),
+        ("classes", "int32", ["N", 100]), ("num", "int32", ["N"])]
+    assert [t["shape"] for t in task["inputs"]] == [["N", 16, "h", "w"]]
+    assert "boxes, scores, classes, num" in task["doc"]
+    parity_record = m["export"]["parity"]
+    assert parity_record["passed"] and parity_record["worst"]["task/detections"] >= 0.999
+    assert parity_record["frames"] == {"random 1x64x96": 1, "clip 1x64x96": 1,
+                                       "features 1000x4x6": 1000}
+    assert "num equal" in parity_record["detection_rule"]
+    model = onnx.load(detection_engines / "task.onnx")
+    got = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+           for v in model.graph.output]
+    assert got == [t["shape"] for t in task["outputs"]]
+
+
+@pytest.mark.parametrize("shape", [(2, 80, 128), (1, 128, 192), (2, 32, 48)])
+def test_detection_graphs_match_torch_frame_by_frame_at_dynamic_shapes(
+        detection_engines, detection_model, shape):
+    rows = parity.check_parity(detection_model, paths(detection_engines),
+                               parity.default_cases(shape, seed=4))
+    detections = [r for r in rows if r.graph == "task"]
+    assert [(r.output, r.metric) for r in detections] == [("detections", "frames")] * 2
+    assert all(r.value == 1.0 for r in detections), parity.format_table(rows)
+    assert_all_pass(rows)
+
+
+def test_detection_feature_case_runs_many_frames_in_batches(detection_engines, detection_model):
+    case = parity.feature_case(detection_model, (1, 64, 96), frames=250, seed=1)
+    assert case.image.shape == (250, 16, 4, 6) and case.name == "features 250x4x6"
+    row = parity.check_task_frames(detection_model, detection_engines / "task.onnx", case,
+                                   batch=64)
+    assert row.passed and row.value == 1.0 and row.detail.startswith("250/250 frames")
+    ref = detection_model.outputs(detection_model.task(torch.from_numpy(case.image[:8])))
+    assert int(ref["num"].sum()) > 0  # the maps give detections to compare
+
+
+def detections(scores, classes, boxes):
+    """One frame's outputs (batch 1) with K = len(scores) rows; num from the scores."""
+    scores = np.asarray(scores, np.float32)
+    return {"boxes": np.asarray(boxes, np.float32)[None], "scores": scores[None],
+            "classes": np.asarray(classes, np.int32)[None],
+            "num": np.array([(scores > 0.05).sum()], np.int32)}
+
+
+BOXES = [[0, 0, 10, 10], [5, 5, 20, 20], [1, 2, 3, 4], [0, 0, 0, 0]]
+
+
+def test_detections_match_row_by_row_within_the_tolerance():
+    ref = detections([0.9, 0.5, 0.3, 0.0], [1, 2, 0, -1], BOXES)
+    near = {k: v.copy() for k, v in ref.items()}
+    near["boxes"][0, 1, 2] += 1e-3  # 20 px peak: allowed 2e-3
+    row = parity.compare_detections("clip", ref, near)
+    assert row.passed and row.value == 1.0 and row.metric == "frames"
+    assert row.detail.startswith("1/1 frames, 3 rows; boxes 1.0e-03")
+    for name, edit in [("num", lambda d: d["num"].__setitem__(0, 2)),
+                       ("classes", lambda d: d["classes"].__setitem__((0, 1), 3)),
+                       ("boxes", lambda d: d["boxes"].__setitem__((0, 0, 0), 0.01)),
+                       ("scores", lambda d: d["scores"].__setitem__((0, 2), 0.3002))]:
+        bad = {k: v.copy() for k, v in ref.items()}
+        edit(bad)
+        assert parity.compare_detections("clip", ref, bad).value == 0.0, name
+
+
+def test_padding_rows_after_num_are_not_compared():
+    ref = detections([0.9, 0.5, 0.0, 0.0], [1, 2, -1, -1], BOXES)
+    got = {k: v.copy() for k, v in ref.items()}
+    got["boxes"][0, 3] = 7  # padding: not the contract's zeros, but past num
+    assert parity.compare_detections("clip", ref, got).passed
+
+
+def test_rows_whose_scores_tie_may_come_in_either_order():
+    ref = detections([0.9, 0.5, 0.5, 0.0], [1, 2, 3, -1], BOXES)
+    swapped = {k: v.copy() for k, v in ref.items()}
+    swapped["classes"][0, [1, 2]] = [3, 2]
+    swapped["boxes"][0, [1, 2]] = swapped["boxes"][0, [2, 1]]
+    assert parity.compare_detections("clip", ref, swapped).passed
+    untied = detections([0.9, 0.6, 0.5, 0.0], [1, 2, 3, -1], BOXES)
+    swapped_untied = {k: v.copy() for k, v in untied.items()}
+    swapped_untied["classes"][0, [1, 2]] = [3, 2]
+    assert not parity.compare_detections("clip", untied, swapped_untied).passed
+
+
+def test_with_all_k_rows_used_the_candidates_tied_with_the_last_may_differ():
+    ref = detections([0.9, 0.4, 0.4, 0.4], [1, 2, 3, 0], BOXES)
+    other = {k: v.copy() for k, v in ref.items()}
+    other["classes"][0, 3], other["boxes"][0, 3] = 2, [50, 50, 60, 60]  # another tied pick
+    assert parity.compare_detections("clip", ref, other).passed
+    first = {k: v.copy() for k, v in ref.items()}
+    first["classes"][0, 0] = 0  # the untied top row must still be the same
+    assert not parity.compare_detections("clip", ref, first).passed
+
+
+def test_detection_parity_passes_at_99_9_percent_of_frames_and_fails_below():
+    frame = detections([0.9, 0.5, 0.3, 0.0], [1, 2, 0, -1], BOXES)
+    ref = {k: np.repeat(v, 1000, axis=0) for k, v in frame.items()}
+    got = {k: v.copy() for k, v in ref.items()}
+    got["num"][0] = 2
+    assert parity.compare_detections("features", ref, got).passed
+    got["num"][1] = 2
+    row = parity.compare_detections("features", ref, got)
+    assert not row.passed and row.value == 0.998
+    missing = parity.compare_detections("features", ref, {**got, "classes": None})
+    assert not missing.passed and "missing" in missing.detail
+
+
+def test_parity_table_and_summary_show_detection_frames(capsys):
+    frame = detections([0.9, 0.0], [1, -1], BOXES[:2])
+    rows = [parity.compare("feature", "feat", "clip 1x64x96", np.ones(3, np.float32),
+                           np.ones(3, np.float32)),
+            parity.compare_detections("clip 1x64x96", frame, frame)]
+    table = parity.format_table(rows)
+    assert "100.000% of frames match" in table and ">= 99.9%" in table
+    assert table.splitlines()[0].split()[-1] == "detail" and "1/1 frames" in table
+    assert "detail" not in parity.format_table(rows[:1])
+    summary = cli.parity_summary(rows)
+    assert summary.endswith("detections 100.00% of frames match)") and "labels" not in summary
+
+
+def test_probs_on_a_detection_model_exits_1_naming_the_option_and_the_task(
+        detection_export, tmp_path, capsys):
+    out = tmp_path / "engines"
+    assert cli.main([str(detection_export[0]), "-o", str(out), "--probs"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dff-export: --probs: ") and "detection" in err and "\n" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_demo_detection_without_its_shipped_weights_says_so_in_one_line(tmp_path, monkeypatch,
+                                                                       capsys):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    monkeypatch.setattr(exporter, "demo_checkpoint_path",
+                        lambda task="segmentation": weights / f"{task}.pth")
+    out = tmp_path / "engines"
+    assert cli.main(["--demo", "detection", "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"dff-export: --demo detection: the shipped detection weights "
+                   f"{weights / 'detection.pth'} are missing from this install; pass a "
+                   "detection MODEL.pth written by dff-train")
+    assert not out.exists()
+
+
+def test_demo_checkpoint_handles_the_path_function_with_and_without_a_task(tmp_path,
+                                                                          monkeypatch):
+    for name in ("dff_small_synthetic.pth", "dff_small_detection.pth", "detection.pth"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setattr(exporter, "demo_checkpoint_path",
+                        lambda: tmp_path / "dff_small_synthetic.pth")
+    assert exporter.demo_checkpoint() == tmp_path / "dff_small_synthetic.pth"
+    assert exporter.demo_checkpoint("detection") == tmp_path / "dff_small_detection.pth"
+    monkeypatch.setattr(exporter, "demo_checkpoint_path",
+                        lambda task="segmentation": tmp_path / f"{task}.pth")
+    assert exporter.demo_checkpoint("detection") == tmp_path / "detection.pth"
+
+
+def test_plain_demo_stays_segmentation():
+    args = cli.build_parser().parse_args(["--demo"])
+    assert args.demo == "segmentation"
+    assert cli.build_parser().parse_args([]).demo is None
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--demo", "tracking"])

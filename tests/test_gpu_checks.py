@@ -42,33 +42,66 @@ def steps(tmp_path):
 
 # --- the plan -------------------------------------------------------------------------------
 
-def test_plan_exports_once_into_the_folder_every_profile_step_uses(steps, tmp_path):
+TASKS = [("segmentation", "engines", ""), ("detection", "engines-detection", "-detection")]
+
+
+def of_task(steps, suffix):
+    """The export, build and profile steps of one task (by their names' suffix)."""
+    mine = [s for s in steps if s.name.split("-")[0] in ("export", "build", "profile")]
+    return [s for s in mine if s.name.endswith("-detection") == (suffix == "-detection")]
+
+
+@pytest.mark.parametrize("task, folder, suffix", TASKS)
+def test_plan_exports_once_into_the_folder_every_profile_step_uses(steps, tmp_path, task,
+                                                                    folder, suffix):
     names = [s.name for s in steps]
-    exports = [s for s in steps if "dff.export.cli" in s.command]
-    assert len(exports) == 1
-    assert arg(exports[0], "-o") == str(tmp_path / "engines")
-    profiles = [s for s in steps if "dff.runtime.profile" in s.command]
+    exports = [s for s in of_task(steps, suffix) if "dff.export.cli" in s.command]
+    assert len(exports) == 1 and exports[0].name == f"export{suffix}"
+    assert arg(exports[0], "-o") == str(tmp_path / folder)
+    assert arg(exports[0], "--demo") == task
+    profiles = [s for s in of_task(steps, suffix) if "dff.runtime.profile" in s.command]
     assert {arg(s, "--backend") for s in profiles} == {"torch-cuda", "onnxruntime-cuda",
                                                        "tensorrt"}
     for s in profiles:
-        assert arg(s, "-e") == str(tmp_path / "engines")
+        assert arg(s, "-e") == str(tmp_path / folder)
         assert "--demo" not in s.command
-        assert "export" in s.after and names.index("export") < names.index(s.name)
+        assert f"export{suffix}" in s.after
+        assert names.index(f"export{suffix}") < names.index(s.name)
 
 
-def test_plan_builds_each_tensorrt_precision_before_profiling_it(steps, tmp_path):
+@pytest.mark.parametrize("task, folder, suffix", TASKS)
+def test_plan_builds_each_tensorrt_precision_before_profiling_it(steps, tmp_path, task,
+                                                                  folder, suffix):
     names = [s.name for s in steps]
-    trt = [s for s in steps if "dff.runtime.profile" in s.command
+    trt = [s for s in of_task(steps, suffix) if "dff.runtime.profile" in s.command
            and arg(s, "--backend") == "tensorrt"]
     assert sorted(arg(s, "--precision") for s in trt) == ["fp16", "fp32"]
     for s in trt:
         precision = arg(s, "--precision")
-        build = steps[names.index(f"build-{precision}")]
-        assert arg(build, "dff.engines.cli") == str(tmp_path / "engines")
+        build = steps[names.index(f"build-{precision}{suffix}")]
+        assert arg(build, "dff.engines.cli") == str(tmp_path / folder)
         assert f"--{precision}" in build.command
         assert build.name in s.after and names.index(build.name) < names.index(s.name)
         assert "tensorrt" in s.needs and "tensorrt" in build.needs
-    assert "fast_fp16" in steps[names.index("build-fp16")].needs
+    assert "fast_fp16" in steps[names.index(f"build-fp16{suffix}")].needs
+
+
+def test_detection_steps_come_last_and_need_the_shipped_detection_weights(steps):
+    names = [s.name for s in steps]
+    detection = [i for i, n in enumerate(names) if n.endswith("-detection")]
+    assert len(detection) == 7 and detection == list(range(len(names) - 7, len(names)))
+    for i in detection:
+        assert steps[i].needs[0] == "gpu" and "detection_demo" in steps[i].needs
+    assert not any("detection_demo" in s.needs for s in steps[:detection[0]])
+
+
+def test_detection_demo_fact_says_which_weights_are_missing(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_checks, "DETECTION_WEIGHTS",
+                        gpu_checks.ROOT / "models" / "weights" / "nowhere.pth")
+    assert gpu_checks.detection_demo_fact() == (
+        "no shipped detection weights here (models/weights/nowhere.pth is missing)")
+    monkeypatch.setattr(gpu_checks, "DETECTION_WEIGHTS", gpu_checks.ROOT / "pyproject.toml")
+    assert gpu_checks.detection_demo_fact() is None
 
 
 def test_quick_plan_asks_for_few_samples(steps):
@@ -121,7 +154,9 @@ def test_cpu_run_skips_every_gpu_step_with_its_reason_fails_none_and_writes_json
         assert re.fullmatch(r"\d+\.\d+", ptx["figures"]["isa"])
         assert ptx["figures"]["isa"] == doc["environment"]["ptx_isa"]
     assert doc["environment"]["cuda_devices"] == 0
+    assert doc["detection_engines_dir"] == str(tmp_path / "engines-detection")
     assert not engines.exists()  # nothing to profile: nothing exported
+    assert not (tmp_path / "engines-detection").exists()
     printed = capsys.readouterr().out
     assert "skipped  kernel" in printed and f"wrote {out / 'gpu_checks.json'}" in printed
 

@@ -2,7 +2,6 @@
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -13,7 +12,7 @@ from dff.models.flownet import FlowNetS
 from dff.models.heads import build_head
 from dff.models.trunk import ResNetTrunk
 
-from dff.errors import CheckpointError
+from dff.errors import CheckpointError, DffError
 
 
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
@@ -216,15 +215,59 @@ def test_checkpoint_whose_weights_do_not_match_its_config(tmp_path, tiny_model):
         load_checkpoint(path)
 
 
-def test_the_shipped_demo_checkpoint_loads_and_fits_in_10_mb():
+def test_demo_checkpoint_path_knows_both_tasks():
     from dff.models.checkpoint import demo_checkpoint_path
 
-    path = demo_checkpoint_path()
+    assert demo_checkpoint_path().name == "dff_small_synthetic.pth"
+    assert demo_checkpoint_path("segmentation") == demo_checkpoint_path()
+    assert demo_checkpoint_path("detection").name == "dff_small_detection.pth"
+    assert demo_checkpoint_path("detection").parent == demo_checkpoint_path().parent
+    with pytest.raises(DffError, match="tracking"):
+        demo_checkpoint_path("tracking")
+
+
+def test_a_checkpoint_with_an_unknown_task_is_refused_naming_config_task(tmp_path, tiny_model):
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, tiny_model)
+    blob = torch.load(path, weights_only=True)
+    blob["config"]["task"] = "tracking"
+    torch.save(blob, path)
+    with pytest.raises(DffError, match="config.task") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_detection_checkpoint_round_trips_in_int8(tmp_path):
+    torch.manual_seed(0)
+    model = DFF(tiny_config(trunk_width=16, feat_channels=32, head_upsample=2)
+                .for_task("detection")).eval()
+    save_checkpoint(tmp_path / "d.pth", model, weights="int8")
+    loaded = load_checkpoint(tmp_path / "d.pth")
+    assert loaded.config.task == "detection" and loaded.head.out_stride == 8
+    x = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        a, b = model.forward_key(x)[1], loaded.forward_key(x)[1]
+    assert loaded.outputs(b)["boxes"].shape == (1, 100, 4)
+    assert b[0].shape == (1, 4, 8, 12)  # heat at stride 8
+    for got, want in zip(b[:2], a[:2]):  # heat logits, size
+        assert (got - want).abs().max() < 0.05 * want.abs().max()
+    assert (b[2] - a[2]).abs().max() < 0.1  # offset, 0..1
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_the_shipped_demo_checkpoint_loads_and_fits_in_10_mb(task):
+    from dff.models.checkpoint import demo_checkpoint_path
+
+    path = demo_checkpoint_path(task)
     if not path.exists():
         pytest.skip(f"{path} not trained yet (see README for the command)")
     assert path.stat().st_size <= 10_000_000
     model = load_checkpoint(path)
+    assert model.config.task == task
     h, w = model.config.input_size
     with torch.no_grad():
-        out = model.forward_key(torch.from_numpy(np.full((1, 3, h, w), 128, np.float32)))[1]
-    assert out.shape == (1, model.config.num_classes, h, w)
+        out = model.outputs(model.forward_key(torch.full((1, 3, h, w), 128.0))[1])
+    if task == "segmentation":
+        assert out["labels"].shape == (1, h, w)
+    else:
+        assert out["boxes"].shape == (1, model.config.max_detections, 4)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import weakref
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from dff.data.synthetic import make_clip
 from dff.runtime import backends
 from dff.runtime.backends import open_backend, pick_auto
 from dff.runtime.ort_backend import OrtBackend
-from dff.runtime.pipeline import FrameResult, Pipeline
+from dff.runtime.pipeline import FrameResult, Pipeline, frame_outputs
 from dff.runtime.scheduler import Adaptive, FixedInterval, flow_stats, make_scheduler
 
 from dff.errors import DffError
@@ -72,6 +73,7 @@ class FakeBackend:
     `flows` maps a frame's first pixel value to the flow the flow stage returns."""
 
     name, stride, profile = "fake", 16, None
+    task_spec: ClassVar[dict] = {"kind": "segmentation", "outputs": ["labels"]}
 
     def __init__(self, flows=None):
         self.flows = flows or {}
@@ -88,7 +90,7 @@ class FakeBackend:
         return flow, None, key_feat
 
     def task(self, feat):
-        return np.zeros(feat.shape, np.uint8)
+        return {"labels": np.zeros(feat.shape, np.uint8)}
 
     def upload(self, image):
         return image
@@ -101,6 +103,32 @@ class FakeBackend:
 
     def close(self):
         pass
+
+
+K = 5  # the detection stand-in's max_detections
+
+
+class FakeDetection(FakeBackend):
+    """A FakeBackend with detection's outputs: frame i (first pixel value) has i % 4 + 1
+    detections of class (row % 4), scores descending from 0.9, a box at x = 10 * row; the
+    rest of the K rows is padding."""
+
+    task_spec: ClassVar[dict] = {"kind": "detection", "max_detections": K,
+                                 "outputs": ["boxes", "scores", "classes", "num"],
+                                 "score_threshold": 0.05}
+
+    def task(self, feat):
+        n = feat.shape[0]
+        values = feat.reshape(n, -1)[:, 0].astype(int)
+        boxes, scores = np.zeros((n, K, 4), np.float32), np.zeros((n, K), np.float32)
+        classes, num = np.full((n, K), -1, np.int32), np.zeros(n, np.int32)
+        for b, v in enumerate(values):
+            num[b] = v % 4 + 1
+            for row in range(num[b]):
+                boxes[b, row] = (10 * row, 2, 10 * row + 8, 12)
+                scores[b, row] = 0.9 - 0.1 * row
+                classes[b, row] = row % 4
+        return {"boxes": boxes, "scores": scores, "classes": classes, "num": num}
 
 
 def frames(n, h=32, w=32):
@@ -140,10 +168,10 @@ def test_iobinding_path_matches_plain_run_and_keeps_handles_apart(engines, ort_c
     np.testing.assert_array_equal(bound.to_host(key_feat), kept)
     flow, scale, feat = bound.flow(b, key_image, key_feat)
     assert all(isinstance(v, ort.OrtValue) for v in (flow, scale, feat))
-    labels = bound.task(feat)
-    assert isinstance(labels, np.ndarray) and labels.shape == (1, 64, 96)
+    outputs = bound.task(feat)
+    assert list(outputs) == ["labels"] and outputs["labels"].shape == (1, 64, 96)
     plain = ort_cpu.task(ort_cpu.flow(b, a, ort_cpu.feature(a))[2])
-    np.testing.assert_array_equal(labels, plain)
+    np.testing.assert_array_equal(outputs["labels"], plain["labels"])
     np.testing.assert_allclose(bound.to_host(flow), ort_cpu.flow(b, a, ort_cpu.feature(a))[0],
                                atol=1e-5)
     bound.close()
@@ -152,7 +180,81 @@ def test_iobinding_path_matches_plain_run_and_keeps_handles_apart(engines, ort_c
 def test_batch_of_two_runs_within_the_profile(ort_cpu, clip):
     images = np.ascontiguousarray(clip.frames[:2].transpose(0, 3, 1, 2))
     feat = ort_cpu.feature(images)
-    assert ort_cpu.task(ort_cpu.flow(images, images, feat)[2]).shape == (2, 64, 96)
+    assert ort_cpu.task(ort_cpu.flow(images, images, feat)[2])["labels"].shape == (2, 64, 96)
+
+
+@pytest.fixture(scope="module")
+def det_engines(request):
+    """conftest's tiny detection export (engineer E's fixture), or a skip until it exists."""
+    try:
+        return request.getfixturevalue("detection_engines")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no detection_engines fixture (a tiny detection export)")
+
+
+def test_detection_outputs_agree_across_onnxruntime_iobinding_and_torch(det_engines, clip):
+    got = {}
+    for backend in (OrtBackend(det_engines, threads=1),
+                    OrtBackend(det_engines, threads=1, io_binding=True),
+                    open_backend("torch-cpu", det_engines)):
+        assert backend.task_spec["outputs"] == ["boxes", "scores", "classes", "num"]
+        got[(backend.name, getattr(backend, "io_binding", None))] = list(
+            Pipeline(backend, FixedInterval(5)).run(iter(clip.frames)))
+        backend.close()
+    plain, bound, ref = got.values()
+    assert sum(len(r.outputs["scores"]) for r in ref) > 0, "no detections test nothing"
+    for p, b, r in zip(plain, bound, ref):
+        for name in ("boxes", "scores", "classes", "num"):
+            np.testing.assert_array_equal(p.outputs[name], b.outputs[name])  # same graphs
+        n = int(r.outputs["num"])
+        assert p.outputs["boxes"].shape == (n, 4) and p.outputs["classes"].dtype == np.int32
+        assert (np.diff(p.outputs["scores"]) <= 0).all() and (p.outputs["classes"] >= 0).all()
+        np.testing.assert_allclose(p.outputs["scores"], r.outputs["scores"], atol=1e-4)
+        np.testing.assert_allclose(p.outputs["boxes"], r.outputs["boxes"], atol=1e-2)
+
+
+def test_torch_backend_gives_a_detection_checkpoints_contract_outputs(tmp_path, clip):
+    from conftest import tiny_config
+    from dff.models.checkpoint import save_checkpoint
+    from dff.models.dff import DFF
+    from dff.runtime.torch_backend import TorchBackend
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "det.pth", DFF(tiny_config().for_task("detection")).eval())
+    backend = TorchBackend(tmp_path / "det.pth")
+    k = backend.task_spec["max_detections"]
+    images = np.ascontiguousarray(clip.frames[:2].transpose(0, 3, 1, 2))
+    out = backend.task(backend.feature(images))
+    assert {n: (v.dtype, v.shape) for n, v in out.items()} == {
+        "boxes": (np.float32, (2, k, 4)), "scores": (np.float32, (2, k)),
+        "classes": (np.int32, (2, k)), "num": (np.int32, (2,))}
+    results = list(Pipeline(backend, FixedInterval(3)).run(iter(clip.frames[:4])))
+    assert [len(r.outputs["boxes"]) for r in results] == [int(r.outputs["num"]) for r in results]
+    with pytest.raises(AttributeError, match="no labels.*detection"):
+        results[0].labels  # noqa: B018 - the property is the test
+
+
+def test_task_spec_reads_the_old_string_and_the_new_object(engines):
+    from dff.export.manifest import load_manifest
+
+    manifest = load_manifest(engines, verify_hashes=False)
+    spec = backends.task_spec(manifest)  # what this checkout's dff-export writes, either form
+    assert (spec["kind"], spec["outputs"]) == ("segmentation", ["labels"])
+    old = {"task": "segmentation", "graphs": {"task": {"outputs": [
+        {"name": "labels"}, {"name": "probs"}]}}}
+    assert backends.task_spec(old) == {"kind": "segmentation", "outputs": ["labels", "probs"]}
+    old_det = {"task": "detection", "graphs": {"task": {"outputs": [
+        {"name": "boxes", "shape": ["N", 7, 4]}, {"name": "scores", "shape": ["N", 7]}]}}}
+    assert backends.task_spec(old_det)["max_detections"] == 7
+    new = {"kind": "detection", "outputs": ["boxes", "scores", "classes", "num"],
+           "max_detections": 100, "score_threshold": 0.05}
+    assert backends.task_spec({"task": new}) == new
+    assert backends.graph_outputs({"task": new}, "task") == new["outputs"]
+    assert backends.graph_outputs({"task": new}, "flow") == ["flow", "scale", "feat"]
+    for bad, field in (({"task": {"kind": "pose"}}, "task.kind"), ({"task": "pose"}, "task")):
+        with pytest.raises(DffError, match=rf"^e/manifest.json: field '{field}' is 'pose', "
+                                           r"expected one of segmentation, detection; re-export"):
+            backends.task_spec(bad, "e/manifest.json")
 
 
 # --- choosing and opening backends ---------------------------------------------------------
@@ -359,6 +461,31 @@ def test_pipeline_redoes_rejected_frames_as_keys_and_times_both_stages():
     assert summary["schedule"]["reasons"]["flow"] == 1
 
 
+def test_frame_outputs_drop_the_batch_and_cut_detection_rows_to_num():
+    batch = FakeDetection().task(np.array([[[[1.0]]], [[[2.0]]]]))  # frames with 2 and 3 rows
+    one = frame_outputs(batch, 1)
+    assert {n: v.shape for n, v in one.items()} == {"boxes": (3, 4), "scores": (3,),
+                                                   "classes": (3,), "num": ()}
+    np.testing.assert_array_equal(one["scores"], np.float32([0.9, 0.8, 0.7]))
+    assert one["classes"].tolist() == [0, 1, 2] and int(one["num"]) == 3
+    labels = frame_outputs({"labels": np.arange(12, dtype=np.uint8).reshape(2, 2, 3)}, 1)
+    assert labels["labels"].tolist() == [[6, 7, 8], [9, 10, 11]]
+
+
+@pytest.mark.parametrize("schedule", ["fixed", "adaptive"])
+def test_detection_results_come_through_both_schedules(schedule):
+    backend = FakeDetection(flows={3: np.full((1, 2, 2, 2), 3.0, np.float32)})
+    scheduler = (FixedInterval(3) if schedule == "fixed"
+                 else Adaptive(scene_cut=math.inf, max_interval=100))
+    results = list(Pipeline(backend, scheduler).run(frames(6)))
+    if schedule == "adaptive":  # frame 3's large flow redoes it as a key frame
+        assert [r.is_key for r in results] == [True, False, False, True, False, False]
+    for r in results:
+        assert set(r.outputs) == {"boxes", "scores", "classes", "num"}
+        assert len(r.outputs["boxes"]) == len(r.outputs["scores"]) == int(r.outputs["num"])
+        assert (r.outputs["classes"] >= 0).all()
+
+
 def test_pipeline_summary_counts_stages_and_efficiency(ort_cpu, clip):
     pipe = Pipeline(ort_cpu, FixedInterval(4))
     for _ in pipe.run(clip.frames):
@@ -510,6 +637,8 @@ def test_frames_that_do_not_fit_the_engines_are_dff_errors(ort_cpu):
 def test_frame_result_carries_frame_labels_and_times(ort_cpu, clip):
     result = next(iter(Pipeline(ort_cpu, FixedInterval(1)).run(clip.frames[:1])))
     assert isinstance(result, FrameResult) and result.index == 0 and result.is_key
+    assert list(result.outputs) == ["labels"] and result.labels is result.outputs["labels"]
+    assert result.labels.shape == (64, 96)
     assert result.times["total"] >= result.times["feature"] + result.times["task"]
     assert set(result.times) == {"schedule", "upload", "feature", "task", "total", "decode"}
 
@@ -541,4 +670,7 @@ def test_check_names_takes_inputs_in_any_order_and_refuses_a_missing_output():
         check_names("flow.onnx", "flow", ["image", "key_image", "key_feat"], ["flow", "scale"],
                     "re-export")
     with pytest.raises(BackendError, match="inputs \\['image'\\]"):
-        check_names("task.plan", "task", ["image"], ["labels"], "rebuild")
+        check_names("task.plan", "task", ["image"], ["labels"], "rebuild", want=["labels"])
+    with pytest.raises(BackendError, match=r"outputs \['boxes', 'scores'\].*expected .*'num'"):
+        check_names("task.onnx", "task", ["feat"], ["scores", "boxes"], "re-export",
+                    want=["boxes", "scores", "classes", "num"])

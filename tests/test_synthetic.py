@@ -10,8 +10,11 @@ from dff.data.synthetic import (
     CLASS_NAMES,
     EVAL_FRAMES,
     EVAL_SEEDS,
+    IGNORE_MIN_PIXELS,
+    IGNORE_MIN_VISIBLE,
     Clip,
     eval_split,
+    is_ignore,
     make_clip,
     train_seeds,
 )
@@ -60,6 +63,10 @@ def test_fields_have_documented_shapes_dtypes_and_ranges(clips):
     assert all(b.dtype == np.float32 and b.ndim == 2 and b.shape[1] == 4 for b in clip.boxes)
     assert all(c.dtype == np.int64 and c.shape == (len(b),)
                for b, c in zip(clip.boxes, clip.box_classes))
+    assert len(clip.box_pixels) == len(clip.box_visible) == len(clip.box_ignore) == t
+    for b, p, v, i in zip(clip.boxes, clip.box_pixels, clip.box_visible, clip.box_ignore):
+        assert p.dtype == np.int64 and v.dtype == np.float32 and i.dtype == bool
+        assert p.shape == v.shape == i.shape == (len(b),)
     assert clip.labels.max() < len(CLASS_NAMES) == 5
     assert np.all((clip.gains > 0.84) & (clip.gains < 1.16))
     flow, valid = clip.flow(3, 0)
@@ -194,3 +201,54 @@ def test_eval_split_is_fixed_and_disjoint_from_training_seeds(monkeypatch):
     monkeypatch.setattr(synthetic, "make_clip", lambda *args: calls.append(args) or args)
     assert len(list(eval_split())) == 20
     assert calls == [(seed, EVAL_FRAMES, H, W) for seed in EVAL_SEEDS]
+
+
+def _scene(*objects: tuple[int, tuple[float, ...], float, float]) -> Clip:
+    """One frame of hand-placed axis-aligned boxes (class 2, half sizes, x, y), back to front."""
+    rng = np.random.default_rng(0)
+    shapes = tuple(synthetic._Shape(cls, params, float(np.hypot(*params[:2])))
+                   for cls, params, _, _ in objects)
+    textures = [synthetic._make_texture(rng, 8, (8.0, 9.0), np.full(3, 100.0), 10.0)
+                for _ in range(len(objects) + 1)]
+    poses = np.array([[[1.0, 0.0, 0.0, 0.0]] + [[1.0, 0.0, x, y] for *_, x, y in objects]])
+    return synthetic._render(poses, shapes, textures, np.ones(1), H, W)
+
+
+def test_an_object_partly_out_of_view_keeps_the_box_of_what_is_visible():
+    # a 40×40 box centred on the right edge: pixel columns 205..244, of which 205..223 are in view
+    clip = _scene((2, (20.0, 20.0), 224.25, 64.25))
+    np.testing.assert_array_equal(clip.boxes[0], [[205, 45, 224, 85]])
+    assert clip.box_pixels[0].tolist() == [19 * 40]
+    assert clip.box_visible[0][0] == pytest.approx(19 / 40)
+    assert clip.box_ignore[0].tolist() == [False]
+
+
+def test_objects_mostly_out_of_view_mostly_hidden_or_tiny_are_ignore_regions():
+    clip = _scene((2, (20.0, 20.0), -12.25, 30.25),   # 8 of 40 columns in view: 320 px, 0.2
+                  (2, (20.0, 20.0), 150.25, 64.25),   # behind the next one but for 8 columns
+                  (2, (40.0, 40.0), 178.25, 64.25),   # the occluder, fully visible
+                  (2, (7.0, 7.0), 60.25, 100.25))     # fully visible, 14×14 = 196 px
+    boxes, pixels, visible = clip.boxes[0], clip.box_pixels[0], clip.box_visible[0]
+    np.testing.assert_array_equal(boxes[0], [0, 11, 8, 51])
+    np.testing.assert_array_equal(boxes[1], [131, 45, 139, 85])  # the visible strip only
+    assert pixels.tolist() == [320, 320, 80 * 80, 196]
+    np.testing.assert_allclose(visible, [0.2, 0.2, 1.0, 1.0])
+    assert clip.box_ignore[0].tolist() == [True, True, False, True]
+
+
+def test_ignore_flags_follow_the_rule_on_the_eval_split():
+    seen = np.zeros(3, int)  # kept, ignored for few pixels, ignored for a small fraction
+    for seed in EVAL_SEEDS[:4]:
+        clip = make_clip(seed, num_frames=EVAL_FRAMES)
+        for t in range(0, EVAL_FRAMES, 3):
+            ids = np.unique(clip.instances[t][clip.instances[t] > 0])
+            for i, p, v, ign in zip(ids, clip.box_pixels[t], clip.box_visible[t],
+                                    clip.box_ignore[t]):
+                assert p == (clip.instances[t] == i).sum()
+                whole = synthetic._silhouette_pixels(clip._shapes[i - 1], clip._poses[t, i])
+                assert v == pytest.approx(p / whole) and 0 < v <= 1
+                assert ign == (p < IGNORE_MIN_PIXELS or v < IGNORE_MIN_VISIBLE)
+                seen += [not ign, p < IGNORE_MIN_PIXELS, v < IGNORE_MIN_VISIBLE]
+    assert seen[0] > 100 and seen[2] > 0  # both kinds occur, most boxes count
+    assert is_ignore(np.array([255, 256, 256]), np.array([1.0, 0.25, 0.2499])).tolist() == \
+        [True, False, True]

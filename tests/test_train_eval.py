@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
@@ -90,3 +91,93 @@ def test_miou_counts_only_present_classes():
 
     conf = np.array([[5, 1, 0], [1, 3, 0], [0, 0, 0]])
     assert evaluate.miou(conf) == pytest.approx((5 / 7 + 3 / 5) / 2)
+
+
+DET = TINY + ["--task", "detection", "--iters-det", "3"]
+
+
+def test_detection_training_runs_flow_det_dff_and_writes_a_detection_checkpoint(tmp_path):
+    assert train.main(DET + ["--out", str(tmp_path / "run"), "--head-upsample", "2"]) == 0
+    model = load_checkpoint(tmp_path / "run" / "model.pth")
+    assert model.config.task == "detection" and model.config.head_upsample == 2
+    assert model.config.class_names == ["disc", "box", "triangle", "cross"]
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert [e["stage"] for e in state["log"]] == ["flow", "flow", "det", "det", "dff", "dff"]
+    assert {"heat", "size", "offset"} <= set(state["log"][-1])
+    assert "--task detection" in json.loads(json.dumps(
+        torch.load(tmp_path / "run" / "model.pth", weights_only=True)["meta"]))["command"]
+
+
+def test_init_starts_trunk_and_flow_net_from_a_checkpoint_of_another_task(tmp_path):
+    seg = tmp_path / "seg.pth"
+    assert train.main(TINY + ["--out", str(tmp_path / "seg"), "--save", str(seg)]) == 0
+    zero = ["--iters-flow", "0", "--iters-det", "0", "--iters-dff", "0"]
+    assert train.main(DET + zero + ["--out", str(tmp_path / "det"), "--init", str(seg)]) == 0
+    a, b = load_checkpoint(seg).state_dict(), load_checkpoint(tmp_path / "det" / "model.pth")
+    for k, v in b.state_dict().items():
+        if k.startswith(("trunk.", "flownet.")):
+            torch.testing.assert_close(v, a[k], msg=k)
+    assert "head.heat.weight" in b.state_dict() and "head.classifier.weight" in a
+    meta = torch.load(tmp_path / "det" / "model.pth", weights_only=True)["meta"]
+    assert meta["init"] == str(seg) and meta["init_task"] == "segmentation"
+
+
+def test_init_from_another_architecture_is_one_line_naming_the_field(tmp_path, capsys):
+    seg = tmp_path / "seg.pth"
+    save_checkpoint(seg, DFF(tiny_config(feat_channels=24)))
+    assert train.main(DET + ["--out", str(tmp_path / "det"), "--init", str(seg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(seg) in err and "config.feat_channels" in err
+
+
+@pytest.fixture
+def tiny_detector(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "det.pth"
+    save_checkpoint(path, DFF(tiny_config().for_task("detection")).eval())
+    return path
+
+
+def test_eval_of_a_detector_reports_ap_per_mode_in_the_segmentation_json_shape(
+        tiny_detector, tmp_path, capsys):
+    out, png = tmp_path / "r.json", tmp_path / "r.png"
+    rc = evaluate.main([str(tiny_detector), "--clips", "1", "--frames", "6", "--intervals",
+                        "1,2,5", "--json", str(out), "--plot", str(png), "--quiet"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["task"] == "detection"
+    assert set(res["dff"]) == {"1", "2", "5"} and set(res["copy"]) == {"1", "2", "5"}
+    for entry in [res["per_frame"], *res["dff"].values(), *res["copy"].values()]:
+        assert set(entry) == {"map50", "map", "fps"}
+        assert 0 <= entry["map"] <= entry["map50"] <= 1 and entry["fps"] > 0
+    assert res["dff"]["1"]["map50"] == res["per_frame"]["map50"]  # k=1 is per-frame
+    assert set(res["class_ap_per_frame"]) == {"disc", "box", "triangle", "cross"}
+    assert res["frames"] == 6 and res["flow_epe"] >= 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = capsys.readouterr().out
+    assert "AP@0.5" in table and "copy k=5" in table and "pycocotools" in table
+
+
+def test_eval_of_a_checkpoint_with_an_unknown_task_names_config_task(tiny_checkpoint, capsys):
+    blob = torch.load(tiny_checkpoint, weights_only=True)
+    blob["config"]["task"] = "tracking"
+    torch.save(blob, tiny_checkpoint)
+    assert evaluate.main([str(tiny_checkpoint), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tiny_checkpoint) in err
+    assert "config.task" in err and "'tracking'" in err
+
+
+def test_flipped_training_frames_get_mirrored_boxes_and_detection_classes():
+    data = train.TrainData(1, 4, (64, 96), seed=0, num_classes=5, progress=False)
+    clip = data.clips[0]
+    pairs = [(0, t, t) for t in range(4) if len(clip.boxes[t])]
+    assert pairs
+    boxes, classes, ignore = data.boxes(pairs, flip=False)
+    flipped, _, _ = data.boxes(pairs, flip=True)
+    for (_, t, _), b, f, c, i in zip(pairs, boxes, flipped, classes, ignore):
+        np.testing.assert_array_equal(b, clip.boxes[t])
+        np.testing.assert_array_equal(f[:, [0, 2]], 96 - clip.boxes[t][:, [2, 0]])
+        np.testing.assert_array_equal(f[:, [1, 3]], clip.boxes[t][:, [1, 3]])
+        np.testing.assert_array_equal(c, clip.box_classes[t] - 1)
+        np.testing.assert_array_equal(i, clip.box_ignore[t])

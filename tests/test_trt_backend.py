@@ -74,8 +74,15 @@ def test_tensorrt_status_wants_real_tensorrt_and_cuda_python(monkeypatch):
 
 # --- a recording stand-in for TensorRT's engine API -----------------------------------------
 
+K = 100  # detection's max_detections in the tiny detection export
+
+
 def dff_shapes(graph, shapes):
-    """The output shapes DESIGN.md §3 gives `graph` for these input shapes."""
+    """The output shapes DESIGN.md §3 gives `graph` ("task:detection": a detection task graph)
+    for these input shapes."""
+    if graph == "task:detection":
+        n = shapes["feat"][0]
+        return {"boxes": (n, K, 4), "scores": (n, K), "classes": (n, K), "num": (n,)}
     if graph == "task":
         n, _, h, w = shapes["feat"]
         return {"labels": (n, 16 * h, 16 * w), "probs": (n, 5, 16 * h, 16 * w)}
@@ -93,15 +100,19 @@ TENSORS = {
              ("scale", "OUTPUT", "FLOAT"), ("feat", "OUTPUT", "FLOAT")],
     "task": [("feat", "INPUT", "FLOAT"), ("labels", "OUTPUT", "UINT8"),
              ("probs", "OUTPUT", "FLOAT")],
+    "task:detection": [("feat", "INPUT", "FLOAT"), ("boxes", "OUTPUT", "FLOAT"),
+                       ("scores", "OUTPUT", "FLOAT"), ("classes", "OUTPUT", "INT32"),
+                       ("num", "OUTPUT", "INT32")],
 }
 
 
 class FakeEngine:
-    """ICudaEngine's I/O-tensor methods; contexts log every call into `log`."""
+    """ICudaEngine's I/O-tensor methods; contexts log every call into `log`. `kind` is a key
+    of TENSORS: the graph's name, or "task:detection"."""
 
-    def __init__(self, graph, tensors=None, max_side=128, log=None):
-        self.graph, self.max_side = graph, max_side
-        self.tensors = tensors or TENSORS[graph]
+    def __init__(self, kind, tensors=None, max_side=128, log=None):
+        self.kind, self.graph, self.max_side = kind, kind.split(":")[0], max_side
+        self.tensors = tensors or TENSORS[kind]
         self.log = [] if log is None else log
         self.refused: set[str] = set()  # tensors whose address set_tensor_address refuses
 
@@ -133,7 +144,7 @@ class FakeContext:
         return max(shape[2:]) <= self.engine.max_side  # the profile's limit
 
     def get_tensor_shape(self, name):
-        return dff_shapes(self.engine.graph, self.shapes)[name]
+        return dff_shapes(self.engine.kind, self.shapes)[name]
 
     def set_tensor_address(self, name, ptr):
         self.addresses[name] = ptr
@@ -155,14 +166,14 @@ def test_engine_tensors_checks_names_and_dtypes():
         engine_tensors(FakeEngine("flow", wrong), "flow", path)
     fp8 = [("feat", "INPUT", "FP8"), *TENSORS["task"][1:]]
     with pytest.raises(BackendError, match="tensor 'feat' is FP8, which dff-trt does not bind"):
-        engine_tensors(FakeEngine("task", fp8), "task", Path("task.plan"))
+        engine_tensors(FakeEngine("task", fp8), "task", Path("task.plan"), ["labels"])
 
 
 def test_an_address_tensorrt_refuses_is_an_error_naming_the_tensor():
     memory = HostMemory()
     engine = FakeEngine("task")
     engine.refused.add("labels")
-    stage = _Stage("task", engine, memory, Path("task.plan"))
+    stage = _Stage("task", engine, memory, Path("task.plan"), ["labels"])
     feat = BufferPool(memory).take((1, C, 4, 6), np.float32)
     with pytest.raises(RuntimeError, match="task.plan: TensorRT refused the address .* labels"):
         stage.bind({"feat": feat})
@@ -206,29 +217,45 @@ def test_stage_refuses_a_shape_outside_the_profile_and_a_wrong_dtype():
 
 # --- TrtBackend on the stand-in -------------------------------------------------------------
 
-@pytest.fixture
-def engine_dir(tiny_export, tmp_path):
-    """The tiny export with three stand-in 'engines' recorded in its manifest for GPU/TRT."""
-    out = tmp_path / "engines"
-    shutil.copytree(tiny_export[1], out)
+def with_stand_in_engines(export, out, task="task"):
+    """A copy of the engine folder `export` at `out` with three stand-in 'engines' recorded in
+    its manifest for GPU/TRT; a plan's bytes are its TENSORS key (`task` for the task graph)."""
+    shutil.copytree(export, out)
     manifest = load_manifest(out)
     made = {}
     for graph in ("feature", "flow", "task"):
+        plan = (task if graph == "task" else graph).encode()
         name, entry = entries.engine_entry(
-            graph=graph, plan=graph.encode(), gpu_name=GPU, cc=CC, trt_version=TRT,
+            graph=graph, plan=plan, gpu_name=GPU, cc=CC, trt_version=TRT,
             precision="fp32", onnx_sha256=manifest["graphs"][graph]["sha256"],
             shapes=profile_shapes(manifest, graph), workspace_mib=None, timing_cache="t.cache",
             seconds=0.0)
-        entries.write_atomic(out / entry["file"], graph.encode())
+        entries.write_atomic(out / entry["file"], plan)
         made[name] = entry
     entries.record_engines(out, manifest, made)
     return out
 
 
 @pytest.fixture
+def engine_dir(tiny_export, tmp_path):
+    """The tiny export with stand-in engines (with_stand_in_engines)."""
+    return with_stand_in_engines(tiny_export[1], tmp_path / "engines")
+
+
+@pytest.fixture
+def detection_engine_dir(request, tmp_path):
+    """The tiny detection export (conftest's, engineer E's) with stand-in engines."""
+    try:
+        export = request.getfixturevalue("detection_engines")
+    except pytest.FixtureLookupError:
+        pytest.skip("tests/conftest.py has no detection_engines fixture (a tiny detection export)")
+    return with_stand_in_engines(export, tmp_path / "engines", task="task:detection")
+
+
+@pytest.fixture
 def stand_in(monkeypatch):
     """`tensorrt` replaced by a module whose Runtime makes FakeEngines from plan bytes (the
-    graph's name; anything else does not deserialize); the GPU reported as GPU."""
+    TENSORS key; anything else does not deserialize); the GPU reported as GPU."""
     log: list = []
 
     class Runtime:
@@ -276,6 +303,37 @@ def test_backend_runs_the_pipeline_on_the_stand_in_keeping_the_key_buffers(engin
     assert len(backend._ring) == 3 and len(backend._stages["feature"].pools["feat"]) <= 2
     backend.close()
     backend.close()
+
+
+def test_detection_backend_binds_and_returns_every_task_output(detection_engine_dir, stand_in):
+    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.scheduler import FixedInterval
+
+    backend = TrtBackend(detection_engine_dir, memory=HostMemory())
+    assert backend.task_spec["kind"] == "detection"
+    out = backend.task(backend.feature(np.zeros((2, 3, 64, 96), np.uint8)))
+    assert {n: (v.dtype, v.shape) for n, v in out.items()} == {
+        "boxes": (np.float32, (2, K, 4)), "scores": (np.float32, (2, K)),
+        "classes": (np.int32, (2, K)), "num": (np.int32, (2,))}
+    (_, _, _, addresses), = [e for e in stand_in if e[:2] == ("task", "execute")]
+    fixed = {n: b.ptr for n, b in backend._task_out.items()}
+    assert {n: addresses[n] for n in fixed} == fixed  # every output bound, to its own buffer
+    assert len(set(fixed.values())) == 4
+    results = list(Pipeline(backend, FixedInterval(2)).run([np.zeros((64, 96, 3), np.uint8)] * 3))
+    assert [r.is_key for r in results] == [True, False, True]
+    for r in results:  # the stand-in computes nothing: only names and layout are checked
+        assert set(r.outputs) == {"boxes", "scores", "classes", "num"}
+        assert r.outputs["boxes"].shape[1:] == (4,)
+        assert len(r.outputs["boxes"]) == len(r.outputs["scores"]) == len(r.outputs["classes"])
+    backend.close()
+
+
+def test_a_detection_engine_without_an_output_the_manifest_lists_is_refused():
+    engine = FakeEngine("task:detection", TENSORS["task:detection"][:-1])  # no `num`
+    with pytest.raises(BackendError, match=r"^task.plan: inputs \['feat'\] and outputs .* "
+                                           r"expected .*'num'\].*dff-build"):
+        engine_tensors(engine, "task", Path("task.plan"),
+                       ["boxes", "scores", "classes", "num"])
 
 
 def test_backend_refuses_engines_built_for_another_gpu_with_the_rebuild_command(

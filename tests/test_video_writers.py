@@ -1,4 +1,5 @@
-"""Video decode/encode and result writers: round trips, refusals, and nothing partial on failure."""
+"""Video decode/encode and result writers (segmentation and detection): round trips through
+real encoded videos, refusals, and nothing partial on failure."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
 
-from dff.data.synthetic import CLASS_NAMES, make_clip
+from dff.data.synthetic import CLASS_NAMES, DETECTION_CLASS_NAMES, make_clip
 from dff.runtime.video import (
     VideoError,
     VideoWriter,
@@ -22,8 +23,12 @@ from dff.runtime.writers import (
     PALETTE,
     JsonlWriter,
     ResultWriter,
+    class_colour,
+    detection_record,
+    draw_detections,
     frame_record,
     overlay,
+    read_detections,
     rle_decode,
     rle_encode,
     write_summary,
@@ -229,7 +234,7 @@ def test_result_writer_writes_video_and_jsonl_on_success(tmp_path, clip):
     video, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
     with ResultWriter(video, jsonl, 25, (H, W), CLASS_NAMES) as out:
         for i, (frame, labels) in enumerate(zip(clip.frames, clip.labels)):
-            out.write(i, frame, labels, i == 0, {"total": 2.0})
+            out.write(i, frame, {"labels": labels}, i == 0, {"total": 2.0})
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "out.mp4"]
     with open_video(video) as reader:
         assert reader.frame_count == T and reader.size == (H, W)
@@ -239,7 +244,7 @@ def test_result_writer_writes_video_and_jsonl_on_success(tmp_path, clip):
 def test_result_writer_scales_labels_to_the_video_size(tmp_path, clip):
     video, jsonl = tmp_path / "big.avi", tmp_path / "big.jsonl"
     with ResultWriter(video, jsonl, 25, (2 * H, 2 * W), CLASS_NAMES) as out:
-        out.write(0, clip.frames[0], clip.labels[0], False, {})
+        out.write(0, clip.frames[0], {"labels": clip.labels[0]}, False, {})
     with open_video(video) as reader:
         assert reader.size == (2 * H, 2 * W)
     record = json.loads(jsonl.read_text())
@@ -249,7 +254,7 @@ def test_result_writer_scales_labels_to_the_video_size(tmp_path, clip):
 def test_result_writer_leaves_nothing_when_the_block_raises(tmp_path, clip):
     video, jsonl = tmp_path / "out.mp4", tmp_path / "out.jsonl"
     with pytest.raises(Boom), ResultWriter(video, jsonl, 25, (H, W), CLASS_NAMES) as out:
-        out.write(0, clip.frames[0], clip.labels[0], True, {"total": 1.0})
+        out.write(0, clip.frames[0], {"labels": clip.labels[0]}, True, {"total": 1.0})
         raise Boom
     assert os.listdir(tmp_path) == []
 
@@ -286,3 +291,98 @@ def test_overlay_marks_key_frames_in_the_corner(clip):
     assert np.array_equal(plain, frame)
     assert (key[:8, :8] != frame[:8, :8]).any()
     assert np.array_equal(key[H // 2:, W // 2:], frame[H // 2:, W // 2:])
+
+
+def test_result_writer_counts_pixels_per_class(tmp_path, clip):
+    with ResultWriter(None, tmp_path / "x.jsonl", 25, None, CLASS_NAMES) as out:
+        for i in range(3):
+            out.write(i, clip.frames[i], {"labels": clip.labels[i]}, i == 0, {})
+    counts = np.bincount(clip.labels[:3].ravel(), minlength=len(CLASS_NAMES))
+    assert out.class_counts() == {n: int(c) for n, c in zip(CLASS_NAMES, counts)}
+
+
+# --- detection ------------------------------------------------------------------------------
+
+DH, DW = 192, 256  # big enough for 2-pixel box lines that survive the codec's chroma
+BOXES = np.array([[40, 60, 120, 150], [150, 30, 230, 100], [10, 10, 20, 20]], np.float32)
+SCORES = np.float32([0.9, 0.5, 0.1])
+CLASSES = np.int32([0, 3, 1])
+
+
+def _detections(n=3):
+    return {"boxes": BOXES[:n], "scores": SCORES[:n], "classes": CLASSES[:n],
+            "num": np.int32(n)}
+
+
+def _edge(image, box, scale=1):
+    """Mean colour of a box's left edge (2 px wide), off its corners."""
+    x0, y0, _, y1 = (int(v * scale) for v in box)
+    return image[y0 + 5:y1 - 5, x0:x0 + 2].reshape(-1, 3).astype(float).mean(0)
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".avi"])
+def test_detection_video_draws_each_box_in_its_class_colour(tmp_path, ext):
+    frame = np.full((DH, DW, 3), 60, np.uint8)
+    path = tmp_path / f"det{ext}"
+    with ResultWriter(path, None, 25, (DH, DW), DETECTION_CLASS_NAMES, task="detection",
+                      min_score=0.3) as out:
+        for i in range(3):
+            out.write(i, frame, _detections(), i == 0, {})
+    with open_video(path) as video:
+        decoded = [f.astype(int) for f in video]
+    assert len(decoded) == 3
+    for box, k in zip(BOXES[:2], CLASSES[:2]):
+        np.testing.assert_allclose(_edge(decoded[1], box), class_colour(int(k)), atol=12)
+        x0, y0, x1, y1 = box.astype(int)
+        inside = decoded[1][y0 + 10:y1 - 10, x0 + 10:x1 - 10]
+        assert np.abs(inside - 60).mean() < 4, "the box's inside is left as it was"
+        tab = decoded[1][y0 - 8:y0 - 2, x0 + 2:x0 + 30]  # the "name score" tab above the box
+        assert np.abs(tab - np.array(class_colour(int(k)))).mean() < np.abs(tab - 60).mean()
+    x0, y0, x1, y1 = BOXES[2].astype(int)  # scores 0.1 < --min-score: not drawn
+    assert np.abs(decoded[1][y0:y1, x0:x1] - 60).mean() < 4
+    assert np.abs(decoded[0][:8, :8] - 60).mean() > 20, "the key frame's KEY tag"
+    assert np.abs(decoded[1][:8, :8] - 60).mean() < 4
+    assert out.class_counts() == {"disc": 3, "box": 0, "triangle": 0, "cross": 3}
+
+
+def test_detection_boxes_follow_the_frame_when_the_video_is_larger(tmp_path):
+    small = np.full((DH // 2, DW // 2, 3), 60, np.uint8)
+    path = tmp_path / "big.avi"
+    with ResultWriter(path, None, 25, (DH, DW), DETECTION_CLASS_NAMES, task="detection") as out:
+        out.write(0, small, _detections(1) | {"boxes": BOXES[:1] / 2}, False, {})
+    with open_video(path) as video:
+        (decoded,) = list(video)
+    np.testing.assert_allclose(_edge(decoded, BOXES[0]), class_colour(0), atol=12)
+
+
+def test_draw_detections_keeps_labels_inside_the_image_and_the_input_unchanged():
+    frame = np.full((64, 96, 3), 60, np.uint8)
+    boxes = np.float32([[80, 0, 96, 30]])  # at the top right: the tab goes inside, moved left
+    out = draw_detections(frame, boxes, np.float32([0.75]), np.int32([2]), DETECTION_CLASS_NAMES)
+    assert (frame == 60).all()
+    assert (out[:12, 40:80] == class_colour(2)).all(axis=-1).any(), "the tab reaches left"
+
+
+def test_detection_jsonl_records_every_detection_and_reads_back(tmp_path):
+    path = tmp_path / "det.jsonl"
+    with ResultWriter(None, path, 25, None, DETECTION_CLASS_NAMES, task="detection",
+                      min_score=0.3) as out:
+        out.write(0, np.zeros((DH, DW, 3), np.uint8), _detections(), True, {"task": 1.23456})
+        out.write(1, np.zeros((DH, DW, 3), np.uint8), _detections(0), False, {})
+    first, second = (json.loads(line) for line in path.read_text().splitlines())
+    assert first["frame"] == 0 and first["key"] and first["time_ms"] == {"task": 1.235}
+    assert first["detections"][1] == {"box": [150.0, 30.0, 230.0, 100.0], "score": 0.5,
+                                      "class": 3, "name": "cross"}
+    assert first["classes"] == {"disc": 1, "cross": 1, "box": 1}  # all rows, --min-score aside
+    assert "labels" not in first
+    back = read_detections(first)
+    np.testing.assert_array_equal(back["boxes"], BOXES)
+    np.testing.assert_allclose(back["scores"], SCORES, atol=1e-4)
+    assert back["classes"].dtype == np.int32 and back["classes"].tolist() == CLASSES.tolist()
+    assert second["detections"] == [] and read_detections(second)["boxes"].shape == (0, 4)
+    assert out.class_counts() == {"disc": 1, "box": 0, "triangle": 0, "cross": 1}
+
+
+def test_detection_record_names_classes_beyond_the_list():
+    record = detection_record(3, False, BOXES[:1], SCORES[:1], np.int32([7]), ["disc"], {})
+    assert record["detections"][0]["name"] == "class_7" and record["classes"] == {"class_7": 1}

@@ -1,0 +1,140 @@
+"""What dff-run and dff-profile share: the backend arguments (--demo among them), the engine
+folder and its manifest, opening the backend, and a user error as one line (exit 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from dff.export.manifest import load_manifest
+from dff.runtime.backends import (
+    ALIASES,
+    KINDS,
+    PRECISIONS,
+    Backend,
+    open_backend,
+    pick_auto,
+)
+from dff.runtime.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
+
+from dff.errors import DffError
+from dff.tasks import SEGMENTATION
+
+BACKENDS = ("auto", *ALIASES, *KINDS)
+Log = Callable[[str], None]
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+    return parse
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """--engine-dir, --backend, --checkpoint, --device, --threads, --demo, --precision,
+    --useCudaGraph, --verbose: shared by dff-run and dff-profile."""
+    p.add_argument("-e", "--engine-dir", metavar="DIR",
+                   help="folder written by dff-export (with --demo: default ./dff-demo/engines, "
+                        "for detection ./dff-demo/detection/engines)")
+    p.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
+                   help=f"one of {', '.join(BACKENDS)} (default: auto)")
+    p.add_argument("--checkpoint", metavar="MODEL.pth",
+                   help="torch backends: the checkpoint to run (default: the one the manifest "
+                        "was exported from)")
+    p.add_argument("--device", type=int_at_least(0), default=0, metavar="N",
+                   help="CUDA device index for GPU backends (default: 0)")
+    p.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",
+                   help="CPU threads per stage (default: 0 = the library's choice)")
+    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMO_TASKS, metavar="TASK",
+                   help="export the shipped demo model of TASK (segmentation, the default, or "
+                        "detection) into --engine-dir (cached) and use it")
+    p.add_argument("--precision", choices=PRECISIONS["tensorrt"],
+                   help="tensorrt: the engine set to load (default: fp16 if built, else fp32, "
+                        "else int8); onnxruntime: fp32 (the default) or int8, the feature graph "
+                        "of dff-build --int8; torch: fp32 only")
+    p.add_argument("--useCudaGraph", action="store_true",
+                   help="tensorrt backend: replay flow + task of non-key frames as one CUDA "
+                        "graph (dff-profile's flow stage then includes the task); refused by "
+                        "other backends")
+    p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
+
+
+def check_backend_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.checkpoint and not ALIASES.get(args.backend, args.backend).startswith("torch"):
+        parser.error("--checkpoint applies to the torch backends only (--backend torch)")
+
+
+def resolve_engines(args: argparse.Namespace, parser: argparse.ArgumentParser,
+                    log: Log) -> tuple[Path, dict]:
+    """The engine folder (exporting the demo model into it for --demo) and its manifest.
+    Hashes are checked when the backend opens the graphs."""
+    if args.demo:
+        engine_dir = Path(args.engine_dir) if args.engine_dir else demo_engines(args.demo)
+        ensure_demo_engines(engine_dir, log=log, task=args.demo)
+    elif args.engine_dir is None:
+        parser.error("--engine-dir DIR (written by dff-export) is required, or --demo")
+    else:
+        engine_dir = Path(args.engine_dir)
+    return engine_dir, load_manifest(engine_dir, verify_hashes=False)
+
+
+def choose_backend(args: argparse.Namespace, engine_dir: Path,
+                   log: Log) -> tuple[Backend, str | None]:
+    """Open --backend; for `auto`, log which one pick_auto took and why (one line); for ONNX
+    Runtime int8, how its kernels here compare with the graph's own error (one line)."""
+    kind, reason = ALIASES.get(args.backend, args.backend), None
+    if kind == "auto":
+        kind, reason = pick_auto(engine_dir)
+        log(reason)
+    backend = open_backend(kind, engine_dir, device=args.device, checkpoint=args.checkpoint,
+                           threads=args.threads, cuda_graph=args.useCudaGraph,
+                           precision=args.precision)
+    check = getattr(backend, "int8_check", None)  # ONNX Runtime int8: its kernels, measured
+    if check is not None:
+        from dff.engines.quantize import describe_kernel_check
+
+        line = describe_kernel_check(check, engine_dir)
+        if check.get("ok", True):
+            log(line)
+        else:  # a worse model than the graph: said even with --quiet
+            print(line, file=sys.stderr, flush=True)
+    return backend, reason
+
+
+def report_error(prog: str, error: BaseException, verbose: bool) -> int:
+    """The one line a user error gets (a traceback before it with --verbose); exit code 1."""
+    if verbose:
+        traceback.print_exception(error)
+    message = " ".join(str(error).split("\n")) or type(error).__name__
+    print(f"{prog}: {message}", file=sys.stderr)
+    return 1
+
+
+def guarded(prog: str, verbose: bool, body: Callable[[], int]) -> int:
+    """Run a command's body: DffError and OSError (missing files, full disks) become one
+    line and exit 1, Ctrl-C exit 130; other exceptions are bugs and keep their traceback."""
+    try:
+        return body()
+    except (DffError, OSError) as e:
+        return report_error(prog, e, verbose)
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: interrupted (Ctrl-C); no outputs written", file=sys.stderr)
+        return 130
+
+
+def backend_label(report: dict) -> str:
+    """'onnxruntime-cpu (int8)': a report's backend and, when it has one, its precision."""
+    precision = report.get("precision")
+    return report["backend"] + (f" ({precision})" if precision else "")

@@ -85,7 +85,8 @@ def check_task_entry(entry: Any, graph_outputs: list[str], where: str, fix: str)
     if (not isinstance(outputs, list) or outputs[:len(want)] != want
             or any(o not in OPTIONAL[kind] for o in extra)):
         raise TaskError(f"{where}: field 'task.outputs' is {outputs!r}, but a {kind} task outputs "
-                        f"{want} (optionally {list(OPTIONAL[kind]) or 'nothing else'}); {fix}")
+                        f"{want}{f' then optionally {list(OPTIONAL[kind])}' if OPTIONAL[kind] else ''}; "
+                        f"{fix}")
     if graph_outputs != outputs:
         raise TaskError(f"{where}: task.onnx outputs {graph_outputs}, but field 'task.outputs' "
                         f"says {outputs}; {fix}")

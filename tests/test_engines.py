@@ -701,16 +701,22 @@ def test_build_takes_a_detection_export_through_the_same_code_path(fake_trt_dete
 
 # --- a real build (TensorRT and a GPU) ------------------------------------------------------
 
-@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed")
-def test_dff_build_builds_three_engines_this_gpu_may_load(exported, tmp_path):
+def gpu_and_copy(export_dir, tmp_path):
+    """This machine's (GPU name, compute capability), or a skip; and a copy of the export."""
     try:
         gpu, cc = builder.device_info()
     except Exception as e:  # noqa: BLE001 - any failure here means no usable GPU
         pytest.skip(f"no CUDA GPU: {e}")
     out = tmp_path / "engines"
     out.mkdir()
-    for f in exported[0].iterdir():
+    for f in Path(export_dir).iterdir():
         (out / f.name).write_bytes(f.read_bytes())
+    return gpu, cc, out
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed")
+def test_dff_build_builds_three_engines_this_gpu_may_load(exported, tmp_path):
+    gpu, cc, out = gpu_and_copy(exported[0], tmp_path)
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = build_cli.main([str(out), "--fp16", "--workspace", "1024", "--json"])
@@ -733,14 +739,7 @@ def test_dff_build_builds_three_engines_this_gpu_may_load(exported, tmp_path):
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed")
 def test_dff_build_builds_detection_engines_with_the_contracts_outputs(detection_engines,
                                                                        tmp_path):
-    try:
-        gpu, cc = builder.device_info()
-    except Exception as e:  # noqa: BLE001 - any failure here means no usable GPU
-        pytest.skip(f"no CUDA GPU: {e}")
-    out = tmp_path / "engines"
-    out.mkdir()
-    for f in detection_engines.iterdir():
-        (out / f.name).write_bytes(f.read_bytes())
+    gpu, cc, out = gpu_and_copy(detection_engines, tmp_path)
     assert build_cli.main([str(out), "--fp32"]) == 0
     m = load_manifest(out)
     chosen = select_engines(m, gpu, cc, builder.require_tensorrt(), directory=out)

@@ -184,12 +184,9 @@ def test_batch_of_two_runs_within_the_profile(ort_cpu, clip):
 
 
 @pytest.fixture(scope="module")
-def det_engines(request):
-    """conftest's tiny detection export (engineer E's fixture), or a skip until it exists."""
-    try:
-        return request.getfixturevalue("detection_engines")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no detection_engines fixture (a tiny detection export)")
+def det_engines(detection_engines):
+    """conftest's tiny detection export, under a shorter name."""
+    return detection_engines
 
 
 def test_detection_outputs_agree_across_onnxruntime_iobinding_and_torch(det_engines, clip):

@@ -168,6 +168,27 @@ def test_eval_of_a_checkpoint_with_an_unknown_task_names_config_task(tiny_checkp
     assert "config.task" in err and "'tracking'" in err
 
 
+def test_eval_demo_detection_takes_the_shipped_detection_model(monkeypatch, capsys):
+    from dff.models import checkpoint
+
+    from dff.errors import CheckpointError
+
+    seen = []
+
+    def refuse(path):  # the path is the test; evaluating the shipped model is not
+        seen.append(path)
+        raise CheckpointError(f"{path}: stop here")
+
+    monkeypatch.setattr(evaluate, "load_checkpoint", refuse)
+    assert evaluate.main(["--demo", "detection", "--quiet"]) == 1
+    assert seen == [checkpoint.demo_checkpoint_path("detection")]
+    assert seen[0].name == "dff_small_detection.pth"
+    assert capsys.readouterr().err == f"dff-eval: {seen[0]}: stop here\n"
+    with pytest.raises(SystemExit):
+        evaluate.main(["model.pth", "--demo", "detection"])
+    assert "not both" in capsys.readouterr().err
+
+
 def test_flipped_training_frames_get_mirrored_boxes_and_detection_classes():
     data = train.TrainData(1, 4, (64, 96), seed=0, num_classes=5, progress=False)
     clip = data.clips[0]

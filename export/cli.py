@@ -1,10 +1,12 @@
-"""`dff-export`: a DFF checkpoint -> feature.onnx, flow.onnx, task.onnx and manifest.json."""
+"""`dff-export`: a DFF checkpoint, or your own modules (`--module package.module:factory`) ->
+feature.onnx, flow.onnx, task.onnx and manifest.json."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
+from typing import Any
 
 from dff.engines.cli import add_build_args, check_build_args
 from dff.export.profile import shape_arg
@@ -13,7 +15,7 @@ from dff.errors import DffError
 from dff.tasks import KINDS, SEGMENTATION
 
 EPILOG = """\
-graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
+graphs (DESIGN.md §3; H, W multiples of the stride s (16 for dff-train's models), h = H/s, w = W/s):
   feature.onnx  image uint8 [N,3,H,W] -> feat [N,C,h,w]
   flow.onnx     image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
                 -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w]
@@ -24,7 +26,7 @@ graphs (DESIGN.md §3; H, W multiples of 16, h = H/16, w = W/16):
                 detection: feat -> boxes [N,K,4] (x0,y0,x1,y1 in pixels), scores [N,K],
                 classes int32 [N,K], num int32 [N]; K = the model's max_detections
 
-profile defaults, from the checkpoint's training size HxW:
+profile defaults, from the checkpoint's training size (or the factory's input_size) HxW:
   --min-shape 1 x min(64,H) x min(64,W)   --opt-shape 1xHxW   --max-shape 4 x 2H x 2W
 
 Every graph is checked (onnx.checker, full) and compared with PyTorch on ONNX Runtime CPU
@@ -39,6 +41,9 @@ examples:
   dff-export --demo detection -o det/      # the shipped detection demo model
   dff-export runs/model.pth -o engines/ --opt-shape 1x256x448 --max-shape 2x512x896
   dff-export runs/model.pth -o engines/ --int8 --calib-video clip.mp4   # + int8 (dff-build)
+  dff-export --module mymodels.dff:build --module-arg checkpoint=runs/mine.pt -o engines/
+      # your own modules: build(**args) returns dff.export.DFFModules (README: "Deploy your
+      # own model")
 """
 
 
@@ -52,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the shipped demo model of TASK: segmentation (the default; "
                         "dff_small_synthetic.pth, the same as giving no MODEL.pth) or detection "
                         "(dff_small_detection.pth)")
+    p.add_argument("--module", metavar="PACKAGE.MODULE:FACTORY",
+                   help="export your own modules: FACTORY(**module args) returns "
+                        "dff.export.DFFModules(feature=..., flow=..., task=..., ...) or a dict of "
+                        "its fields (the contract: dff.export.modules)")
+    p.add_argument("--module-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="an argument for the --module factory (repeatable); VALUE is a Python "
+                        "literal (1, 0.5, 'x', [1, 2], None), else a string")
     p.add_argument("-o", "--output", default="engines", metavar="DIR",
                    help="output folder (default: engines/); existing files are replaced")
     for name in ("min", "opt", "max"):
@@ -78,8 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.demo and args.checkpoint:
-        parser.error("give MODEL.pth or --demo, not both")
+    if sum(map(bool, (args.demo, args.checkpoint, args.module))) > 1:
+        parser.error("give one of MODEL.pth, --demo and --module")
+    if args.module_arg and not args.module:
+        parser.error("--module-arg goes with --module")
+    try:
+        module_args = parse_module_args(args.module_arg)
+    except ValueError as e:
+        parser.error(str(e))
     if not args.tolerance > 0:
         parser.error(f"--tolerance must be positive, got {args.tolerance}")
     check_build_args(parser, args)
@@ -87,12 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         # imported here so that --help and argument errors come back without loading torch
         from dff.export.exporter import export_model, human_size
 
-        result = export_model(args.checkpoint, args.output, min_shape=args.min_shape,
-                              opt_shape=args.opt_shape, max_shape=args.max_shape,
-                              simplify=args.simplify, probs=args.probs,
-                              tolerance=args.tolerance, verbose=args.verbose,
-                              log=lambda line: print(line, flush=True),
-                              demo=args.demo or SEGMENTATION)
+        options: dict[str, Any] = {
+            "min_shape": args.min_shape, "opt_shape": args.opt_shape,
+            "max_shape": args.max_shape, "simplify": args.simplify, "probs": args.probs,
+            "tolerance": args.tolerance, "verbose": args.verbose,
+            "log": lambda line: print(line, flush=True)}
+        if args.module:
+            from dff.export.exporter import export_dff_modules
+            from dff.export.modules import load_factory
+
+            mods = load_factory(args.module, module_args)
+            result = export_dff_modules(mods, args.output, **options)
+        else:
+            result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
+                                  **options)
     except DffError as e:
         if args.verbose:
             traceback.print_exc()
@@ -109,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return build_after_export(result.directory, args)
     return 0
+
+
+def parse_module_args(items: list[str]) -> dict:
+    """NAME=VALUE pairs: VALUE a Python literal where it parses as one, else the string."""
+    import ast
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise ValueError(f"--module-arg {item!r}: give NAME=VALUE, NAME a Python identifier")
+        try:
+            out[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[name] = value
+    return out
 
 
 def parity_summary(rows: list) -> str:

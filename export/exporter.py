@@ -1,4 +1,4 @@
-"""Checkpoint -> feature.onnx, flow.onnx, task.onnx and manifest.json, all or nothing.
+"""Checkpoint or modules -> feature.onnx, flow.onnx, task.onnx and manifest.json, all or nothing.
 
 Every file is written into a temporary folder beside the output folder; only after all three
 graphs pass onnx's checker and the parity check are they moved into place (one os.replace per
@@ -7,24 +7,26 @@ file, the manifest last), so a failed export leaves the output folder as it was.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
 from dff.export import graphs as graphs_mod
 from dff.export import manifest as manifest_mod
+from dff.export import modules as modules_mod
 from dff.export import parity as parity_mod
 from dff.export.profile import Profile, Shape, make_profile
 from dff.models.checkpoint import demo_checkpoint_path, file_sha256, load_checkpoint
-from dff.models.dff import DFF
 from dff.plugins import onnx_op
 
 import dff
@@ -97,30 +99,75 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
                  max_shape: Shape | None = None, simplify: bool = False, probs: bool = False,
                  tolerance: float = parity_mod.TOLERANCE, verbose: bool = False,
                  log: Log | None = None, demo: str = tasks.SEGMENTATION) -> ExportResult:
-    """Export `checkpoint` (None: the shipped demo model for the task `demo`) into `out_dir`;
-    see the module docstring.
+    """Export `checkpoint` (None: the shipped demo model for the task `demo`) into `out_dir`:
+    its modules (`modules.from_dff`) through `export_dff_modules`, so a dff-trt checkpoint
+    and a user's own modules take one path. Raises a DffError and then writes nothing."""
+    ckpt = Path(checkpoint) if checkpoint is not None else demo_checkpoint(demo)
+    if simplify:
+        require_onnxsim()
+    model = load_checkpoint(ckpt)
+    mods = modules_mod.from_dff(model, source={"checkpoint": ckpt})
+    facts = modules_mod.Facts(model.config.feat_channels, True, False)
+    return export_dff_modules(mods, out_dir, min_shape=min_shape, opt_shape=opt_shape,
+                              max_shape=max_shape, simplify=simplify, probs=probs,
+                              tolerance=tolerance, verbose=verbose, log=log, facts=facts)
 
-    Unset profile shapes default from the checkpoint's input_size (`default_profile`). Raises
-    a DffError (checkpoint, profile, export, parity) and then writes nothing.
-    """
+
+def export_modules(out_dir: str | os.PathLike[str], *, feature: torch.nn.Module,
+                   flow: torch.nn.Module, task: torch.nn.Module,
+                   kind: str = tasks.SEGMENTATION, class_names: Sequence[str],
+                   input_size: tuple[int, int], stride: int = 16,
+                   feature_mean: Sequence[float] = modules_mod.IMAGENET_MEAN,
+                   feature_std: Sequence[float] = modules_mod.IMAGENET_STD,
+                   flow_mean: Sequence[float] = modules_mod.UNIT_MEAN,
+                   flow_std: Sequence[float] = modules_mod.UNIT_STD, key_interval: int = 10,
+                   min_shape: Shape | None = None, opt_shape: Shape | None = None,
+                   max_shape: Shape | None = None, **export_options: Any) -> ExportResult:
+    """Export your own feature, flow and task modules (the contract: dff.export.modules) as
+    dff-export does a checkpoint: three graphs, checks, parity and manifest.json. Means and
+    stds are on the 0..255 pixel scale. `export_options`: simplify, probs, tolerance, verbose,
+    log, max_detections and score_threshold (detection)."""
+    extra = {k: export_options.pop(k) for k in ("max_detections", "score_threshold")
+             if k in export_options}
+    mods = modules_mod.DFFModules(
+        feature=feature, flow=flow, task=task, class_names=tuple(class_names),
+        input_size=tuple(input_size), kind=kind, stride=stride, feature_mean=tuple(feature_mean),
+        feature_std=tuple(feature_std), flow_mean=tuple(flow_mean), flow_std=tuple(flow_std),
+        key_interval=key_interval, source={"api": "dff.export.export_modules"}, **extra)
+    return export_dff_modules(mods, out_dir, min_shape=min_shape, opt_shape=opt_shape,
+                              max_shape=max_shape, **export_options)
+
+
+def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[str] = "engines",
+                       *, min_shape: Shape | None = None, opt_shape: Shape | None = None,
+                       max_shape: Shape | None = None, simplify: bool = False,
+                       probs: bool = False, tolerance: float = parity_mod.TOLERANCE,
+                       verbose: bool = False, log: Log | None = None,
+                       facts: modules_mod.Facts | None = None) -> ExportResult:
+    """Export `mods` into `out_dir`; see the module docstring. The modules go to eval mode
+    (with a note when one was training) and are checked against the contract first
+    (`modules.check_modules`); unset profile shapes default from `mods.input_size`. Raises a
+    DffError (modules, profile, export, parity) and then writes nothing."""
     log = log or (lambda _: None)
     if simplify:
         require_onnxsim()
-    ckpt = Path(checkpoint) if checkpoint is not None else demo_checkpoint(demo)
-    model = load_checkpoint(ckpt)
-    cfg = model.config
-    profile = make_profile(cfg.input_size, cfg.stride, min_shape, opt_shape, max_shape)
-    specs = graphs_mod.graph_specs(model, profile, probs=probs)
+    modules_mod.check_metadata(mods)
+    modules_mod.eval_mode(mods, log)
+    profile = make_profile(list(mods.input_size), mods.stride, min_shape, opt_shape, max_shape)
+    facts = facts or modules_mod.check_modules(mods, tuple(profile.opt[1:]))
+    specs = graphs_mod.graph_specs(mods, profile, probs=probs, facts=facts)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise DffError(f"{out}: exists and is not a folder; pick another -o")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.dff-export-", dir=out.parent))
+    detection = mods.kind == tasks.DETECTION
     try:
         for spec in specs.values():
             start = time.perf_counter()
             log(f"exporting {spec.file} ...")
-            proto = graphs_mod.export_graph(model, spec, profile, tmp / spec.file, verbose)
+            proto = graphs_mod.export_graph(mods, spec, profile, tmp / spec.file, verbose,
+                                            facts=facts)
             # flow.onnx stays as exported: its FlowWarp node and function body are the contract
             if simplify and spec.name != "flow":
                 proto = _simplify(proto, spec)
@@ -131,18 +178,18 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
         log(f"parity vs PyTorch on ONNX Runtime CPU, random and clip frames at "
             f"{'x'.join(map(str, shape))}"
             + (f" (+ {parity_mod.DETECTION_FRAMES} feature maps for task.onnx)"
-               if cfg.task == tasks.DETECTION else "") + " ...")
+               if detection else "") + " ...")
         paths = {name: tmp / spec.file for name, spec in specs.items()}
         cases = parity_mod.default_cases(shape)
-        rows = parity_mod.check_parity(model, paths, cases, tolerance)
-        if cfg.task == tasks.DETECTION:  # many frames, so that 99.9 % of them means something
-            cases.append(parity_mod.feature_case(model, shape))
+        rows = parity_mod.check_parity(mods, paths, cases, tolerance, facts=facts)
+        if detection:  # many frames, so that 99.9 % of them means something
+            cases.append(parity_mod.feature_case(mods, shape))
             batch = 100 if profile.dynamic("N") else profile.min[0]
-            rows.append(parity_mod.check_task_frames(model, paths["task"], cases[-1],
-                                                     tolerance, batch=batch))
+            rows.append(parity_mod.check_task_frames(mods, paths["task"], cases[-1],
+                                                     tolerance, batch=batch, facts=facts))
         log(parity_mod.format_table(rows))
         parity_mod.require_pass(rows)
-        manifest = build_manifest(model, profile, specs, tmp, ckpt, rows, tolerance,
+        manifest = build_manifest(mods, facts, profile, specs, tmp, rows, tolerance,
                                   simplify, {c.name: len(c.image) for c in cases})
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [spec.file for spec in specs.values()] + [manifest_mod.FILENAME]
@@ -154,19 +201,29 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
     return ExportResult(out, {name: out / name for name in names}, manifest, rows)
 
 
-def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.GraphSpec],
-                   directory: Path, checkpoint: Path, rows: list[parity_mod.Row],
-                   tolerance: float, simplified: bool,
+def weights_sha256(mods: modules_mod.DFFModules) -> str:
+    """One sha256 over the three modules' state dicts (names, dtypes, shapes, bytes)."""
+    digest = hashlib.sha256()
+    for graph in ("feature", "flow", "task"):
+        for name, tensor in getattr(mods, graph).state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{graph}.{name}:{t.dtype}:{list(t.shape)};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profile: Profile,
+                   specs: dict[str, graphs_mod.GraphSpec], directory: Path,
+                   rows: list[parity_mod.Row], tolerance: float, simplified: bool,
                    frames: dict[str, int] | None = None) -> dict:
     """The manifest (export/manifest.py's layout) for the graphs in `directory`; `frames`:
     the parity cases' frame counts."""
     import onnxruntime
 
-    cfg = model.config
     outputs = [t.name for t in specs["task"].outputs]
-    task = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
-                            score_threshold=cfg.score_threshold, probs="probs" in outputs)
-    detection = cfg.task == tasks.DETECTION
+    task = tasks.task_entry(mods.kind, max_detections=mods.max_detections,
+                            score_threshold=mods.score_threshold, probs="probs" in outputs)
+    detection = mods.kind == tasks.DETECTION
     warp = f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"
     graphs = {}
     for name, spec in specs.items():
@@ -191,18 +248,29 @@ def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.Gra
                     "worst": worst}
     if detection:
         parity["detection_rule"] = parity_mod.DETECTION_RULE
+    checkpoint = mods.source.get("checkpoint")
+    made: dict[str, Any] = {}
+    if checkpoint is not None:
+        made = {"checkpoint": str(Path(checkpoint).resolve()),
+                "checkpoint_sha256": file_sha256(checkpoint)}
+    made["modules"] = {
+        **{g: modules_mod.describe(getattr(mods, g)) for g in ("feature", "flow", "task")},
+        **{k: v for k, v in mods.source.items() if k != "checkpoint"},
+        "scale_field": facts.scale_field, "weights_sha256": weights_sha256(mods)}
     return {
         "format": manifest_mod.FORMAT,
         "version": manifest_mod.VERSION,
         "task": task,
-        "class_names": list(cfg.class_names),
-        "num_classes": cfg.num_classes,
-        "normalisation": {"mean": list(cfg.mean), "std": list(cfg.std),
+        "class_names": list(mods.class_names),
+        "num_classes": mods.num_classes,
+        "normalisation": {"mean": list(mods.feature_mean), "std": list(mods.feature_std),
+                          "flow": {"mean": list(mods.flow_mean), "std": list(mods.flow_std)},
                           "input": "uint8 RGB NCHW in 0..255; each graph casts to float and "
-                                   "computes (x - mean) / std inside"},
-        "stride": cfg.stride,
-        "feat_channels": cfg.feat_channels,
-        "key_interval": cfg.key_interval,
+                                   "computes (x - mean) / std inside (mean, std: the feature "
+                                   "graph's; flow: the flow graph's)"},
+        "stride": mods.stride,
+        "feat_channels": facts.feat_channels,
+        "key_interval": mods.key_interval,
         "profile": profile.to_dict(),
         "dims": {k: v for k, v in _DIMS.items()
                  if any(k in t.shape for s in specs.values() for t in (*s.inputs, *s.outputs))},
@@ -214,8 +282,7 @@ def build_manifest(model: DFF, profile: Profile, specs: dict[str, graphs_mod.Gra
                                "Runtime runs it; TensorRT may use its registered plugin"},
         "engines": {},
         "export": {
-            "checkpoint": str(checkpoint.resolve()),
-            "checkpoint_sha256": file_sha256(checkpoint),
+            **made,
             "tool": "dff-export", "tool_version": dff.__version__,
             "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "opset": graphs_mod.OPSET,

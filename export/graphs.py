@@ -19,12 +19,15 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import onnx
 import torch
+import torch.nn.functional as F
+from dff.export.modules import DFFModules, Facts, describe, detection_outputs, exportable
 from dff.export.profile import Profile
 from dff.models.dff import DFF
 from dff.plugins import onnx_op
@@ -42,42 +45,76 @@ class ExportError(DffError):
     """torch.onnx.export failed, or its graph does not have the contract's shapes."""
 
 
-class FeatureGraph(nn.Module):
-    def __init__(self, model: DFF):
+_ANY = Facts(0, True)  # feature and flow graphs need no facts: a stand-in skips check_modules
+
+
+class _Normalise(nn.Module):
+    """(x - mean) / std as x * (1/std), the arithmetic of DFF.features; nothing for 0 and 1."""
+
+    def __init__(self, mean, std):
         super().__init__()
-        self.model = model
+        self.identity = list(mean) == [0, 0, 0] and list(std) == [1, 1, 1]
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(list(std), dtype=torch.float32)
+                             .view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels if self.identity else (pixels - self.mean) * self.inv_std
+
+
+class FeatureGraph(nn.Module):
+    def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None):
+        super().__init__()
+        mods, _ = exportable(mods, facts or _ANY)
+        self.feature, self.norm = mods.feature, _Normalise(mods.feature_mean, mods.feature_std)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.features(image.float())
+        return self.feature(self.norm(image.float()))
 
 
 class FlowGraph(nn.Module):
-    def __init__(self, model: DFF):
+    """flow, scale = N_flow(image, key_image), then the warp; a flow net without a scale field
+    gets a scale of ones (the same FlowWarp node, so the same plugin)."""
+
+    def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None):
         super().__init__()
-        self.model = model
+        mods, _ = exportable(mods, facts or _ANY)
+        self.flow, self.norm = mods.flow, _Normalise(mods.flow_mean, mods.flow_std)
         self.warp = onnx_op.torch_op()
 
     def forward(self, image: torch.Tensor, key_image: torch.Tensor,
                 key_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        flow, scale = self.model.flow(image.float(), key_image.float())
+        flow, scale = self.flow(self.norm(image.float()), self.norm(key_image.float()))
+        if scale is None:
+            scale = torch.ones_like(key_feat)
         return flow, scale, self.warp(key_feat, flow, scale)
 
 
 class TaskGraph(nn.Module):
-    """The task contract's outputs in its order (`DFF.outputs`); for segmentation with `probs`
-    the softmax too: off by default, since ONNX Runtime computes every output of a graph whether
-    asked for or not, and the channel softmax at image size cost more than the rest of the head
-    (1.3 of 1.7 ms at 128x224 on a 2-core CPU)."""
+    """The task contract's outputs in its order; for segmentation with `probs` the softmax
+    too: off by default, since ONNX Runtime computes every output of a graph whether asked for
+    or not, and the channel softmax at image size cost more than the rest of the head (1.3 of
+    1.7 ms at 128x224 on a 2-core CPU). Segmentation logits off the image size are resized
+    bilinearly to it (`facts.resize_logits`) before the arg-max."""
 
-    def __init__(self, model: DFF, probs: bool = False):
+    def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None, probs: bool = False):
         super().__init__()
-        self.model, self.probs = model, probs
+        mods, facts = exportable(mods, facts)
+        self.task, self.kind, self.stride = mods.task, mods.kind, mods.stride
+        self.resize = facts.resize_logits
+        self.probs = probs
 
     def forward(self, feat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raw = self.model.task(feat)
-        outputs = self.model.outputs(raw)
-        contract = tuple(outputs[name] for name in tasks.output_names(self.model.config.task))
-        return (*contract, raw.softmax(1)) if self.probs else contract
+        raw = self.task(feat)
+        if self.kind == tasks.DETECTION:
+            boxes, scores, classes, num = detection_outputs(raw, "task")
+            return (boxes.float(), scores.float(), classes.to(torch.int32), num.to(torch.int32))
+        if self.resize:
+            size = (feat.shape[2] * self.stride, feat.shape[3] * self.stride)
+            raw = F.interpolate(raw, size=size, mode="bilinear", align_corners=False)
+        labels = raw.argmax(1).to(torch.uint8)
+        return (labels, raw.softmax(1)) if self.probs else (labels,)
 
 
 WRAPPERS = {"feature": FeatureGraph, "flow": FlowGraph, "task": TaskGraph}
@@ -104,25 +141,27 @@ class GraphSpec:
         return f"{self.name}.onnx"
 
 
-def graph_specs(model: DFF, profile: Profile, probs: bool = False) -> dict[str, GraphSpec]:
+def graph_specs(model: DFFModules | DFF, profile: Profile, probs: bool = False,
+                facts: Facts | None = None) -> dict[str, GraphSpec]:
     """The contract's names, dtypes and shapes; a dynamic axis is named N, H, W (image) or
     h, w (feature grid), a fixed one is its size (detection's K is max_detections). `probs`:
     a segmentation task.onnx outputs the softmax too."""
-    cfg = model.config
-    kind = cfg.task
+    mods, facts = exportable(model, facts)
+    kind = mods.kind
     if probs and "probs" not in tasks.OPTIONAL.get(kind, ()):
-        raise ExportError(f"--probs: this model's task is {kind} (config.task), and only "
+        where = "config.task" if not isinstance(model, DFFModules) else "kind"
+        raise ExportError(f"--probs: this model's task is {kind} ({where}), and only "
                           "segmentation has class probabilities; drop --probs")
-    if kind == tasks.SEGMENTATION and cfg.num_classes > 256:
-        raise ExportError(f"{cfg.num_classes} classes do not fit the uint8 `labels` output "
+    if kind == tasks.SEGMENTATION and mods.num_classes > 256:
+        raise ExportError(f"{mods.num_classes} classes do not fit the uint8 `labels` output "
                           "(at most 256)")
     s = profile.stride
     n = "N" if profile.dynamic("N") else profile.min[0]
     big_h, h = ("H", "h") if profile.dynamic("H") else (profile.min[1], profile.min[1] // s)
     big_w, w = ("W", "w") if profile.dynamic("W") else (profile.min[2], profile.min[2] // s)
-    c = cfg.feat_channels
-    sizes: dict[str, Dim] = {"N": n, "H": big_h, "W": big_w, "K": cfg.max_detections,
-                             "C": cfg.num_classes}
+    c = facts.feat_channels
+    sizes: dict[str, Dim] = {"N": n, "H": big_h, "W": big_w, "K": mods.max_detections,
+                             "C": mods.num_classes}
 
     def t(name: str, dtype: str, *shape: Dim) -> TensorSpec:
         return TensorSpec(name, dtype, shape)
@@ -132,7 +171,7 @@ def graph_specs(model: DFF, profile: Profile, probs: bool = False) -> dict[str, 
     outputs = [t(o.name, o.dtype, *(sizes[d] if isinstance(d, str) else d for d in o.shape))
                for o in tasks.OUTPUTS[kind]]
     if probs:
-        outputs.append(t("probs", "float32", n, cfg.num_classes, big_h, big_w))
+        outputs.append(t("probs", "float32", n, mods.num_classes, big_h, big_w))
     return {
         "feature": GraphSpec("feature", (image,), (feat,)),
         "flow": GraphSpec("flow", (image, t("key_image", "uint8", n, 3, big_h, big_w),
@@ -189,11 +228,12 @@ def _quiet(enabled: bool) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def export_graph(model: DFF, spec: GraphSpec, profile: Profile, path: str | os.PathLike[str],
-                 verbose: bool = False) -> onnx.ModelProto:
+def export_graph(model: DFFModules | DFF, spec: GraphSpec, profile: Profile,
+                 path: str | os.PathLike[str], verbose: bool = False,
+                 facts: Facts | None = None) -> onnx.ModelProto:
     """Export one graph to `path`: torch.onnx.export (dynamo), FlowWarp's body attached,
     dynamic axes renamed to the contract's names, then checked (`check_graph`)."""
-    wrapper = WRAPPERS[spec.name](model).eval()
+    wrapper = WRAPPERS[spec.name](model, facts).eval()
     if spec.name == "task":
         wrapper.probs = any(t.name == "probs" for t in spec.outputs)
     args = _example_inputs(spec, profile)
@@ -206,9 +246,14 @@ def export_graph(model: DFF, spec: GraphSpec, profile: Profile, path: str | os.P
                 dynamic_shapes=_dynamic_shapes(spec, profile),
                 custom_translation_table=onnx_op.custom_translation_table(), verbose=verbose)
     except Exception as e:  # the exporter raises many kinds; the cause is chained for --verbose
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ExportError(f"{spec.file}: torch.onnx.export failed ({first[:200]}); rerun with "
-                          "--verbose for the exporter's log and traceback") from e
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines()
+                                                or [type(e).__name__])[0])
+        module = getattr(exportable(model, facts or _ANY)[0], spec.name)
+        op = failing_op(e)
+        raise ExportError(f"{spec.file}: torch.onnx.export failed on {spec.name} "
+                          f"{describe(module)}{f' at {op}' if op else ''} ({first[:200]}); "
+                          "rewrite that part with ops ONNX has, or rerun with --verbose for the "
+                          "exporter's log and traceback") from e
     proto = program.model_proto
     if spec.name == "flow":
         onnx_op.attach_function(proto)
@@ -217,6 +262,21 @@ def export_graph(model: DFF, spec: GraphSpec, profile: Profile, path: str | os.P
     check_graph(proto, spec)
     onnx.save(proto, os.fspath(path))
     return proto
+
+
+_OP = re.compile(r"\b(?:aten|prims|torch\.ops\.\w+)[.:]{1,2}[A-Za-z_]\w*(?:\.\w+)?")
+
+
+def failing_op(error: BaseException) -> str | None:
+    """The first operator named in the exporter's error or its causes (aten.xxx.default)."""
+    seen = 0
+    while error is not None and seen < 8:
+        match = _OP.search(str(error))
+        if match:
+            return match.group(0)
+        error = error.__cause__ or error.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
 
 
 def _rename_dims(proto: onnx.ModelProto, spec: GraphSpec) -> None:

@@ -10,14 +10,17 @@ Layout (version 2; docs/DESIGN.md §2)::
     task {kind, outputs, and for detection max_detections, score_threshold}
         (dff.tasks.task_entry; `outputs` are task.onnx's outputs in order), class_names,
     num_classes,
-    normalisation {mean, std, input}, stride, feat_channels, key_interval,
+    normalisation {mean, std (the feature graph's), flow {mean, std}, input}, stride,
+    feat_channels, key_interval,
     profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
     graphs {feature|flow|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
         (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w;
         feature may hold `int8` {file, sha256, ...}: dff-build --int8's Q/DQ graph),
     plugin {op, domain, version, graph, function},
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
-    export {checkpoint, checkpoint_sha256, tool, tool_version, torch, onnx, onnxruntime,
+    export {checkpoint, checkpoint_sha256 (a dff-train checkpoint's export only),
+            modules {feature, flow, task (class and file:line), factory or api, scale_field,
+            weights_sha256}, tool, tool_version, torch, onnx, onnxruntime,
             opset, simplified, parity {backend, tolerance, tolerance_rule, min_equal, passed,
             cases, frames, worst; detection: detection_rule}}
 

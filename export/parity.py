@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from dff.export.graphs import FeatureGraph, FlowGraph, TaskGraph
 from dff.export.manifest import GRAPHS
+from dff.export.modules import DFFModules, Facts, exportable
 from dff.models.dff import DFF
 
 from dff import tasks
@@ -116,17 +117,19 @@ OPTIONAL = {"probs"}  # outputs a graph may leave out (dff-export --probs)
 
 
 @torch.no_grad()
-def torch_outputs(model: DFF, case: Case) -> tuple[dict, dict]:
+def torch_outputs(model: DFF | DFFModules, case: Case,
+                  facts: Facts | None = None) -> tuple[dict, dict]:
     """Per graph, the feeds and PyTorch's outputs for one case (task: the contract's outputs,
     and for segmentation `probs` too)."""
+    mods, facts = exportable(model, facts)
     image, key = torch.from_numpy(case.image), torch.from_numpy(case.key_image)
-    feature, flow = FeatureGraph(model).eval(), FlowGraph(model).eval()
-    probs = tasks.OPTIONAL[model.config.task] == ("probs",)
-    task = TaskGraph(model, probs=probs).eval()
+    feature, flow = FeatureGraph(mods, facts).eval(), FlowGraph(mods, facts).eval()
+    probs = tasks.OPTIONAL[mods.kind] == ("probs",)
+    task = TaskGraph(mods, facts, probs=probs).eval()
     feat = feature(image)
     key_feat = feature(key)
     flow_out = flow(image, key, key_feat)
-    names = tasks.output_names(model.config.task) + ["probs"] * probs
+    names = tasks.output_names(mods.kind) + ["probs"] * probs
     feeds = {"feature": {"image": case.image},
              "flow": {"image": case.image, "key_image": case.key_image,
                       "key_feat": key_feat.numpy()},
@@ -217,15 +220,16 @@ def _frame_errors(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
     return box_err, score_err
 
 
-def check_parity(model: DFF, paths: Mapping[str, str | os.PathLike[str]], cases: list[Case],
-                 tolerance: float = TOLERANCE, min_equal: float = MIN_EQUAL,
-                 run: Runner | None = None) -> list[Row]:
+def check_parity(model: DFF | DFFModules, paths: Mapping[str, str | os.PathLike[str]],
+                 cases: list[Case], tolerance: float = TOLERANCE, min_equal: float = MIN_EQUAL,
+                 run: Runner | None = None, facts: Facts | None = None) -> list[Row]:
     """Every output of every graph in `paths` against PyTorch on every case (ORT by default)."""
     run = run or onnxruntime_runner()
-    detection = model.config.task == tasks.DETECTION
+    mods, facts = exportable(model, facts)
+    detection = mods.kind == tasks.DETECTION
     rows = []
     for case in cases:
-        feeds, refs = torch_outputs(model, case)
+        feeds, refs = torch_outputs(mods, case, facts)
         for graph in GRAPHS:
             if graph not in paths:
                 continue
@@ -240,8 +244,8 @@ def check_parity(model: DFF, paths: Mapping[str, str | os.PathLike[str]], cases:
     return rows
 
 
-def feature_case(model: DFF, shape: tuple[int, int, int], frames: int = DETECTION_FRAMES,
-                 seed: int = 0) -> Case:
+def feature_case(model: DFF | DFFModules, shape: tuple[int, int, int],
+                 frames: int = DETECTION_FRAMES, seed: int = 0) -> Case:
     """`frames` feature maps [F,C,h,w] for the task graph alone (in `Case.image`; no key
     image), so that detection's 99.9 % of frames allows a miss: PyTorch's features of
     SOURCE_FRAMES synthetic-clip frames at HxW, blended two by two with random weights and
@@ -264,14 +268,16 @@ def feature_case(model: DFF, shape: tuple[int, int, int], frames: int = DETECTIO
     return Case(name, np.ascontiguousarray(out, dtype=np.float32), np.empty(0, np.uint8))
 
 
-def check_task_frames(model: DFF, path: str | os.PathLike[str], case: Case,
+def check_task_frames(model: DFF | DFFModules, path: str | os.PathLike[str], case: Case,
                       tolerance: float = TOLERANCE, min_equal: float = MIN_EQUAL,
-                      run: Runner | None = None, batch: int = 100) -> Row:
+                      run: Runner | None = None, batch: int = 100,
+                      facts: Facts | None = None) -> Row:
     """Detection's task graph against PyTorch on `feature_case`'s maps, `batch` at a time (the
     graph's N when that is fixed)."""
     run = run or onnxruntime_runner()
-    task = TaskGraph(model).eval()
-    names = tasks.output_names(model.config.task)
+    mods, facts = exportable(model, facts)
+    task = TaskGraph(mods, facts).eval()
+    names = tasks.output_names(mods.kind)
     refs: dict[str, list[np.ndarray]] = {n: [] for n in names}
     gots: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for start in range(0, len(case.image), batch):

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", metavar="OUT.json",
                    help="the run's summary as JSON (stage times, key frames, backend, outputs)")
     p.add_argument("--resize", type=size_arg, metavar="HxW",
-                   help="resize every frame to HxW (multiples of 16 within the engines' "
-                        "profile) instead of refusing a video of another size")
+                   help="resize every frame to HxW (multiples of the manifest's stride, within "
+                        "the engines' profile) instead of refusing a video of another size")
     p.add_argument("--max-frames", type=int_at_least(1), metavar="N",
                    help="stop after N frames")
     p.add_argument("--alpha", type=fraction, metavar="A",
@@ -229,7 +229,7 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     kind = task_spec(manifest)["kind"]
     min_score = MIN_SCORE if args.min_score is None else args.min_score
     key_interval = args.key_interval or int(manifest["key_interval"])
-    scheduler = make_scheduler(args.schedule, key_interval)
+    scheduler = make_scheduler(args.schedule, key_interval, stride=stride)
     backend, reason = choose_backend(args, engine_dir, say)
     try:
         total = video.frame_count

@@ -17,6 +17,7 @@ import numpy as np
 
 from dff.errors import DffError
 
+MEAN_FLOW_PX = 4.8  # adaptive: mean flow, in image pixels, that calls for a key frame
 REASONS = ("start", "interval", "scene_cut", "flow", "outside", "max_interval")
 SCHEDULES = ("fixed", "per-frame", "adaptive")
 
@@ -94,7 +95,8 @@ class Adaptive(_Counter):
 
     1. before any compute, a scene cut: the mean absolute difference of the frame's grey
        thumbnail (`grey_thumbnail`) and the key frame's above `scene_cut` grey levels;
-    2. after the flow of a non-key frame: its mean magnitude above `max_mean_flow` cells, or
+    2. after the flow of a non-key frame: its mean magnitude above `max_mean_flow` cells
+       (default: MEAN_FLOW_PX pixels at the model's `stride`), or
        more than `max_outside` of the cells sampling outside the key map (new content came
        into view). Such a frame is redone as a key frame: the flow's cost is spent, the
        accuracy kept;
@@ -102,7 +104,8 @@ class Adaptive(_Counter):
        cannot see accumulates).
 
     Defaults, for the synthetic benchmark (typical motion 1-2 px a frame, stride 16):
-    `max_mean_flow` 0.3 cells is about 5 px, so steady motion gets a key every 3-5 frames and
+    `max_mean_flow` 0.3 cells (4.8 px; 0.6 cells at stride 8, 0.15 at stride 32: the test is
+    on image motion, whatever the grid), so steady motion gets a key every 3-5 frames and
     a still scene runs to `max_interval`; `max_outside` 0.1 is about one border column of a
     224-px-wide frame's 14-cell map swept out of view; `scene_cut` 17 sits between the
     largest difference within a clip over 9 frames (16.3) and the smallest between two
@@ -112,8 +115,12 @@ class Adaptive(_Counter):
 
     needs_flow = True
 
-    def __init__(self, max_mean_flow: float = 0.3, max_outside: float = 0.1,
-                 scene_cut: float = 17.0, max_interval: int = 10):
+    def __init__(self, max_mean_flow: float | None = None, max_outside: float = 0.1,
+                 scene_cut: float = 17.0, max_interval: int = 10, stride: int = 16):
+        if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise DffError(f"adaptive schedule: stride {stride!r} must be an integer ≥ 1")
+        if max_mean_flow is None:
+            max_mean_flow = MEAN_FLOW_PX / int(stride)
         for name, value in (("max_mean_flow", max_mean_flow), ("max_outside", max_outside),
                             ("scene_cut", scene_cut)):
             if not value >= 0:  # also rejects NaN
@@ -180,16 +187,18 @@ class Adaptive(_Counter):
 Scheduler = FixedInterval | Adaptive
 
 
-def make_scheduler(schedule: str, key_interval: int = 10, **thresholds: float) -> Scheduler:
+def make_scheduler(schedule: str, key_interval: int = 10, stride: int = 16,
+                   **thresholds: float) -> Scheduler:
     """"fixed" (every `key_interval` frames), "per-frame" (every frame) or "adaptive"
-    (`Adaptive(**thresholds)`; its `max_interval` defaults to `key_interval`)."""
+    (`Adaptive(**thresholds)` on the model's feature grid of `stride`; its `max_interval`
+    defaults to `key_interval`)."""
     if schedule == "fixed":
         scheduler: Scheduler = FixedInterval(key_interval)
     elif schedule == "per-frame":
         scheduler = FixedInterval(1)
     elif schedule == "adaptive":
         thresholds.setdefault("max_interval", key_interval)
-        scheduler = Adaptive(**thresholds)  # type: ignore[arg-type]
+        scheduler = Adaptive(**thresholds, stride=stride)  # type: ignore[arg-type]
     else:
         raise DffError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if thresholds and schedule != "adaptive":

@@ -30,6 +30,12 @@ def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
     manifest = load_manifest(engine_dir, verify_hashes=False)
     where = f"{Path(engine_dir) / 'manifest.json'}: field 'export.checkpoint'"
     path = manifest["export"].get("checkpoint")
+    if path is None and "modules" in manifest["export"]:
+        made = manifest["export"]["modules"]
+        raise BackendError(f"{Path(engine_dir) / 'manifest.json'}: exported from your own "
+                           f"modules ({made.get('factory') or made.get('api')}), not a "
+                           "dff-train checkpoint, which the torch backend runs; use --backend "
+                           "onnxruntime (or tensorrt), or pass --checkpoint MODEL.pth")
     if not isinstance(path, str) or not Path(path).is_file():
         raise BackendError(f"{where} is {path!r}, not a file here; pass --checkpoint "
                            "MODEL.pth for the torch backend")

@@ -101,6 +101,16 @@ def test_manifest_records_contract_profile_and_provenance(exported, checkpoint):
     assert exp["parity"]["passed"] is True and len(exp["parity"]["cases"]) == 2
     assert exp["parity"]["frames"] == {"random 1x64x96": 1, "clip 1x64x96": 1}
     assert exp["tool_version"] == "0.3.0" and "detection_rule" not in exp["parity"]
+    # a checkpoint goes through export_modules too: the fields of 0.3.0's manifest, plus the
+    # modules' record and the flow graph's own normalisation (FlowNet-S takes raw pixels)
+    assert sorted(m) == ["class_names", "dims", "engines", "export", "feat_channels", "format",
+                         "graphs", "key_interval", "normalisation", "num_classes", "plugin",
+                         "profile", "stride", "task", "version"]
+    assert sorted(exp) == ["checkpoint", "checkpoint_sha256", "modules", "onnx", "onnxruntime",
+                           "opset", "parity", "simplified", "tool", "tool_version", "torch"]
+    assert m["normalisation"]["flow"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+    assert exp["modules"]["feature"].startswith("dff.models.trunk.ResNetTrunk (")
+    assert exp["modules"]["scale_field"] is True and len(exp["modules"]["weights_sha256"]) == 64
 
 
 def test_graphs_pass_full_check_with_the_warp_only_in_flow(exported):

@@ -374,6 +374,16 @@ def test_per_frame_is_interval_one_and_make_scheduler_checks_its_arguments():
             bad()
 
 
+def test_adaptive_flow_threshold_is_image_motion_whatever_the_stride():
+    """4.8 px: 0.3 cells at stride 16 (the default that was tuned), 0.6 at 8, 0.15 at 32."""
+    assert Adaptive().max_mean_flow == pytest.approx(0.3)
+    for stride, cells in ((8, 0.6), (16, 0.3), (32, 0.15)):
+        assert make_scheduler("adaptive", 10, stride=stride).max_mean_flow == pytest.approx(cells)
+    assert make_scheduler("adaptive", 10, stride=8, max_mean_flow=0.2).max_mean_flow == 0.2
+    with pytest.raises(DffError, match="stride 0 must be an integer"):
+        Adaptive(stride=0)
+
+
 def test_flow_stats_measures_magnitude_and_samples_outside_the_map():
     assert flow_stats(np.zeros((1, 2, 4, 6), np.float32)) == (0.0, 0.0)
     flow = np.zeros((2, 4, 6), np.float32)

@@ -1,0 +1,395 @@
+"""Bring your own model: the three PyTorch modules dff-export takes, and what it checks of them.
+
+`DFFModules` holds a user's feature, flow and task modules with the metadata the graphs need
+(docs/DESIGN.md §8). dff-trt's own checkpoints become one too (`from_dff`), so every export
+takes the same path: `check_modules` first (shapes, eval mode), then the graph wrappers of
+`dff.export.graphs`, then parity and the manifest (`dff.export.exporter.export_modules`).
+
+The contract, for images of H×W and a stride s (h = H/s, w = W/s):
+
+- `feature(x) -> feat [N,C,h,w]`, x float [N,3,H,W] RGB, (pixel - feature_mean) / feature_std;
+- `flow(x, key_x) -> (flow [N,2,h,w], scale [N,C,h,w] or None)`, both normalised with the
+  flow's own mean and std; flow in feature cells, current frame -> key frame (dx, dy);
+  scale None for a flow net without a scale field (the warp then multiplies by 1);
+- `task(feat)`: segmentation: logits [N,K,h',w'] at any resolution (the graph resizes them
+  bilinearly to H×W, then arg-maxes); detection: boxes [N,D,4], scores [N,D], classes [N,D]
+  and num [N] (dff/tasks.py), as a tuple in that order or a dict of those names.
+
+Means and stds are on the 0..255 pixel scale (the graphs take uint8 and normalise inside);
+mean 0 and std 1 hand the module the pixels as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from dff import tasks
+from dff.errors import DffError
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)  # ImageNet's (0.485, 0.456, 0.406) x 255
+IMAGENET_STD = (58.395, 57.12, 57.375)  # (0.229, 0.224, 0.225) x 255
+UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)  # pixels to [0, 1]
+STRIDES = (8, 16, 32)
+
+
+class ModuleError(DffError):
+    """A module or factory that does not meet the DFF contract."""
+
+
+@dataclass
+class DFFModules:
+    """What `export_modules` exports: three modules and the metadata of their graphs."""
+
+    feature: nn.Module
+    flow: nn.Module
+    task: nn.Module
+    class_names: Sequence[str]
+    input_size: tuple[int, int]
+    kind: str = tasks.SEGMENTATION
+    stride: int = 16
+    feature_mean: Sequence[float] = IMAGENET_MEAN
+    feature_std: Sequence[float] = IMAGENET_STD
+    flow_mean: Sequence[float] = UNIT_MEAN
+    flow_std: Sequence[float] = UNIT_STD
+    key_interval: int = 10
+    max_detections: int = tasks.MAX_DETECTIONS  # detection: D, the task's rows per frame
+    score_threshold: float = tasks.SCORE_THRESHOLD  # detection: rows at most this are padding
+    source: dict[str, Any] = field(default_factory=dict)  # where they came from (the manifest)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def describe(module: Any) -> str:
+    """`name (path/to/file.py:line)` of a module's class, for messages."""
+    cls = module if inspect.isclass(module) else type(module)
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        path = inspect.getsourcefile(cls)
+        line = inspect.getsourcelines(cls)[1]
+    except (TypeError, OSError):
+        return name
+    return f"{name} ({_short(path)}:{line})" if path else name
+
+
+def _short(path: str | None) -> str:
+    if not path:
+        return "?"
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:
+        return path
+    return path if rel.startswith("..") else rel
+
+
+def load_factory(spec: str, args: Mapping[str, Any] | None = None) -> DFFModules:
+    """`package.module:factory` imported and called with `args`; what it returns (DFFModules
+    or a dict of its fields) checked into DFFModules. Errors name the factory's file and line."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ModuleError(f"--module {spec!r}: give package.module:factory, e.g. "
+                          "mymodels.dff:build")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: the user's own package
+    try:
+        mod = importlib.import_module(module_name)
+    except Exception as e:
+        raise ModuleError(f"--module {spec}: importing {module_name} failed "
+                          f"({type(e).__name__}: {e}); check the name and PYTHONPATH") from e
+    factory = getattr(mod, attr, None)
+    where = f"{spec} ({_short(getattr(mod, '__file__', None))})"
+    if not callable(factory):
+        raise ModuleError(f"--module {where}: has no callable {attr!r}")
+    where = _where(factory, spec)
+    try:
+        made = factory(**dict(args or {}))
+    except TypeError as e:
+        raise ModuleError(f"{where}: calling it with {dict(args or {})} failed ({e}); "
+                          "pass its arguments with --module-arg NAME=VALUE") from e
+    except DffError:
+        raise
+    except Exception as e:
+        raise ModuleError(f"{where}: raised {type(e).__name__}: {e}") from e
+    return as_modules(made, where)
+
+
+def _where(factory: Callable, spec: str) -> str:
+    try:
+        path = inspect.getsourcefile(factory)
+        line = inspect.getsourcelines(factory)[1]
+    except (TypeError, OSError):
+        return f"factory {spec}"
+    return f"factory {spec} ({_short(path)}:{line})"
+
+
+def as_modules(made: Any, where: str) -> DFFModules:
+    """A factory's result as DFFModules: one already, or a dict of its fields."""
+    if isinstance(made, DFFModules):
+        mods = made
+    elif isinstance(made, Mapping):
+        names = {f.name for f in fields(DFFModules)}
+        unknown = sorted(set(made) - names)
+        if unknown:
+            raise ModuleError(f"{where}: returned unknown fields {unknown}; the fields are "
+                              f"{sorted(names)}")
+        missing = [n for n in ("feature", "flow", "task", "class_names", "input_size")
+                   if n not in made]
+        if missing:
+            raise ModuleError(f"{where}: returned no {', '.join(missing)}; return "
+                              "dff.export.DFFModules(...) or a dict with those fields")
+        mods = DFFModules(**made)
+    else:
+        raise ModuleError(f"{where}: returned {type(made).__name__}; return "
+                          "dff.export.DFFModules(feature=..., flow=..., task=..., ...) or a dict "
+                          "of its fields")
+    mods.source.setdefault("factory", where)
+    return mods
+
+
+def check_metadata(mods: DFFModules) -> None:
+    """The metadata alone: task kind, class names, input size a multiple of the stride, means
+    and stds of three channels, positive stds."""
+    tasks.check_kind(mods.kind, "kind", f"pass kind={tasks.SEGMENTATION!r} or "
+                                         f"{tasks.DETECTION!r}")
+    for name in ("feature", "flow", "task"):
+        if not isinstance(getattr(mods, name), nn.Module):
+            raise ModuleError(f"{name}: {type(getattr(mods, name)).__name__} is not a "
+                              "torch.nn.Module; wrap the callable in one")
+    names = list(mods.class_names)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ModuleError(f"class_names {names!r}: give one non-empty string per class")
+    if mods.kind == tasks.SEGMENTATION and len(names) > 256:
+        raise ModuleError(f"{len(names)} classes do not fit the uint8 `labels` output (at "
+                          "most 256)")
+    if mods.stride not in STRIDES:
+        raise ModuleError(f"stride {mods.stride!r}: expected one of "
+                          f"{', '.join(map(str, STRIDES))}")
+    size = tuple(mods.input_size)
+    if len(size) != 2 or not all(isinstance(v, int) and v > 0 and v % mods.stride == 0
+                                 for v in size):
+        raise ModuleError(f"input_size {mods.input_size!r}: give (H, W), both multiples of the "
+                          f"stride {mods.stride}")
+    for name in ("feature_mean", "feature_std", "flow_mean", "flow_std"):
+        value = list(getattr(mods, name))
+        if len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+            raise ModuleError(f"{name} {value!r}: give three numbers (R, G, B) on the 0..255 "
+                              "pixel scale")
+        if name.endswith("std") and not all(v > 0 for v in value):
+            raise ModuleError(f"{name} {value!r}: every std must be positive")
+    if isinstance(mods.key_interval, bool) or not isinstance(mods.key_interval, int) \
+            or mods.key_interval < 1:
+        raise ModuleError(f"key_interval {mods.key_interval!r}: give an integer >= 1")
+    if mods.kind == tasks.DETECTION and not 1 <= mods.max_detections <= tasks.TOPK_LIMIT:
+        raise ModuleError(f"max_detections {mods.max_detections!r}: give 1 to "
+                          f"{tasks.TOPK_LIMIT} (TensorRT's TopK limit)")
+
+
+def eval_mode(mods: DFFModules, log: Callable[[str], None]) -> list[str]:
+    """Put the three modules in eval mode; say which were training and why it matters."""
+    changed = []
+    for name in ("feature", "flow", "task"):
+        module = getattr(mods, name)
+        training = sorted({type(m).__name__ for m in module.modules() if m.training
+                           and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout,
+                                              nn.modules.dropout._DropoutNd))})
+        if any(m.training for m in module.modules()):
+            module.eval()
+            changed.append(name)
+            what = f" (its {', '.join(training)} would use batch statistics or drop units)" \
+                if training else ""
+            log(f"note: {name} {describe(module)} was in training mode{what}; exported in "
+                "eval mode")
+    return changed
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What `check_modules` learnt by running the modules once: the feature width C, whether
+    the flow net has a scale field, and whether segmentation logits need resizing to H×W."""
+
+    feat_channels: int
+    scale_field: bool
+    resize_logits: bool = False
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _example(mods: DFFModules, size: tuple[int, int], batch: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, 3, *size), generator=gen).float()
+
+
+def normalise(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(pixels - mean) / std, as the graphs compute it (times 1/std); identity for 0 and 1."""
+    if list(mean) == [0, 0, 0] and list(std) == [1, 1, 1]:
+        return pixels
+    m = torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1)
+    return (pixels - m) * (1.0 / torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+
+
+@torch.no_grad()
+def check_modules(mods: DFFModules, size: tuple[int, int] | None = None,
+                  batch: int = 2) -> Facts:
+    """Run each module once on an example batch (at `size`, default input_size) and check its
+    outputs against the contract; one ModuleError naming the module, the shape it gave, the
+    shape expected and the fix."""
+    check_metadata(mods)
+    h_img, w_img = size or tuple(mods.input_size)
+    s = mods.stride
+    h, w = h_img // s, w_img // s
+    image = _example(mods, (h_img, w_img), batch, 0)
+    key = _example(mods, (h_img, w_img), batch, 1)
+    given = f"for a {batch}x3x{h_img}x{w_img} image"
+    feature, flow_net, task = (describe(getattr(mods, n)) for n in ("feature", "flow", "task"))
+
+    feat = _call(mods.feature, "feature", (normalise(image, mods.feature_mean, mods.feature_std),))
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4 or feat.shape[0] != batch \
+            or tuple(feat.shape[2:]) != (h, w) or feat.dtype != torch.float32:
+        got = _shape(feat) + ("" if not isinstance(feat, torch.Tensor) or
+                              feat.dtype == torch.float32 else f" {feat.dtype}")
+        raise ModuleError(f"feature {feature}: gave feat {got} {given}; expected float32 "
+                          f"[{batch}, C, {h}, {w}] (H/{s} x W/{s}); make its output stride {s} "
+                          "or pass the stride it has (stride=...)")
+    c = int(feat.shape[1])
+    out = _call(mods.flow, "flow", (normalise(image, mods.flow_mean, mods.flow_std),
+                                    normalise(key, mods.flow_mean, mods.flow_std)))
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise ModuleError(f"flow {flow_net}: returned {_shape(out)}; expected a pair (flow "
+                          "[N,2,h,w], scale [N,C,h,w] or None)")
+    flow, scale = out
+    if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != (batch, 2, h, w):
+        channels = isinstance(flow, torch.Tensor) and flow.dim() == 4 and flow.shape[1] != 2
+        why = ("2 channels, (dx, dy) in feature cells; predict two" if channels else
+               f"the feature grid {h}x{w}; pool or resize it onto the stride-{s} grid (and give "
+               "it in feature cells)")
+        raise ModuleError(f"flow {flow_net}: gave flow {_shape(flow)} {given}; expected "
+                          f"[{batch}, 2, {h}, {w}]: {why}")
+    if scale is not None and (not isinstance(scale, torch.Tensor)
+                              or tuple(scale.shape) != (batch, c, h, w)):
+        raise ModuleError(f"flow {flow_net}: gave scale {_shape(scale)} {given}; expected "
+                          f"[{batch}, {c}, {h}, {w}] (C = {c}, the feature's channels), or None "
+                          "for a flow net without a scale field")
+    raw = _call(mods.task, "task", (feat,))
+    resize = False
+    if mods.kind == tasks.SEGMENTATION:
+        k = mods.num_classes
+        if not isinstance(raw, torch.Tensor) or raw.dim() != 4 or raw.shape[0] != batch \
+                or raw.shape[1] != k or not raw.is_floating_point():
+            raise ModuleError(f"task {task}: gave {_shape(raw)} for feat {list(feat.shape)}; "
+                              f"expected logits [{batch}, {k}, h', w'] ({k} class names), at any "
+                              "resolution; return the logits before arg-max")
+        resize = tuple(raw.shape[2:]) != (h_img, w_img)
+    else:
+        detection_outputs(raw, task, batch, f"for feat {list(feat.shape)}")
+    return Facts(c, scale is not None, resize)
+
+
+def detection_outputs(raw: Any, where: str, batch: int | None = None,
+                      given: str = "") -> tuple[torch.Tensor, ...]:
+    """A detection task's (boxes, scores, classes, num), from a tuple or a dict, checked."""
+    names = tasks.output_names(tasks.DETECTION)
+    if isinstance(raw, Mapping):
+        if set(raw) < set(names) or any(n not in raw for n in names):
+            raise ModuleError(f"task {where}: returned a dict of {sorted(raw)} {given}; expected "
+                              f"{names} (dff/tasks.py)")
+        raw = tuple(raw[n] for n in names)
+    if not isinstance(raw, (tuple, list)) or len(raw) != 4 \
+            or not all(isinstance(t, torch.Tensor) for t in raw):
+        got = (f"a {type(raw).__name__} of {len(raw)}" if isinstance(raw, (tuple, list))
+               else _shape(raw))
+        raise ModuleError(f"task {where}: returned {got} {given}; a detection task "
+                          f"returns {names}: boxes [N,D,4], scores [N,D], classes [N,D], num [N]")
+    boxes, scores, classes, num = raw
+    if batch is not None:
+        n, d = batch, (boxes.shape[1] if boxes.dim() == 3 else "D")
+        want = {"boxes": (n, d, 4), "scores": (n, d), "classes": (n, d), "num": (n,)}
+        for name, t in zip(names, raw):
+            if tuple(t.shape) != want[name]:
+                raise ModuleError(f"task {where}: gave {name} {_shape(t)} {given}; expected "
+                                  f"{list(want[name])} (boxes [N,D,4], scores and classes "
+                                  "[N,D], num [N])")
+        if classes.is_floating_point() or num.is_floating_point():
+            raise ModuleError(f"task {where}: classes and num are {classes.dtype} and "
+                              f"{num.dtype}; return integer tensors")
+    return boxes, scores, classes, num
+
+
+def _call(module: nn.Module, name: str, args: tuple) -> Any:
+    try:
+        return module(*args)
+    except Exception as e:
+        shapes = ", ".join(_shape(a) for a in args)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModuleError(f"{name} {describe(module)}: failed on input {shapes} "
+                          f"({type(e).__name__}: {first}); it must take the contract's "
+                          "inputs (dff.export.modules)") from e
+
+
+# ------------------------------------------------------------------ dff-trt's own checkpoints
+
+class _DFFFlow(nn.Module):
+    """FlowNet-S as DFF.flow runs it: pixels 0..255, the mean subtracted inside."""
+
+    def __init__(self, flownet: nn.Module, mean: torch.Tensor):
+        super().__init__()
+        self.flownet = flownet
+        self.register_buffer("mean", mean.clone(), persistent=False)
+
+    def forward(self, image: torch.Tensor, key_image: torch.Tensor):
+        return self.flownet(image, key_image, self.mean)
+
+
+class _DFFDetect(nn.Module):
+    """The CenterNet head and its decode (DFF.outputs) as one task module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = model.head
+        self.config = model.config
+
+    def forward(self, feat: torch.Tensor):
+        from dff.models.detection import decode
+
+        cfg = self.config
+        return decode(*self.head(feat), stride=self.head.out_stride,
+                      max_detections=cfg.max_detections, score_threshold=cfg.score_threshold)
+
+
+def from_dff(model: Any, source: dict[str, Any] | None = None) -> DFFModules:
+    """A dff-trt `DFF` as DFFModules: the trunk with the config's normalisation, FlowNet-S on
+    raw pixels (mean 0, std 1: it subtracts its mean itself, so the graph's arithmetic is the
+    model's), and the head (with its decode for detection)."""
+    cfg = model.config
+    task = model.head if cfg.task == tasks.SEGMENTATION else _DFFDetect(model)
+    return DFFModules(
+        feature=model.trunk, flow=_DFFFlow(model.flownet, model.mean), task=task,
+        class_names=tuple(cfg.class_names), input_size=tuple(cfg.input_size), kind=cfg.task,
+        stride=cfg.stride, feature_mean=tuple(cfg.mean), feature_std=tuple(cfg.std),
+        flow_mean=(0.0, 0.0, 0.0), flow_std=(1.0, 1.0, 1.0), key_interval=cfg.key_interval,
+        max_detections=cfg.max_detections, score_threshold=cfg.score_threshold,
+        source=dict(source or {}))
+
+
+def as_exportable(model: Any) -> DFFModules:
+    """DFFModules as they are; a dff-trt DFF through `from_dff`."""
+    return model if isinstance(model, DFFModules) else from_dff(model)
+
+
+def exportable(model: Any, facts: Facts | None = None) -> tuple[DFFModules, Facts]:
+    """DFFModules and their Facts: given, known from a DFF's config, or `check_modules`."""
+    if isinstance(model, DFFModules):
+        return model, facts or check_modules(model)
+    mods = from_dff(model)
+    return mods, facts or Facts(model.config.feat_channels, True, False)

@@ -199,6 +199,42 @@ def test_export_modules_at_any_stride_runs_through_the_runtime(stride, tmp_path)
     assert (got == ref).mean() >= 0.999
 
 
+class TopDetections(nn.Module):
+    """A user's own detection decode: the 5 best cells of a class heatmap, a cell-sized box
+    each, returned as a dict with int64 classes (the graph casts them to the contract's int32)."""
+
+    def __init__(self, channels: int = 8, classes: int = 2, stride: int = 8):
+        super().__init__()
+        self.heat, self.stride = nn.Conv2d(channels, classes, 1), stride
+
+    def forward(self, feat):
+        heat = self.heat(feat).sigmoid()
+        n, k, h, w = heat.shape
+        scores, index = heat.flatten(1).topk(5)
+
+        def at(values, view):  # a per-cell value, gathered at the top cells
+            return values.view(view).expand_as(heat).flatten(1).gather(1, index)
+
+        y = at(torch.arange(h, dtype=torch.float32), (1, 1, -1, 1))
+        x = at(torch.arange(w, dtype=torch.float32), (1, 1, 1, -1))
+        classes = at(torch.arange(k), (1, -1, 1, 1))
+        boxes = torch.stack((x, y, x + 1, y + 1), -1) * self.stride
+        return {"boxes": boxes, "scores": scores, "classes": classes,
+                "num": (scores > 0.05).sum(1)}
+
+
+def test_a_detection_module_of_ones_own_exports_with_the_contracts_outputs(tmp_path):
+    parts = modules(kind="detection", task=TopDetections().eval(), max_detections=5)
+    result = export_modules(tmp_path / "e", **parts)
+    m = result.manifest
+    assert m["task"]["kind"] == "detection" and m["task"]["max_detections"] == 5
+    assert [(t["name"], t["dtype"], t["shape"]) for t in m["graphs"]["task"]["outputs"]] == [
+        ("boxes", "float32", ["N", 5, 4]), ("scores", "float32", ["N", 5]),
+        ("classes", "int32", ["N", 5]), ("num", "int32", ["N"])]
+    frames = [r for r in result.rows if r.graph == "task"]
+    assert frames and all(r.passed and r.value >= 0.999 for r in frames)
+
+
 def test_the_torch_backend_on_a_module_export_says_it_runs_checkpoints(tmp_path):
     from dff.runtime.backends import BackendError
     from dff.runtime.torch_backend import torch_checkpoint

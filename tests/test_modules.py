@@ -209,7 +209,7 @@ class TopDetections(nn.Module):
 
     def forward(self, feat):
         heat = self.heat(feat).sigmoid()
-        n, k, h, w = heat.shape
+        _, k, h, w = heat.shape
         scores, index = heat.flatten(1).topk(5)
 
         def at(values, view):  # a per-cell value, gathered at the top cells

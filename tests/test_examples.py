@@ -1,0 +1,38 @@
+"""The examples run as a user runs them: examples/own_model/run.py trains a MobileNetV2-style
+model of its own (output stride 8, a flow net without a scale field), exports it with
+`dff.export.export_modules`, runs dff-run on an encoded clip at k=1 and k=5 and compares the
+labels with its PyTorch modules on the same decoded frames."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_MODEL = ROOT / "examples" / "own_model" / "run.py"
+
+
+def test_own_model_example_exports_runs_and_matches_pytorch(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("cv2")
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, str(OWN_MODEL), "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    agreement = dict(re.findall(r"^k=(\d+): agreement ([\d.]+) % of pixels", proc.stdout,
+                                re.MULTILINE))
+    assert sorted(agreement, key=int) == ["1", "5"], proc.stdout[-4000:]
+    for k, percent in agreement.items():
+        assert float(percent) >= 99.9, f"k={k}: {percent} % of pixels agree"
+    manifest = json.loads((out / "engines" / "manifest.json").read_text())
+    assert manifest["stride"] == 8
+    assert manifest["feat_channels"] == 32
+    for k in (1, 5):  # labels at the image size: the graph resized the stride-8 logits
+        records = [json.loads(line) for line in
+                   (out / f"labels.k{k}.jsonl").read_text().splitlines()]
+        assert len(records) == 30
+        assert {tuple(r["labels"]["size"]) for r in records} == {(96, 160)}
+        assert sum(r["key"] for r in records) == 30 // k

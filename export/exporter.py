@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import inspect
 import os
 import shutil
 import tempfile
@@ -44,7 +43,6 @@ _DOCS = {
     "task/detection": "N_task: features -> boxes, scores, classes, num (CenterNet decode: "
                       "3x3 peak test, TopK(K), gathers; rows after num are padding)",
 }
-DETECTION_WEIGHTS = "dff_small_detection.pth"  # until models.checkpoint names it per task
 _DIMS = {"N": "batch", "H": "image height, a multiple of the stride",
          "W": "image width, a multiple of the stride", "h": "H / stride (feature grid height)",
          "w": "W / stride (feature grid width)"}
@@ -78,12 +76,7 @@ def _simplify(proto: onnx.ModelProto, spec: graphs_mod.GraphSpec) -> onnx.ModelP
 def demo_checkpoint(task: str = tasks.SEGMENTATION) -> Path:
     """The shipped demo weights for `task`, or a DffError saying they are missing."""
     tasks.check_kind(task, "--demo", "pass segmentation or detection")
-    if "task" in inspect.signature(demo_checkpoint_path).parameters:
-        path = Path(demo_checkpoint_path(task=task))
-    else:  # models.checkpoint before its per-task demo weights
-        path = Path(demo_checkpoint_path())
-        if task == tasks.DETECTION:
-            path = path.with_name(DETECTION_WEIGHTS)
+    path = Path(demo_checkpoint_path(task))
     if path.is_file():
         return path
     if task == tasks.DETECTION:

@@ -24,7 +24,6 @@ DEMO_DIR = Path("dff-demo")
 DEMO_ENGINES = DEMO_DIR / "engines"
 DEMO_CLIP = DEMO_DIR / "clip.mp4"
 DEMO_FRAMES = 60
-DETECTION_WEIGHTS = "dff_small_detection.pth"  # beside the segmentation demo weights
 
 Log = Callable[[str], None]
 
@@ -50,9 +49,8 @@ def demo_checkpoint(task: str = SEGMENTATION) -> Path:
         raise DffError(f"--demo exports the demo model with PyTorch, which is not importable "
                        f"({e}); `pip install dff-trt[export]`, or pass --engine-dir DIR "
                        "written by dff-export") from None
-    path = demo_checkpoint_path()
+    path = demo_checkpoint_path(task)
     if task == DETECTION:
-        path = path.with_name(DETECTION_WEIGHTS)
         if not path.is_file():
             raise DffError(f"--demo detection: the shipped detection model {path} is missing "
                            "(this install has no detection weights); export a detection model "

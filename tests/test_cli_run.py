@@ -439,7 +439,7 @@ def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, tin
                                                                     tmp_path, monkeypatch):
     """--demo's caching and clip, with the tiny checkpoint standing in for the demo model."""
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: tiny_pth)
+                        lambda task="segmentation": tiny_pth)
     monkeypatch.chdir(tmp_path)
     shutil.copytree(engines, tmp_path / "dff-demo" / "engines")
     code, stdout, stderr = call(cli.main, ["--demo", "--max-frames", 5, "--threads", 1])
@@ -457,7 +457,7 @@ def test_demo_reuses_a_cached_export_and_ends_with_the_output_video(engines, tin
 def test_demo_reexports_when_the_cache_holds_another_checkpoint_or_version(
         engines, tiny_pth, tmp_path, monkeypatch, field, value):
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: tiny_pth)
+                        lambda task="segmentation": tiny_pth)
     cache = tmp_path / "engines"
     shutil.copytree(engines, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -481,8 +481,9 @@ def test_demo_detection_without_its_weights_is_one_line_and_writes_nothing(tiny_
     weights = tmp_path / "weights"
     weights.mkdir()
     shutil.copy(tiny_pth, weights / "dff_small_synthetic.pth")  # segmentation's, not detection's
+    names = {"segmentation": "dff_small_synthetic.pth", "detection": "dff_small_detection.pth"}
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: weights / "dff_small_synthetic.pth")
+                        lambda task="segmentation": weights / names[task])
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -504,8 +505,9 @@ def test_demo_detection_uses_its_own_folder_and_ends_with_the_output_video(det_e
     weights.mkdir()
     shutil.copy(tiny_pth, weights / "dff_small_synthetic.pth")
     shutil.copy(det_export[0], weights / "dff_small_detection.pth")
+    names = {"segmentation": "dff_small_synthetic.pth", "detection": "dff_small_detection.pth"}
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
-                        lambda: weights / "dff_small_synthetic.pth")
+                        lambda task="segmentation": weights / names[task])
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "dff-demo" / "detection" / "engines"
     shutil.copytree(det_export[1], cache)

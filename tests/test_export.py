@@ -267,7 +267,8 @@ def test_failure_mid_export_leaves_the_output_folder_untouched(checkpoint, tmp_p
 
 
 def test_missing_demo_model_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(exporter, "demo_checkpoint_path", lambda: tmp_path / "demo.pth")
+    monkeypatch.setattr(exporter, "demo_checkpoint_path",
+                        lambda task="segmentation": tmp_path / "demo.pth")
     with pytest.raises(DffError, match="shipped demo model .*demo.pth is missing"):
         exporter.export_model(None, tmp_path / "engines")
 
@@ -563,16 +564,12 @@ def test_demo_detection_without_its_shipped_weights_says_so_in_one_line(tmp_path
     assert not out.exists()
 
 
-def test_demo_checkpoint_handles_the_path_function_with_and_without_a_task(tmp_path,
-                                                                          monkeypatch):
-    for name in ("dff_small_synthetic.pth", "dff_small_detection.pth", "detection.pth"):
+def test_demo_checkpoint_is_the_shipped_weights_of_the_task(tmp_path, monkeypatch):
+    for name in ("segmentation.pth", "detection.pth"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(exporter, "demo_checkpoint_path",
-                        lambda: tmp_path / "dff_small_synthetic.pth")
-    assert exporter.demo_checkpoint() == tmp_path / "dff_small_synthetic.pth"
-    assert exporter.demo_checkpoint("detection") == tmp_path / "dff_small_detection.pth"
-    monkeypatch.setattr(exporter, "demo_checkpoint_path",
                         lambda task="segmentation": tmp_path / f"{task}.pth")
+    assert exporter.demo_checkpoint() == tmp_path / "segmentation.pth"
     assert exporter.demo_checkpoint("detection") == tmp_path / "detection.pth"
 
 

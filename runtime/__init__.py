@@ -2,8 +2,9 @@
 
 The small public API, loaded on first use so that `import dff.runtime` needs numpy alone:
 `open_backend`, `pick_auto`, `available_backends` (backends), `make_scheduler` (scheduler),
-`Pipeline` (pipeline), `open_video` (video), `ResultWriter` (writers). The commands are
-`dff-run` (runtime/cli.py) and `dff-profile` (runtime/profile.py).
+`Pipeline` (pipeline), `StreamPipeline` (streams: many streams, batched), `open_video` (video),
+`ResultWriter` (writers). The commands are `dff-run` (runtime/cli.py; several videos:
+runtime/run_streams.py) and `dff-profile` (runtime/profile.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ import importlib
 from typing import Any
 
 _API = {"open_backend": "backends", "pick_auto": "backends", "available_backends": "backends",
-        "make_scheduler": "scheduler", "Pipeline": "pipeline", "open_video": "video",
-        "ResultWriter": "writers"}
-__all__ = ["Pipeline", "ResultWriter", "available_backends", "make_scheduler", "open_backend",
-           "open_video", "pick_auto"]
+        "make_scheduler": "scheduler", "Pipeline": "pipeline", "StreamPipeline": "streams",
+        "open_video": "video", "ResultWriter": "writers"}
+__all__ = ["Pipeline", "ResultWriter", "StreamPipeline", "available_backends", "make_scheduler",
+           "open_backend", "open_video", "pick_auto"]
 
 
 def __getattr__(name: str) -> Any:

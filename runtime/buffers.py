@@ -295,6 +295,47 @@ class BufferPool(_Owned):
             buffer.close()
 
 
+# TensorRT refuses tensor addresses that are not aligned (256 bytes is what cudaMalloc gives
+# and what its docs ask for); a row view is only made at such an offset
+ALIGN = 256
+
+
+def split_rows(x: DeviceArray, memory: Memory, stream: Any,
+               pool: BufferPool) -> list[DeviceArray]:
+    """`x` [N,...] as N arrays [1,...] along the batch axis: views of its rows when a row is a
+    multiple of ALIGN bytes (each view keeps `x`, and so its pool buffer, alive), else copies
+    into buffers from `pool`, enqueued on `stream` (d2d)."""
+    n, row = x.shape[0], (1, *x.shape[1:])
+    step = nbytes_of(row, x.dtype)
+    if n == 1:
+        return [x]
+    if step % ALIGN == 0:
+        return [DeviceArray(x.ptr + i * step, row, x.dtype, x) for i in range(n)]
+    parts = []
+    for i in range(n):
+        y = pool.take(row, x.dtype)
+        memory.copy(y.ptr, x.ptr + i * step, step, "d2d", stream)
+        parts.append(y)
+    return parts
+
+
+def stack_rows(xs: Sequence[DeviceArray], memory: Memory, stream: Any,
+               pool: BufferPool) -> DeviceArray:
+    """`xs` [n_i,...] (equal trailing shapes and dtype) concatenated along the batch axis into
+    a buffer from `pool`, one d2d copy each on `stream`; a single array is returned as it is."""
+    if len(xs) == 1:
+        return xs[0]
+    first = xs[0]
+    if any(x.shape[1:] != first.shape[1:] or x.dtype != first.dtype for x in xs):
+        raise ValueError(f"cannot stack {[(x.shape, str(x.dtype)) for x in xs]} along the batch")
+    out = pool.take((sum(x.shape[0] for x in xs), *first.shape[1:]), first.dtype)
+    offset = 0
+    for x in xs:
+        memory.copy(out.ptr + offset, x.ptr, x.nbytes, "d2d", stream)
+        offset += x.nbytes
+    return out
+
+
 class _Slot:
     def __init__(self, memory: Memory):
         self.host = PinnedBuffer(memory)

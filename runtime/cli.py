@@ -75,6 +75,12 @@ examples:
   dff-run --demo detection                           # the shipped detection model
   dff-run clip.mp4 -e engines/ -o clip.dff.mp4 --json clip.jsonl
   dff-run clip.mp4 -e engines/ --schedule adaptive --resize 256x448 --summary run.json
+  dff-run cam1.mp4 cam2.mp4 cam3.mp4 -e engines/ --output-dir out/   # batched streams
+
+several videos (--output-dir DIR): one backend, each video a stream with its own schedule and
+key frame; at each step the key frames of all streams go to the feature graph as one batch, the
+others to the flow graph as one batch, all to the task graph as one batch (in chunks of at most
+--max-batch); each stream's outputs equal a run of that video alone.
 """
 
 
@@ -102,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dff-run", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a video through the DFF engines: segmentation or detection with key "
                     "frames and flow-warped features in between.")
-    p.add_argument("video", nargs="?", metavar="VIDEO",
-                   help="input video (with --demo: default, a synthetic clip in ./dff-demo/)")
+    p.add_argument("video", nargs="*", metavar="VIDEO",
+                   help="input video (with --demo: default, a synthetic clip in ./dff-demo/); "
+                        "several run together as batched streams, with --output-dir")
     add_backend_args(p)
     p.add_argument("-k", "--key-interval", type=int_at_least(1), metavar="K",
                    help="frames per key frame (default: the manifest's key_interval); the "
@@ -114,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT.jsonl", help="one JSON record per frame")
     p.add_argument("--summary", metavar="OUT.json",
                    help="the run's summary as JSON (stage times, key frames, backend, outputs)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="write DIR/<name>.dff.mp4 and DIR/<name>.jsonl for each VIDEO (<name>: "
+                        "its file name without the extension; two videos of one name are "
+                        "refused) and DIR/summary.json; needed for several videos")
+    p.add_argument("--max-batch", type=int_at_least(1), metavar="N",
+                   help="with --output-dir: frames per backend call across the streams "
+                        "(default: the engines' batch limit, manifest.json 'profile' max)")
     p.add_argument("--resize", type=size_arg, metavar="HxW",
                    help="resize every frame to HxW (multiples of the manifest's stride, within "
                         "the engines' profile) instead of refusing a video of another size")
@@ -200,13 +214,18 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     engine_dir, manifest = resolve_engines(args, parser, say)
     check_task_options(args, task_spec(manifest, str(engine_dir / "manifest.json"))["kind"],
                        engine_dir)
-    demo = args.demo if args.video is None else None  # the task of a demo clip
+    demo = args.demo if not args.video else None  # the task of a demo clip
     if demo:
         video_path = ensure_demo_clip(demo_clip(demo), manifest, log=say)
-    elif args.video is None:
+    elif not args.video:
         parser.error("VIDEO is required (or --demo to run on a synthetic clip)")
     else:
-        video_path = Path(args.video)
+        video_path = Path(args.video[0])
+    if args.output_dir is not None:
+        from dff.runtime.run_streams import run_streams
+
+        paths = [video_path] if demo else [Path(v) for v in args.video]
+        return run_streams(args, engine_dir, manifest, paths, say)
     video = open_video(video_path)
     try:
         return _run_video(args, engine_dir, manifest, video, demo, say)
@@ -346,10 +365,28 @@ def demo_video_first(argv: list[str]) -> list[str]:
     return argv
 
 
+def check_stream_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Several videos need --output-dir, which replaces --output, --json and --summary."""
+    if len(args.video) > 1 and args.output_dir is None:
+        parser.error(f"{len(args.video)} videos: pass --output-dir DIR for their outputs")
+    if args.output_dir is None:
+        if args.max_batch is not None:
+            parser.error("--max-batch applies to --output-dir runs (batched streams)")
+        return
+    given = [flag for flag, value in (("--output", args.output), ("--json", args.json),
+                                      ("--summary", args.summary)) if value]
+    if given:
+        parser.error(f"--output-dir names every output; drop {', '.join(given)}")
+    if args.useCudaGraph:
+        parser.error("--useCudaGraph replays one stream's flow and task; drop it with "
+                     "--output-dir (batched streams)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(demo_video_first(sys.argv[1:] if argv is None else argv))
     check_backend_args(parser, args)
+    check_stream_args(parser, args)
     if not args.verbose:  # FFmpeg's own log lines ("moov atom not found") would precede ours
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     return guarded("dff-run", args.verbose, lambda: run(args, parser))

@@ -163,7 +163,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.sessions[graph].run_with_iobinding(binding, self._run_options)
         return outputs
 
-    def _device(self, value: Any, dtype: str) -> DeviceArray:
+    def _device(self, value: Any, dtype: str | None) -> DeviceArray:
         """An input as device memory: a handle of ours as it is, a host array staged."""
         if isinstance(value, DeviceArray):
             return value
@@ -208,6 +208,37 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
             return image
         self.memory.activate()
         return self._handle(self._ring.stage(image)[1])
+
+    def split(self, handle: Any) -> list[Any]:
+        """A batch handle [N,...] as N handles [1,...]: numpy row views on the plain CPU path;
+        with IOBinding, views of the device rows (copies where a row is not ALIGN-aligned,
+        buffers.split_rows), each keeping the batch's buffer taken while it lives."""
+        if self.memory is None:
+            array = np.asarray(handle)
+            return [array[i:i + 1] for i in range(len(array))]
+        x = self._own(handle)
+        pool = self._pools.setdefault(("split", ""), buffers.BufferPool(self.memory))
+        return [self._handle(v) for v in buffers.split_rows(x, self.memory, self._ring.compute,
+                                                            pool)]
+
+    def stack(self, handles: list[Any]) -> Any:
+        """Handles [n_i,...] as one [sum n_i,...] (one handle: as it is): np.concatenate on the
+        plain CPU path; with IOBinding, d2d copies on the compute stream into a pooled buffer."""
+        if len(handles) == 1:
+            return handles[0]
+        if self.memory is None:
+            return np.concatenate([np.asarray(h) for h in handles])
+        xs = [self._own(h) for h in handles]
+        pool = self._pools.setdefault(("stack", ""), buffers.BufferPool(self.memory))
+        return self._handle(buffers.stack_rows(xs, self.memory, self._ring.compute, pool))
+
+    def _own(self, handle: Any) -> DeviceArray:
+        """A handle as the device memory it is (a host array staged, in its own dtype)."""
+        assert self.memory is not None
+        self.memory.activate()
+        if isinstance(handle, (DeviceArray, self._ort.OrtValue)):
+            return self._device(handle, None)
+        return self._ring.stage(np.ascontiguousarray(handle))[1]
 
     def to_host(self, handle: Any) -> np.ndarray:
         if isinstance(handle, DeviceArray):

@@ -64,6 +64,31 @@ def frame_outputs(outputs: dict[str, np.ndarray], i: int = 0) -> dict[str, np.nd
     return one
 
 
+def check_first_frame(backend: Backend, index: int, frame: Any) -> None:
+    """Refuse a video's first frame that is not HxWx3 uint8, not a multiple of the stride or
+    outside the profile (at batch 1), naming the fix."""
+    if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
+            and frame.shape[2] == 3):
+        what = (f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray)
+                else type(frame).__name__)
+        raise DffError(f"frame {index}: {what}, expected an HxWx3 uint8 RGB array")
+    h, w = frame.shape[:2]
+    stride = getattr(backend, "stride", 1)
+    if h % stride or w % stride:
+        raise DffError(f"frame {index}: {w}x{h} is not a multiple of the stride {stride} "
+                       "in both sides; resize or crop the video to one (e.g. "
+                       f"{w // stride * stride or stride}x{h // stride * stride or stride})")
+    profile = getattr(backend, "profile", None)
+    if profile:
+        lo, hi = profile["min"], profile["max"]
+        if not (lo[0] <= 1 <= hi[0] and lo[1] <= h <= hi[1] and lo[2] <= w <= hi[2]):
+            raise DffError(
+                f"frame {index}: batch 1 at {h}x{w} (HxW) is outside the engines' profile "
+                f"{'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} (NxHxW, "
+                "manifest.json 'profile'); resize the video into it, or re-export with "
+                f"--min-shape/--max-shape covering 1x{h}x{w}")
+
+
 class _Failure:
     """An exception raised in the decode thread, carried to the consumer."""
 
@@ -303,26 +328,7 @@ class Pipeline:
         return nchw if nchw is not None else _nchw(frame)  # type: ignore[return-value]
 
     def _check_first(self, index: int, frame: Any) -> None:
-        if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
-                and frame.shape[2] == 3):
-            what = (f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray)
-                    else type(frame).__name__)
-            raise DffError(f"frame {index}: {what}, expected an HxWx3 uint8 RGB array")
-        h, w = frame.shape[:2]
-        stride = getattr(self.backend, "stride", 1)
-        if h % stride or w % stride:
-            raise DffError(f"frame {index}: {w}x{h} is not a multiple of the stride {stride} "
-                           "in both sides; resize or crop the video to one (e.g. "
-                           f"{w // stride * stride or stride}x{h // stride * stride or stride})")
-        profile = getattr(self.backend, "profile", None)
-        if profile:
-            lo, hi = profile["min"], profile["max"]
-            if not (lo[0] <= 1 <= hi[0] and lo[1] <= h <= hi[1] and lo[2] <= w <= hi[2]):
-                raise DffError(
-                    f"frame {index}: batch 1 at {h}x{w} (HxW) is outside the engines' profile "
-                    f"{'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} (NxHxW, "
-                    "manifest.json 'profile'); resize the video into it, or re-export with "
-                    f"--min-shape/--max-shape covering 1x{h}x{w}")
+        check_first_frame(self.backend, index, frame)
 
     # --- statistics -------------------------------------------------------------------------
 

@@ -14,6 +14,9 @@ not random tensors: flow and task run on what feature and flow really produce.
 - End to end, through `Pipeline` on the same frames in memory, batch 1: per frame (K=1) and
   a fixed schedule at each --key-intervals K: fps, speedup fps_K / fps_1, the speedup that
   DESIGN.md §4's model predicts from the stage medians, and the runtime efficiency.
+- With --streams N (N > 1): N copies of the clip through the batched runtime
+  (runtime/streams.py) at the manifest's key interval: total fps, fps per stream, and the
+  ratio of the total to one stream through `Pipeline` at that interval.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from dff.runtime.commands import (
 )
 from dff.runtime.pipeline import Pipeline
 from dff.runtime.scheduler import make_scheduler
+from dff.runtime.streams import StreamPipeline
 from dff.runtime.video import check_size
 from dff.runtime.writers import write_summary
 
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noDataTransfers", action="store_true",
                    help="keep inputs and outputs on the backend's device during the stage "
                         "timings")
+    p.add_argument("--streams", type=int_at_least(1), default=1, metavar="N",
+                   help="also run N copies of the clip as batched streams and report their "
+                        "total fps against one stream (default: 1, no such run)")
     p.add_argument("--json", metavar="PATH", help="write every number as JSON")
     return p
 
@@ -270,6 +277,23 @@ def profile_end_to_end(backend: Backend, frames: np.ndarray, intervals: Sequence
     return rows
 
 
+def profile_streams(backend: Backend, frames: np.ndarray, n: int, k: int) -> dict:
+    """One stream through Pipeline, then `n` copies of it through StreamPipeline, fixed
+    schedule at key interval `k`: fps of each, per stream, and the ratio of the totals."""
+    one = Pipeline(backend, make_scheduler("fixed", k))
+    for _ in one.run(iter(frames)):
+        pass
+    runtime = StreamPipeline(backend, [make_scheduler("fixed", k) for _ in range(n)])
+    for _ in runtime.run([iter(frames) for _ in range(n)]):
+        pass
+    single, s = one.summary()["fps"], runtime.summary()
+    return {"streams": n, "key_interval": k, "max_batch": s["max_batch"],
+            "frames": s["frames"], "key_frames": s["key_frames"], "single_fps": single,
+            "total_fps": s["fps"], "per_stream_fps": s["fps_per_stream"],
+            "ratio": s["fps"] / single if single > 0 else 0.0,
+            "frames_per_call": {name: s["stages"][name]["batch"] for name in STAGES}}
+
+
 # --- the command ----------------------------------------------------------------------------
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -298,6 +322,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
         r = (med["flow"] + med["task"]) / (med["feature"] + med["task"])
         end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r)
+        streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]))
+                   if args.streams > 1 else None)
         name, precision = backend.name, getattr(backend, "precision", None)
         int8_check = getattr(backend, "int8_check", None)
     finally:
@@ -312,6 +338,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "noDataTransfers": args.noDataTransfers, "useCudaGraph": args.useCudaGraph,
         "stages": stages, "r": r, "end_to_end": end_to_end,
     }
+    if streams is not None:  # N = 1 keeps the report as it was
+        result["streams"] = streams
     for line in format_report(result):
         print(line)
     if json_path is not None:
@@ -353,6 +381,14 @@ def format_report(res: dict) -> list[str]:
         lines.append(f"{row['key_interval']:>4}{row['key_frames']:>12}{row['fps']:>10.1f}"
                      f"{row['speedup']:>9.2f}x{row['predicted_speedup']:>10.2f}x"
                      f"{row['efficiency']:>12.2f}")
+    st = res.get("streams")
+    if st:
+        batch = f"at most {st['max_batch']}" if st["max_batch"] else "any size"
+        head = (f"streams: {st['streams']} copies of the clip, batched (frames per call "
+                f"{batch}), fixed schedule, K={st['key_interval']}")
+        fps = (f"  total {st['total_fps']:.1f} fps, {st['per_stream_fps']:.1f} fps per stream; "
+               f"one stream {st['single_fps']:.1f} fps: total / one stream {st['ratio']:.2f}x")
+        lines += ["", head, fps]
     return lines
 
 
@@ -364,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--warmUp must be >= 0 ms, got {args.warmUp}")
     if not args.duration > 0:
         parser.error(f"--duration must be > 0 s, got {args.duration}")
+    if args.streams > 1 and args.useCudaGraph:
+        parser.error("--useCudaGraph replays one stream's flow and task; drop it with --streams")
     return guarded("dff-profile", args.verbose, lambda: run(args, parser))
 
 

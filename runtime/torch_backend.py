@@ -95,6 +95,16 @@ class TorchBackend:
             return image.to(self.device)
         return self._torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
 
+    def split(self, handle: Any) -> list[Any]:
+        """A batch [N,...] as N tensors [1,...]: views of its rows, on its device."""
+        return list(self.upload(handle).split(1))
+
+    def stack(self, handles: list[Any]) -> Any:
+        """Tensors [n_i,...] concatenated along the batch on the device (one: as it is)."""
+        if len(handles) == 1:
+            return handles[0]
+        return self._torch.cat([self.upload(h) for h in handles])
+
     def to_host(self, handle: Any) -> np.ndarray:
         if isinstance(handle, self._torch.Tensor):
             return handle.detach().cpu().numpy()

@@ -46,6 +46,8 @@ from dff.runtime.buffers import (
     PinnedRing,
     Timer,
     check,
+    split_rows,
+    stack_rows,
 )
 
 if TYPE_CHECKING:
@@ -308,7 +310,9 @@ class TrtBackend:
         # task outputs are copied to the host at once: one fixed buffer each is enough
         self._task_out = {n: DeviceBuffer(self.memory) for n in self.task_spec["outputs"]}
         self._stages: dict[str, _Stage] = {}
+        self._pool = BufferPool(self.memory)  # rows split or stacked across streams
         self._graph: _FlowTaskGraph | None = None
+        self.cuda_graph = cuda_graph  # StreamPipeline refuses it: one stream's replay
         self._open = True
         try:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -381,6 +385,21 @@ class TrtBackend:
         self.memory.activate()
         return self._ring.stage(np.ascontiguousarray(image))[1]
 
+    def split(self, handle: Any) -> list[Any]:
+        """A batch [N,...] as N DeviceArrays [1,...]: row views (each keeping the batch's
+        buffer alive) when a row is ALIGN-aligned, else d2d copies (buffers.split_rows)."""
+        self.memory.activate()
+        return split_rows(self.upload(handle), self.memory, self._ring.compute, self._pool)
+
+    def stack(self, handles: list[Any]) -> Any:
+        """DeviceArrays [n_i,...] as one [sum n_i,...] by d2d copies on the compute stream into
+        a pooled buffer (buffers.stack_rows); one handle as it is."""
+        if len(handles) == 1:
+            return handles[0]
+        self.memory.activate()
+        xs = [self.upload(h) for h in handles]
+        return stack_rows(xs, self.memory, self._ring.compute, self._pool)
+
     def to_host(self, handle: Any) -> np.ndarray:
         return self._ring.to_host(handle) if isinstance(handle, DeviceArray) else np.asarray(handle)
 
@@ -409,6 +428,6 @@ class TrtBackend:
         for stage in self._stages.values():
             stage.close()
         self._stages = {}
-        for owned in (*self._task_out.values(), self._ring,
+        for owned in (*self._task_out.values(), self._pool, self._ring,
                       *([self.timer] if self.timer else [])):
             owned.close()

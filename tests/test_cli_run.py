@@ -541,3 +541,144 @@ def test_demo_with_the_shipped_model(tmp_path, monkeypatch):
     code, stdout, stderr = call(cli.main, ["--demo", "--max-frames", 5, "--threads", 1, "-q"])
     assert code == 0, stderr
     assert stdout.splitlines()[-1] == "output video: dff-demo/clip.dff.mp4"
+
+
+# --- several videos: batched streams (--output-dir) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def clip2(root):
+    """A second clip, other content and length."""
+    path = root / "other.mp4"
+    write_synthetic_clip(path, seed=8, num_frames=6, height=H, width=W)
+    return path
+
+
+def without_times(records):
+    return [{k: v for k, v in r.items() if k != "time_ms"} for r in records]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "detection"])
+def test_several_videos_write_each_streams_outputs_as_a_run_alone_would(task, ort_run, det_run,
+                                                                        engines, det_export,
+                                                                        clip, clip2, tmp_path):
+    engine_dir, (alone, name) = ((engines, (ort_run[0], "x")) if task == "segmentation"
+                                 else (det_export[1], (det_run[0], "d")))
+    extra = ["--min-score", 0.2] if task == "detection" else []
+    code, _, stderr = call(cli.main, [clip2, "-e", engine_dir, "--backend", "onnxruntime", "-k",
+                                      5, "--json", tmp_path / "o.jsonl", "--threads", 1, "-q",
+                                      *extra])
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    out.mkdir()
+    code, stdout, stderr = call(cli.main, [clip, clip2, "-e", engine_dir, "--backend",
+                                           "onnxruntime", "-k", 5, "--output-dir", out,
+                                           "--threads", 1, "-q", *extra])
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["clip.dff.mp4", "clip.jsonl", "other.dff.mp4",
+                                       "other.jsonl", "summary.json"]  # no temp files left
+    assert without_times(read_jsonl(out / "clip.jsonl")) == without_times(
+        read_jsonl(alone / f"{name}.jsonl"))
+    assert without_times(read_jsonl(out / "other.jsonl")) == without_times(
+        read_jsonl(tmp_path / "o.jsonl"))
+    for video, frames in (("clip", T), ("other", 6)):
+        with open_video(out / f"{video}.dff.mp4") as v:
+            assert sum(1 for _ in v) == frames
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["streams"], s["frames"], s["max_batch"], s["task"]) == (2, T + 6, 2, task)
+    assert [(e["frames"], e["key_frames"]) for e in s["per_stream"]] == [(T, 2), (6, 2)]
+    assert s["per_stream"][1]["outputs"] == {"video": str(out / "other.dff.mp4"),
+                                             "jsonl": str(out / "other.jsonl")}
+    assert s["per_stream"][0]["video"]["path"] == str(clip)
+    assert s["stages"]["flow"]["batch"] > 1  # the streams' frames went in one call
+    lines = stdout.splitlines()
+    assert lines[0] == ("2 streams on onnxruntime-cpu (fp32), fixed, key interval 5, "
+                        "batches of at most 2")
+    assert lines[1].startswith(f"  {clip}: {T} frames at {H}x{W}, key frames 2 (start 1, "
+                               f"interval 1) -> {out / 'clip.dff.mp4'}, {out / 'clip.jsonl'}")
+    assert lines[3].startswith(f"  total: {T + 6} frames in ")
+    assert " per stream); frames per call: feature " in lines[3]
+
+
+def test_one_video_with_output_dir_writes_the_same_files(engines, clip, tmp_path):
+    code, _, stderr = call(cli.main, [clip, "-e", engines, "--output-dir", tmp_path,
+                                      "--threads", 1, "-q"])
+    assert code == 0, stderr
+    assert sorted(os.listdir(tmp_path)) == ["clip.dff.mp4", "clip.jsonl", "summary.json"]
+    assert json.loads((tmp_path / "summary.json").read_text())["streams"] == 1
+
+
+@pytest.mark.parametrize("kind, fix", [
+    ("one name", "would both write"),
+    ("missing video", "no such file"),
+    ("no folder", "--output-dir does not exist"),
+    ("too large", "pass --resize 128x192"),
+])
+def test_bad_input_among_several_videos_is_one_line_exit_1_and_no_files(kind, fix, engines,
+                                                                        clip, clip2, root,
+                                                                        tmp_path):
+    videos = [clip, clip2]
+    if kind == "one name":
+        (tmp_path / "a").mkdir()
+        shutil.copy(clip2, tmp_path / "a" / "clip.mp4")
+        videos = [clip, tmp_path / "a" / "clip.mp4"]
+    elif kind == "missing video":
+        videos = [clip, tmp_path / "nope.mp4"]
+    elif kind == "too large":
+        videos = [clip, _bad_video(tmp_path, kind, root)]
+    out = tmp_path / "out"
+    if kind != "no folder":
+        out.mkdir()
+    code, stdout, stderr = call(cli.main, [*videos, "-e", engines, "--output-dir", out,
+                                           "--threads", 1])
+    assert code == 1
+    assert stderr.count("\n") == 1 and stderr.startswith("dff-run: ") and fix in stderr, stderr
+    assert "Traceback" not in stderr + stdout
+    assert kind == "no folder" or os.listdir(out) == []
+
+
+def test_several_videos_without_output_dir_or_with_single_outputs_exit_2(clip, clip2):
+    for args in ([clip, clip2, "-e", "engines"],
+                 [clip, clip2, "-e", "engines", "--output-dir", ".", "--json", "x.jsonl"],
+                 [clip, "-e", "engines", "--max-batch", 2],
+                 [clip, "-e", "engines", "--output-dir", ".", "--useCudaGraph"]):
+        err = io.StringIO()
+        with pytest.raises(SystemExit) as info, contextlib.redirect_stderr(err):
+            cli.main([str(a) for a in args])
+        assert info.value.code == 2 and "dff-run: error: " in err.getvalue()
+
+
+def test_ctrl_c_with_several_videos_leaves_no_outputs(engines, clip, clip2, tmp_path,
+                                                       monkeypatch):
+    write = ResultWriter.write
+
+    def interrupted(self, index, *rest):
+        if index == 3:
+            raise KeyboardInterrupt
+        write(self, index, *rest)
+
+    monkeypatch.setattr(ResultWriter, "write", interrupted)
+    code, _, stderr = call(cli.main, [clip, clip2, "-e", engines, "--output-dir", tmp_path,
+                                      "--threads", 1, "-q"])
+    assert code == 130 and stderr == "dff-run: interrupted (Ctrl-C); no outputs written\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_profile_streams_reports_total_and_per_stream_fps_against_one(engines, tmp_path):
+    code, stdout, stderr = call(profile.main, [
+        "--engine-dir", engines, "--backend", "onnxruntime", "--iterations", 2, "--warmUp", 0,
+        "--key-intervals", "1", "--frames", 6, "--json", tmp_path / "p.json", "--threads", 1,
+        "--streams", 3])
+    assert code == 0, stderr
+    st = json.loads((tmp_path / "p.json").read_text())["streams"]
+    assert (st["streams"], st["frames"], st["max_batch"]) == (3, 18, 2)
+    assert st["key_interval"] == 10 and st["key_frames"] == 3
+    assert st["total_fps"] > 0 and st["per_stream_fps"] == pytest.approx(st["total_fps"] / 3)
+    assert st["ratio"] == pytest.approx(st["total_fps"] / st["single_fps"])
+    assert 1 < st["frames_per_call"]["flow"] <= 2
+    assert "streams: 3 copies of the clip, batched (frames per call at most 2)" in stdout
+    assert f"total / one stream {st['ratio']:.2f}x" in stdout
+    code, stdout, _ = call(profile.main, [
+        "--engine-dir", engines, "--backend", "onnxruntime", "--iterations", 2, "--warmUp", 0,
+        "--key-intervals", "1", "--frames", 6, "--json", tmp_path / "one.json", "--threads", 1])
+    assert "streams" not in json.loads((tmp_path / "one.json").read_text())
+    assert "streams:" not in stdout

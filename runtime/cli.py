@@ -30,6 +30,7 @@ from dff.runtime.commands import (
 )
 from dff.runtime.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.runtime.pipeline import FrameResult, Pipeline
+from dff.runtime.remote import add_server_args, check_server_args
 from dff.runtime.scheduler import SCHEDULES, make_scheduler
 from dff.runtime.video import (
     FOURCC,
@@ -76,6 +77,7 @@ examples:
   dff-run clip.mp4 -e engines/ -o clip.dff.mp4 --json clip.jsonl
   dff-run clip.mp4 -e engines/ --schedule adaptive --resize 256x448 --summary run.json
   dff-run cam1.mp4 cam2.mp4 cam3.mp4 -e engines/ --output-dir out/   # batched streams
+  dff-run clip.mp4 --server 127.0.0.1:8001 --json clip.jsonl  # on Triton (dff-serve start)
 
 several videos (--output-dir DIR): one backend, each video a stream with its own schedule and
 key frame; at each step the key frames of all streams go to the feature graph as one batch, the
@@ -115,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", "--key-interval", type=int_at_least(1), metavar="K",
                    help="frames per key frame (default: the manifest's key_interval); the "
                         "adaptive schedule's longest gap")
-    p.add_argument("--schedule", choices=SCHEDULES, default="fixed",
-                   help="key-frame schedule (default: fixed)")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="key-frame schedule (default: fixed; with --server: the model's)")
     p.add_argument("-o", "--output", metavar="OUT.mp4", help="annotated video (.mp4 or .avi)")
     p.add_argument("--json", metavar="OUT.jsonl", help="one JSON record per frame")
     p.add_argument("--summary", metavar="OUT.json",
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", type=fraction, metavar="S",
                    help=f"detection: draw and count boxes scoring at least S (default "
                         f"{MIN_SCORE}); the JSON records keep every detection")
+    add_server_args(p)
     p.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar and no notes; the final summary only")
     return p
@@ -210,6 +213,10 @@ def _ms(times: dict[str, float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.server is not None:
+        from dff.runtime.run_remote import run_remote
+
+        return run_remote(args)
     say: Log = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
     engine_dir, manifest = resolve_engines(args, parser, say)
     check_task_options(args, task_spec(manifest, str(engine_dir / "manifest.json"))["kind"],
@@ -386,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(demo_video_first(sys.argv[1:] if argv is None else argv))
     check_backend_args(parser, args)
+    check_server_args(parser, args)
     check_stream_args(parser, args)
+    if args.server is None and args.schedule is None:
+        args.schedule = "fixed"
     if not args.verbose:  # FFmpeg's own log lines ("moov atom not found") would precede ours
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     return guarded("dff-run", args.verbose, lambda: run(args, parser))

@@ -6,7 +6,9 @@ Per batch the requests are split into key and non-key frames: one `flow` call fo
 frames, then one `feature` call for the key frames (those the adaptive schedule redoes after
 their flow included), then one `task` call for all, as runtime.Pipeline does frame by frame.
 A stream's state is made on START, freed on END, and swept once idle for the sequence
-batcher's max_sequence_idle_microseconds. A bad request gets an error response of its own.
+batcher's max_sequence_idle_microseconds. A bad request gets an error response of its own;
+one saying "has no state here" or "its state is dropped" makes dff-run --server start a new
+sequence (runtime/remote.py SEQUENCE_GONE): keep those words.
 
 dff-serve repo copies this file to `dff/1/model.py`; the config's parameters give the
 schedule, the stride and profile of the export, and the stage models' names and batch limit.

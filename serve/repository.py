@@ -100,7 +100,10 @@ def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch
     is_key = {"name": "is_key", "dtype": "bool", "shape": ["N", 1]}
     control = ("    {{ name: \"{0}\" control [ {{ kind: CONTROL_SEQUENCE_{0} "
                "int32_false_true: [ 0, 1 ] }} ] }}")
-    params = {"schedule": schedule, "key_interval": key_interval,
+    # what a client (dff-run --server) needs besides the outputs: the task and its classes
+    params = {"task": task_spec(manifest, where)["kind"],
+              "class_names": json.dumps(list(manifest["class_names"])),
+              "schedule": schedule, "key_interval": key_interval,
               "thresholds": json.dumps(thresholds), "stride": manifest["stride"],
               "profile": json.dumps(manifest["profile"]), "stage_max_batch": stage_batch,
               **{f"{g}_model": g for g in GRAPHS}}

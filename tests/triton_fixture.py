@@ -1,11 +1,13 @@
 """Fixtures that run Triton's real server on a repository of the tiny test export (imported by
-tests/test_serve.py). Where the server cannot be installed or started here, the tests that use
-them skip with the reason; with DFF_SERVE_REQUIRED=1 (CI, which installs the server) they fail.
+tests/test_serve.py and tests/test_serve_client.py). Where the server cannot be installed or
+started here, the tests that use them skip with the reason; with DFF_SERVE_REQUIRED=1 (CI,
+which installs the server) they fail.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -58,6 +60,18 @@ def start_server(repo, **kw):
     except ServerUnavailable as e:
         unavailable(str(e))
     return server
+
+
+def kill_and_restart(server) -> int:
+    """SIGKILL `server`'s process by its PID (no clean shutdown: its sequences are lost), reap
+    it and its stubs, and start it again on the same ports (the server must have been made
+    with fixed ports). Returns the killed PID."""
+    pid = server.pid
+    os.kill(pid, signal.SIGKILL)
+    server.stop()
+    assert not pid_alive(pid), f"tritonserver pid {pid} still runs after SIGKILL"
+    server.start()
+    return pid
 
 
 def pid_alive(pid: int) -> bool:

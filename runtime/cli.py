@@ -27,6 +27,7 @@ from dff.runtime.commands import (
     guarded,
     int_at_least,
     resolve_engines,
+    warn_truncated,
 )
 from dff.runtime.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.runtime.pipeline import FrameResult, Pipeline
@@ -307,10 +308,7 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
             for path in written:  # all or nothing: the run's other outputs go too
                 path.unlink(missing_ok=True)
             raise
-    if video.truncated:
-        print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} of "
-              f"{video.frame_count} frames (the file is truncated or damaged); the outputs "
-              "cover the frames decoded", file=sys.stderr)
+    warn_truncated(video)
     for line in format_summary(summary):
         print(line)
     if out_video is not None:

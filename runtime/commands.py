@@ -9,6 +9,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from dff.export.manifest import load_manifest
 from dff.runtime.backends import (
@@ -138,3 +139,11 @@ def backend_label(report: dict) -> str:
     """'onnxruntime-cpu (int8)': a report's backend and, when it has one, its precision."""
     precision = report.get("precision")
     return report["backend"] + (f" ({precision})" if precision else "")
+
+
+def warn_truncated(video: Any) -> None:
+    """dff-run's warning for a video whose decoding stopped before its last frame."""
+    if video.truncated:
+        print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} of "
+              f"{video.frame_count} frames (the file is truncated or damaged); the outputs "
+              "cover the frames decoded", file=sys.stderr)

@@ -163,6 +163,24 @@ class _Stage:
         return statistics.median(self.sample) if self.sample else 0.0
 
 
+def drain(q: queue.Queue, sink: Callable[[Any], None], stop: threading.Event,
+          errors: list[BaseException]) -> None:
+    """A writer thread's loop: hand each queued result to `sink` until _END or `stop`; an
+    error goes to `errors` (re-raised by the caller) and stops the run."""
+    try:
+        while not stop.is_set():
+            try:
+                item = q.get(timeout=_POLL)
+            except queue.Empty:
+                continue
+            if item is _END:
+                return
+            sink(item)
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+        errors.append(e)
+        stop.set()
+
+
 class Pipeline:
     """One backend, one scheduler; `run` a video's frames (HWC uint8 RGB) to FrameResults."""
 
@@ -235,21 +253,8 @@ class Pipeline:
         stop = threading.Event()
         errors: list[BaseException] = []
 
-        def write() -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        item = q.get(timeout=_POLL)
-                    except queue.Empty:
-                        continue
-                    if item is _END:
-                        return
-                    sink(item)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                errors.append(e)
-                stop.set()
-
-        writer = threading.Thread(target=write, name="dff-write", daemon=True)
+        writer = threading.Thread(target=drain, args=(q, sink, stop, errors), name="dff-write",
+                                  daemon=True)
         writer.start()
         results = self.run(frames)
         try:

@@ -12,9 +12,9 @@ interrupted leaves its sequence on the server until the server's idle timeout fr
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dff.runtime.cli import MIN_SCORE, TASK_OPTIONS, _frames, _ms, _outputs, _progress
+from dff.runtime.commands import warn_truncated
 from dff.runtime.pipeline import FrameResult
 from dff.runtime.remote import (
     RemoteError,
@@ -64,10 +64,7 @@ def run_remote(args: argparse.Namespace) -> int:
                 if path is not None:
                     path.unlink(missing_ok=True)
             raise
-    if video.truncated:
-        print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} of "
-              f"{video.frame_count} frames (the file is truncated or damaged); the outputs "
-              "cover the frames decoded", file=sys.stderr)
+    warn_truncated(video)
     for line in format_remote(summary):
         print(line)
     if out_video is not None:

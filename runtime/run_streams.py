@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
 from typing import Any
 
 from dff.runtime.backends import task_spec
 from dff.runtime.cli import MIN_SCORE, _frames, _ms, _progress
-from dff.runtime.commands import Log, backend_label, choose_backend
+from dff.runtime.commands import Log, backend_label, choose_backend, warn_truncated
 from dff.runtime.pipeline import FrameResult
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.streams import StreamPipeline
@@ -118,10 +117,7 @@ def _run(args: argparse.Namespace, engine_dir: Path, manifest: dict, videos: lis
     summary["int8_check"] = getattr(backend, "int8_check", None)
     _commit(writers, outputs, summary_path, summary)
     for video in videos:
-        if video.truncated:
-            print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} "
-                  f"of {video.frame_count} frames (the file is truncated or damaged); its "
-                  "outputs cover the frames decoded", file=sys.stderr)
+        warn_truncated(video)
     for line in format_streams(summary):
         print(line)
     print(f"wrote {len(videos)} annotated videos and JSON Lines files and {summary_path} "

@@ -34,6 +34,7 @@ from dff.runtime.pipeline import (
     _put,
     _Stage,
     check_first_frame,
+    drain,
     frame_outputs,
 )
 from dff.runtime.scheduler import Scheduler
@@ -204,22 +205,9 @@ class StreamPipeline:
         stop = threading.Event()
         errors: list[BaseException] = []
 
-        def write(q: queue.Queue, sink: Callable[[FrameResult], None]) -> None:
-            try:
-                while not stop.is_set():
-                    try:
-                        item = q.get(timeout=_POLL)
-                    except queue.Empty:
-                        continue
-                    if item is _END:
-                        return
-                    sink(item)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                errors.append(e)
-                stop.set()
-
-        writers = [threading.Thread(target=write, args=(q, sink), name=f"dff-write-{i}",
-                                    daemon=True) for i, (q, sink) in enumerate(zip(queues, sinks))]
+        writers = [threading.Thread(target=drain, args=(q, sink, stop, errors),
+                                    name=f"dff-write-{i}", daemon=True)
+                   for i, (q, sink) in enumerate(zip(queues, sinks))]
         for w in writers:
             w.start()
         results = self.run(videos, names)

@@ -10,6 +10,8 @@ each kind is off the clock; then for each N the sequential and the batched runs 
 so the ratios come from one run of this script.
 
     python benchmarks/streams.py --engine-dir dff-demo/engines --frames 60 --threads 2
+
+The same streams through Triton against these: benchmarks/triton_streams.py.
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ import re
 import sys
 from collections.abc import Sequence
 
+from dff.runtime.remote import HEADER as STREAM_HEADER  # the key dff-run --server sets
+
 from dff.errors import DffError
 
-STREAM_HEADER = "dff-stream"  # the gRPC metadata key the client sets to the sequence id
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):(\d{1,5})$")
 _SIZE = re.compile(r"^\d+[kKmMgG]?$")
 

@@ -40,7 +40,7 @@ def test_config_hashes_the_stream_header_onto_the_servers_in_order():
 
 
 def test_header_variable_is_nginx_spelling_of_the_header():
-    assert STREAM_HEADER == "dff-stream"
+    assert STREAM_HEADER == "dff-stream"  # what dff-run --server sends (runtime/remote.py)
     assert header_variable() == "$http_dff_stream"
     assert header_variable("X-Camera-Id") == "$http_x_camera_id"
     with pytest.raises(ScaleoutError, match="letters, digits and '-' only"):

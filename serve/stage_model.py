@@ -57,7 +57,8 @@ class TritonPythonModel:
             groups.setdefault(key, []).append((i, feeds, wanted))
         for items in groups.values():
             names = [n for n in self.outputs if any(n in w for _, _, w in items)]
-            batch = {n: np.concatenate([f[n] for _, f, _ in items]) for n in self.inputs}
+            batch = (items[0][1] if len(items) == 1 else  # the BLS sends one request a batch
+                     {n: np.concatenate([f[n] for _, f, _ in items]) for n in self.inputs})
             try:
                 values = dict(zip(names, self.session.run(names, batch)))
             except Exception as e:  # noqa: BLE001 - ONNX Runtime's own error types

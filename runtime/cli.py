@@ -26,7 +26,9 @@ from dff.runtime.commands import (
     choose_backend,
     guarded,
     int_at_least,
+    outputs_record,
     resolve_engines,
+    video_record,
     warn_truncated,
 )
 from dff.runtime.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
@@ -293,13 +295,8 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         "schedule_name": args.schedule,
         "key_interval": None if args.schedule == "per-frame" else key_interval,
         "engine_dir": str(engine_dir),
-        "video": {"path": str(video.path), "size": [video.height, video.width],
-                  "fps": video.fps, "frame_count": video.frame_count,
-                  "frames_read": video.frames_read, "truncated": video.truncated,
-                  "resized_to": list(size) if size != video.size else None},
-        "outputs": {"video": str(out_video) if out_video else None,
-                    "jsonl": str(out_json) if out_json else None,
-                    "summary": str(out_summary) if out_summary else None},
+        "video": video_record(video, size),
+        "outputs": outputs_record(out_video, out_json, out_summary),
     })
     if out_summary is not None:
         try:

@@ -147,3 +147,17 @@ def warn_truncated(video: Any) -> None:
         print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} of "
               f"{video.frame_count} frames (the file is truncated or damaged); the outputs "
               "cover the frames decoded", file=sys.stderr)
+
+
+def video_record(video: Any, size: Any) -> dict:
+    """The summary's `video` entry: the file, its size and frames, and `size` if resized."""
+    return {"path": str(video.path), "size": [video.height, video.width],
+            "fps": video.fps, "frame_count": video.frame_count,
+            "frames_read": video.frames_read, "truncated": video.truncated,
+            "resized_to": list(size) if tuple(size) != tuple(video.size) else None}
+
+
+def outputs_record(video: Any, jsonl: Any, summary: Any) -> dict:
+    """The summary's `outputs` entry: each path written, or None."""
+    return {"video": str(video) if video else None, "jsonl": str(jsonl) if jsonl else None,
+            "summary": str(summary) if summary else None}

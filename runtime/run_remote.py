@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from dff.runtime.cli import MIN_SCORE, TASK_OPTIONS, _frames, _ms, _outputs, _progress
-from dff.runtime.commands import warn_truncated
+from dff.runtime.commands import outputs_record, video_record, warn_truncated
 from dff.runtime.pipeline import FrameResult
 from dff.runtime.remote import (
     RemoteError,
@@ -49,13 +49,8 @@ def run_remote(args: argparse.Namespace) -> int:
             "per_class": {"unit": "detections" if model.kind == DETECTION else "pixels",
                           "min_score": writer.min_score if model.kind == DETECTION else None,
                           "counts": writer.class_counts()},
-            "video": {"path": str(video.path), "size": [video.height, video.width],
-                      "fps": video.fps, "frame_count": video.frame_count,
-                      "frames_read": video.frames_read, "truncated": video.truncated,
-                      "resized_to": list(size) if size != video.size else None},
-            "outputs": {"video": str(out_video) if out_video else None,
-                        "jsonl": str(out_json) if out_json else None,
-                        "summary": str(out_summary) if out_summary else None}})
+            "video": video_record(video, size),
+            "outputs": outputs_record(out_video, out_json, out_summary)})
     if out_summary is not None:
         try:
             write_summary(out_summary, summary)

@@ -15,7 +15,13 @@ from typing import Any
 
 from dff.runtime.backends import task_spec
 from dff.runtime.cli import MIN_SCORE, _frames, _ms, _progress
-from dff.runtime.commands import Log, backend_label, choose_backend, warn_truncated
+from dff.runtime.commands import (
+    Log,
+    backend_label,
+    choose_backend,
+    video_record,
+    warn_truncated,
+)
 from dff.runtime.pipeline import FrameResult
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.streams import StreamPipeline
@@ -163,10 +169,7 @@ def _describe(summary: dict, args: argparse.Namespace, reason: str | None, engin
     for entry, video, size, writer, (out_video, out_json) in zip(
             summary["per_stream"], videos, sizes, writers, outputs):
         entry.update({
-            "video": {"path": str(video.path), "size": [video.height, video.width],
-                      "fps": video.fps, "frame_count": video.frame_count,
-                      "frames_read": video.frames_read, "truncated": video.truncated,
-                      "resized_to": list(size) if tuple(size) != video.size else None},
+            "video": video_record(video, size),
             "outputs": {"video": str(out_video), "jsonl": str(out_json)},
             "per_class": {"unit": "detections" if kind == DETECTION else "pixels",
                           "min_score": min_score if kind == DETECTION else None,

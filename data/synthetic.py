@@ -102,10 +102,19 @@ def is_ignore(pixels: np.ndarray, visible: np.ndarray) -> np.ndarray:
     return (np.asarray(pixels) < IGNORE_MIN_PIXELS) | (np.asarray(visible) < IGNORE_MIN_VISIBLE)
 
 
-def make_clip(seed: int, num_frames: int = 60, height: int = 128, width: int = 224) -> Clip:
-    """Render clip `seed`: frames, labels, instances, boxes and the poses for exact flow."""
+def make_clip(seed: int, num_frames: int = 60, height: int = 128, width: int = 224,
+              times: np.ndarray | None = None) -> Clip:
+    """Render clip `seed`: frames, labels, instances, boxes and the poses for exact flow.
+    `times` (float [num_frames], default 0, 1, 2, ...) are the scene's times of the frames:
+    every motion is a function of time, so spacing them d apart plays the scene d times as
+    fast (dff.data.motion builds its motion categories and bursts so)."""
     rng = np.random.default_rng(seed)
-    t = np.arange(num_frames, dtype=np.float64)
+    if times is None:
+        t = np.arange(num_frames, dtype=np.float64)
+    else:
+        t = np.asarray(times, dtype=np.float64)
+        if t.shape != (num_frames,):
+            raise ValueError(f"times: shape {t.shape}, expected ({num_frames},)")
     camera, zoom, gains = _camera(rng, t)
     centre = np.array([width / 2, height / 2])
     num_objects = int(rng.integers(2, 5))

@@ -28,6 +28,7 @@ class DFFConfig:
     std: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     key_interval: int = 10
     input_size: list[int] = field(default_factory=lambda: [128, 224])   # H, W used in training
+    quality_channels: int = 0        # the flow net's quality head (models/quality.py); 0 = none
 
     @property
     def num_classes(self) -> int:

@@ -27,6 +27,11 @@ class DFF(nn.Module):
         self.head = build_head(config.task, config.feat_channels, config.num_classes,
                                config.head_channels, config.stride, config.head_subcell,
                                config.head_upsample)
+        self.quality_head = None
+        if config.quality_channels:
+            from dff.models.quality import QualityHead
+
+            self.quality_head = QualityHead(self.flownet.cat_channels, config.quality_channels)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(config.std).view(1, 3, 1, 1),
                              persistent=False)
@@ -37,6 +42,15 @@ class DFF(nn.Module):
 
     def flow(self, image: torch.Tensor, key_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.flownet(image, key_image, self.mean)
+
+    def flow_quality(self, image: torch.Tensor,
+                     key_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """flow, scale and the quality head's prediction [N,1] of the propagated features'
+        relative error (models/quality.py); needs a model with a quality head."""
+        if self.quality_head is None:
+            raise ValueError("this model has no quality head (config.quality_channels = 0)")
+        flow, scale, cat = self.flownet(image, key_image, self.mean, features=True)
+        return flow, scale, self.quality_head(cat, flow)
 
     def task(self, feat: torch.Tensor) -> Any:
         """The head's raw outputs: logits [N,K,H,W] (segmentation), or (heat, size, offset)

@@ -250,8 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="evaluate the shipped demo model of TASK: segmentation (the default, "
                         "the same as giving no checkpoint) or detection "
                         f"({demo_checkpoint_path(DETECTION).name})")
-    p.add_argument("--intervals", default=",".join(map(str, DEFAULT_INTERVALS)))
-    p.add_argument("--clips", type=int, default=0, help="first N clips of the split (0 = all 20)")
+    p.add_argument("--split", choices=("eval", "motion"), default="eval",
+                   help="eval: the fixed 20-clip split; motion: by motion category, with the "
+                        "key-frame schedules at --key-budget (dff.models.motion_eval)")
+    p.add_argument("--key-budget", type=float, default=0.1,
+                   help="--split motion: the fraction of key frames every schedule gets "
+                        "(default 0.1: fixed k=10)")
+    p.add_argument("--intervals", help="key intervals (default: 1,2,5,10,20; with --split "
+                   "motion 5,10,20)")
+    p.add_argument("--clips", type=int, default=0, help="first N clips of the split (0 = all "
+                   "20; with --split motion, per category, 0 = 8)")
     p.add_argument("--frames", type=int, default=EVAL_FRAMES, help="frames per clip")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="write accuracy vs speed as a PNG here")
@@ -264,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint_path(
         args.demo or SEGMENTATION)
     try:
-        intervals = tuple(int(x) for x in args.intervals.split(","))
+        default = (5, 10, 20) if args.split == "motion" else DEFAULT_INTERVALS
+        intervals = tuple(int(x) for x in args.intervals.split(",")) if args.intervals \
+            else default
         if any(i < 1 for i in intervals):
             raise ValueError
     except ValueError:
@@ -273,8 +283,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.split == "motion" and (args.plot or args.frames != EVAL_FRAMES):
+        p.error("--split motion: --plot and --frames apply to --split eval only")
+    if not 0 < args.key_budget <= 1:
+        p.error(f"--key-budget {args.key_budget}: give a fraction in (0, 1], e.g. 0.1")
     try:
         model = load_checkpoint(checkpoint)
+        if args.split == "motion":
+            from dff.models.motion_eval import evaluate_motion, format_motion
+
+            res = evaluate_motion(model, args.key_budget, intervals, args.clips or None,
+                                  progress=not args.quiet)
+            res["checkpoint"] = str(checkpoint)
+            print(format_motion(res))
+            if args.json:
+                write_json(res, args.json)
+                print(f"wrote {args.json}")
+            return 0
         res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet)
     except DffError as e:
         if args.verbose:

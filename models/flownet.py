@@ -76,6 +76,7 @@ class FlowNetS(nn.Module):
         self.deconv2 = _deconv(cat3, d2)
         self.up3 = nn.ConvTranspose2d(2, 2, 4, 2, 1)
         cat2 = c[1] + d2 + 2
+        self.cat_channels = cat2  # the pooled last concat's, which a quality head reads
         # DFF's heads on the pooled last concat
         self.predict_flow = nn.Conv2d(cat2, 2, 3, 1, 1)
         self.predict_scale = nn.Conv2d(cat2, feat_channels, 1)
@@ -89,9 +90,10 @@ class FlowNetS(nn.Module):
         self.predict_scale.bias.requires_grad_(False)
 
     def forward(self, image: torch.Tensor, key_image: torch.Tensor,
-                mean: torch.Tensor | None = None):
+                mean: torch.Tensor | None = None, features: bool = False):
         """image, key_image: float [N,3,H,W] on the 0..255 scale, `mean` [1,3,1,1] (or None)
-        subtracted from both → flow [N,2,H/16,W/16] (cells), scale [N,C,H/16,W/16]."""
+        subtracted from both → flow [N,2,H/16,W/16] (cells), scale [N,C,H/16,W/16], and with
+        `features` also the pooled last concat [N,cat_channels,H/16,W/16] they come from."""
         x = _avg_pool2(torch.cat((image, key_image), 1))
         if mean is not None:
             x = x - mean.repeat(1, 2, 1, 1)
@@ -111,4 +113,6 @@ class FlowNetS(nn.Module):
             flow = predict(cat)
             cat = torch.cat((skip, _match(deconv(cat), skip), _match(up(flow), skip)), 1)
         cat = F.avg_pool2d(cat, 2, ceil_mode=True)
+        if features:
+            return self.predict_flow(cat) * FLOW_SCALE, self.predict_scale(cat), cat
         return self.predict_flow(cat) * FLOW_SCALE, self.predict_scale(cat)

@@ -4,8 +4,9 @@ Both share one shape, which the pipeline drives per frame:
 
 - `decide(t, frame) -> bool` before any compute: True = key frame. `t` counts from 0 at the
   start of each video (the pipeline calls `reset()` first), `frame` is HWC uint8 RGB.
-- `accept(flow) -> bool` after the flow of a non-key frame (only called when `needs_flow`):
-  False = the propagation is not trusted and the frame is redone as a key frame.
+- `accept(flow, quality=None) -> bool` after the flow of a non-key frame (only called when
+  `needs_flow`): False = the propagation is not trusted and the frame is redone as a key
+  frame. `quality` is flow.onnx's output of that name, the learned schedule's input.
 - `stats()`: frames, key_frames and why each key frame was one.
 """
 
@@ -18,8 +19,59 @@ import numpy as np
 from dff.errors import DffError
 
 MEAN_FLOW_PX = 4.8  # adaptive: mean flow, in image pixels, that calls for a key frame
-REASONS = ("start", "interval", "scene_cut", "flow", "outside", "max_interval")
-SCHEDULES = ("fixed", "per-frame", "adaptive")
+REASONS = ("start", "interval", "scene_cut", "flow", "outside", "max_interval", "quality",
+           "budget")
+SCHEDULES = ("fixed", "per-frame", "adaptive", "learned")
+
+
+class KeyBudget:
+    """Turns "at most `budget` of the frames are key frames" into decisions, online.
+
+    A bank of key frames: it holds 1 at the first frame (spent on it), gains `budget` a
+    frame and holds at most `reserve`, so a video of T frames never gets more than
+    1 + budget × (T − 1) key frames (fixed k = 1/budget has as many), and a quiet stretch
+    saves up to `reserve` key frames for what comes after it (a cut, a burst of motion);
+    when the bank is full a key frame is made anyway (reason "budget": its credit would be
+    lost). A schedule's test compares a score with `threshold`, which the budget moves so that
+    key frames come at the budget's rate: × e^rate at each key frame, × e^(−rate × budget) at
+    every frame, so the longer since the last key frame, the lower the bar.
+    """
+
+    def __init__(self, budget: float, threshold: float = 1.0, reserve: float = 2.0,
+                 rate: float = 0.3):
+        if not 0 < budget <= 1:
+            raise DffError(f"--key-budget {budget!r}: need a fraction of the frames in (0, 1], "
+                           "e.g. 0.1 for one key frame in ten")
+        if not threshold > 0 or not reserve >= 1 or not rate >= 0:
+            raise DffError(f"key budget: threshold {threshold!r} must be > 0, reserve "
+                           f"{reserve!r} ≥ 1 and rate {rate!r} ≥ 0")
+        self.budget, self.initial, self.reserve, self.rate = budget, threshold, reserve, rate
+        self.reset()
+
+    def __repr__(self) -> str:
+        return (f"KeyBudget({self.budget:g}, threshold={self.initial:g}, "
+                f"reserve={self.reserve:g}, rate={self.rate:g})")
+
+    def reset(self) -> None:
+        self.bank, self.threshold, self._started = 1.0, self.initial, False
+
+    def tick(self) -> bool:
+        """A new frame: credit it, lower the bar; True when the bank is full (the frame
+        should be a key frame)."""
+        if self._started:
+            self.bank = min(self.bank + self.budget, self.reserve)
+            self.threshold *= math.exp(-self.rate * self.budget)
+        self._started = True
+        return self.bank >= self.reserve - 1e-9
+
+    def can_spend(self) -> bool:
+        return self.bank >= 1 - 1e-9
+
+    def spend(self, first: bool = False) -> None:
+        """A key frame (`first`: a video's first frame, which moves no threshold)."""
+        self.bank -= 1
+        if not first:
+            self.threshold *= math.exp(self.rate)
 
 
 class _Counter:
@@ -59,7 +111,7 @@ class FixedInterval(_Counter):
         self.key("start" if t == 0 else "interval")
         return True
 
-    def accept(self, flow: np.ndarray) -> bool:
+    def accept(self, flow: np.ndarray, quality: np.ndarray | None = None) -> bool:
         return True
 
 
@@ -111,12 +163,17 @@ class Adaptive(_Counter):
     largest difference within a clip over 9 frames (16.3) and the smallest between two
     clips (17.9) on 12 synthetic clips; `max_interval` 10 is the paper's fixed interval.
     Pass `scene_cut=math.inf` to switch the test (and its thumbnails) off.
+
+    With `key_budget` (a KeyBudget), the budget decides instead of `max_interval`: the flow
+    tests become one score, max(mean flow / max_mean_flow, outside / max_outside), against
+    the budget's moving threshold, and every key frame (a scene cut's too) needs credit.
     """
 
     needs_flow = True
 
     def __init__(self, max_mean_flow: float | None = None, max_outside: float = 0.1,
-                 scene_cut: float = 17.0, max_interval: int = 10, stride: int = 16):
+                 scene_cut: float = 17.0, max_interval: int = 10, stride: int = 16,
+                 key_budget: KeyBudget | None = None):
         if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
             raise DffError(f"adaptive schedule: stride {stride!r} must be an integer ≥ 1")
         if max_mean_flow is None:
@@ -131,14 +188,18 @@ class Adaptive(_Counter):
                            "integer ≥ 1")
         self.max_mean_flow, self.max_outside = max_mean_flow, max_outside
         self.scene_cut, self.max_interval = scene_cut, int(max_interval)
+        self.budget = key_budget
         self.reset()
 
     def __repr__(self) -> str:
+        limit = f"key_budget={self.budget!r}" if self.budget else f"max_interval={self.max_interval}"
         return (f"Adaptive(max_mean_flow={self.max_mean_flow}, max_outside={self.max_outside}, "
-                f"scene_cut={self.scene_cut}, max_interval={self.max_interval})")
+                f"scene_cut={self.scene_cut}, {limit})")
 
     def reset(self) -> None:
         super().reset()
+        if self.budget:
+            self.budget.reset()
         self._key_t: int | None = None
         self._key_thumb: np.ndarray | None = None
         self._t = 0
@@ -148,6 +209,8 @@ class Adaptive(_Counter):
     def _mark_key(self, reason: str) -> None:
         self.key(reason)
         self._key_t, self._key_thumb = self._t, self._thumb
+        if self.budget:
+            self.budget.spend(first=reason == "start")
 
     def decide(self, t: int, frame: np.ndarray | None = None) -> bool:
         self.frames += 1
@@ -155,10 +218,14 @@ class Adaptive(_Counter):
         on = frame is not None and math.isfinite(self.scene_cut)
         self._thumb = grey_thumbnail(frame) if on and frame is not None else None
         self.last = {}
+        full = self.budget.tick() if self.budget else False
         if self._key_t is None:
             self._mark_key("start")
             return True
-        if t - self._key_t >= self.max_interval:
+        if full:
+            self._mark_key("budget")
+            return True
+        if not self.budget and t - self._key_t >= self.max_interval:
             self._mark_key("max_interval")
             return True
         if self._thumb is not None and self._key_thumb is not None:
@@ -167,14 +234,23 @@ class Adaptive(_Counter):
             else:
                 diff = float(np.abs(self._thumb - self._key_thumb).mean())
             self.last["scene_diff"] = diff
-            if diff > self.scene_cut:
+            if diff > self.scene_cut and (not self.budget or self.budget.can_spend()):
                 self._mark_key("scene_cut")
                 return True
         return False
 
-    def accept(self, flow: np.ndarray) -> bool:
+    def accept(self, flow: np.ndarray, quality: np.ndarray | None = None) -> bool:
         mean, outside = flow_stats(flow)
         self.last.update(mean_flow=mean, outside=outside)
+        if self.budget:
+            score = max(mean / max(self.max_mean_flow, 1e-12), outside / max(self.max_outside, 1e-12))
+            self.last["score"] = score
+            if score <= self.budget.threshold:
+                return True
+            if not self.budget.can_spend():
+                return True
+            self._mark_key("flow" if mean / max(self.max_mean_flow, 1e-12) >= score else "outside")
+            return False
         if mean > self.max_mean_flow:
             self._mark_key("flow")
             return False
@@ -184,21 +260,96 @@ class Adaptive(_Counter):
         return True
 
 
-Scheduler = FixedInterval | Adaptive
+class Learned(_Counter):
+    """Key frames where the flow network's own `quality` output, its prediction of how far
+    the propagated features are from the frame's true features (relative squared error,
+    DESIGN.md §10), is highest, within a key-frame budget (a KeyBudget, whose threshold is
+    in `quality`'s units): the paper's "key frames chosen by the network itself". A frame
+    whose prediction passes the threshold is redone as a key frame while the budget allows.
+    Needs a flow graph with a `quality` output (a model trained with a quality head).
+    """
+
+    needs_flow = True
+    needs_quality = True
+
+    def __init__(self, key_budget: KeyBudget):
+        self.budget = key_budget
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"Learned({self.budget!r})"
+
+    def reset(self) -> None:
+        super().reset()
+        self.budget.reset()
+        self.last: dict[str, float] = {}
+
+    def decide(self, t: int, frame: np.ndarray | None = None) -> bool:
+        self.frames += 1
+        self.last = {}
+        full = self.budget.tick()
+        if self.frames == 1:
+            self.key("start")
+            self.budget.spend(first=True)
+            return True
+        if full:
+            self.key("budget")
+            self.budget.spend()
+            return True
+        return False
+
+    def accept(self, flow: np.ndarray, quality: np.ndarray | None = None) -> bool:
+        if quality is None:
+            raise DffError("--schedule learned needs the flow graph's `quality` output; this "
+                           "export has none (export a model trained with a quality head: "
+                           "dff-train --stage quality)")
+        score = float(np.asarray(quality, dtype=np.float64).reshape(-1)[0])
+        self.last["quality"] = score
+        if score <= self.budget.threshold:
+            return True
+        if not self.budget.can_spend():
+            return True
+        self.key("quality")
+        self.budget.spend()
+        return False
+
+
+Scheduler = FixedInterval | Adaptive | Learned
+
+
+# the learned schedule's starting threshold, in `quality` units, where no tuned one is given
+# (the manifest's `quality_threshold`, from dff-train --stage quality on the tuning split)
+LEARNED_THRESHOLD = 0.25
+BUDGET_KEYS = ("threshold", "reserve", "rate")
 
 
 def make_scheduler(schedule: str, key_interval: int = 10, stride: int = 16,
-                   **thresholds: float) -> Scheduler:
-    """"fixed" (every `key_interval` frames), "per-frame" (every frame) or "adaptive"
+                   key_budget: float | None = None, **thresholds: float) -> Scheduler:
+    """"fixed" (every `key_interval` frames), "per-frame" (every frame), "adaptive"
     (`Adaptive(**thresholds)` on the model's feature grid of `stride`; its `max_interval`
-    defaults to `key_interval`)."""
+    defaults to `key_interval`) or "learned". `key_budget` (a fraction of the frames: adaptive
+    and learned, which needs one) caps the key frames with a KeyBudget; its `threshold`,
+    `reserve` and `rate` come from `thresholds` where given."""
+    budget = None
+    if key_budget is not None:
+        if schedule not in ("adaptive", "learned"):
+            raise DffError(f"--key-budget applies to --schedule adaptive or learned, not "
+                           f"{schedule} (a fixed schedule's budget is 1 / --key-interval)")
+        opts = {k: thresholds.pop(k) for k in BUDGET_KEYS if k in thresholds}
+        opts.setdefault("threshold", LEARNED_THRESHOLD if schedule == "learned" else 1.0)
+        budget = KeyBudget(key_budget, **opts)
     if schedule == "fixed":
         scheduler: Scheduler = FixedInterval(key_interval)
     elif schedule == "per-frame":
         scheduler = FixedInterval(1)
     elif schedule == "adaptive":
         thresholds.setdefault("max_interval", key_interval)
-        scheduler = Adaptive(**thresholds, stride=stride)  # type: ignore[arg-type]
+        scheduler = Adaptive(**thresholds, stride=stride,  # type: ignore[arg-type]
+                             key_budget=budget)
+    elif schedule == "learned":
+        if budget is None:
+            budget = KeyBudget(1 / key_interval, LEARNED_THRESHOLD)
+        scheduler = Learned(budget)
     else:
         raise DffError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if thresholds and schedule != "adaptive":

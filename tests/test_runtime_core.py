@@ -356,7 +356,8 @@ def test_fixed_interval_keys_every_k_frames_from_the_start():
     assert [s.decide(t, None) for t in range(10)] == [t % 3 == 0 for t in range(10)]
     assert s.accept(np.full((2, 4, 4), 9.0)) is True
     assert s.stats() == {"frames": 10, "key_frames": 4, "reasons": {
-        "start": 1, "interval": 3, "scene_cut": 0, "flow": 0, "outside": 0, "max_interval": 0}}
+        "start": 1, "interval": 3, "scene_cut": 0, "flow": 0, "outside": 0, "max_interval": 0,
+        "quality": 0, "budget": 0}}
     s.reset()
     assert s.stats()["frames"] == 0 and s.decide(0, None) is True
 
@@ -418,7 +419,7 @@ def test_adaptive_makes_a_key_frame_when_flow_samples_outside_the_map():
     flow[0, 0, :, 0] = -0.6  # first column looks left of the map: 1/6 of the cells, mean 0.1
     assert s.decide(1, _still()) is False and s.accept(flow) is False
     assert s.stats()["reasons"] == {"start": 1, "interval": 0, "scene_cut": 0, "flow": 0,
-                                    "outside": 1, "max_interval": 0}
+                                    "outside": 1, "max_interval": 0, "quality": 0, "budget": 0}
 
 
 def test_adaptive_scene_cut_on_a_different_frame(clip):
@@ -447,7 +448,7 @@ def test_adaptive_max_interval_counts_from_the_last_key_frame_even_a_redone_one(
         keys.append(key)
     assert [t for t, k in enumerate(keys) if k] == [0, 4, 6, 10]
     assert s.stats()["reasons"] == {"start": 1, "interval": 0, "scene_cut": 0, "flow": 1,
-                                    "outside": 0, "max_interval": 2}
+                                    "outside": 0, "max_interval": 2, "quality": 0, "budget": 0}
     assert s.stats()["frames"] == 12 and s.stats()["key_frames"] == 4
 
 

@@ -1,0 +1,227 @@
+"""dff-eval --split motion: accuracy by motion category, and key-frame schedules at equal cost.
+
+On dff.data.motion's evaluation split, per category (slow, medium, fast, cuts, bursts) and
+overall: per-frame inference, DFF and the copy baseline at each key interval, and each
+schedule at one key-frame budget (default 10 % of the frames): fixed k = 1 / budget, the
+adaptive rule under a KeyBudget, and the learned one (the quality head's prediction; only for
+a model that has one). The budget's starting thresholds come from the tuning split
+(`tune`), never from the evaluation clips. Each schedule reports the key-frame fraction it
+really used. PyTorch on the CPU; fps counts the model (the schedules' tests included).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from dff.data.motion import CATEGORIES, MotionClip, motion_split
+from dff.models.dff import DFF, fixed_schedule
+from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.models.warp import flow_warp
+from dff.runtime.scheduler import make_scheduler
+
+from dff.tasks import DETECTION
+
+INTERVALS = (5, 10, 20)
+BUDGET = 0.1
+# starting thresholds tried on the tuning split, in each schedule's score units (adaptive:
+# its tests' ratio to their thresholds; learned: the predicted relative error)
+GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0), "learned": (0.1, 0.15, 0.2, 0.3, 0.45)}
+
+
+@torch.no_grad()
+def run_schedule(model: DFF, clip, scheduler, post) -> tuple[list, int, float]:
+    """`post(raw head outputs)` for each frame under `scheduler` (decide, then flow and accept
+    for a non-key frame, redone as a key frame when refused), the key frames used, and the
+    seconds spent."""
+    frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
+    learned = getattr(scheduler, "needs_quality", False)
+    scheduler.reset()
+    outs, keys = [], 0
+    key_feat = key_image = None
+    start = time.perf_counter()
+    for t in range(len(frames)):
+        image = frames[t:t + 1]
+        key = scheduler.decide(t, clip.frames[t]) or key_feat is None
+        if not key:
+            if learned:
+                flow, scale, quality = model.flow_quality(image, key_image)
+                q = quality.numpy()
+            else:
+                flow, scale = model.flow(image, key_image)
+                q = None
+            if scheduler.needs_flow and not scheduler.accept(flow.numpy(), q):
+                key = True
+            else:
+                feat = flow_warp(key_feat, flow, scale)
+        if key:
+            key_feat = feat = model.features(image)
+            key_image = image
+            keys += 1
+        outs.append(post(model.task(feat)))
+    return outs, keys, time.perf_counter() - start
+
+
+@torch.no_grad()
+def run_fixed(model: DFF, clip, interval: int | None, copy: bool, post) -> tuple[list, int, float]:
+    """Per-frame (interval None), DFF or the copy baseline at a fixed interval."""
+    frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
+    start = time.perf_counter()
+    if interval is None:
+        outs = [post(model.task(model.features(frames[i:i + 1]))) for i in range(len(frames))]
+        keys = len(frames)
+    else:
+        schedule = fixed_schedule(len(frames), interval)
+        outs = [post(raw) for raw in model.video((frames[i:i + 1] for i in range(len(frames))),
+                                                 schedule, copy_features=copy)]
+        keys = sum(schedule)
+    return outs, keys, time.perf_counter() - start
+
+
+class _Tally:
+    """Accuracy, key frames, frames and seconds of one run kind over some clips."""
+
+    def __init__(self, model: DFF):
+        self.model, self.detect = model, model.config.task == DETECTION
+        k = model.config.num_classes
+        self.conf = np.zeros((k, k), np.int64)
+        self.found: list = []
+        self.keys = self.frames = 0
+        self.seconds = 0.0
+
+    def add(self, clip, outs: list, keys: int, seconds: float) -> None:
+        from dff.models.evaluate import confusion
+
+        if self.detect:
+            self.found += zip(clip_ground_truth(clip), outs)
+        else:
+            for i, pred in enumerate(outs):
+                self.conf += confusion(pred, clip.labels[i], self.conf.shape[0])
+        self.keys += keys
+        self.frames += len(outs)
+        self.seconds += seconds
+
+    def result(self) -> dict:
+        from dff.models.evaluate import miou
+
+        out: dict = {"key_fraction": round(self.keys / max(self.frames, 1), 4),
+                     "fps": round(self.frames / max(self.seconds, 1e-9), 2)}
+        if self.detect:
+            cfg = self.model.config
+            ap = detection_ap(self.found, cfg.class_names, cfg.max_detections)
+            return {"map50": ap["map50"], "map": ap["map"], **out}
+        return {"miou": round(miou(self.conf), 5), **out}
+
+
+def _post(model: DFF):
+    if model.config.task == DETECTION:
+        def detections(raw):
+            out = model.outputs(raw)
+            n = int(out["num"][0])
+            return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
+        return detections
+    return lambda logits: logits.argmax(1)[0].numpy().astype(np.int64)
+
+
+def schedules_for(model: DFF) -> list[str]:
+    return ["fixed", "adaptive"] + (["learned"] if model.quality_head is not None else [])
+
+
+def _scheduler(name: str, budget: float, threshold: float | None, stride: int):
+    if name == "fixed":
+        return make_scheduler("fixed", round(1 / budget))
+    return make_scheduler(name, round(1 / budget), stride, key_budget=budget,
+                          threshold=threshold)
+
+
+def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = None,
+         progress: bool = True) -> dict[str, float]:
+    """Per budgeted schedule, the starting threshold of GRID with the best accuracy on the
+    tuning split (its clips of every category) at `budget`."""
+    from tqdm import tqdm
+
+    h, w = model.config.input_size
+    clips = clips if clips is not None else list(motion_split("tuning", height=h, width=w))
+    post, best = _post(model), {}
+    for name in schedules_for(model)[1:]:
+        scores = {}
+        for threshold in tqdm(GRID[name], desc=f"tune {name}", disable=not progress):
+            tally = _Tally(model)
+            for m in clips:
+                tally.add(m.clip, *run_schedule(model, m.clip, _scheduler(
+                    name, budget, threshold, model.config.stride), post))
+            r = tally.result()
+            scores[threshold] = r.get("miou", r.get("map50"))
+        best[name] = max(scores, key=lambda th: (scores[th], -abs(np.log(th))))
+    return best
+
+
+def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
+                    clips: int | None = None, thresholds: dict[str, float] | None = None,
+                    progress: bool = True) -> dict:
+    """The motion split's table (module docstring) as the JSON dff-eval --split motion
+    writes."""
+    from tqdm import tqdm
+
+    h, w = model.config.input_size
+    thresholds = thresholds if thresholds is not None else tune(model, budget, progress=progress)
+    post = _post(model)
+    runs = [("per_frame", None, False)] + [("dff", k, False) for k in intervals] \
+        + [("copy", k, True) for k in intervals]
+    names = schedules_for(model)
+    tallies = {c: {r: _Tally(model) for r in [*runs, *names]} for c in [*CATEGORIES, "all"]}
+    flows: dict[str, list[float]] = {c: [] for c in CATEGORIES}
+    split = list(motion_split("eval", clips=clips, height=h, width=w))
+    for m in tqdm(split, desc="motion split", disable=not progress):
+        flows[m.category].append(m.mean_flow_px)
+        results = [(r, run_fixed(model, m.clip, r[1], r[2], post)) for r in runs]
+        results += [(n, run_schedule(model, m.clip, _scheduler(
+            n, budget, thresholds.get(n), model.config.stride), post)) for n in names]
+        for kind, res in results:
+            for c in (m.category, "all"):
+                tallies[c][kind].add(m.clip, *res)
+
+    def table(c: str) -> dict:
+        t = tallies[c]
+        return {"per_frame": t[runs[0]].result(),
+                "dff": {str(k): t[("dff", k, False)].result() for k in intervals},
+                "copy": {str(k): t[("copy", k, True)].result() for k in intervals}}
+
+    categories = {c: {"clips": len(flows[c]), "mean_flow_px": round(float(np.mean(flows[c])), 3),
+                      **table(c)} for c in CATEGORIES if flows[c]}
+    schedules = {}
+    for n in names:
+        overall = tallies["all"][n].result()
+        schedules[n] = {**overall, "threshold": thresholds.get(n),
+                        "by_category": {c: tallies[c][n].result() for c in categories}}
+    return {"split": "motion", "task": model.config.task, "budget": budget,
+            "categories": categories, "overall": table("all"), "schedules": schedules,
+            "frames": tallies["all"][runs[0]].frames, "clips": len(split)}
+
+
+def format_motion(res: dict) -> str:
+    """The table as text: per category and overall, then the schedules at the budget."""
+    metric = "map50" if res["task"] == DETECTION else "miou"
+    label = "AP50" if metric == "map50" else "mIoU"
+    rows = [*res["categories"].items(), ("overall", res["overall"])]
+    ks = list(res["overall"]["dff"])
+    head = f"{'category':10s} {'flow px':>8s} {'per-frame':>9s} " + " ".join(
+        f"{'dff k=' + k:>9s} {'copy k=' + k:>10s}" for k in ks)
+    title = (f"{label} by motion category (motion split, {res['clips']} clips, "
+             f"{res['frames']} frames)")
+    lines = [title, head]
+    for name, r in rows:
+        flow = f"{r['mean_flow_px']:8.2f}" if "mean_flow_px" in r else f"{'':8s}"
+        cells = " ".join(f"{r['dff'][k][metric]:9.4f} {r['copy'][k][metric]:10.4f}" for k in ks)
+        lines.append(f"{name:10s} {flow} {r['per_frame'][metric]:9.4f} {cells}")
+    cats = list(res["categories"])
+    title = (f"schedules at a {res['budget']:.0%} key-frame budget ({label}; key-frame "
+             "fraction used; fps)")
+    lines += ["", title,
+              f"{'schedule':9s} {'overall':>8s} {'keys':>6s} {'fps':>7s} "
+              + " ".join(f"{c:>8s}" for c in cats)]
+    for name, r in res["schedules"].items():
+        lines.append(f"{name:9s} {r[metric]:8.4f} {r['key_fraction']:6.3f} {r['fps']:7.1f} "
+                     + " ".join(f"{r['by_category'][c][metric]:8.4f}" for c in cats))
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 from dff.data.synthetic import make_clip
 from dff.export.manifest import load_manifest
 from dff.runtime.backends import open_backend
@@ -49,25 +50,38 @@ def batched(backend, clips, k: int, max_batch: int | None) -> tuple[float, dict]
     return frames / (time.perf_counter() - start), runtime.summary()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def stream_parser(doc: str, threads: int, threads_help: str) -> argparse.ArgumentParser:
+    """The options this benchmark and triton_streams.py share, described by the first
+    paragraph of `doc` (`--threads` defaults to `threads`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--engine-dir", required=True, help="a dff-export folder")
     p.add_argument("--frames", type=int, default=60, help="frames per stream (default: 60)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="ONNX Runtime threads per stage (default: 0, its choice)")
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
     p.add_argument("--streams", default="1,2,4,8", help="stream counts (default: 1,2,4,8)")
     p.add_argument("--key-interval", type=int, help="default: the manifest's key_interval")
-    p.add_argument("--max-batch", type=int,
-                   help="frames per backend call (default: the profile's batch limit)")
     p.add_argument("--repeats", type=int, default=3,
                    help="runs of each kind per N, taking turns; the median counts (default: 3)")
     p.add_argument("--json", help="write the figures as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def stream_clips(args) -> tuple[list[int], int, int, int, list[np.ndarray]]:
+    """The stream counts, key interval, frame size (the manifest's opt) and one synthetic clip
+    per stream (seed 100 + i) of the benchmark's arguments."""
     manifest = load_manifest(args.engine_dir)
     counts = [int(n) for n in args.streams.split(",")]
     k = args.key_interval or int(manifest["key_interval"])
     _, h, w = manifest["profile"]["opt"]
     clips = [make_clip(100 + i, args.frames, h, w).frames for i in range(max(counts))]
+    return counts, k, h, w, clips
+
+
+def main(argv=None) -> int:
+    p = stream_parser(__doc__, 0, "ONNX Runtime threads per stage (default: 0, its choice)")
+    p.add_argument("--max-batch", type=int,
+                   help="frames per backend call (default: the profile's batch limit)")
+    args = p.parse_args(argv)
+    counts, k, h, w, clips = stream_clips(args)
     backend = open_backend("onnxruntime-cpu", args.engine_dir, threads=args.threads)
     try:
         sequential(backend, [clips[0][:k + 1]], k)  # warm-up, off the clock

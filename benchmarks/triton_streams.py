@@ -28,7 +28,6 @@ compute per execution; BLS: the `dff` model's compute less its stage calls).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -39,8 +38,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dff.data.synthetic import make_clip
-from dff.export.manifest import load_manifest
 from dff.runtime.backends import open_backend
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.streams import StreamPipeline
@@ -48,7 +45,7 @@ from dff.serve.cli import main as dff_serve
 from dff.serve.server import TritonServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from streams import sequential  # benchmarks/streams.py, beside this file
+from streams import sequential, stream_clips, stream_parser  # benchmarks/streams.py
 
 MODELS = ("dff", "feature", "flow", "task")
 SEQ_BASE = 1000  # sequence ids: SEQ_BASE + 100 * run + stream
@@ -201,22 +198,10 @@ def write_repo(engine_dir: str, repo: Path, k: int, threads: int) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--engine-dir", required=True, help="a dff-export folder")
-    p.add_argument("--frames", type=int, default=60, help="frames per stream (default: 60)")
-    p.add_argument("--threads", type=int, default=2,
-                   help="ONNX Runtime threads per stage session, on both sides (default: 2)")
-    p.add_argument("--streams", default="1,2,4,8", help="stream counts (default: 1,2,4,8)")
-    p.add_argument("--key-interval", type=int, help="default: the manifest's key_interval")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each kind per N, taking turns; the median counts (default: 3)")
-    p.add_argument("--json", help="write the figures as JSON")
+    p = stream_parser(__doc__, 2,
+                      "ONNX Runtime threads per stage session, on both sides (default: 2)")
     args = p.parse_args(argv)
-    manifest = load_manifest(args.engine_dir)
-    counts = [int(n) for n in args.streams.split(",")]
-    k = args.key_interval or int(manifest["key_interval"])
-    _, h, w = manifest["profile"]["opt"]
-    clips = [make_clip(100 + i, args.frames, h, w).frames for i in range(max(counts))]
+    counts, k, h, w, clips = stream_clips(args)
     rows: list[dict] = []
     load = [os.getloadavg()[0]]  # other work on the machine skews every figure: shown
     with tempfile.TemporaryDirectory(prefix="dff-triton-bench-") as tmp:

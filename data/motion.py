@@ -166,6 +166,24 @@ def _candidate(category: str, seed: int, frames: int, height: int,
     return MotionClip(category, seed, clip, flow) if category_of(flow) == category else None
 
 
+def category_clips(category: str, first_seed: int, count: int, frames: int = EVAL_FRAMES,
+                   height: int = 128, width: int = 224) -> Iterator[MotionClip]:
+    """`count` clips of `category`: the first seeds from `first_seed` on whose motion falls
+    in it."""
+    if category not in CATEGORIES:
+        raise ValueError(f"category {category!r}: choose from {', '.join(CATEGORIES)}")
+    seed = first_seed
+    for _ in range(count):
+        for _ in range(_MAX_TRIES):
+            made = _candidate(category, seed, frames, height, width)
+            seed += 1
+            if made is not None:
+                yield made
+                break
+        else:
+            raise RuntimeError(f"no {category} clip in {_MAX_TRIES} seeds before {seed}")
+
+
 def motion_split(split: str = "eval", categories: tuple[str, ...] = CATEGORIES,
                  clips: int | None = None, frames: int = EVAL_FRAMES, height: int = 128,
                  width: int = 224) -> Iterator[MotionClip]:
@@ -177,15 +195,5 @@ def motion_split(split: str = "eval", categories: tuple[str, ...] = CATEGORIES,
     base = MOTION_SEEDS if split == "eval" else TUNING_SEEDS
     count = clips or (EVAL_CLIPS if split == "eval" else TUNING_CLIPS)
     for category in categories:
-        if category not in CATEGORIES:
-            raise ValueError(f"category {category!r}: choose from {', '.join(CATEGORIES)}")
-        seed = base + CATEGORIES.index(category) * 10_000
-        for _ in range(count):
-            for _ in range(_MAX_TRIES):
-                made = _candidate(category, seed, frames, height, width)
-                seed += 1
-                if made is not None:
-                    yield made
-                    break
-            else:
-                raise RuntimeError(f"no {category} clip in {_MAX_TRIES} seeds before {seed}")
+        first = base + CATEGORIES.index(category) * 10_000 if category in CATEGORIES else 0
+        yield from category_clips(category, first, count, frames, height, width)

@@ -71,12 +71,14 @@ def detect_clip(model: DFF, frames: torch.Tensor, interval: int | None,
                 copy: bool) -> tuple[list[dict], float]:
     """Detections of one clip, one {boxes, scores, classes} per frame (the rows in use), and
     the seconds spent in the model and its decoding."""
-    outs, elapsed = run_mode(model, frames, interval, copy, model.outputs)
-    dets = []
-    for out in outs:
-        n = int(out["num"][0])
-        dets.append({k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")})
-    return dets, elapsed
+    return run_mode(model, frames, interval, copy, lambda raw: detections(model, raw))
+
+
+def detections(model: DFF, raw) -> dict:
+    """One frame's {boxes, scores, classes} (the rows in use) from the head's raw outputs."""
+    out = model.outputs(raw)
+    n = int(out["num"][0])
+    return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
 
 
 def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tuple[float, int]:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from dff.data.motion import CATEGORIES, MotionClip, motion_split
 from dff.models.dff import DFF, fixed_schedule
+from dff.models.evaluate import confusion, detections, miou, run_mode
 from dff.models.metrics import clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
 from dff.runtime.scheduler import make_scheduler
@@ -63,20 +64,13 @@ def run_schedule(model: DFF, clip, scheduler, post) -> tuple[list, int, float]:
     return outs, keys, time.perf_counter() - start
 
 
-@torch.no_grad()
 def run_fixed(model: DFF, clip, interval: int | None, copy: bool, post) -> tuple[list, int, float]:
-    """Per-frame (interval None), DFF or the copy baseline at a fixed interval."""
+    """Per-frame (interval None), DFF or the copy baseline at a fixed interval: dff-eval's
+    run_mode, with the key frames it used."""
     frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
-    start = time.perf_counter()
-    if interval is None:
-        outs = [post(model.task(model.features(frames[i:i + 1]))) for i in range(len(frames))]
-        keys = len(frames)
-    else:
-        schedule = fixed_schedule(len(frames), interval)
-        outs = [post(raw) for raw in model.video((frames[i:i + 1] for i in range(len(frames))),
-                                                 schedule, copy_features=copy)]
-        keys = sum(schedule)
-    return outs, keys, time.perf_counter() - start
+    outs, seconds = run_mode(model, frames, interval, copy, post)
+    keys = len(frames) if interval is None else sum(fixed_schedule(len(frames), interval))
+    return outs, keys, seconds
 
 
 class _Tally:
@@ -91,8 +85,6 @@ class _Tally:
         self.seconds = 0.0
 
     def add(self, clip, outs: list, keys: int, seconds: float) -> None:
-        from dff.models.evaluate import confusion
-
         if self.detect:
             self.found += zip(clip_ground_truth(clip), outs)
         else:
@@ -103,8 +95,6 @@ class _Tally:
         self.seconds += seconds
 
     def result(self) -> dict:
-        from dff.models.evaluate import miou
-
         out: dict = {"key_fraction": round(self.keys / max(self.frames, 1), 4),
                      "fps": round(self.frames / max(self.seconds, 1e-9), 2)}
         if self.detect:
@@ -116,11 +106,7 @@ class _Tally:
 
 def _post(model: DFF):
     if model.config.task == DETECTION:
-        def detections(raw):
-            out = model.outputs(raw)
-            n = int(out["num"][0])
-            return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
-        return detections
+        return lambda raw: detections(model, raw)
     return lambda logits: logits.argmax(1)[0].numpy().astype(np.int64)
 
 

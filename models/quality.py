@@ -100,16 +100,12 @@ def pair_data(model, clips, lags=LAGS, every: int = 2, progress: bool = True) ->
 def training_clips(per_category: int, height: int, width: int):
     """`per_category` clips of each motion category from training seeds (dff.data.motion's
     generator; never its evaluation or tuning seeds)."""
-    from dff.data.motion import CATEGORIES, _candidate
+    from dff.data.motion import CATEGORIES, category_clips
 
     for i, category in enumerate(CATEGORIES):
-        seed, made = TRAIN_SEEDS + i * 10_000, 0
-        while made < per_category:
-            found = _candidate(category, seed, 60, height, width)
-            seed += 1
-            if found is not None:
-                made += 1
-                yield found.clip
+        for m in category_clips(category, TRAIN_SEEDS + i * 10_000, per_category,
+                                height=height, width=width):
+            yield m.clip
 
 
 def fit(head: QualityHead, data: dict, iters: int = 1500, lr: float = 3e-3,

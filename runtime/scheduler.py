@@ -67,6 +67,10 @@ class KeyBudget:
     def can_spend(self) -> bool:
         return self.bank >= 1 - 1e-9
 
+    def wants(self, score: float) -> bool:
+        """Whether a frame of this score is to be a key frame: above the bar and paid for."""
+        return score > self.threshold and self.can_spend()
+
     def spend(self, first: bool = False) -> None:
         """A key frame (`first`: a video's first frame, which moves no threshold)."""
         self.bank -= 1
@@ -243,13 +247,12 @@ class Adaptive(_Counter):
         mean, outside = flow_stats(flow)
         self.last.update(mean_flow=mean, outside=outside)
         if self.budget:
-            score = max(mean / max(self.max_mean_flow, 1e-12), outside / max(self.max_outside, 1e-12))
+            moving = mean / max(self.max_mean_flow, 1e-12)
+            score = max(moving, outside / max(self.max_outside, 1e-12))
             self.last["score"] = score
-            if score <= self.budget.threshold:
+            if not self.budget.wants(score):
                 return True
-            if not self.budget.can_spend():
-                return True
-            self._mark_key("flow" if mean / max(self.max_mean_flow, 1e-12) >= score else "outside")
+            self._mark_key("flow" if moving >= score else "outside")
             return False
         if mean > self.max_mean_flow:
             self._mark_key("flow")
@@ -305,9 +308,7 @@ class Learned(_Counter):
                            "dff-train --stage quality)")
         score = float(np.asarray(quality, dtype=np.float64).reshape(-1)[0])
         self.last["quality"] = score
-        if score <= self.budget.threshold:
-            return True
-        if not self.budget.can_spend():
+        if not self.budget.wants(score):
             return True
         self.key("quality")
         self.budget.spend()

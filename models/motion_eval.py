@@ -20,7 +20,7 @@ from dff.models.dff import DFF, fixed_schedule
 from dff.models.evaluate import confusion, detections, miou, run_mode
 from dff.models.metrics import clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
-from dff.runtime.scheduler import make_scheduler
+from dff.runtime.scheduler import LEARNED_THRESHOLD, Adaptive, KeyBudget, Learned, make_scheduler
 
 from dff.tasks import DETECTION
 
@@ -31,37 +31,65 @@ BUDGET = 0.1
 GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0), "learned": (0.1, 0.15, 0.2, 0.3, 0.45)}
 
 
-@torch.no_grad()
-def run_schedule(model: DFF, clip, scheduler, post) -> tuple[list, int, float]:
-    """`post(raw head outputs)` for each frame under `scheduler` (decide, then flow and accept
-    for a non-key frame, redone as a key frame when refused), the key frames used, and the
-    seconds spent."""
-    frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
-    learned = getattr(scheduler, "needs_quality", False)
-    scheduler.reset()
-    outs, keys = [], 0
-    key_feat = key_image = None
-    start = time.perf_counter()
-    for t in range(len(frames)):
-        image = frames[t:t + 1]
-        key = scheduler.decide(t, clip.frames[t]) or key_feat is None
+class _Scheduled:
+    """One clip under a scheduler, a frame a `step`: decide, then flow and accept for a
+    non-key frame (redone as a key frame when refused), task; `post(raw head outputs)` of
+    every frame in `outs`, the key frames used in `keys`."""
+
+    def __init__(self, model: DFF, clip, scheduler, post):
+        self.model, self.clip, self.scheduler, self.post = model, clip, scheduler, post
+        self.frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
+        self.learned = getattr(scheduler, "needs_quality", False)
+        scheduler.reset()
+        self.outs: list = []
+        self.keys = 0
+        self.key_feat = self.key_image = None
+
+    @torch.no_grad()
+    def step(self, t: int) -> None:
+        model, image = self.model, self.frames[t:t + 1]
+        key = self.scheduler.decide(t, self.clip.frames[t]) or self.key_feat is None
         if not key:
-            if learned:
-                flow, scale, quality = model.flow_quality(image, key_image)
+            if self.learned:
+                flow, scale, quality = model.flow_quality(image, self.key_image)
                 q = quality.numpy()
             else:
-                flow, scale = model.flow(image, key_image)
+                flow, scale = model.flow(image, self.key_image)
                 q = None
-            if scheduler.needs_flow and not scheduler.accept(flow.numpy(), q):
+            if self.scheduler.needs_flow and not self.scheduler.accept(flow.numpy(), q):
                 key = True
             else:
-                feat = flow_warp(key_feat, flow, scale)
+                feat = flow_warp(self.key_feat, flow, scale)
         if key:
-            key_feat = feat = model.features(image)
-            key_image = image
-            keys += 1
-        outs.append(post(model.task(feat)))
-    return outs, keys, time.perf_counter() - start
+            self.key_feat = feat = model.features(image)
+            self.key_image = image
+            self.keys += 1
+        self.outs.append(self.post(model.task(feat)))
+
+
+def run_schedule(model: DFF, clip, scheduler, post) -> tuple[list, int, float]:
+    """`post(raw head outputs)` for each frame of `clip` under `scheduler`, the key frames
+    used, and the seconds spent."""
+    run = _Scheduled(model, clip, scheduler, post)
+    start = time.perf_counter()
+    for t in range(len(run.frames)):
+        run.step(t)
+    return run.outs, run.keys, time.perf_counter() - start
+
+
+def run_pooled(model: DFF, clips: list, schedulers: list, post) -> tuple[list, float]:
+    """The clips as concurrent streams, frame t of each before frame t + 1 of any (their
+    schedulers sharing one KeyBudget, as a server's streams would), the streams taken in an
+    order that turns by one each frame so none has first claim on the bank; per clip
+    (outs, keys), and the seconds spent in all."""
+    runs = [_Scheduled(model, c, s, post) for c, s in zip(clips, schedulers)]
+    start = time.perf_counter()
+    for t in range(max(len(r.frames) for r in runs)):
+        for i in range(len(runs)):
+            run = runs[(i + t) % len(runs)]
+            if t < len(run.frames):
+                run.step(t)
+    return [(r.outs, r.keys) for r in runs], time.perf_counter() - start
 
 
 def run_fixed(model: DFF, clip, interval: int | None, copy: bool, post) -> tuple[list, int, float]:
@@ -114,17 +142,37 @@ def schedules_for(model: DFF) -> list[str]:
     return ["fixed", "adaptive"] + (["learned"] if model.quality_head is not None else [])
 
 
-def _scheduler(name: str, budget: float, threshold: float | None, stride: int):
+def _scheduler(name: str, budget: KeyBudget, stride: int):
+    """The budgeted schedule `name` under `budget` (its own, or one to share)."""
+    return Adaptive(stride=stride, key_budget=budget) if name == "adaptive" else Learned(budget)
+
+
+def run_all(model: DFF, clips: list[MotionClip], name: str, budget: float,
+            threshold: float | None, pooled: bool, post) -> list[tuple[list, int, float]]:
+    """Per clip (outs, keys, seconds) of schedule `name` at `budget`: a budget per clip, or
+    with `pooled` one for all the clips run as concurrent streams (run_pooled; its seconds
+    are shared out by frames)."""
+    stride = model.config.stride
     if name == "fixed":
-        return make_scheduler("fixed", round(1 / budget))
-    return make_scheduler(name, round(1 / budget), stride, key_budget=budget,
-                          threshold=threshold)
+        return [run_schedule(model, m.clip, make_scheduler("fixed", round(1 / budget)), post)
+                for m in clips]
+    if threshold is None:
+        threshold = LEARNED_THRESHOLD if name == "learned" else 1.0
+    if not pooled:
+        return [run_schedule(model, m.clip, _scheduler(name, KeyBudget(budget, threshold),
+                                                       stride), post) for m in clips]
+    shared = KeyBudget(budget, threshold, streams=len(clips))
+    results, seconds = run_pooled(model, [m.clip for m in clips],
+                                  [_scheduler(name, shared, stride) for _ in clips], post)
+    frames = sum(len(m.clip.frames) for m in clips)
+    return [(outs, keys, seconds * len(m.clip.frames) / frames)
+            for m, (outs, keys) in zip(clips, results)]
 
 
 def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = None,
-         progress: bool = True) -> dict[str, float]:
+         pooled: bool = False, progress: bool = True) -> dict[str, float]:
     """Per budgeted schedule, the starting threshold of GRID with the best accuracy on the
-    tuning split (its clips of every category) at `budget`."""
+    tuning split (its clips of every category) at `budget` (shared by them with `pooled`)."""
     from tqdm import tqdm
 
     h, w = model.config.input_size
@@ -134,9 +182,9 @@ def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = No
         scores = {}
         for threshold in tqdm(GRID[name], desc=f"tune {name}", disable=not progress):
             tally = _Tally(model)
-            for m in clips:
-                tally.add(m.clip, *run_schedule(model, m.clip, _scheduler(
-                    name, budget, threshold, model.config.stride), post))
+            for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled,
+                                             post)):
+                tally.add(m.clip, *res)
             r = tally.result()
             scores[threshold] = r.get("miou", r.get("map50"))
         best[name] = max(scores, key=lambda th: (scores[th], -abs(np.log(th))))
@@ -151,22 +199,32 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
     from tqdm import tqdm
 
     h, w = model.config.input_size
-    thresholds = thresholds if thresholds is not None else tune(model, budget, progress=progress)
+    if thresholds is None:
+        tuning = list(motion_split("tuning", height=h, width=w))
+        thresholds = {"stream": tune(model, budget, tuning, progress=progress),
+                      "pooled": tune(model, budget, tuning, pooled=True, progress=progress)}
     post = _post(model)
     runs = [("per_frame", None, False)] + [("dff", k, False) for k in intervals] \
         + [("copy", k, True) for k in intervals]
     names = schedules_for(model)
-    tallies = {c: {r: _Tally(model) for r in [*runs, *names]} for c in [*CATEGORIES, "all"]}
+    scheduled = [("stream", n) for n in names] + [("pooled", n) for n in names[1:]]
+    tallies = {c: {r: _Tally(model) for r in [*runs, *scheduled]}
+               for c in [*CATEGORIES, "all"]}
     flows: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     split = list(motion_split("eval", clips=clips, height=h, width=w))
+
+    def add(kind, m: MotionClip, res) -> None:
+        for c in (m.category, "all"):
+            tallies[c][kind].add(m.clip, *res)
+
     for m in tqdm(split, desc="motion split", disable=not progress):
         flows[m.category].append(m.mean_flow_px)
-        results = [(r, run_fixed(model, m.clip, r[1], r[2], post)) for r in runs]
-        results += [(n, run_schedule(model, m.clip, _scheduler(
-            n, budget, thresholds.get(n), model.config.stride), post)) for n in names]
-        for kind, res in results:
-            for c in (m.category, "all"):
-                tallies[c][kind].add(m.clip, *res)
+        for r in runs:
+            add(r, m, run_fixed(model, m.clip, r[1], r[2], post))
+    for mode, n in tqdm(scheduled, desc="schedules", disable=not progress):
+        for m, res in zip(split, run_all(model, split, n, budget, thresholds[mode].get(n),
+                                         mode == "pooled", post)):
+            add((mode, n), m, res)
 
     def table(c: str) -> dict:
         t = tallies[c]
@@ -176,13 +234,16 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
 
     categories = {c: {"clips": len(flows[c]), "mean_flow_px": round(float(np.mean(flows[c])), 3),
                       **table(c)} for c in CATEGORIES if flows[c]}
-    schedules = {}
-    for n in names:
-        overall = tallies["all"][n].result()
-        schedules[n] = {**overall, "threshold": thresholds.get(n),
-                        "by_category": {c: tallies[c][n].result() for c in categories}}
+    schedules: dict = {"stream": {}, "pooled": {}}
+    for mode, n in scheduled:
+        schedules[mode][n] = {**tallies["all"][(mode, n)].result(),
+                              "threshold": thresholds[mode].get(n),
+                              "by_category": {c: tallies[c][(mode, n)].result()
+                                              for c in categories}}
+    schedules["pooled"] = {"fixed": schedules["stream"]["fixed"], **schedules["pooled"]}
     return {"split": "motion", "task": model.config.task, "budget": budget,
-            "categories": categories, "overall": table("all"), "schedules": schedules,
+            "categories": categories, "overall": table("all"), "schedules": schedules["stream"],
+            "schedules_pooled": schedules["pooled"],
             "frames": tallies["all"][runs[0]].frames, "clips": len(split)}
 
 
@@ -202,12 +263,17 @@ def format_motion(res: dict) -> str:
         cells = " ".join(f"{r['dff'][k][metric]:9.4f} {r['copy'][k][metric]:10.4f}" for k in ks)
         lines.append(f"{name:10s} {flow} {r['per_frame'][metric]:9.4f} {cells}")
     cats = list(res["categories"])
-    title = (f"schedules at a {res['budget']:.0%} key-frame budget ({label}; key-frame "
-             "fraction used; fps)")
-    lines += ["", title,
-              f"{'schedule':9s} {'overall':>8s} {'keys':>6s} {'fps':>7s} "
-              + " ".join(f"{c:>8s}" for c in cats)]
-    for name, r in res["schedules"].items():
-        lines.append(f"{name:9s} {r[metric]:8.4f} {r['key_fraction']:6.3f} {r['fps']:7.1f} "
-                     + " ".join(f"{r['by_category'][c][metric]:8.4f}" for c in cats))
+    for key, how in (("schedules", "a budget per stream"),
+                     ("schedules_pooled", "one budget shared by all the clips as streams")):
+        title = (f"schedules at a {res['budget']:.0%} key-frame budget, {how} ({label}, "
+                 "then the key-frame fraction used, overall and by category; fps)")
+        lines += ["", title,
+                  f"{'schedule':9s} {'overall':>8s} {'fps':>7s} "
+                  + " ".join(f"{c:>8s}" for c in cats)]
+        for name, r in res[key].items():
+            by = r["by_category"]
+            lines.append(f"{name:9s} {r[metric]:8.4f} {r['fps']:7.1f} "
+                         + " ".join(f"{by[c][metric]:8.4f}" for c in cats))
+            lines.append(f"{'  keys':9s} {r['key_fraction']:8.3f} {'':7s} "
+                         + " ".join(f"{by[c]['key_fraction']:8.3f}" for c in cats))
     return "\n".join(lines)

@@ -27,42 +27,61 @@ SCHEDULES = ("fixed", "per-frame", "adaptive", "learned")
 class KeyBudget:
     """Turns "at most `budget` of the frames are key frames" into decisions, online.
 
-    A bank of key frames: it holds 1 at the first frame (spent on it), gains `budget` a
-    frame and holds at most `reserve`, so a video of T frames never gets more than
-    1 + budget × (T − 1) key frames (fixed k = 1/budget has as many), and a quiet stretch
-    saves up to `reserve` key frames for what comes after it (a cut, a burst of motion);
-    when the bank is full a key frame is made anyway (reason "budget": its credit would be
-    lost). A schedule's test compares a score with `threshold`, which the budget moves so that
-    key frames come at the budget's rate: × e^rate at each key frame, × e^(−rate × budget) at
-    every frame, so the longer since the last key frame, the lower the bar.
+    A bank of key frames: a video's first frame is a key frame for free, frame t adds the
+    whole key frames budget × t has passed since frame t − 1 (one every 1/budget frames) to
+    the bank, which holds at most `reserve`, and a key frame costs 1. So a
+    video of T frames never gets more than 1 + budget × (T − 1) key frames (fixed k = 1/budget
+    has as many), and a quiet stretch saves up to `reserve` key frames for what comes after it
+    (a cut, a burst of motion); when the bank is full a key frame is made anyway (reason
+    "budget": its credit would be lost). A schedule's test compares a score with `threshold`,
+    which the budget moves so that key frames come at the budget's rate: × e^rate at each key
+    frame, × e^(−rate × budget) at every frame, so the longer since the last key frame, the
+    lower the bar.
+
+    `streams` > 1 makes one budget for that many streams' schedulers (one KeyBudget passed to
+    each): the bank and its reserve (`reserve` × streams) are theirs together, the threshold
+    moves `streams` times slower a frame, and a scheduler's reset (a new video) leaves it as
+    it is. Key frames then go where the scores are highest across the streams, so a still
+    camera's unused share pays for a busy one's: the total stays within the budget, a single
+    stream's share does not.
     """
 
     def __init__(self, budget: float, threshold: float = 1.0, reserve: float = 2.0,
-                 rate: float = 0.3):
+                 rate: float = 0.3, streams: int = 1):
         if not 0 < budget <= 1:
             raise DffError(f"--key-budget {budget!r}: need a fraction of the frames in (0, 1], "
                            "e.g. 0.1 for one key frame in ten")
-        if not threshold > 0 or not reserve >= 1 or not rate >= 0:
+        if not threshold > 0 or not reserve >= 1 or not rate >= 0 or streams < 1:
             raise DffError(f"key budget: threshold {threshold!r} must be > 0, reserve "
-                           f"{reserve!r} ≥ 1 and rate {rate!r} ≥ 0")
+                           f"{reserve!r} ≥ 1, rate {rate!r} ≥ 0 and streams {streams!r} ≥ 1")
         self.budget, self.initial, self.reserve, self.rate = budget, threshold, reserve, rate
+        self.streams = int(streams)
         self.reset()
 
     def __repr__(self) -> str:
+        shared = f", streams={self.streams}" if self.streams > 1 else ""
         return (f"KeyBudget({self.budget:g}, threshold={self.initial:g}, "
-                f"reserve={self.reserve:g}, rate={self.rate:g})")
+                f"reserve={self.reserve:g}, rate={self.rate:g}{shared})")
 
     def reset(self) -> None:
-        self.bank, self.threshold, self._started = 1.0, self.initial, False
+        self.bank, self.threshold = 0.0, self.initial
 
-    def tick(self) -> bool:
-        """A new frame: credit it, lower the bar; True when the bank is full (the frame
-        should be a key frame)."""
-        if self._started:
-            self.bank = min(self.bank + self.budget, self.reserve)
-            self.threshold *= math.exp(-self.rate * self.budget)
-        self._started = True
-        return self.bank >= self.reserve - 1e-9
+    def restart(self) -> None:
+        """A scheduler starts a new video: a budget of its own starts over, a shared one goes
+        on."""
+        if self.streams == 1:
+            self.reset()
+
+    def tick(self, t: int) -> bool:
+        """Frame `t` of a video (0: its first, which earns nothing): credit it, lower the bar;
+        True when the bank is full (the frame should be a key frame). Credit comes in whole
+        key frames, one each time budget × t passes a whole number, so that streams sharing
+        a bank earn together no more than each would alone (fixed k = 1/budget's count)."""
+        if t > 0:
+            earned = math.floor(self.budget * t + 1e-9) - math.floor(self.budget * (t - 1) + 1e-9)
+            self.bank = min(self.bank + earned, self.reserve * self.streams)
+            self.threshold *= math.exp(-self.rate * self.budget / self.streams)
+        return self.bank >= self.reserve * self.streams - 1e-9
 
     def can_spend(self) -> bool:
         return self.bank >= 1 - 1e-9
@@ -72,10 +91,10 @@ class KeyBudget:
         return score > self.threshold and self.can_spend()
 
     def spend(self, first: bool = False) -> None:
-        """A key frame (`first`: a video's first frame, which moves no threshold)."""
-        self.bank -= 1
+        """A key frame (`first`: a video's first frame, free, and moving no threshold)."""
         if not first:
-            self.threshold *= math.exp(self.rate)
+            self.bank -= 1
+            self.threshold *= math.exp(self.rate / self.streams)
 
 
 class _Counter:
@@ -203,7 +222,7 @@ class Adaptive(_Counter):
     def reset(self) -> None:
         super().reset()
         if self.budget:
-            self.budget.reset()
+            self.budget.restart()
         self._key_t: int | None = None
         self._key_thumb: np.ndarray | None = None
         self._t = 0
@@ -222,7 +241,7 @@ class Adaptive(_Counter):
         on = frame is not None and math.isfinite(self.scene_cut)
         self._thumb = grey_thumbnail(frame) if on and frame is not None else None
         self.last = {}
-        full = self.budget.tick() if self.budget else False
+        full = self.budget.tick(t) if self.budget else False
         if self._key_t is None:
             self._mark_key("start")
             return True
@@ -284,13 +303,13 @@ class Learned(_Counter):
 
     def reset(self) -> None:
         super().reset()
-        self.budget.reset()
+        self.budget.restart()
         self.last: dict[str, float] = {}
 
     def decide(self, t: int, frame: np.ndarray | None = None) -> bool:
         self.frames += 1
         self.last = {}
-        full = self.budget.tick()
+        full = self.budget.tick(t)
         if self.frames == 1:
             self.key("start")
             self.budget.spend(first=True)

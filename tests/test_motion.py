@@ -114,18 +114,38 @@ def test_a_key_budget_never_spends_more_than_its_fraction(scores):
 
 def test_the_budget_moves_its_threshold_and_saves_credit_in_quiet_stretches():
     b = KeyBudget(0.1, threshold=1.0, reserve=2.0, rate=0.3)
-    assert b.tick() is False and b.can_spend()
-    b.spend(first=True)
-    assert b.threshold == 1.0 and not b.can_spend()
-    for _ in range(10):
-        b.tick()
+    assert b.tick(0) is False and not b.can_spend()
+    b.spend(first=True)  # a video's first frame: free
+    assert b.threshold == 1.0 and b.bank == 0
+    for t in range(1, 10):
+        b.tick(t)
+    assert not b.can_spend()  # credit comes in whole key frames: the first at t = 10
+    b.tick(10)
     assert b.can_spend() and b.threshold == pytest.approx(np.exp(-0.3))
     b.spend()
     assert b.threshold == pytest.approx(1.0)
-    full = [b.tick() for _ in range(20)]
-    assert full[-1] is True and b.bank == pytest.approx(2.0)  # the reserve caps it
+    full = [b.tick(t) for t in range(11, 31)]
+    assert full[-1] is True and b.bank == 2  # the reserve caps it
+    b.restart()  # a budget of its own starts over with a new video
+    assert b.bank == 0 and b.threshold == 1.0
     with pytest.raises(DffError, match="key-budget"):
         KeyBudget(0)
+
+
+def test_one_budget_shared_by_streams_pays_a_busy_stream_from_a_still_ones_share():
+    shared = KeyBudget(0.1, threshold=0.2, streams=2)
+    busy, still = Learned(shared), Learned(shared)
+    busy.reset()
+    still.reset()  # a shared budget goes on through a stream's reset
+    frames, keys = 60, {"busy": 0, "still": 0}
+    for t in range(frames):
+        for name, s, q in (("busy", busy, 9.0), ("still", still, 0.0)):
+            key = s.decide(t, None) or not s.accept(np.zeros((2, 2, 2)), np.array([[q]]))
+            keys[name] += key
+    own_share = 1 + 0.1 * (frames - 1)
+    assert keys["busy"] + keys["still"] <= 2 * own_share + 1e-9
+    assert keys["busy"] > own_share  # more than a budget of its own would have allowed
+    assert "streams=2" in repr(shared)
 
 
 def test_learned_schedule_needs_quality_and_a_budget_needs_a_content_schedule():
@@ -182,7 +202,9 @@ def test_motion_eval_reports_every_category_and_schedule(tmp_path):
     torch.manual_seed(0)
     model = DFF(type(cfg).from_dict({**cfg.to_dict(), "quality_channels": 4})).eval()
     res = evaluate_motion(model, 0.1, (5, 10), clips=1,
-                          thresholds={"adaptive": 1.0, "learned": 0.2}, progress=False)
+                          thresholds={"stream": {"adaptive": 1.0, "learned": 0.2},
+                                      "pooled": {"adaptive": 1.0, "learned": 0.2}},
+                          progress=False)
     assert set(res["categories"]) == set(CATEGORIES)
     assert set(res["categories"]["fast"]) >= {"per_frame", "dff", "copy", "mean_flow_px"}
     assert set(res["categories"]["cuts"]["dff"]) == {"5", "10"}
@@ -193,6 +215,10 @@ def test_motion_eval_reports_every_category_and_schedule(tmp_path):
         assert 0 <= r["miou"] <= 1 and set(r["by_category"]) == set(CATEGORIES)
         assert r["key_fraction"] <= 0.1 + 1e-9, name  # each clip: at most 6 of 60
     assert res["schedules"]["fixed"]["key_fraction"] == pytest.approx(0.1)
+    assert set(res["schedules_pooled"]) == {"fixed", "adaptive", "learned"}
+    for name, r in res["schedules_pooled"].items():  # shared: the total within the budget
+        assert r["key_fraction"] <= 0.1 + 1e-9, name
     assert res["categories"]["slow"]["dff"]["10"]["key_fraction"] == pytest.approx(0.1)
     json.dumps(res)
-    assert "schedules at a 10% key-frame budget" in format_motion(res)
+    text = format_motion(res)
+    assert "a budget per stream" in text and "one budget shared by all the clips" in text

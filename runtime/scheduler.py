@@ -285,7 +285,7 @@ class Adaptive(_Counter):
 class Learned(_Counter):
     """Key frames where the flow network's own `quality` output, its prediction of how far
     the propagated features are from the frame's true features (relative squared error,
-    DESIGN.md §10), is highest, within a key-frame budget (a KeyBudget, whose threshold is
+    docs/DESIGN.md §10), is highest, within a key-frame budget (a KeyBudget, whose threshold is
     in `quality`'s units): the paper's "key frames chosen by the network itself". A frame
     whose prediction passes the threshold is redone as a key frame while the budget allows.
     Needs a flow graph with a `quality` output (a model trained with a quality head).
@@ -322,9 +322,9 @@ class Learned(_Counter):
 
     def accept(self, flow: np.ndarray, quality: np.ndarray | None = None) -> bool:
         if quality is None:
-            raise DffError("--schedule learned needs the flow graph's `quality` output; this "
-                           "export has none (export a model trained with a quality head: "
-                           "dff-train --stage quality)")
+            raise DffError("--schedule learned needs the flow network's `quality` output, which "
+                           "this model has none of: add a quality head with `python -m "
+                           "dff.models.quality MODEL.pth -o MODEL_quality.pth`")
         score = float(np.asarray(quality, dtype=np.float64).reshape(-1)[0])
         self.last["quality"] = score
         if not self.budget.wants(score):
@@ -338,7 +338,7 @@ Scheduler = FixedInterval | Adaptive | Learned
 
 
 # the learned schedule's starting threshold, in `quality` units, where no tuned one is given
-# (the manifest's `quality_threshold`, from dff-train --stage quality on the tuning split)
+# (dff-eval --split motion picks one on the tuning split)
 LEARNED_THRESHOLD = 0.25
 BUDGET_KEYS = ("threshold", "reserve", "rate")
 

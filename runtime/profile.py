@@ -356,8 +356,12 @@ def format_report(res: dict) -> list[str]:
     head = (f"{backend_label(res)} on {res['engine_dir']} ({res['task']}) at "
             f"{format_shape(res['shape'])}: "
             f"{amount} per stage after {res['warmUp_ms']:g} ms warm-up ({moves})")
-    columns = (f"{'stage (ms)':<13}{'min':>8}{'mean':>8}{'median':>8}{'p90':>8}{'p95':>8}"
-               f"{'p99':>8}{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")
+    stats = ("min", "mean", "median", "p90", "p95", "p99")
+    # 8 characters a column, wider where a latency needs it (a paper-scale trunk: seconds)
+    wide = max(8, 1 + max(len(f"{res['stages'][st]['latency_ms'][k]:.3f}")
+                          for st in STAGES for k in stats))
+    columns = (f"{'stage (ms)':<13}" + "".join(f"{k:>{wide}}" for k in stats)
+               + f"{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")
     lines = [head, "", columns]
     for stage in STAGES:
         s = res["stages"][stage]
@@ -368,8 +372,7 @@ def format_report(res: dict) -> list[str]:
             gpu = " / ".join("-" if s[k] is None else f"{s[k]['median']:.3f}"
                              for k in ("h2d_ms", "gpu_compute_ms", "d2h_ms"))
         label = "flow (+warp)" if stage == "flow" else stage
-        lines.append(f"{label:<13}" + "".join(f"{lat[k]:>8.3f}" for k in
-                                               ("min", "mean", "median", "p90", "p95", "p99"))
+        lines.append(f"{label:<13}" + "".join(f"{lat[k]:>{wide}.3f}" for k in stats)
                      + f"{s['throughput_qps']:>9.1f}{s['enqueue_ms']['median']:>9.3f}  {gpu}")
     lines.append(f"r = (flow + task) / (feature + task) = {res['r']:.3f} (latency medians)")
     _, h, w = res["shape"]

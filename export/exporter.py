@@ -100,7 +100,7 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
         require_onnxsim()
     model = load_checkpoint(ckpt)
     mods = modules_mod.from_dff(model, source={"checkpoint": ckpt})
-    facts = modules_mod.Facts(model.config.feat_channels, True, False)
+    facts = modules_mod.exportable(model)[1]
     return export_dff_modules(mods, out_dir, min_shape=min_shape, opt_shape=opt_shape,
                               max_shape=max_shape, simplify=simplify, probs=probs,
                               tolerance=tolerance, verbose=verbose, log=log, facts=facts)

@@ -2,7 +2,8 @@
 
 - feature: image uint8 [N,3,H,W] -> feat [N,C,h,w]
 - flow:    image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
-           -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale)
+           -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale),
+           and quality [N,1] for a flow net that predicts it (the learned schedule's input)
 - task:    feat [N,C,h,w] -> the task contract's outputs (dff/tasks.py, docs/DESIGN.md §2):
            segmentation labels uint8 [N,H,W] (arg-max; with --probs also probs [N,K,H,W]),
            detection boxes [N,K,4], scores [N,K], classes int32 [N,K], num int32 [N]
@@ -75,7 +76,8 @@ class FeatureGraph(nn.Module):
 
 class FlowGraph(nn.Module):
     """flow, scale = N_flow(image, key_image), then the warp; a flow net without a scale field
-    gets a scale of ones (the same FlowWarp node, so the same plugin)."""
+    gets a scale of ones (the same FlowWarp node, so the same plugin). A flow net that outputs
+    a quality too (modules.py's contract) gives it as a fourth output, `quality`."""
 
     def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None):
         super().__init__()
@@ -84,11 +86,12 @@ class FlowGraph(nn.Module):
         self.warp = onnx_op.torch_op()
 
     def forward(self, image: torch.Tensor, key_image: torch.Tensor,
-                key_feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        flow, scale = self.flow(self.norm(image.float()), self.norm(key_image.float()))
+                key_feat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flow, scale, *quality = self.flow(self.norm(image.float()), self.norm(key_image.float()))
         if scale is None:
             scale = torch.ones_like(key_feat)
-        return flow, scale, self.warp(key_feat, flow, scale)
+        return (flow, scale, self.warp(key_feat, flow, scale),
+                *(q.float() for q in quality))
 
 
 class TaskGraph(nn.Module):
@@ -177,7 +180,7 @@ def graph_specs(model: DFFModules | DFF, profile: Profile, probs: bool = False,
         "flow": GraphSpec("flow", (image, t("key_image", "uint8", n, 3, big_h, big_w),
                                    t("key_feat", "float32", n, c, h, w)),
                           (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
-                           feat)),
+                           feat) + ((t("quality", "float32", n, 1),) if facts.quality else ())),
         "task": GraphSpec("task", (feat,), tuple(outputs)),
     }
 

@@ -8,9 +8,11 @@ takes the same path: `check_modules` first (shapes, eval mode), then the graph w
 The contract, for images of H×W and a stride s (h = H/s, w = W/s):
 
 - `feature(x) -> feat [N,C,h,w]`, x float [N,3,H,W] RGB, (pixel - feature_mean) / feature_std;
-- `flow(x, key_x) -> (flow [N,2,h,w], scale [N,C,h,w] or None)`, both normalised with the
-  flow's own mean and std; flow in feature cells, current frame -> key frame (dx, dy);
-  scale None for a flow net without a scale field (the warp then multiplies by 1);
+- `flow(x, key_x) -> (flow [N,2,h,w], scale [N,C,h,w] or None[, quality [N,1]])`, both
+  normalised with the flow's own mean and std; flow in feature cells, current frame -> key
+  frame (dx, dy); scale None for a flow net without a scale field (the warp then multiplies
+  by 1); the optional third, a float per frame that grows as propagation gets worse, becomes
+  flow.onnx's output `quality`, what `--schedule learned` reads (docs/DESIGN.md §10);
 - `task(feat)`: segmentation: logits [N,K,h',w'] at any resolution (the graph resizes them
   bilinearly to H×W, then arg-maxes); detection: boxes [N,D,4], scores [N,D], classes [N,D]
   and num [N] (dff/tasks.py), as a tuple in that order or a dict of those names.
@@ -215,11 +217,13 @@ def eval_mode(mods: DFFModules, log: Callable[[str], None]) -> list[str]:
 @dataclass(frozen=True)
 class Facts:
     """What `check_modules` learnt by running the modules once: the feature width C, whether
-    the flow net has a scale field, and whether segmentation logits need resizing to H×W."""
+    the flow net has a scale field, whether segmentation logits need resizing to H×W, and
+    whether the flow net outputs a `quality` too."""
 
     feat_channels: int
     scale_field: bool
     resize_logits: bool = False
+    quality: bool = False
 
 
 def _shape(t: Any) -> str:
@@ -265,10 +269,17 @@ def check_modules(mods: DFFModules, size: tuple[int, int] | None = None,
     c = int(feat.shape[1])
     out = _call(mods.flow, "flow", (normalise(image, mods.flow_mean, mods.flow_std),
                                     normalise(key, mods.flow_mean, mods.flow_std)))
-    if not isinstance(out, (tuple, list)) or len(out) != 2:
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 3):
         raise ModuleError(f"flow {flow_net}: returned {_shape(out)}; expected a pair (flow "
-                          "[N,2,h,w], scale [N,C,h,w] or None)")
-    flow, scale = out
+                          "[N,2,h,w], scale [N,C,h,w] or None), or a triple with quality [N,1]")
+    flow, scale = out[0], out[1]
+    quality = out[2] if len(out) == 3 else None
+    if quality is not None and (not isinstance(quality, torch.Tensor)
+                                or tuple(quality.shape) != (batch, 1)
+                                or not quality.is_floating_point()):
+        raise ModuleError(f"flow {flow_net}: gave quality {_shape(quality)} {given}; expected "
+                          f"float [{batch}, 1] (one value a frame, higher = propagation worse), "
+                          "or return the pair (flow, scale) alone")
     if not isinstance(flow, torch.Tensor) or tuple(flow.shape) != (batch, 2, h, w):
         channels = isinstance(flow, torch.Tensor) and flow.dim() == 4 and flow.shape[1] != 2
         why = ("2 channels, (dx, dy) in feature cells; predict two" if channels else
@@ -293,7 +304,7 @@ def check_modules(mods: DFFModules, size: tuple[int, int] | None = None,
         resize = tuple(raw.shape[2:]) != (h_img, w_img)
     else:
         detection_outputs(raw, task, batch, f"for feat {list(feat.shape)}")
-    return Facts(c, scale is not None, resize)
+    return Facts(c, scale is not None, resize, quality is not None)
 
 
 def detection_outputs(raw: Any, where: str, batch: int | None = None,
@@ -340,15 +351,20 @@ def _call(module: nn.Module, name: str, args: tuple) -> Any:
 # ------------------------------------------------------------------ dff-trt's own checkpoints
 
 class _DFFFlow(nn.Module):
-    """FlowNet-S as DFF.flow runs it: pixels 0..255, the mean subtracted inside."""
+    """FlowNet-S as DFF.flow runs it: pixels 0..255, the mean subtracted inside; with a quality
+    head (models/quality.py) its prediction too, as DFF.flow_quality."""
 
-    def __init__(self, flownet: nn.Module, mean: torch.Tensor):
+    def __init__(self, flownet: nn.Module, mean: torch.Tensor,
+                 quality_head: nn.Module | None = None):
         super().__init__()
-        self.flownet = flownet
+        self.flownet, self.quality_head = flownet, quality_head
         self.register_buffer("mean", mean.clone(), persistent=False)
 
     def forward(self, image: torch.Tensor, key_image: torch.Tensor):
-        return self.flownet(image, key_image, self.mean)
+        if self.quality_head is None:
+            return self.flownet(image, key_image, self.mean)
+        flow, scale, cat = self.flownet(image, key_image, self.mean, features=True)
+        return flow, scale, self.quality_head(cat, flow)
 
 
 class _DFFDetect(nn.Module):
@@ -373,8 +389,11 @@ def from_dff(model: Any, source: dict[str, Any] | None = None) -> DFFModules:
     model's), and the head (with its decode for detection)."""
     cfg = model.config
     task = model.head if cfg.task == tasks.SEGMENTATION else _DFFDetect(model)
+    flow = _DFFFlow(model.flownet, model.mean, model.quality_head)
+    for wrapper in (flow, task):  # a wrapper is in the mode of the model it wraps
+        wrapper.training = model.training
     return DFFModules(
-        feature=model.trunk, flow=_DFFFlow(model.flownet, model.mean), task=task,
+        feature=model.trunk, flow=flow, task=task,
         class_names=tuple(cfg.class_names), input_size=tuple(cfg.input_size), kind=cfg.task,
         stride=cfg.stride, feature_mean=tuple(cfg.mean), feature_std=tuple(cfg.std),
         flow_mean=(0.0, 0.0, 0.0), flow_std=(1.0, 1.0, 1.0), key_interval=cfg.key_interval,
@@ -392,4 +411,5 @@ def exportable(model: Any, facts: Facts | None = None) -> tuple[DFFModules, Fact
     if isinstance(model, DFFModules):
         return model, facts or check_modules(model)
     mods = from_dff(model)
-    return mods, facts or Facts(model.config.feat_channels, True, False)
+    return mods, facts or Facts(model.config.feat_channels, True, False,
+                                model.quality_head is not None)

@@ -135,7 +135,8 @@ def torch_outputs(model: DFF | DFFModules, case: Case,
                       "key_feat": key_feat.numpy()},
              "task": {"feat": feat.numpy()}}
     refs = {"feature": {"feat": feat.numpy()},
-            "flow": {k: v.numpy() for k, v in zip(("flow", "scale", "feat"), flow_out)},
+            "flow": {k: v.numpy() for k, v in zip(("flow", "scale", "feat", "quality"),
+                                                   flow_out)},
             "task": {k: v.numpy() for k, v in zip(names, task(feat))}}
     return feeds, refs
 

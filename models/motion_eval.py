@@ -28,7 +28,8 @@ INTERVALS = (5, 10, 20)
 BUDGET = 0.1
 # starting thresholds tried on the tuning split, in each schedule's score units (adaptive:
 # its tests' ratio to their thresholds; learned: the predicted relative error)
-GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0), "learned": (0.1, 0.15, 0.2, 0.3, 0.45)}
+GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
+        "learned": (0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)}
 
 
 class _Scheduled:

@@ -175,7 +175,13 @@ def add_quality_head(model, hidden: int = 16, per_category: int = 6, iters: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dff.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+    from dff.models.checkpoint import (
+        VERSION_QUANTIZED,
+        WEIGHTS_DTYPES,
+        load_checkpoint,
+        read_checkpoint,
+        save_checkpoint,
+    )
 
     p = argparse.ArgumentParser(prog="python -m dff.models.quality",
                                 description="Add a trained quality head to a DFF checkpoint.")
@@ -184,13 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=16, help="the head's hidden channels")
     p.add_argument("--clips", type=int, default=6, help="training clips per motion category")
     p.add_argument("--iters", type=int, default=1500)
+    p.add_argument("--weights", choices=WEIGHTS_DTYPES, default=None,
+                   help="how the weights are stored (default: as the input's, int8 for a "
+                        "quantized checkpoint such as the shipped demos, else float32)")
     args = p.parse_args(argv)
     try:
         model = load_checkpoint(args.checkpoint)
+        blob = read_checkpoint(args.checkpoint)
+        weights = args.weights or ("int8" if blob["version"] == VERSION_QUANTIZED
+                                   else "float32")
         new, report = add_quality_head(model, args.hidden, args.clips, args.iters)
-        meta = dict(read_checkpoint(args.checkpoint).get("meta") or {})
+        meta = dict(blob.get("meta") or {})
         meta["quality_head"] = report
-        save_checkpoint(args.output, new, meta=meta)
+        save_checkpoint(args.output, new, meta=meta, weights=weights)
     except DffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import numpy as np
 from dff.export.manifest import GRAPHS, load_manifest
@@ -39,6 +39,21 @@ PRECISIONS = {"tensorrt": ("fp16", "fp32", "int8"), "onnxruntime": ("fp32", "int
 # tensor names fixed by DESIGN.md §3; the task graph's outputs are the manifest's (task_spec)
 INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"], "task": ["feat"]}
 OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"]}
+# outputs read where the graph has them: flow.onnx's `quality` (the learned schedule's input)
+OPTIONAL_OUTPUTS = {"flow": ["quality"]}
+
+
+class FlowOutputs(tuple):
+    """What `Backend.flow` returns: the handles flow, scale and feat (it unpacks as that
+    triple), and `quality`: the handle of flow.onnx's optional output of that name [N,1] (a
+    model with a quality head, docs/DESIGN.md §10), None where the graph has none."""
+
+    quality: Any
+
+    def __new__(cls, flow: Any, scale: Any, feat: Any, quality: Any = None) -> Self:
+        out = super().__new__(cls, (flow, scale, feat))
+        out.quality = quality
+        return out
 
 
 class BackendError(DffError):
@@ -63,9 +78,37 @@ def task_spec(manifest: dict, where: str = "manifest.json") -> dict[str, Any]:
     return spec
 
 
+def host_quality(backend: Backend, out: Any, schedulers: Any) -> np.ndarray | None:
+    """`out`'s quality (what `backend.flow` returned) on the host, [N,1], when one of
+    `schedulers` (a scheduler or a list) reads it (the learned schedule) and the flow graph
+    has it; else None, and nothing is copied."""
+    schedulers = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
+    quality = getattr(out, "quality", None)
+    if quality is None or not any(getattr(s, "needs_quality", False) for s in schedulers):
+        return None
+    return backend.to_host(quality)
+
+
+def check_quality(backend: Backend, schedulers: Any, where: str) -> None:
+    """Refuse, before any frame, a learned schedule on a backend whose flow has no quality
+    (`where`: the engine folder or checkpoint named in the message)."""
+    schedulers = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
+    if any(getattr(s, "needs_quality", False) for s in schedulers) \
+            and not getattr(backend, "has_quality", True):
+        raise BackendError(f"--schedule learned: {where} has no quality head (flow.onnx has no "
+                           "`quality` output); add one with `python -m dff.models.quality "
+                           "MODEL.pth -o MODEL_quality.pth` and export that, or pick "
+                           "--schedule adaptive")
+
+
 def graph_outputs(manifest: dict, graph: str) -> list[str]:
-    """The outputs the runtime reads from `graph`: OUTPUTS, or the manifest's task.outputs."""
-    return list(task_spec(manifest)["outputs"]) if graph == "task" else OUTPUTS[graph]
+    """The outputs the runtime reads from `graph`: OUTPUTS and the OPTIONAL_OUTPUTS the
+    manifest records, or the manifest's task.outputs."""
+    if graph == "task":
+        return list(task_spec(manifest)["outputs"])
+    specs = manifest.get("graphs", {}).get(graph, {}).get("outputs", [])
+    recorded = {o.get("name") for o in specs if isinstance(o, dict)}
+    return OUTPUTS[graph] + [n for n in OPTIONAL_OUTPUTS.get(graph, []) if n in recorded]
 
 
 def check_names(path: str | os.PathLike[str], graph: str, inputs: list[str],
@@ -94,9 +137,10 @@ class Backend(Protocol):
     stride: int        # feature stride: image H and W must be multiples of it
     profile: dict | None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any size
     task_spec: dict    # {kind, outputs, ...}: what `task` returns (task_spec above)
+    has_quality: bool  # `flow` gives a `quality` (FlowOutputs): --schedule learned can run
 
     def feature(self, image: np.ndarray) -> Any: ...
-    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]: ...
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs: ...
     def task(self, feat: Any) -> dict[str, np.ndarray]: ...
     def upload(self, image: np.ndarray) -> Any: ...
     def to_host(self, handle: Any) -> np.ndarray: ...

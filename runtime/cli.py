@@ -17,17 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dff.runtime.backends import task_spec
+from dff.runtime.backends import check_quality, task_spec
 from dff.runtime.commands import (
     Log,
     add_backend_args,
     backend_label,
+    budget_arg,
     check_backend_args,
     choose_backend,
     guarded,
     int_at_least,
     outputs_record,
     resolve_engines,
+    schedule_label,
     video_record,
     warn_truncated,
 )
@@ -65,6 +67,11 @@ schedules (--schedule):
   fixed       a key frame every --key-interval frames (default: the manifest's key_interval)
   per-frame   every frame a key frame (no flow): the baseline
   adaptive    key frames at scene cuts, large or outgoing flow, or --key-interval at the latest
+  learned     key frames where the flow net's own `quality` output (a model with a quality
+              head: python -m dff.models.quality) predicts the warped features worst
+  --key-budget F caps adaptive's and learned's key frames at a fraction F of the frames
+              (learned: 1/--key-interval without it); several videos share one budget, so key
+              frames go to the busy streams
 
 outputs: an annotated video (--output, .mp4 or .avi), one JSON record per frame (--json) and
 the run's summary (--summary). With neither --output nor --json: ./<video name>.dff.mp4.
@@ -79,6 +86,7 @@ examples:
   dff-run --demo detection                           # the shipped detection model
   dff-run clip.mp4 -e engines/ -o clip.dff.mp4 --json clip.jsonl
   dff-run clip.mp4 -e engines/ --schedule adaptive --resize 256x448 --summary run.json
+  dff-run clip.mp4 -e engines_quality/ --schedule learned --key-budget 0.1
   dff-run cam1.mp4 cam2.mp4 cam3.mp4 -e engines/ --output-dir out/   # batched streams
   dff-run clip.mp4 --server 127.0.0.1:8001 --json clip.jsonl  # on Triton (dff-serve start)
 
@@ -122,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "adaptive schedule's longest gap")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="key-frame schedule (default: fixed; with --server: the model's)")
+    p.add_argument("--key-budget", type=budget_arg, metavar="F",
+                   help="adaptive and learned schedules: at most this fraction of the frames "
+                        "are key frames, e.g. 0.1 (one budget for all the videos of a run)")
     p.add_argument("-o", "--output", metavar="OUT.mp4", help="annotated video (.mp4 or .avi)")
     p.add_argument("--json", metavar="OUT.jsonl", help="one JSON record per frame")
     p.add_argument("--summary", metavar="OUT.json",
@@ -258,9 +269,11 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     kind = task_spec(manifest)["kind"]
     min_score = MIN_SCORE if args.min_score is None else args.min_score
     key_interval = args.key_interval or int(manifest["key_interval"])
-    scheduler = make_scheduler(args.schedule, key_interval, stride=stride)
+    scheduler = make_scheduler(args.schedule, key_interval, stride=stride,
+                               key_budget=args.key_budget)
     backend, reason = choose_backend(args, engine_dir, say)
     try:
+        check_quality(backend, scheduler, args.checkpoint or str(engine_dir))
         total = video.frame_count
         if args.max_frames is not None:
             total = min(total, args.max_frames) if total else args.max_frames
@@ -294,6 +307,7 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         "int8_check": getattr(backend, "int8_check", None),
         "schedule_name": args.schedule,
         "key_interval": None if args.schedule == "per-frame" else key_interval,
+        "key_budget": args.key_budget,
         "engine_dir": str(engine_dir),
         "video": video_record(video, size),
         "outputs": outputs_record(out_video, out_json, out_summary),
@@ -326,8 +340,7 @@ def format_summary(s: dict) -> list[str]:
     """The human summary: frames, key frames and why, fps, median ms per stage, efficiency."""
     video = s["video"]
     h, w = video["resized_to"] or video["size"]
-    schedule = s["schedule_name"] + (f", key interval {s['key_interval']}"
-                                     if s["key_interval"] else "")
+    schedule = schedule_label(s)
     on = backend_label(s)
     lines = [f"{video['path']}: {s['frames']} frames at {h}x{w} on {on}, {schedule}"]
     if video["resized_to"]:

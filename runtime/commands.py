@@ -41,6 +41,18 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def budget_arg(text: str) -> float:
+    """--key-budget: a fraction of the frames in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} is outside (0, 1]: give the fraction of the "
+                                         "frames that may be key frames, e.g. 0.1")
+    return value
+
+
 def add_backend_args(p: argparse.ArgumentParser) -> None:
     """--engine-dir, --backend, --checkpoint, --device, --threads, --demo, --precision,
     --useCudaGraph, --verbose: shared by dff-run and dff-profile."""
@@ -139,6 +151,13 @@ def backend_label(report: dict) -> str:
     """'onnxruntime-cpu (int8)': a report's backend and, when it has one, its precision."""
     precision = report.get("precision")
     return report["backend"] + (f" ({precision})" if precision else "")
+
+
+def schedule_label(summary: dict) -> str:
+    """'adaptive, key interval 10, key budget 0.1': a run summary's schedule."""
+    return (summary["schedule_name"]
+            + (f", key interval {summary['key_interval']}" if summary["key_interval"] else "")
+            + (f", key budget {summary['key_budget']:g}" if summary.get("key_budget") else ""))
 
 
 def warn_truncated(video: Any) -> None:

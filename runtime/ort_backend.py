@@ -18,6 +18,7 @@ from dff.runtime import buffers
 from dff.runtime.backends import (
     INPUTS,
     BackendError,
+    FlowOutputs,
     check_names,
     graph_outputs,
     import_ort,
@@ -53,6 +54,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
         self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
+        self.has_quality = "quality" in graph_outputs(self.manifest, "flow")
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
@@ -185,11 +187,11 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         feat = self._run("feature", {"image": image})[0]
         return feat if self.memory is None else self._handle(feat)
 
-    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
         out = self._run("flow", {"image": image, "key_image": key_image, "key_feat": key_feat})
         if self.memory is not None:
             out = [self._handle(x) for x in out]
-        return out[0], out[1], out[2]
+        return FlowOutputs(*out)  # graph_outputs' order: flow, scale, feat[, quality]
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         """The task outputs by name (the manifest's `task.outputs`), host arrays."""

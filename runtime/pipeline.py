@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dff.runtime.backends import Backend
+from dff.runtime.backends import Backend, host_quality
 from dff.runtime.scheduler import Scheduler
 
 from dff import tasks
@@ -300,8 +300,10 @@ class Pipeline:
         lap("upload")
         feat = None
         if not is_key:
-            flow, _scale, feat = b.flow(image, self._key_image, self._key_feat)
-            if self.scheduler.needs_flow and not self.scheduler.accept(b.to_host(flow)):
+            out = b.flow(image, self._key_image, self._key_feat)
+            feat = out[2]
+            if self.scheduler.needs_flow and not self.scheduler.accept(
+                    b.to_host(out[0]), host_quality(b, out, self.scheduler)):
                 is_key = True  # propagation not trusted: redo as a key frame
             lap("flow")
         if is_key:

@@ -79,7 +79,8 @@ _LOCAL_ONLY = (("engine_dir", None, "--engine-dir"), ("demo", None, "--demo"),
                ("backend", "auto", "--backend"), ("checkpoint", None, "--checkpoint"),
                ("precision", None, "--precision"), ("useCudaGraph", False, "--useCudaGraph"),
                ("threads", 0, "--threads"), ("device", 0, "--device"),
-               ("output_dir", None, "--output-dir"), ("max_batch", None, "--max-batch"))
+               ("output_dir", None, "--output-dir"), ("max_batch", None, "--max-batch"),
+               ("key_budget", None, "--key-budget"))
 
 
 def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -13,17 +13,18 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from dff.runtime.backends import task_spec
+from dff.runtime.backends import check_quality, task_spec
 from dff.runtime.cli import MIN_SCORE, _frames, _ms, _progress
 from dff.runtime.commands import (
     Log,
     backend_label,
     choose_backend,
+    schedule_label,
     video_record,
     warn_truncated,
 )
 from dff.runtime.pipeline import FrameResult
-from dff.runtime.scheduler import make_scheduler
+from dff.runtime.scheduler import make_schedulers
 from dff.runtime.streams import StreamPipeline
 from dff.runtime.video import check_size, open_video
 from dff.runtime.writers import ResultWriter, write_summary
@@ -90,10 +91,12 @@ def _run(args: argparse.Namespace, engine_dir: Path, manifest: dict, videos: lis
     kind = task_spec(manifest)["kind"]
     min_score = MIN_SCORE if args.min_score is None else args.min_score
     key_interval = args.key_interval or int(manifest["key_interval"])
-    schedulers = [make_scheduler(args.schedule, key_interval, stride=stride) for _ in videos]
+    schedulers = make_schedulers(len(videos), args.schedule, key_interval, stride=stride,
+                                 key_budget=args.key_budget)
     backend, reason = choose_backend(args, engine_dir, say)
     writers: list[ResultWriter] = []
     try:
+        check_quality(backend, schedulers, args.checkpoint or str(engine_dir))
         runtime = StreamPipeline(backend, schedulers, max_batch=args.max_batch)
         counts = [v.frame_count for v in videos]
         total = None
@@ -165,6 +168,7 @@ def _describe(summary: dict, args: argparse.Namespace, reason: str | None, engin
         "task": kind, "backend_reason": reason,
         "schedule_name": args.schedule,
         "key_interval": None if args.schedule == "per-frame" else key_interval,
+        "key_budget": args.key_budget,
         "engine_dir": str(engine_dir), "summary": str(summary_path)})
     for entry, video, size, writer, (out_video, out_json) in zip(
             summary["per_stream"], videos, sizes, writers, outputs):
@@ -178,8 +182,7 @@ def _describe(summary: dict, args: argparse.Namespace, reason: str | None, engin
 
 def format_streams(s: dict) -> list[str]:
     """The human summary: per stream frames and key frames, then the total fps."""
-    schedule = s["schedule_name"] + (f", key interval {s['key_interval']}"
-                                     if s["key_interval"] else "")
+    schedule = schedule_label(s)
     batch = f"batches of at most {s['max_batch']}" if s["max_batch"] else "batches of any size"
     lines = [f"{s['streams']} streams on {backend_label(s)}, {schedule}, {batch}"]
     for entry in s["per_stream"]:

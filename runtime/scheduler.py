@@ -343,21 +343,33 @@ LEARNED_THRESHOLD = 0.25
 BUDGET_KEYS = ("threshold", "reserve", "rate")
 
 
+def make_budget(schedule: str, key_budget: float | None, key_interval: int = 10,
+                streams: int = 1, thresholds: dict | None = None) -> KeyBudget | None:
+    """The KeyBudget of `schedule` ("adaptive" or "learned") at `key_budget` (a fraction of
+    the frames; learned without one: 1 / `key_interval`), for `streams` streams together; its
+    `threshold`, `reserve` and `rate` are taken out of `thresholds` where given. None for
+    adaptive without a budget."""
+    thresholds = {} if thresholds is None else thresholds
+    if key_budget is not None and schedule not in ("adaptive", "learned"):
+        raise DffError(f"--key-budget applies to --schedule adaptive or learned, not "
+                       f"{schedule} (a fixed schedule's budget is 1 / --key-interval)")
+    if key_budget is None and schedule != "learned":
+        return None
+    opts = {k: thresholds.pop(k) for k in BUDGET_KEYS if k in thresholds}
+    opts.setdefault("threshold", LEARNED_THRESHOLD if schedule == "learned" else 1.0)
+    return KeyBudget(1 / key_interval if key_budget is None else key_budget, streams=streams,
+                     **opts)
+
+
 def make_scheduler(schedule: str, key_interval: int = 10, stride: int = 16,
-                   key_budget: float | None = None, **thresholds: float) -> Scheduler:
+                   key_budget: float | KeyBudget | None = None, **thresholds: float) -> Scheduler:
     """"fixed" (every `key_interval` frames), "per-frame" (every frame), "adaptive"
     (`Adaptive(**thresholds)` on the model's feature grid of `stride`; its `max_interval`
     defaults to `key_interval`) or "learned". `key_budget` (a fraction of the frames: adaptive
-    and learned, which needs one) caps the key frames with a KeyBudget; its `threshold`,
-    `reserve` and `rate` come from `thresholds` where given."""
-    budget = None
-    if key_budget is not None:
-        if schedule not in ("adaptive", "learned"):
-            raise DffError(f"--key-budget applies to --schedule adaptive or learned, not "
-                           f"{schedule} (a fixed schedule's budget is 1 / --key-interval)")
-        opts = {k: thresholds.pop(k) for k in BUDGET_KEYS if k in thresholds}
-        opts.setdefault("threshold", LEARNED_THRESHOLD if schedule == "learned" else 1.0)
-        budget = KeyBudget(key_budget, **opts)
+    and learned, which has 1 / `key_interval` without one; or a KeyBudget, shared) caps the key
+    frames with a KeyBudget (`make_budget`)."""
+    budget = key_budget if isinstance(key_budget, KeyBudget) else make_budget(
+        schedule, key_budget, key_interval, thresholds=thresholds)
     if schedule == "fixed":
         scheduler: Scheduler = FixedInterval(key_interval)
     elif schedule == "per-frame":
@@ -367,8 +379,7 @@ def make_scheduler(schedule: str, key_interval: int = 10, stride: int = 16,
         scheduler = Adaptive(**thresholds, stride=stride,  # type: ignore[arg-type]
                              key_budget=budget)
     elif schedule == "learned":
-        if budget is None:
-            budget = KeyBudget(1 / key_interval, LEARNED_THRESHOLD)
+        assert budget is not None
         scheduler = Learned(budget)
     else:
         raise DffError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
@@ -376,3 +387,14 @@ def make_scheduler(schedule: str, key_interval: int = 10, stride: int = 16,
         raise DffError(f"--schedule {schedule}: thresholds {sorted(thresholds)} apply only "
                        "to --schedule adaptive")
     return scheduler
+
+
+def make_schedulers(count: int, schedule: str, key_interval: int = 10, stride: int = 16,
+                    key_budget: float | None = None, **thresholds: float) -> list[Scheduler]:
+    """One scheduler per stream (make_scheduler's), all holding one KeyBudget for the
+    `count` streams together where the schedule has a budget (KeyBudget's `streams`): key
+    frames go to the streams that need them, within `key_budget` of all their frames."""
+    budget = make_budget(schedule, key_budget, key_interval, max(count, 1), thresholds) \
+        if schedule in ("adaptive", "learned") else key_budget
+    return [make_scheduler(schedule, key_interval, stride, budget, **dict(thresholds))
+            for _ in range(count)]

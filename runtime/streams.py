@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from dff.runtime.backends import Backend
+from dff.runtime.backends import Backend, host_quality
 from dff.runtime.pipeline import (
     _END,
     _JOIN,
@@ -274,12 +274,15 @@ class StreamPipeline:
         key_feat = _gather(b, [it.stream.key_feat for it in chunk])
         mid = time.perf_counter()
         self._call("upload", chunk, mid - start)
-        flow, _scale, feat = b.flow(image, key_image, key_feat)
-        batch = _Batch(b, feat, len(chunk))
-        host = b.to_host(flow) if any(it.stream.scheduler.needs_flow for it in chunk) else None
+        out = b.flow(image, key_image, key_feat)
+        batch = _Batch(b, out[2], len(chunk))
+        schedulers = [it.stream.scheduler for it in chunk]
+        host = b.to_host(out[0]) if any(s.needs_flow for s in schedulers) else None
+        quality = host_quality(b, out, schedulers)
         for j, it in enumerate(chunk):
             scheduler = it.stream.scheduler
-            if host is not None and scheduler.needs_flow and not scheduler.accept(host[j:j + 1]):
+            if host is not None and scheduler.needs_flow and not scheduler.accept(
+                    host[j:j + 1], None if quality is None else quality[j:j + 1]):
                 it.is_key = True  # propagation not trusted: redone as a key frame
             else:
                 it.feat = (batch, j)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from dff.export.manifest import load_manifest, sha256_file
-from dff.runtime.backends import BackendError, import_torch
+from dff.runtime.backends import BackendError, FlowOutputs, import_torch
 
 from dff import tasks
 
@@ -70,6 +70,7 @@ class TorchBackend:
         cfg = self.model.config
         self.stride = cfg.stride
         self.profile: dict | None = None  # any size the model takes
+        self.has_quality = self.model.quality_head is not None
         self.task_spec = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
                                           score_threshold=cfg.score_threshold)
 
@@ -80,10 +81,15 @@ class TorchBackend:
         with self._torch.inference_mode():
             return self.model.features(self._float(image))
 
-    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
         with self._torch.inference_mode():
-            flow, scale = self.model.flow(self._float(image), self._float(key_image))
-            return flow, scale, self._warp(self.upload(key_feat), flow, scale)
+            pair = (self._float(image), self._float(key_image))
+            if self.model.quality_head is None:
+                (flow, scale), quality = self.model.flow(*pair), None
+            else:
+                flow, scale, quality = self.model.flow_quality(*pair)
+            return FlowOutputs(flow, scale, self._warp(self.upload(key_feat), flow, scale),
+                               quality)
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():

@@ -31,8 +31,10 @@ import numpy as np
 from dff.export.manifest import load_manifest
 from dff.runtime.backends import (
     INPUTS,
+    OPTIONAL_OUTPUTS,
     OUTPUTS,
     BackendError,
+    FlowOutputs,
     check_names,
     graph_outputs,
     task_spec,
@@ -216,7 +218,8 @@ class _FlowTaskGraph:
             self._capture(stream)
             self.key = key
         check(self.memory.rt.cudaGraphLaunch(self.exec, stream), "cudaGraphLaunch")
-        out = tuple(self.outputs[n].view() for n in OUTPUTS["flow"])
+        out = tuple(self.outputs[n].view() for n in OUTPUTS["flow"] + OPTIONAL_OUTPUTS["flow"]
+                    if n in self.outputs)
         self._handed = [weakref.ref(v) for v in out]
         return out
 
@@ -296,6 +299,7 @@ class TrtBackend:
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
         self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
+        self.has_quality = "quality" in graph_outputs(self.manifest, "flow")
         gpu, cc = device_info(device)
         chosen = select_engines(self.manifest, gpu, cc, version, precision,
                                 directory=engine_dir)
@@ -357,17 +361,16 @@ class TrtBackend:
     def feature(self, image: np.ndarray) -> Any:
         return self._run("feature", {"image": image})["feat"]
 
-    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> tuple[Any, Any, Any]:
+    def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
         feeds = {"image": image, "key_image": key_image, "key_feat": key_feat}
         if self._graph is None:
             out = self._run("flow", feeds)
-            return out["flow"], out["scale"], out["feat"]
+            return FlowOutputs(out["flow"], out["scale"], out["feat"], out.get("quality"))
         self.memory.activate()
         tensors = self._stages["flow"].tensors
         x = {name: self._input(v, tensors[name].dtype) for name, v in feeds.items()}
         with self._span("flow+task"):
-            flow, scale, feat = self._graph.run(x, self._ring.compute)
-        return flow, scale, feat
+            return FlowOutputs(*self._graph.run(x, self._ring.compute))
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         """The task outputs by name (the manifest's `task.outputs`), host arrays."""

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from dff.runtime.commands import guarded, int_at_least
+from dff.runtime.commands import budget_arg, guarded, int_at_least
 from dff.runtime.scheduler import SCHEDULES
 
 from .repository import IDLE_S, STAGES, write_repository
@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--schedule", choices=SCHEDULES, default="fixed", help="key-frame schedule")
     r.add_argument("-k", "--key-interval", type=int_at_least(1), metavar="K",
                    help="key frame every K frames (default: the manifest's)")
+    r.add_argument("--key-budget", type=budget_arg, metavar="F",
+                   help="adaptive and learned schedules: at most this fraction of a stream's "
+                        "frames are key frames, e.g. 0.1")
     r.add_argument("--max-batch", type=int_at_least(1), metavar="N",
                    help="frames per batch (default: the profile's largest batch)")
     r.add_argument("--max-streams", type=int_at_least(1), default=16, metavar="N",
@@ -63,6 +66,7 @@ def repo(args: argparse.Namespace) -> int:
                                max_batch=args.max_batch, threads=args.threads,
                                precision=args.precision, force=args.force,
                                schedule=args.schedule, key_interval=args.key_interval,
+                               key_budget=args.key_budget,
                                max_streams=args.max_streams, idle_s=args.idle_timeout)
     print(f"wrote {', '.join(summary['models'])} ({args.stages} stages, batch "
           f"{summary['max_batch']}, {summary['schedule']} schedule k={summary['key_interval']}) "

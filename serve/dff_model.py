@@ -78,19 +78,23 @@ class TritonPythonModel:
         self.name = config["name"]
         self.schedule, self.key_interval = p["schedule"], int(p["key_interval"])
         self.thresholds = json.loads(p.get("thresholds", "{}"))
+        self.key_budget = json.loads(p.get("key_budget", "null"))
         self.stride, self.profile = int(p["stride"]), json.loads(p["profile"])
         self.batch = int(p["stage_max_batch"])
         self.models = {g: p.get(f"{g}_model", g) for g in ("feature", "flow", "task")}
         self.outputs = [o["name"] for o in config["output"] if o["name"] != "is_key"]
         self.scalars = {o["name"] for o in config["output"]  # per-frame scalars: `num`
                         if o.get("reshape") is not None and not o["reshape"].get("shape")}
-        self.needs_flow = self._scheduler().needs_flow
+        scheduler = self._scheduler()
+        self.needs_flow = scheduler.needs_flow
+        self.needs_quality = getattr(scheduler, "needs_quality", False)
         idle_us = config.get("sequence_batching", {}).get("max_sequence_idle_microseconds")
         self.idle_s = int(idle_us or 1_000_000) / 1e6  # Triton's default: 1 s
         self.streams: dict[int, _Stream] = {}
 
     def _scheduler(self):
-        return make_scheduler(self.schedule, self.key_interval, self.stride, **self.thresholds)
+        return make_scheduler(self.schedule, self.key_interval, self.stride,
+                              key_budget=self.key_budget, **self.thresholds)
 
     # --- requests ---------------------------------------------------------------------------
 
@@ -195,6 +199,7 @@ class TritonPythonModel:
         flow_feat = None
         if rest:
             wanted = ["flow", "feat"] if self.needs_flow else ["feat"]
+            wanted += ["quality"] if self.needs_quality else []
             out = self._call("flow", {
                 "image": _rows(images, rest),
                 "key_image": np.stack([frames[j].stream.key_image for j in rest]),
@@ -202,7 +207,8 @@ class TritonPythonModel:
             flow_feat = out["feat"]
             if self.needs_flow:
                 for k, j in enumerate(rest):
-                    if not frames[j].stream.scheduler.accept(out["flow"][k:k + 1]):
+                    quality = out["quality"][k:k + 1] if self.needs_quality else None
+                    if not frames[j].stream.scheduler.accept(out["flow"][k:k + 1], quality):
                         is_key[j] = True  # propagation not trusted: redone as a key frame
         keys = [j for j, key in enumerate(is_key) if key]
         if not keys:  # every frame's features came from the flow call, in order

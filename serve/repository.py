@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from dff.export.manifest import GRAPHS, graph_path, load_manifest
-from dff.runtime.backends import task_spec
+from dff.runtime.backends import graph_outputs, task_spec
 from dff.runtime.scheduler import make_scheduler
 
 from dff.errors import DffError
@@ -90,7 +90,7 @@ def stage_config(manifest: dict, graph: str, stages: str, max_batch: int,
 def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch: int,
                schedule: str, key_interval: int, thresholds: dict[str, float],
                max_streams: int, idle_s: float, queue_delay_us: int,
-               where: str = "manifest.json") -> str:
+               where: str = "manifest.json", key_budget: float | None = None) -> str:
     """config.pbtxt of the BLS model: input `image` uint8 [H,W,3], the task's outputs per
     frame and `is_key` bool [1], under the sequence batcher (oldest strategy)."""
     task = manifest["graphs"]["task"]["outputs"]
@@ -104,7 +104,8 @@ def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch
     params = {"task": task_spec(manifest, where)["kind"],
               "class_names": json.dumps(list(manifest["class_names"])),
               "schedule": schedule, "key_interval": key_interval,
-              "thresholds": json.dumps(thresholds), "stride": manifest["stride"],
+              "thresholds": json.dumps(thresholds), "key_budget": json.dumps(key_budget),
+              "stride": manifest["stride"],
               "profile": json.dumps(manifest["profile"]), "stage_max_batch": stage_batch,
               **{f"{g}_model": g for g in GRAPHS}}
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
@@ -191,18 +192,25 @@ def write_stage_models(engine_dir: str | os.PathLike[str], repo_dir: str | os.Pa
 
 def write_dff_model(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathLike[str], *,
                     name: str = "dff", schedule: str = "fixed", key_interval: int | None = None,
-                    thresholds: dict | None = None, max_batch: int | None = None,
-                    max_streams: int = 16, idle_s: float = IDLE_S, queue_delay_us: int = 1000,
-                    force: bool = False) -> dict[str, Any]:
-    """Write the BLS model `name` (its schedule: make_scheduler's) into `repo_dir`, calling
-    the stage models there; returns {name, schedule, key_interval, max_batch}."""
+                    thresholds: dict | None = None, key_budget: float | None = None,
+                    max_batch: int | None = None, max_streams: int = 16, idle_s: float = IDLE_S,
+                    queue_delay_us: int = 1000, force: bool = False) -> dict[str, Any]:
+    """Write the BLS model `name` (its schedule: make_scheduler's, `key_budget` a budget per
+    stream) into `repo_dir`, calling the stage models there; returns {name, schedule,
+    key_interval, max_batch}."""
     engine_dir, repo = Path(engine_dir), Path(repo_dir)
     manifest = load_manifest(engine_dir, verify_hashes=False)
     where = str(engine_dir / "manifest.json")
     batch = max_batch or int(manifest["profile"]["max"][0])
     k = key_interval or int(manifest["key_interval"])
     thresholds = dict(thresholds or {})
-    make_scheduler(schedule, k, int(manifest["stride"]), **thresholds)  # refuse bad ones here
+    scheduler = make_scheduler(schedule, k, int(manifest["stride"]),  # refuse bad ones here
+                               key_budget=key_budget, **dict(thresholds))
+    if getattr(scheduler, "needs_quality", False) \
+            and "quality" not in graph_outputs(manifest, "flow"):
+        raise RepositoryError(f"--schedule learned: {engine_dir}/flow.onnx has no `quality` "
+                              "output; add a quality head with `python -m dff.models.quality "
+                              "MODEL.pth -o MODEL_quality.pth` and export that")
     if not (max_streams >= 1 and idle_s > 0 and math.isfinite(idle_s)):
         raise RepositoryError(f"max_streams {max_streams} must be ≥ 1 and the idle timeout "
                               f"{idle_s} s above 0")
@@ -211,7 +219,7 @@ def write_dff_model(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathL
     (repo / name / "config.pbtxt").write_text(dff_config(
         manifest, name=name, max_batch=batch, stage_batch=batch, schedule=schedule,
         key_interval=k, thresholds=thresholds, max_streams=max_streams, idle_s=idle_s,
-        queue_delay_us=queue_delay_us, where=where))
+        queue_delay_us=queue_delay_us, where=where, key_budget=key_budget))
     shutil.copyfile(HERE / "dff_model.py", repo / name / "1" / "model.py")
     return {"name": name, "schedule": schedule, "key_interval": k, "max_batch": batch}
 

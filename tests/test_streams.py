@@ -55,9 +55,9 @@ class Recording(Adaptive):
         super().__init__(**kw)
         self.seen: list[float] = []
 
-    def accept(self, flow):
+    def accept(self, flow, quality=None):
         self.seen.append(flow_stats(flow)[0])
-        return super().accept(flow)
+        return super().accept(flow, quality)
 
 
 def adaptive_factory(backend, clips):

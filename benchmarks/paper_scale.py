@@ -3,9 +3,11 @@
 The model is the paper's (Zhu et al., "Deep Feature Flow for Video Recognition", 2017):
 ResNet-101 v1 with res5 dilated 2 (output stride 16) and feat_conv (3×3, dilation 6, C = 1024),
 FlowNet-S at half width ("FlowNet Half") on the half-resolution frame pair with DFF's flow and
-scale heads, and dff-trt's task head: segmentation (19 classes, as Cityscapes) or detection (the
-CenterNet head; 30 classes, as ImageNet VID). That is `DFFConfig`'s "resnet101" preset. Its
-weights are random: the figures are speed only, nothing is said about accuracy.
+scale heads, and a task head: for segmentation (19 classes, as Cityscapes) the paper's, a 1×1
+score convolution and bilinear upsampling (DeepLab v1, `ScoreHead`; `--seg-head aspp`: dff-trt's
+ASPP head instead), for detection dff-trt's CenterNet head (30 classes, as ImageNet VID; the
+paper's R-FCN is issue 14). That is `DFFConfig`'s "resnet101" preset. Its weights are random:
+the figures are speed only, nothing is said about accuracy.
 
 It is exported with dff-export's code (`export.modules.from_dff` → `exporter.export_dff_modules`)
 and timed with dff-profile's (`runtime.profile`: `profile_stages`, `profile_end_to_end`) on ONNX
@@ -79,12 +81,20 @@ def size_arg(text: str) -> tuple[int, int]:
     return h, w
 
 
-def paper_config(task: str, size: tuple[int, int], classes: int | None = None) -> DFFConfig:
-    """The paper's architecture ("resnet101" preset) for `task` with `classes` classes."""
+SEG_HEADS = ("paper", "aspp")  # the paper's 1×1 score head, or dff-trt's ASPP head
+
+
+def paper_config(task: str, size: tuple[int, int], classes: int | None = None,
+                 seg_head: str = "paper") -> DFFConfig:
+    """The paper's architecture ("resnet101" preset) for `task` with `classes` classes; a
+    segmentation head of SEG_HEADS (`head_channels` 0 is the paper's ScoreHead)."""
+    if seg_head not in SEG_HEADS:
+        raise ValueError(f"seg_head {seg_head!r}: choose one of {SEG_HEADS}")
     n = classes or PAPER_CLASSES[task]
     names = [f"class{i:02d}" for i in range(n)]
+    head = {"head_channels": 0} if task == SEGMENTATION and seg_head == "paper" else {}
     return DFFConfig.from_dict({**PRESETS["resnet101"].to_dict(), "task": task,
-                                "class_names": names, "input_size": list(size)})
+                                "class_names": names, "input_size": list(size), **head})
 
 
 def build_model(config: DFFConfig, seed: int = 0) -> DFF:
@@ -269,7 +279,7 @@ def format_summary(res: dict[str, Any]) -> list[str]:
 def run_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Build, export, profile one task; print dff-profile's report and the summary."""
     size = tuple(args.size)
-    config = paper_config(task, size, args.classes)
+    config = paper_config(task, size, args.classes, args.seg_head)
     print(f"[{task}] building the paper's model (random weights, seed {args.seed}) ...",
           flush=True)
     model = build_model(config, args.seed)
@@ -319,7 +329,8 @@ def run_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     print()
     for line in format_report(profile):
         print(line)
-    result = {"task": task, "size": [h, w], "weights": WEIGHTS, "backend": name,
+    result = {"task": task, "seg_head": args.seg_head if task == SEGMENTATION else None,
+              "size": [h, w], "weights": WEIGHTS, "backend": name,
               "threads": args.threads, "frames": args.frames, "seed": args.seed,
               "parity_size": list(args.parity_size), "architecture": arch,
               "repeats": args.repeats,
@@ -355,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-size", type=size_arg, default=(64, 128), metavar="HxW",
                    help="dff-export's opt shape, where it checks parity (default: 64x128; "
                         "--size makes the graphs static)")
+    p.add_argument("--seg-head", choices=SEG_HEADS, default="paper",
+                   help="segmentation's head: the paper's 1x1 score convolution and bilinear "
+                        "upsampling (default), or dff-trt's ASPP head (the shipped model's)")
     p.add_argument("--classes", type=int, metavar="N",
                    help="classes (default: 19 for segmentation, 30 for detection)")
     p.add_argument("--iterations", type=int, default=10, metavar="N",

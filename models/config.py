@@ -18,7 +18,7 @@ class DFFConfig:
     feat_channels: int = 1024        # C: width of feat_conv_3x3, hence of the warped features
     feat_dilation: int = 6
     flow_width: float = 0.5          # FlowNet-S width: 1 = released code, 0.5 = FlowNet Half
-    head_channels: int = 256
+    head_channels: int = 256         # segmentation: 0 = the paper's 1×1 score head (ScoreHead)
     head_subcell: int = 4            # logits per cell side before bilinear upsampling (1 = DeepLab)
     head_upsample: int = 1           # detection: 2 doubles the head's map (output stride 8)
     max_detections: int = MAX_DETECTIONS      # detection: K, the fixed rows of task.onnx

@@ -47,12 +47,36 @@ class SegmentationHead(nn.Module):
                              align_corners=False)
 
 
+class ScoreHead(nn.Module):
+    """The paper's segmentation N_task (DeepLab v1, as the DeepLab code DFF builds on has it):
+    one 1×1 convolution to the class score maps on the stride-16 grid, then bilinear
+    upsampling to the input size. No hidden layer: `head_channels` 0 picks it."""
+
+    task = "segmentation"
+
+    def __init__(self, in_channels: int, num_classes: int, stride: int = 16):
+        super().__init__()
+        self.num_classes, self.stride = num_classes, stride
+        self.score = nn.Conv2d(in_channels, num_classes, 1)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        """feat [N,C,h,w] → logits [N,K,h·stride,w·stride]."""
+        return F.interpolate(self.score(feat), scale_factor=self.stride, mode="bilinear",
+                             align_corners=False)
+
+
 def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int,
                subcell: int = 4, upsample: int = 1) -> nn.Module:
+    """`channels` 0: segmentation's ScoreHead (the paper's); detection needs channels ≥ 1."""
     if task == "segmentation":
+        if channels == 0:
+            return ScoreHead(in_channels, num_classes, stride)
         return SegmentationHead(in_channels, num_classes, channels, stride=stride, subcell=subcell)
     if task == "detection":
         from dff.models.detection import DetectionHead
+
+        if channels < 1:
+            raise ValueError(f"head_channels {channels}: the detection head needs at least 1")
 
         return DetectionHead(in_channels, num_classes, channels, stride=stride, upsample=upsample)
     raise ValueError(f"unknown task {task!r}: expected 'segmentation' or 'detection'")

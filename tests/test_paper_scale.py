@@ -27,11 +27,12 @@ def bench():
     return module
 
 
-@pytest.mark.parametrize("task, head, classes", [("segmentation", "SegmentationHead", 19),
-                                                 ("detection", "DetectionHead", 30)])
+@pytest.mark.parametrize("task, seg_head, head, classes", [
+    ("segmentation", "paper", "ScoreHead", 19), ("segmentation", "aspp", "SegmentationHead", 19),
+    ("detection", "paper", "DetectionHead", 30)])
 def test_the_model_is_resnet101_at_stride_16_with_flownet_half_on_the_half_resolution_pair(
-        bench, task, head, classes):
-    model = bench.build_model(bench.paper_config(task, (H, W)))
+        bench, task, seg_head, head, classes):
+    model = bench.build_model(bench.paper_config(task, (H, W), seg_head=seg_head))
     stages = model.trunk.stages
     assert [len(s) for s in stages] == [3, 4, 23, 3]
     assert all(isinstance(block, Bottleneck) for s in stages for block in s)
@@ -46,6 +47,12 @@ def test_the_model_is_resnet101_at_stride_16_with_flownet_half_on_the_half_resol
     assert arch["flow_input"] == [6, H // 2, W // 2]  # current and key frame, half resolution
     assert type(model.head).__name__ == head and model.config.num_classes == classes
     assert arch["head"].startswith(head)
+    if head == "ScoreHead":  # the paper's: one 1x1 conv to the scores, upsampled to H x W
+        convs = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+            (1024, classes, (1, 1))]
+        with torch.no_grad():
+            assert model.task(feat).shape == (1, classes, H, W)
 
 
 def test_the_benchmark_writes_the_documented_json_and_says_random_weights(bench, tmp_path,
@@ -64,6 +71,7 @@ def test_the_benchmark_writes_the_documented_json_and_says_random_weights(bench,
     assert sorted(res["speedup"], key=int) == ["5", "10", "20"]
     assert set(res["model_speedup"]) == set(res["speedup"])
     assert res["efficiency"] > 0 and res["weights"] == "random: speed only"
+    assert res["seg_head"] == "paper" and res["architecture"]["head"].startswith("ScoreHead")
     assert res["architecture"]["blocks"] == [3, 4, 23, 3]
     assert [row["key_interval"] for row in res["profile"]["end_to_end"]] == [1, 5, 10, 20]
     # exported by dff-export's code into --keep, at the size benchmarked

@@ -199,3 +199,44 @@ def test_dff_serve_repository_takes_the_budget_and_checks_for_quality(quality_ex
     assert 'key: "key_budget"' in text and "0.1" in text
     with pytest.raises(DffError, match="key-budget"):
         write_dff_model(engine_dir, tmp_path / "c", schedule="fixed", key_budget=0.1)
+
+
+def test_triton_serves_the_learned_schedule_as_a_run_in_process(quality_export, tmp_path):
+    """Through Triton's real server (the BLS model asks the flow stage for `quality`): each
+    sequence's key frames and labels equal an in-process run with a budget of its own."""
+    from dff.data.synthetic import make_clip
+    from dff.runtime.ort_backend import OrtBackend
+    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.scheduler import make_scheduler
+    from dff.serve.repository import write_repository
+    from triton_fixture import grpc_client_module, start_server
+
+    _, engine_dir, _ = quality_export
+    write_repository(engine_dir, tmp_path / "repo", schedule="learned", key_budget=0.25)
+    clips = [make_clip(30 + i, T, H, W).frames for i in range(2)]
+    g = grpc_client_module()
+    server = start_server(tmp_path / "repo")
+    served: dict[int, list] = {0: [], 1: []}
+    try:
+        client = g.InferenceServerClient(server.grpc_url)
+        for t in range(T):  # the two sequences in turns
+            for i, frames in enumerate(clips):
+                image = g.InferInput("image", [1, H, W, 3], "UINT8")
+                image.set_data_from_numpy(frames[t][None])
+                r = client.infer("dff", [image], sequence_id=300 + i, sequence_start=t == 0,
+                                 sequence_end=t == T - 1, client_timeout=60)
+                served[i].append((bool(r.as_numpy("is_key")[0, 0]), r.as_numpy("labels")[0]))
+        client.close()
+    finally:
+        server.stop()
+    backend = OrtBackend(engine_dir)
+    try:
+        for i, frames in enumerate(clips):
+            scheduler = make_scheduler("learned", 10, key_budget=0.25)
+            want = list(Pipeline(backend, scheduler).run(frames))
+            assert [k for k, _ in served[i]] == [r.is_key for r in want], f"sequence {i}"
+            assert scheduler.stats()["reasons"]["quality"] >= 1  # quality really decided
+            for (_, labels), ref in zip(served[i], want):
+                np.testing.assert_array_equal(labels, ref.labels)
+    finally:
+        backend.close()

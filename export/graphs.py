@@ -247,7 +247,7 @@ def export_graph(model: DFFModules | DFF, spec: GraphSpec, profile: Profile,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
                 dynamic_shapes=_dynamic_shapes(spec, profile),
-                custom_translation_table=onnx_op.custom_translation_table(), verbose=verbose)
+                custom_translation_table=_translations(), verbose=verbose)
     except Exception as e:  # the exporter raises many kinds; the cause is chained for --verbose
         first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines()
                                                 or [type(e).__name__])[0])
@@ -265,6 +265,14 @@ def export_graph(model: DFFModules | DFF, spec: GraphSpec, profile: Profile,
     check_graph(proto, spec)
     onnx.save(proto, os.fspath(path))
     return proto
+
+
+def _translations() -> dict:
+    """The exporter's table for our custom ops: FlowWarp (plugins/onnx_op) and R-FCN's NMS
+    (models/rfcn, one standard NonMaxSuppression node)."""
+    from dff.models import rfcn
+
+    return {**onnx_op.custom_translation_table(), **rfcn.custom_translation_table()}
 
 
 _OP = re.compile(r"\b(?:aten|prims|torch\.ops\.\w+)[.:]{1,2}[A-Za-z_]\w*(?:\.\w+)?")

@@ -368,7 +368,8 @@ class _DFFFlow(nn.Module):
 
 
 class _DFFDetect(nn.Module):
-    """The CenterNet head and its decode (DFF.outputs) as one task module."""
+    """The detection head and its decode (DFF.outputs) as one task module: CenterNet's, or
+    R-FCN's (its NMS op exports through graphs.py's translation table)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -379,6 +380,12 @@ class _DFFDetect(nn.Module):
         from dff.models.detection import decode
 
         cfg = self.config
+        if cfg.head == "rfcn":
+            from dff.models.rfcn import rfcn_decode
+
+            return rfcn_decode(self.head(feat), self.head.anchors, self.head.stride,
+                               k=self.head.k, max_detections=cfg.max_detections,
+                               score_threshold=cfg.score_threshold)
         return decode(*self.head(feat), stride=self.head.out_stride,
                       max_detections=cfg.max_detections, score_threshold=cfg.score_threshold)
 

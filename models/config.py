@@ -21,6 +21,7 @@ class DFFConfig:
     head_channels: int = 256         # segmentation: 0 = the paper's 1×1 score head (ScoreHead)
     head_subcell: int = 4            # logits per cell side before bilinear upsampling (1 = DeepLab)
     head_upsample: int = 1           # detection: 2 doubles the head's map (output stride 8)
+    head: str = "centernet"          # detection: "centernet" (models/detection.py) or "rfcn"
     max_detections: int = MAX_DETECTIONS      # detection: K, the fixed rows of task.onnx
     score_threshold: float = SCORE_THRESHOLD  # detection: rows at or below are padding
     stride: int = 16

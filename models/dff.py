@@ -26,7 +26,7 @@ class DFF(nn.Module):
         self.flownet = FlowNetS(config.feat_channels, config.flow_width)
         self.head = build_head(config.task, config.feat_channels, config.num_classes,
                                config.head_channels, config.stride, config.head_subcell,
-                               config.head_upsample)
+                               config.head_upsample, config.head)
         self.quality_head = None
         if config.quality_channels:
             from dff.models.quality import QualityHead
@@ -53,14 +53,22 @@ class DFF(nn.Module):
         return flow, scale, self.quality_head(cat, flow)
 
     def task(self, feat: torch.Tensor) -> Any:
-        """The head's raw outputs: logits [N,K,H,W] (segmentation), or (heat, size, offset)
-        (detection); `outputs` turns them into the task contract's tensors."""
+        """The head's raw outputs: logits [N,K,H,W] (segmentation), (heat, size, offset)
+        (CenterNet) or (rpn_cls, rpn_box, ps_cls, ps_box) (R-FCN); `outputs` turns them into
+        the task contract's tensors."""
         return self.head(feat)
 
     def outputs(self, raw: Any) -> dict[str, torch.Tensor]:
         """The task contract's outputs (dff/tasks.py) from `task`'s raw outputs: `labels`
         (segmentation), or boxes, scores, classes, num (detection). task.onnx computes this."""
         cfg = self.config
+        if cfg.task == "detection" and cfg.head == "rfcn":
+            from dff.models.rfcn import rfcn_decode
+
+            boxes, scores, classes, num = rfcn_decode(
+                raw, self.head.anchors, self.head.stride, k=self.head.k,
+                max_detections=cfg.max_detections, score_threshold=cfg.score_threshold)
+            return {"boxes": boxes, "scores": scores, "classes": classes, "num": num}
         if cfg.task == "detection":
             from dff.models.detection import decode
 

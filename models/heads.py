@@ -1,6 +1,6 @@
 """N_task heads. Each takes the (possibly warped) features [N,C,h,w] and returns its raw
-outputs; ``build_head`` picks one from the config's ``task`` (the detection head lives in
-``dff.models.detection``)."""
+outputs; ``build_head`` picks one from the config's ``task`` and ``head`` (the detection heads
+live in ``dff.models.detection``, CenterNet, and ``dff.models.rfcn``, R-FCN)."""
 
 from __future__ import annotations
 
@@ -65,13 +65,27 @@ class ScoreHead(nn.Module):
                              align_corners=False)
 
 
+DETECTION_HEADS = ("centernet", "rfcn")
+
+
 def build_head(task: str, in_channels: int, num_classes: int, channels: int, stride: int,
-               subcell: int = 4, upsample: int = 1) -> nn.Module:
-    """`channels` 0: segmentation's ScoreHead (the paper's); detection needs channels ≥ 1."""
+               subcell: int = 4, upsample: int = 1, head: str = "centernet") -> nn.Module:
+    """`channels` 0: segmentation's ScoreHead (the paper's); CenterNet needs channels ≥ 1.
+    `head` "rfcn" is the original DFF's R-FCN (1×1 convs on the features: no channels, no
+    upsample)."""
+    if head not in DETECTION_HEADS:
+        raise ValueError(f"unknown head {head!r}: expected one of {', '.join(DETECTION_HEADS)}")
+    if head == "rfcn" and task != "detection":
+        raise ValueError(f"head 'rfcn' is a detection head, but the task is {task!r}; use "
+                         "--task detection")
     if task == "segmentation":
         if channels == 0:
             return ScoreHead(in_channels, num_classes, stride)
         return SegmentationHead(in_channels, num_classes, channels, stride=stride, subcell=subcell)
+    if task == "detection" and head == "rfcn":
+        from dff.models.rfcn import RFCNHead
+
+        return RFCNHead(in_channels, num_classes, stride=stride)
     if task == "detection":
         from dff.models.detection import DetectionHead
 

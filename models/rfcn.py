@@ -301,8 +301,9 @@ def nms_op() -> Callable[..., torch.Tensor]:
                                     "float iou_threshold, float score_threshold) -> Tensor")
     def nms(boxes: torch.Tensor, scores: torch.Tensor, max_output: int, iou_threshold: float,
             score_threshold: float) -> torch.Tensor:
-        return non_max_suppression(boxes, scores, max_output, iou_threshold,
-                                   score_threshold).to(boxes.device)
+        # on the host: the greedy loop is sequential, and its masks are made there
+        return non_max_suppression(boxes.detach().cpu(), scores.detach().cpu(), max_output,
+                                   iou_threshold, score_threshold).to(boxes.device)
 
     @nms.register_fake
     def _(boxes: torch.Tensor, scores: torch.Tensor, max_output: int, iou_threshold: float,

@@ -2,7 +2,8 @@
 
 1. flow: pretrain N_flow on frame pairs with exact flow (end-point error on the feature grid);
 2. seg:  train N_feat + N_task per frame (pixel cross-entropy), or `det` with --task detection
-         (CenterNet's focal loss on centre heatmaps, L1 on size and offset; dff.models.detection);
+         (CenterNet's focal loss on centre heatmaps, L1 on size and offset; dff.models.detection;
+         with --head rfcn R-FCN's RPN and RoI losses, dff.models.rfcn_loss);
 3. dff:  train everything end to end: the key frame is 0..9 frames before the current one,
          its features are warped to the current frame, loss on the current frame only.
 
@@ -38,6 +39,7 @@ from dff.models.checkpoint import (
 from dff.models.config import PRESETS, DFFConfig
 from dff.models.detection import detection_loss, detection_targets, flip_boxes
 from dff.models.dff import DFF
+from dff.models.rfcn_loss import rfcn_loss
 
 from dff.errors import DffError
 from dff.tasks import DETECTION, KINDS
@@ -143,7 +145,10 @@ def parameters_for(model: DFF, stage: str):
 
 
 def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss: float,
-               flip: bool, size_weight: float = 0.1) -> dict:
+               flip: bool, size_weight: float = 0.1,
+               generator: torch.Generator | None = None) -> dict:
+    """One batch's loss and its terms. `generator` draws R-FCN's anchor and RoI samples (a
+    fixed seed when None)."""
     cur, key = data.images(pairs, 1), data.images(pairs, 2)
     stats = {}
     if stage == "flow":
@@ -167,7 +172,13 @@ def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss
         from dff.models.warp import flow_warp
 
         raw = model.task(flow_warp(key_feat, flow, scale))
-    if detect:
+    if detect and model.config.head == "rfcn":
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        terms = rfcn_loss(raw, *data.boxes(pairs, flip), model.head,
+                          (cur.shape[2], cur.shape[3]), gen)
+        loss = terms.pop("loss")
+        stats |= {k: v.item() for k, v in terms.items()}
+    elif detect:
         stride = model.head.out_stride
         targets = detection_targets(*data.boxes(pairs, flip), model.config.num_classes,
                                     (cur.shape[2] // stride, cur.shape[3] // stride), stride)
@@ -212,7 +223,7 @@ def build_config(args) -> DFFConfig:
     config = DFFConfig.from_dict(PRESETS[args.config].to_dict()).for_task(args.task)
     config.input_size = [args.height, args.width]
     config.key_interval = args.key_interval
-    for name in ("head_subcell", "head_channels", "head_upsample"):
+    for name in ("head_subcell", "head_channels", "head_upsample", "head"):
         if getattr(args, name):
             setattr(config, name, getattr(args, name))
     return config
@@ -268,8 +279,12 @@ def run(args) -> Path:
                 pairs = [(c, t, t) for c, t, _ in pairs]
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(lrs[stage], it, total)
-            stats = train_step(model, data, stage, pairs, device, args.flow_loss,
-                               flip=bool(rng.integers(2)), size_weight=args.size_weight)
+            flip = bool(rng.integers(2))
+            gen = None  # R-FCN's anchor and RoI samples; only its runs draw the seed, so
+            if model.config.head == "rfcn":  # every other run draws what it always did
+                gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            stats = train_step(model, data, stage, pairs, device, args.flow_loss, flip=flip,
+                               size_weight=args.size_weight, generator=gen)
             opt.zero_grad(set_to_none=True)
             stats["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -330,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-channels", type=int, default=0, help="override the preset's head width")
     p.add_argument("--head-upsample", type=int, default=0, choices=(0, 1, 2),
                    help="detection: 2 doubles the head's map (output stride 8)")
+    p.add_argument("--head", choices=("centernet", "rfcn"),
+                   help="detection: the head; centernet (default, dff.models.detection) or rfcn "
+                        "(the original DFF's R-FCN, dff.models.rfcn)")
     p.add_argument("--size-weight", type=float, default=0.1,
                    help="detection: weight of the L1 size loss (CenterNet's 0.1)")
     p.add_argument("--save-every", type=int, default=100)
@@ -348,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dff-train: --{name} {getattr(args, name)} must be a multiple of 16 (the "
                   "feature stride)", file=sys.stderr)
             return 2
+    if args.head == "rfcn" and args.task != DETECTION:
+        print("dff-train: --head rfcn is a detection head; add --task detection", file=sys.stderr)
+        return 2
     try:
         run(args)
     except DffError as e:

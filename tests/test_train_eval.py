@@ -108,6 +108,22 @@ def test_detection_training_runs_flow_det_dff_and_writes_a_detection_checkpoint(
         torch.load(tmp_path / "run" / "model.pth", weights_only=True)["meta"]))["command"]
 
 
+def test_rfcn_detection_training_writes_a_checkpoint_that_decodes_to_the_contract(tmp_path):
+    assert train.main(DET + ["--out", str(tmp_path / "run"), "--head", "rfcn"]) == 0
+    model = load_checkpoint(tmp_path / "run" / "model.pth")
+    assert model.config.head == "rfcn" and "head.ps_cls.weight" in model.state_dict()
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert {"rpn_cls", "rpn_box", "rfcn_cls", "rfcn_box"} <= set(state["log"][-1])
+    with torch.no_grad():
+        out = model.outputs(model.forward_key(torch.full((1, 3, 64, 96), 128.0))[1])
+    assert out["boxes"].shape == (1, 100, 4) and out["classes"].dtype == torch.int32
+
+
+def test_head_rfcn_without_task_detection_is_refused(tmp_path, capsys):
+    assert train.main(TINY + ["--out", str(tmp_path), "--head", "rfcn"]) == 2
+    assert "--task detection" in capsys.readouterr().err
+
+
 def test_init_starts_trunk_and_flow_net_from_a_checkpoint_of_another_task(tmp_path):
     seg = tmp_path / "seg.pth"
     assert train.main(TINY + ["--out", str(tmp_path / "seg"), "--save", str(seg)]) == 0

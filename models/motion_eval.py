@@ -102,7 +102,7 @@ def run_fixed(model: DFF, clip, interval: int | None, copy: bool, post) -> tuple
     return outs, keys, seconds
 
 
-class _Tally:
+class Tally:
     """Accuracy, key frames, frames and seconds of one run kind over some clips."""
 
     def __init__(self, model: DFF):
@@ -182,7 +182,7 @@ def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = No
     for name in schedules_for(model)[1:]:
         scores = {}
         for threshold in tqdm(GRID[name], desc=f"tune {name}", disable=not progress):
-            tally = _Tally(model)
+            tally = Tally(model)
             for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled,
                                              post)):
                 tally.add(m.clip, *res)
@@ -209,7 +209,7 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
         + [("copy", k, True) for k in intervals]
     names = schedules_for(model)
     scheduled = [("stream", n) for n in names] + [("pooled", n) for n in names[1:]]
-    tallies = {c: {r: _Tally(model) for r in [*runs, *scheduled]}
+    tallies = {c: {r: Tally(model) for r in [*runs, *scheduled]}
                for c in [*CATEGORIES, "all"]}
     flows: dict[str, list[float]] = {c: [] for c in CATEGORIES}
     split = list(motion_split("eval", clips=clips, height=h, width=w))

@@ -240,3 +240,30 @@ def test_triton_serves_the_learned_schedule_as_a_run_in_process(quality_export, 
                 np.testing.assert_array_equal(labels, ref.labels)
     finally:
         backend.close()
+
+
+def test_the_schedules_benchmark_runs_the_motion_split_through_the_runtime(quality_export,
+                                                                           tmp_path, capsys):
+    """benchmarks/schedules.py on one clip per category (a smoke test: nothing timed here)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "schedules.py"
+    spec = importlib.util.spec_from_file_location("schedules_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ckpt, engine_dir, _ = quality_export
+    out = tmp_path / "schedules.json"
+    assert bench.main(["--engine-dir", str(engine_dir), "--checkpoint", str(ckpt), "--clips",
+                       "1", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["frames"] == 5 * 60 and set(res["stream"]) == set(res["pooled"]) == {
+        "fixed", "adaptive", "learned"}
+    for mode in ("stream", "pooled"):
+        for name, row in res[mode].items():
+            assert 0 <= row["miou"] <= 1 and row["fps"] > 0, (mode, name)
+            assert row["key_fraction"] <= 0.1 + 1e-9, (mode, name)  # within the budget
+            assert set(row["by_category"]) == {"slow", "medium", "fast", "cuts", "bursts"}
+        assert res[mode]["fixed"]["key_fraction"] == pytest.approx(0.1)
+    assert "one budget for all" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 import numpy as np
 from dff.export.manifest import GRAPHS, load_manifest
@@ -50,7 +50,8 @@ class FlowOutputs(tuple):
 
     quality: Any
 
-    def __new__(cls, flow: Any, scale: Any, feat: Any, quality: Any = None) -> Self:
+    def __new__(cls, flow: Any, scale: Any,  # noqa: PYI034 (typing.Self needs Python 3.11)
+                feat: Any, quality: Any = None) -> FlowOutputs:
         out = super().__new__(cls, (flow, scale, feat))
         out.quality = quality
         return out

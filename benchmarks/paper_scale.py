@@ -133,8 +133,9 @@ def architecture(model: DFF, probe: tuple[int, int] = PROBE) -> dict[str, Any]:
         "flownet_s_widths": list(FULL_WIDTHS),
         "flow_input": seen["flow_input"],  # [6, H', W'] at the probe's H×W
         "probe": list(probe),
-        "head": f"{type(model.head).__name__} ({cfg.head_channels} channels, "
-                f"{cfg.num_classes} classes)",
+        "head": f"{type(model.head).__name__} ("
+                + (f"{cfg.head_channels} channels" if cfg.head_channels else "1x1 score conv")
+                + f", {cfg.num_classes} classes)",
         "parameters_m": {name: sum(p.numel() for p in part.parameters()) / 1e6 for name, part
                          in (("feature", trunk), ("flow", flownet), ("task", model.head))},
     }

@@ -26,7 +26,10 @@ from dff.tasks import MAX_DETECTIONS, SCORE_THRESHOLD, TOPK_LIMIT
 
 BBOX_STDS = (0.1, 0.1, 0.2, 0.2)  # R-FCN's box-target normalisation (dx, dy, dw, dh)
 DELTA_CLAMP = math.log(1000 / 16)  # largest dw, dh: exp() stays finite
-PAD = -1.0  # objectness of padding and too-small candidates, below any probability
+# objectness is ranked by its logit, not its sigmoid: a trained RPN's sigmoids saturate at
+# exactly 1.0 on many anchors, and TopK and NMS order such ties as each runtime likes
+LOGIT_FLOOR = -1e3  # real logits are clamped here, far above PAD
+PAD = -1e4  # objectness of padding and too-small candidates, below any real logit
 NMS_OP = "dff::non_max_suppression"
 Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -118,7 +121,7 @@ def rfcn_decode(raw: Raw, anchors: torch.Tensor, stride: int, k: int = 3, pre_nm
     grid = (centres + anchors.to(centres).unsqueeze(0)).reshape(1, -1, 4)
     deltas = rpn_box.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     boxes = clip_boxes(decode_boxes(grid, deltas), limits)
-    objectness = rpn_cls.sigmoid().permute(0, 2, 3, 1).reshape(n, -1)
+    objectness = rpn_cls.permute(0, 2, 3, 1).reshape(n, -1).clamp(min=LOGIT_FLOOR)
     size = torch.minimum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])
     objectness = torch.where(size >= min_size, objectness, torch.full_like(objectness, PAD))
     # pre_nms padding candidates behind the real ones, so TopK(pre_nms) is valid on small maps

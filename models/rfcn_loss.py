@@ -149,7 +149,7 @@ def training_proposals(rpn_cls: torch.Tensor, rpn_box: torch.Tensor, grid: torch
     with torch.no_grad():
         deltas = rpn_box.reshape(a, 4, h, w).permute(2, 3, 0, 1).reshape(-1, 4)
         boxes = clip_boxes(decode_boxes(grid, deltas), limits)
-        scores = rpn_cls.sigmoid().permute(1, 2, 0).reshape(-1)
+        scores = rpn_cls.permute(1, 2, 0).reshape(-1)  # logits: sigmoids saturate and tie
         size = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         boxes, scores = boxes[size >= min_size], scores[size >= min_size]
         scores, order = scores.topk(min(pre_nms, len(scores)))

@@ -212,6 +212,22 @@ def test_a_hand_made_object_per_anchor_comes_out_with_its_box_class_and_score():
     assert (classes[:, 2:] == -1).all() and (boxes[:, 2:] == 0).all()
 
 
+def test_proposals_rank_by_objectness_logits_where_sigmoids_saturate():
+    """A trained RPN's logits of 20 and 40 both have a float32 sigmoid of exactly 1.0: ranked
+    by sigmoid they would tie, and TopK and NMS would order them as each runtime likes (an
+    export of a trained model failed parity so). Ranked by logit, R = 1 keeps the 40."""
+    rpn_cls, rpn_box, ps_cls, ps_box = _hand_made_raw()
+    rpn_cls[:, 4, 3, 4], rpn_cls[:, 7, 5, 10] = 20.0, 40.0
+    assert torch.sigmoid(torch.tensor([20.0, 40.0])).tolist() == [1.0, 1.0]
+    head = RFCNHead(16, CLASSES)
+    boxes, _, classes, num = rfcn_decode((rpn_cls, rpn_box, ps_cls, ps_box), head.anchors, 16,
+                                         proposals=1)
+    tall_w, tall_h = 32 / math.sqrt(2), 32 * math.sqrt(2)
+    second = _regressed(168 - tall_w / 2, 88 - tall_h / 2, 168 + tall_w / 2, 88 + tall_h / 2)
+    assert num.tolist() == [1, 1] and classes[:, 0].tolist() == [0, 0]
+    np.testing.assert_allclose(boxes[:, 0], [second, second], atol=1e-3)
+
+
 def test_options_out_of_range_and_an_odd_width_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="even number of feature channels"):
         RFCNHead(15, CLASSES)

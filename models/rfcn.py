@@ -47,6 +47,18 @@ def make_anchors(base: float = 16.0, scales: Sequence[float] = (1, 2, 4),
     return torch.tensor(out, dtype=torch.float32)
 
 
+def anchor_grid(anchors: torch.Tensor, map_size: tuple[int, int], stride: int) -> torch.Tensor:
+    """All anchors of an h×w map [h·w·A, 4] in image pixels, centred on the cells, index
+    (row·w + col)·A + a (the order of rpn_cls.permute(0, 2, 3, 1)): rfcn_decode's proposals
+    and rfcn_loss's targets both use it."""
+    h, w = map_size
+    xs = (torch.arange(w, dtype=torch.float32, device=anchors.device) + 0.5) * stride
+    ys = (torch.arange(h, dtype=torch.float32, device=anchors.device) + 0.5) * stride
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    centres = torch.stack((gx, gy, gx, gy), -1).reshape(-1, 1, 4)
+    return (centres + anchors.to(torch.float32).unsqueeze(0)).reshape(-1, 4)
+
+
 class RFCNHead(nn.Module):
     """feat [N,C,h,w] at `stride` → raw maps (rpn_cls [N,A,h,w], rpn_box [N,4A,h,w], ps_cls
     [N,k·k·(classes+1),h,w], ps_box [N,k·k·8,h,w]); A = len(scales)·len(ratios).
@@ -114,11 +126,7 @@ def rfcn_decode(raw: Raw, anchors: torch.Tensor, stride: int, k: int = 3, pre_nm
     limits = _image_limits(rpn_cls, stride)
 
     # proposals: anchors at cell centres, anchor fastest (index (row·w + col)·A + a)
-    xs = (torch.arange(w, dtype=torch.float32, device=rpn_cls.device) + 0.5) * stride
-    ys = (torch.arange(h, dtype=torch.float32, device=rpn_cls.device) + 0.5) * stride
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    centres = torch.stack((gx, gy, gx, gy), -1).reshape(-1, 1, 4)
-    grid = (centres + anchors.to(centres).unsqueeze(0)).reshape(1, -1, 4)
+    grid = anchor_grid(anchors.to(rpn_cls.device), (h, w), stride).unsqueeze(0)
     deltas = rpn_box.reshape(n, a, 4, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
     boxes = clip_boxes(decode_boxes(grid, deltas), limits)
     objectness = rpn_cls.permute(0, 2, 3, 1).reshape(n, -1).clamp(min=LOGIT_FLOOR)

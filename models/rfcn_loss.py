@@ -26,6 +26,7 @@ from dff.models.rfcn import (
     DELTA_CLAMP,
     Raw,
     RFCNHead,
+    anchor_grid,
     clip_boxes,
     decode_boxes,
     non_max_suppression,
@@ -39,17 +40,6 @@ ROI_FOREGROUND = 0.5  # RoI IoU for a foreground RoI; background is [0, 0.5)
 ROI_BATCH, ROI_FG_FRACTION = 128, 0.25  # RoIs per image, at most a quarter foreground
 IGNORE_OVERLAP = 0.3  # IoU with an ignore region that takes an anchor or RoI out of background
 ALLOWED_BORDER = 16.0  # px an anchor may cross the image border and still be trained
-
-
-def anchor_grid(anchors: torch.Tensor, map_size: tuple[int, int], stride: int) -> torch.Tensor:
-    """All anchors of an h×w map [h·w·A, 4] in image pixels, in rfcn_decode's order (index
-    (row·w + col)·A + a, the order of rpn_cls.permute(0, 2, 3, 1)), centred on the cells."""
-    h, w = map_size
-    xs = (torch.arange(w, dtype=torch.float32, device=anchors.device) + 0.5) * stride
-    ys = (torch.arange(h, dtype=torch.float32, device=anchors.device) + 0.5) * stride
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    centres = torch.stack((gx, gy, gx, gy), -1).reshape(-1, 1, 4)
-    return (centres + anchors.to(torch.float32).unsqueeze(0)).reshape(-1, 4)
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from dff.models.rfcn import BBOX_STDS, RFCNHead, decode_boxes, rfcn_decode
+from dff.models.rfcn import BBOX_STDS, RFCNHead, anchor_grid, decode_boxes, rfcn_decode
 from dff.models.rfcn_loss import (
-    anchor_grid,
     assign_anchors,
     box_iou,
     roi_targets,

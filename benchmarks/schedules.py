@@ -86,7 +86,7 @@ def run_row(backend, clips, name: str, budget: float, threshold: float | None, p
     else:
         for i, m in enumerate(clips):
             scheduler = make_scheduler(name, stride=stride, **opts)
-            check_quality(backend, scheduler, "the engine folder")
+            check_quality(backend, [scheduler], "the engine folder")
             for result in Pipeline(backend, scheduler).run(iter(m.clip.frames)):
                 outs[i].append(result.outputs if model.config.task == DETECTION
                                else result.labels)

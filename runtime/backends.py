@@ -79,21 +79,19 @@ def task_spec(manifest: dict, where: str = "manifest.json") -> dict[str, Any]:
     return spec
 
 
-def host_quality(backend: Backend, out: Any, schedulers: Any) -> np.ndarray | None:
+def host_quality(backend: Backend, out: Any, schedulers: list) -> np.ndarray | None:
     """`out`'s quality (what `backend.flow` returned) on the host, [N,1], when one of
-    `schedulers` (a scheduler or a list) reads it (the learned schedule) and the flow graph
-    has it; else None, and nothing is copied."""
-    schedulers = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
+    `schedulers` reads it (the learned schedule) and the flow graph has it; else None, and
+    nothing is copied."""
     quality = getattr(out, "quality", None)
     if quality is None or not any(getattr(s, "needs_quality", False) for s in schedulers):
         return None
     return backend.to_host(quality)
 
 
-def check_quality(backend: Backend, schedulers: Any, where: str) -> None:
-    """Refuse, before any frame, a learned schedule on a backend whose flow has no quality
-    (`where`: the engine folder or checkpoint named in the message)."""
-    schedulers = schedulers if isinstance(schedulers, (list, tuple)) else [schedulers]
+def check_quality(backend: Backend, schedulers: list, where: str) -> None:
+    """Refuse, before any frame, a learned schedule among `schedulers` on a backend whose
+    flow has no quality (`where`: the engine folder or checkpoint named in the message)."""
     if any(getattr(s, "needs_quality", False) for s in schedulers) \
             and not getattr(backend, "has_quality", True):
         raise BackendError(f"--schedule learned: {where} has no quality head (flow.onnx has no "

@@ -273,7 +273,7 @@ def _run_video(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
                                key_budget=args.key_budget)
     backend, reason = choose_backend(args, engine_dir, say)
     try:
-        check_quality(backend, scheduler, args.checkpoint or str(engine_dir))
+        check_quality(backend, [scheduler], args.checkpoint or str(engine_dir))
         total = video.frame_count
         if args.max_frames is not None:
             total = min(total, args.max_frames) if total else args.max_frames

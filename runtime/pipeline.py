@@ -303,7 +303,7 @@ class Pipeline:
             out = b.flow(image, self._key_image, self._key_feat)
             feat = out[2]
             if self.scheduler.needs_flow and not self.scheduler.accept(
-                    b.to_host(out[0]), host_quality(b, out, self.scheduler)):
+                    b.to_host(out[0]), host_quality(b, out, [self.scheduler])):
                 is_key = True  # propagation not trusted: redo as a key frame
             lap("flow")
         if is_key:

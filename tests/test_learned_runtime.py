@@ -93,8 +93,8 @@ def test_every_backend_returns_the_quality_of_the_flow_graph(quality_export, eng
             out = backend.flow(image, key, backend.feature(key))
             flow, _scale, _feat = out  # still unpacks as the triple
             assert backend.to_host(flow).shape == (2, 2, H // 16, W // 16)
-            np.testing.assert_allclose(host_quality(backend, out, learned), ref, atol=1e-4)
-            assert host_quality(backend, out, fixed) is None  # not read, not copied
+            np.testing.assert_allclose(host_quality(backend, out, [learned]), ref, atol=1e-4)
+            assert host_quality(backend, out, [fixed]) is None  # not read, not copied
         finally:
             backend.close()
     plain = open_backend("onnxruntime-cpu", engines, threads=1)

@@ -16,6 +16,9 @@ from dff.errors import DffError
 
 SEGMENTATION, DETECTION = "segmentation", "detection"
 KINDS = (SEGMENTATION, DETECTION)
+# --demo NAME: a task's shipped model, or "rfcn", the detection model with the paper's R-FCN head
+RFCN = "rfcn"
+DEMOS = (*KINDS, RFCN)
 MAX_DETECTIONS = 100  # K: detection's fixed number of output rows
 TOPK_LIMIT = 3840  # TensorRT's TopK takes K <= 3840 (DESIGN.md §4)
 SCORE_THRESHOLD = 0.05  # detection rows scoring at most this are padding

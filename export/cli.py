@@ -12,7 +12,7 @@ from dff.engines.cli import add_build_args, check_build_args
 from dff.export.profile import shape_arg
 
 from dff.errors import DffError
-from dff.tasks import KINDS, SEGMENTATION
+from dff.tasks import DEMOS, SEGMENTATION
 
 EPILOG = """\
 graphs (DESIGN.md §3; H, W multiples of the stride s (16 for dff-train's models), h = H/s, w = W/s):
@@ -53,10 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a DFF checkpoint to three ONNX graphs plus manifest.json.")
     p.add_argument("checkpoint", nargs="?", metavar="MODEL.pth",
                    help="checkpoint written by dff-train (default: the shipped demo model)")
-    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=KINDS, metavar="TASK",
-                   help="export the shipped demo model of TASK: segmentation (the default; "
-                        "dff_small_synthetic.pth, the same as giving no MODEL.pth) or detection "
-                        "(dff_small_detection.pth)")
+    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMOS, metavar="NAME",
+                   help="export a shipped demo model: segmentation (the default; "
+                        "dff_small_synthetic.pth, the same as giving no MODEL.pth), detection "
+                        "(dff_small_detection.pth, CenterNet head) or rfcn "
+                        "(dff_small_rfcn.pth, the paper's R-FCN head)")
     p.add_argument("--module", metavar="PACKAGE.MODULE:FACTORY",
                    help="export your own modules: FACTORY(**module args) returns "
                         "dff.export.DFFModules(feature=..., flow=..., task=..., ...) or a dict of "

@@ -74,14 +74,16 @@ def _simplify(proto: onnx.ModelProto, spec: graphs_mod.GraphSpec) -> onnx.ModelP
 
 
 def demo_checkpoint(task: str = tasks.SEGMENTATION) -> Path:
-    """The shipped demo weights for `task`, or a DffError saying they are missing."""
-    tasks.check_kind(task, "--demo", "pass segmentation or detection")
+    """The shipped weights of the demo `task` (a task, or "rfcn"), or a DffError saying
+    they are missing."""
+    if task not in tasks.DEMOS:
+        raise DffError(f"--demo is {task!r}, expected one of {', '.join(tasks.DEMOS)}")
     path = Path(demo_checkpoint_path(task))
     if path.is_file():
         return path
-    if task == tasks.DETECTION:
-        raise DffError(f"--demo detection: the shipped detection weights {path} are missing "
-                       "from this install; pass a detection MODEL.pth written by dff-train")
+    if task != tasks.SEGMENTATION:
+        raise DffError(f"--demo {task}: the shipped {task} weights {path} are missing from "
+                       "this install; pass a detection MODEL.pth written by dff-train")
     raise DffError(f"the shipped demo model {path} is missing (this install has no demo "
                    "weights); pass MODEL.pth written by dff-train")
 

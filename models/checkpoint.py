@@ -19,7 +19,7 @@ from dff.models.config import DFFConfig
 from dff.models.dff import DFF
 
 from dff.errors import CheckpointError
-from dff.tasks import DETECTION, SEGMENTATION, check_kind
+from dff.tasks import DEMOS, DETECTION, RFCN, SEGMENTATION, check_kind
 
 FORMAT = "dff-trt-checkpoint"
 VERSION = 1  # float weights
@@ -27,15 +27,17 @@ VERSION_QUANTIZED = 2  # adds ``quantized``: {state_dict key: per-channel scale}
 WEIGHTS_DTYPES = ("float32", "float16", "int8")
 _MIN_QUANTIZED = 1024  # smaller tensors (biases, BatchNorm) stay float16
 DEMO_NAME = "dff_small_synthetic.pth"
-DEMO_NAMES = {SEGMENTATION: DEMO_NAME, DETECTION: "dff_small_detection.pth"}
+DEMO_NAMES = {SEGMENTATION: DEMO_NAME, DETECTION: "dff_small_detection.pth",
+              RFCN: "dff_small_rfcn.pth"}  # one per name of dff.tasks.DEMOS
 
 
-def demo_checkpoint_path(task: str = SEGMENTATION) -> Path:
-    """The shipped demo weights for `task`; segmentation's is the default every command
-    falls back to."""
-    check_kind(task, "demo_checkpoint_path: task", "the shipped demos are "
-               + " and ".join(DEMO_NAMES.values()))
-    return Path(str(resources.files("dff.models") / "weights" / DEMO_NAMES[task]))
+def demo_checkpoint_path(demo: str = SEGMENTATION) -> Path:
+    """The shipped weights of the demo `demo` (a task, or "rfcn"); segmentation's is the
+    default every command falls back to."""
+    if demo not in DEMO_NAMES:
+        raise CheckpointError(f"demo {demo!r} is not shipped; the demos are "
+                              f"{', '.join(DEMOS)}")
+    return Path(str(resources.files("dff.models") / "weights" / DEMO_NAMES[demo]))
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:

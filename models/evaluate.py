@@ -24,7 +24,7 @@ from dff.models.dff import DFF, fixed_schedule
 from dff.models.metrics import clip_ground_truth, detection_ap
 
 from dff.errors import DffError
-from dff.tasks import DETECTION, KINDS, SEGMENTATION
+from dff.tasks import DEMOS, DETECTION, RFCN, SEGMENTATION
 
 DEFAULT_INTERVALS = (1, 2, 5, 10, 20)
 
@@ -248,10 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dff-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", help=f"default: the shipped demo "
                    f"({demo_checkpoint_path().name})")
-    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=KINDS, metavar="TASK",
-                   help="evaluate the shipped demo model of TASK: segmentation (the default, "
-                        "the same as giving no checkpoint) or detection "
-                        f"({demo_checkpoint_path(DETECTION).name})")
+    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMOS, metavar="NAME",
+                   help="evaluate a shipped demo model: segmentation (the default, the same "
+                        f"as giving no checkpoint), detection ({demo_checkpoint_path(DETECTION).name}"
+                        f", CenterNet head) or rfcn ({demo_checkpoint_path(RFCN).name}, R-FCN head)")
     p.add_argument("--split", choices=("eval", "motion"), default="eval",
                    help="eval: the fixed 20-clip split; motion: by motion category, with the "
                         "key-frame schedules at --key-budget (dff.models.motion_eval)")

@@ -50,6 +50,8 @@ MAX_KEY_OFFSET = 9  # the paper samples the key frame up to 9 frames before the 
 # what --init must share with the model being trained: the trunk and the flow net
 INIT_FIELDS = ("trunk_depth", "trunk_width", "feat_channels", "feat_dilation", "flow_width",
                "stride", "mean", "std")
+# what --init-head must share as well: the task head
+HEAD_FIELDS = ("task", "class_names", "head", "head_channels", "head_upsample", "head_subcell")
 
 
 def stages_for(task: str) -> tuple[str, str, str]:
@@ -198,25 +200,28 @@ def train_step(model: DFF, data: TrainData, stage: str, pairs, device, flow_loss
     return {"loss": loss, **stats}
 
 
-def init_from(model: DFF, path: str) -> dict:
-    """Copy the trunk and flow net of checkpoint `path` into `model`; its config must match on
-    INIT_FIELDS. Returns what the meta records about it."""
+def init_from(model: DFF, path: str, head: bool = False) -> dict:
+    """Copy the trunk and flow net of checkpoint `path` into `model`, and with `head` its task
+    head too (fine-tuning a trained model); its config must match on INIT_FIELDS, and with
+    `head` on HEAD_FIELDS as well. Returns what the meta records about it."""
     blob = read_checkpoint(path)
-    for name in INIT_FIELDS:
+    for name in INIT_FIELDS + (HEAD_FIELDS if head else ()):
         theirs, ours = blob["config"].get(name), getattr(model.config, name)
         if theirs != ours:
+            fix = ("--init-head needs a checkpoint of the same task and head (same --task, "
+                   "--head and --head-* options)" if name in HEAD_FIELDS else
+                   "--init needs a checkpoint of the same architecture (same --config)")
             raise DffError(f"{path}: field 'config.{name}' is {theirs!r}, but the model being "
-                           f"trained has {ours!r}; --init needs a checkpoint of the same "
-                           "architecture (same --config)")
-    parts = {k: v for k, v in blob["state_dict"].items() if k.startswith(("trunk.", "flownet."))}
-    missing = [k for k in model.state_dict() if k.startswith(("trunk.", "flownet."))
-               and k not in parts]
+                           f"trained has {ours!r}; {fix}")
+    prefixes = ("trunk.", "flownet.") + (("head.",) if head else ())
+    parts = {k: v for k, v in blob["state_dict"].items() if k.startswith(prefixes)}
+    missing = [k for k in model.state_dict() if k.startswith(prefixes) and k not in parts]
     if missing:
         raise DffError(f"{path}: no weights for {missing[:2]}; --init needs a dff-train "
                        "checkpoint of the same architecture")
     model.load_state_dict(parts, strict=False)
     return {"init": str(path), "init_sha256": file_sha256(path),
-            "init_task": blob["config"].get("task")}
+            "init_task": blob["config"].get("task"), "init_head": head}
 
 
 def build_config(args) -> DFFConfig:
@@ -242,7 +247,7 @@ def run(args) -> Path:
     config = build_config(args)
     model = DFF(config).to(device)
     stages = stages_for(config.task)
-    init_meta = init_from(model, args.init) if args.init else {}
+    init_meta = init_from(model, args.init, head=args.init_head) if args.init else {}
     iters = {"flow": args.iters_flow, "seg": args.iters_seg, "det": args.iters_det,
              "dff": args.iters_dff}
     lrs = {"flow": args.lr_flow, "seg": args.lr, "det": args.lr, "dff": args.lr_dff}
@@ -318,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=KINDS, default="segmentation")
     p.add_argument("--init", help="start the trunk and flow net from this checkpoint (same "
                                   "architecture, any task); --iters-flow 0 then skips stage 1")
+    p.add_argument("--init-head", action="store_true",
+                   help="with --init: copy the task head too, to fine-tune a trained model "
+                        "(same task and head settings); --iters-flow 0 --iters-det 0 then "
+                        "trains end to end only")
     p.add_argument("--out", default="runs/small", help="folder for state.pt and model.pth")
     p.add_argument("--save", help="also write the final checkpoint here")
     p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
@@ -366,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dff-train: --{name} {getattr(args, name)} must be a multiple of 16 (the "
                   "feature stride)", file=sys.stderr)
             return 2
+    if args.init_head and not args.init:
+        print("dff-train: --init-head copies the head of the --init checkpoint; add --init "
+              "MODEL.pth", file=sys.stderr)
+        return 2
     if args.head == "rfcn" and args.task != DETECTION:
         print("dff-train: --head rfcn is a detection head; add --task detection", file=sys.stderr)
         return 2

@@ -58,7 +58,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     --useCudaGraph, --verbose: shared by dff-run and dff-profile."""
     p.add_argument("-e", "--engine-dir", metavar="DIR",
                    help="folder written by dff-export (with --demo: default ./dff-demo/engines, "
-                        "for detection ./dff-demo/detection/engines)")
+                        "otherwise ./dff-demo/NAME/engines)")
     p.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
                    help=f"one of {', '.join(BACKENDS)} (default: auto)")
     p.add_argument("--checkpoint", metavar="MODEL.pth",
@@ -68,9 +68,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA device index for GPU backends (default: 0)")
     p.add_argument("--threads", type=int_at_least(0), default=0, metavar="N",
                    help="CPU threads per stage (default: 0 = the library's choice)")
-    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMO_TASKS, metavar="TASK",
-                   help="export the shipped demo model of TASK (segmentation, the default, or "
-                        "detection) into --engine-dir (cached) and use it")
+    p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMO_TASKS, metavar="NAME",
+                   help="export a shipped demo model (segmentation, the default; detection, "
+                        "CenterNet head; rfcn, R-FCN head) into --engine-dir (cached) and use it")
     p.add_argument("--precision", choices=PRECISIONS["tensorrt"],
                    help="tensorrt: the engine set to load (default: fp16 if built, else fp32, "
                         "else int8); onnxruntime: fp32 (the default) or int8, the feature graph "

@@ -1,10 +1,10 @@
-"""`--demo [segmentation|detection]` for dff-run and dff-profile: a shipped demo model exported
-once into a cache folder per task, and a synthetic benchmark clip to run it on.
+"""`--demo [segmentation|detection|rfcn]` for dff-run and dff-profile: a shipped demo model
+exported once into a cache folder per demo, and a synthetic benchmark clip to run it on.
 
 The export is redone only when the folder's manifest is missing, unreadable, or was made from
 another checkpoint (by sha256) or by another dff-trt version, so a second `--demo` starts in
 seconds. Segmentation keeps ./dff-demo/ (engines/, clip.mp4); detection uses
-./dff-demo/detection/.
+./dff-demo/detection/ and the R-FCN detection model ./dff-demo/rfcn/.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dff.export.manifest import ManifestError, load_manifest, sha256_file
 
 import dff
 from dff.errors import DffError
-from dff.tasks import DETECTION, KINDS, SEGMENTATION
+from dff.tasks import DEMOS, SEGMENTATION
 
-DEMO_TASKS = KINDS  # what --demo takes; plain --demo is segmentation
+DEMO_TASKS = DEMOS  # what --demo takes; plain --demo is segmentation
 DEMO_DIR = Path("dff-demo")
 DEMO_ENGINES = DEMO_DIR / "engines"
 DEMO_CLIP = DEMO_DIR / "clip.mp4"
@@ -29,7 +29,7 @@ Log = Callable[[str], None]
 
 
 def demo_dir(task: str = SEGMENTATION) -> Path:
-    """The task's demo folder: ./dff-demo/ for segmentation, ./dff-demo/<task>/ otherwise."""
+    """The demo's folder: ./dff-demo/ for segmentation, ./dff-demo/<demo>/ otherwise."""
     return DEMO_DIR if task == SEGMENTATION else DEMO_DIR / task
 
 
@@ -42,7 +42,8 @@ def demo_clip(task: str = SEGMENTATION) -> Path:
 
 
 def demo_checkpoint(task: str = SEGMENTATION) -> Path:
-    """The shipped demo weights of `task`, or a DffError saying they are missing."""
+    """The shipped weights of the demo `task` (a task, or "rfcn"), or a DffError saying they
+    are missing."""
     try:
         from dff.models.checkpoint import demo_checkpoint_path
     except ImportError as e:
@@ -50,11 +51,11 @@ def demo_checkpoint(task: str = SEGMENTATION) -> Path:
                        f"({e}); `pip install dff-trt[export]`, or pass --engine-dir DIR "
                        "written by dff-export") from None
     path = demo_checkpoint_path(task)
-    if task == DETECTION:
+    if task != SEGMENTATION:
         if not path.is_file():
-            raise DffError(f"--demo detection: the shipped detection model {path} is missing "
-                           "(this install has no detection weights); export a detection model "
-                           "with `dff-export MODEL.pth -o engines` and pass --engine-dir engines")
+            raise DffError(f"--demo {task}: the shipped {task} model {path} is missing (this "
+                           f"install has no {task} weights); export a detection model with "
+                           "`dff-export MODEL.pth -o engines` and pass --engine-dir engines")
     elif not path.is_file():
         raise DffError(f"--demo: the shipped demo model {path} is missing (this install has no "
                        "demo weights); export your own with `dff-export MODEL.pth -o engines` "

@@ -565,12 +565,16 @@ def test_demo_detection_without_its_shipped_weights_says_so_in_one_line(tmp_path
 
 
 def test_demo_checkpoint_is_the_shipped_weights_of_the_task(tmp_path, monkeypatch):
-    for name in ("segmentation.pth", "detection.pth"):
+    for name in ("segmentation.pth", "detection.pth", "rfcn.pth"):
         (tmp_path / name).write_bytes(b"")
     monkeypatch.setattr(exporter, "demo_checkpoint_path",
                         lambda task="segmentation": tmp_path / f"{task}.pth")
     assert exporter.demo_checkpoint() == tmp_path / "segmentation.pth"
     assert exporter.demo_checkpoint("detection") == tmp_path / "detection.pth"
+    assert exporter.demo_checkpoint("rfcn") == tmp_path / "rfcn.pth"
+    with pytest.raises(DffError, match="--demo is 'tracking', expected one of segmentation, "
+                                       "detection, rfcn"):
+        exporter.demo_checkpoint("tracking")
 
 
 def test_plain_demo_stays_segmentation():

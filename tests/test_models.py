@@ -222,7 +222,9 @@ def test_demo_checkpoint_path_knows_both_tasks():
     assert demo_checkpoint_path("segmentation") == demo_checkpoint_path()
     assert demo_checkpoint_path("detection").name == "dff_small_detection.pth"
     assert demo_checkpoint_path("detection").parent == demo_checkpoint_path().parent
-    with pytest.raises(DffError, match="tracking"):
+    assert demo_checkpoint_path("rfcn").name == "dff_small_rfcn.pth"
+    with pytest.raises(DffError, match="'tracking' is not shipped; the demos are segmentation, "
+                                       "detection, rfcn"):
         demo_checkpoint_path("tracking")
 
 

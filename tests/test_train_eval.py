@@ -146,6 +146,34 @@ def test_init_from_another_architecture_is_one_line_naming_the_field(tmp_path, c
     assert len(err.splitlines()) == 1 and str(seg) in err and "config.feat_channels" in err
 
 
+def test_init_head_fine_tunes_a_trained_model_end_to_end(tmp_path, capsys):
+    det = tmp_path / "det.pth"
+    assert train.main(DET + ["--out", str(tmp_path / "a"), "--save", str(det)]) == 0
+    zero = ["--iters-flow", "0", "--iters-det", "0"]
+    # no training at all: the copy is exact, head included
+    assert train.main(DET + zero + ["--iters-dff", "0", "--out", str(tmp_path / "b"), "--init",
+                                    str(det), "--init-head"]) == 0
+    a, b = load_checkpoint(det).state_dict(), load_checkpoint(tmp_path / "b" / "model.pth")
+    for k, v in b.state_dict().items():
+        torch.testing.assert_close(v, a[k], msg=k)
+    meta = torch.load(tmp_path / "b" / "model.pth", weights_only=True)["meta"]
+    assert meta["init_head"] is True
+    # end-to-end steps from there: only stage 3 runs
+    assert train.main(DET + zero + ["--out", str(tmp_path / "c"), "--init", str(det),
+                                    "--init-head"]) == 0
+    state = torch.load(tmp_path / "c" / "state.pt", weights_only=True)
+    assert {e["stage"] for e in state["log"]} == {"dff"}
+    # a head of other settings is refused in one line naming the field and the fix
+    capsys.readouterr()
+    assert train.main(DET + zero + ["--out", str(tmp_path / "d"), "--init", str(det),
+                                    "--init-head", "--head", "rfcn"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(det) in err and "config.head" in err
+    assert "--init-head needs a checkpoint of the same task and head" in err
+    assert train.main(DET + ["--out", str(tmp_path / "e"), "--init-head"]) == 2
+    assert "add --init MODEL.pth" in capsys.readouterr().err
+
+
 @pytest.fixture
 def tiny_detector(tmp_path):
     torch.manual_seed(0)

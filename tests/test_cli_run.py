@@ -498,29 +498,32 @@ def test_demo_detection_without_its_weights_is_one_line_and_writes_nothing(tiny_
     assert os.listdir(work) == []
 
 
+@pytest.mark.parametrize("demo", ["detection", "rfcn"])
 def test_demo_detection_uses_its_own_folder_and_ends_with_the_output_video(det_export, tiny_pth,
                                                                             tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch, demo):
+    # rfcn is the detection demo with the R-FCN head; the tiny CenterNet export stands in for
+    # its weights here: what is tested is the demo's own file and folder
     weights = tmp_path / "weights"
     weights.mkdir()
     shutil.copy(tiny_pth, weights / "dff_small_synthetic.pth")
-    shutil.copy(det_export[0], weights / "dff_small_detection.pth")
-    names = {"segmentation": "dff_small_synthetic.pth", "detection": "dff_small_detection.pth"}
+    names = {"segmentation": "dff_small_synthetic.pth", "detection": "dff_small_detection.pth",
+             "rfcn": "dff_small_rfcn.pth"}
+    shutil.copy(det_export[0], weights / names[demo])
     monkeypatch.setattr("dff.models.checkpoint.demo_checkpoint_path",
                         lambda task="segmentation": weights / names[task])
     monkeypatch.chdir(tmp_path)
-    cache = tmp_path / "dff-demo" / "detection" / "engines"
+    cache = tmp_path / "dff-demo" / demo / "engines"
     shutil.copytree(det_export[1], cache)
     manifest = json.loads((cache / "manifest.json").read_text())  # as if exported from there
-    manifest["export"]["checkpoint"] = str(weights / "dff_small_detection.pth")
+    manifest["export"]["checkpoint"] = str(weights / names[demo])
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    code, stdout, stderr = call(cli.main, ["--demo", "detection", "--max-frames", 4,
-                                           "--threads", 1])
+    code, stdout, stderr = call(cli.main, ["--demo", demo, "--max-frames", 4, "--threads", 1])
     assert code == 0, stderr
-    assert "demo: reusing the export in dff-demo/detection/engines/" in stdout
-    assert stdout.splitlines()[-1] == "output video: dff-demo/detection/clip.dff.mp4"
-    assert sorted(os.listdir(tmp_path / "dff-demo")) == ["detection"]
-    with open_video(tmp_path / "dff-demo" / "detection" / "clip.dff.mp4") as video:
+    assert f"demo: reusing the export in dff-demo/{demo}/engines/" in stdout
+    assert stdout.splitlines()[-1] == f"output video: dff-demo/{demo}/clip.dff.mp4"
+    assert sorted(os.listdir(tmp_path / "dff-demo")) == [demo]
+    with open_video(tmp_path / "dff-demo" / demo / "clip.dff.mp4") as video:
         assert sum(1 for _ in video) == 4
 
 
@@ -529,6 +532,7 @@ def test_demo_followed_by_a_video_is_still_the_segmentation_demo_on_it(clip):
         "--demo", "segmentation", str(clip), "-q"]
     assert cli.demo_video_first(["--demo", "detection", str(clip)]) == [
         "--demo", "detection", str(clip)]
+    assert cli.demo_video_first(["--demo", "rfcn", str(clip)]) == ["--demo", "rfcn", str(clip)]
     assert cli.demo_video_first(["--demo", "detecton"]) == ["--demo", "detecton"]  # argparse's
     assert cli.build_parser().parse_args(["--demo"]).demo == "segmentation"
 

@@ -1,7 +1,8 @@
 """ONNX graphs against TensorRT's ONNX parser (docs/DESIGN.md §7): the operators a graph uses,
 its model-local functions' bodies included, checked against `tensorrt_onnx_ops.json` (the
 operators TensorRT 10's parser imports natively, with its source and version) and the
-restrictions that matter to us (TopK's K a constant <= 3840, sorted; Resize's modes).
+restrictions that matter to us (TopK's K a constant <= 3840, sorted; Resize's modes;
+NonMaxSuppression's 3-D boxes and scores, at most 5000 boxes an image).
 Needs onnx, not TensorRT.
 """
 
@@ -90,10 +91,49 @@ def _attr(node: Any, name: str, default: Any) -> Any:
     return default
 
 
+def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Inferred shapes by tensor name (a dim None where it is symbolic); a tensor whose rank
+    cannot be inferred is absent."""
+    from onnx import shape_inference
+
+    graph = shape_inference.infer_shapes(model).graph
+    out = {}
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            out[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                               for d in t.shape.dim]
+    return out
+
+
+def nms_problems(model: onnx.ModelProto, ops: dict[str, Any]) -> list[str]:
+    """NonMaxSuppression nodes whose boxes or scores are not 3-D (or of a rank shape
+    inference cannot tell), or that hold more boxes an image than TensorRT's INMSLayer."""
+    nodes = [n for n in model.graph.node if n.op_type == "NonMaxSuppression"]
+    if not nodes:
+        return []
+    rule = ops["restrictions"]["NonMaxSuppression"]
+    rank, max_boxes = int(rule["rank"]), int(rule["max_boxes"])
+    shapes = _shapes(model)
+    found = []
+    for node in nodes:
+        for which, name in zip(("boxes", "scores"), node.input[:2]):
+            dims = shapes.get(name)
+            if dims is None or len(dims) != rank:
+                got = "of a rank shape inference cannot tell" if dims is None else f"{len(dims)}-D"
+                found.append(f"NonMaxSuppression {node.name or node.output[0]}: {which} "
+                             f"{name!r} is {got}; TensorRT takes {rank}-D boxes and scores")
+            elif which == "boxes" and dims[1] is not None and dims[1] > max_boxes:
+                found.append(f"NonMaxSuppression {node.name or node.output[0]}: {dims[1]} "
+                             f"boxes an image; TensorRT takes at most {max_boxes}")
+    return found
+
+
 def problems(model: onnx.ModelProto, ops: dict[str, Any] | None = None) -> list[str]:
     """What would stop TensorRT's parser, one line each: operators not on its list, nodes of
     another domain that are no listed plugin or lack their function, TopK with K not a
-    constant, above the limit or unsorted, Resize with a mode it does not take."""
+    constant, above the limit or unsorted, Resize with a mode it does not take,
+    NonMaxSuppression on inputs that are not 3-D or on too many boxes."""
     ops = ops or load_ops()
     known, plugins = set(ops["operators"]), set(ops.get("plugins", {}))
     functions = {f"{f.domain}::{f.name}" for f in model.functions}
@@ -118,4 +158,4 @@ def problems(model: onnx.ModelProto, ops: dict[str, Any] | None = None) -> list[
             if mode not in resize["modes"] or ctm not in resize["coordinate_transformation_modes"]:
                 found.append(f"Resize: mode {mode!r}, coordinate_transformation_mode {ctm!r} "
                              "not supported by TensorRT's parser")
-    return found
+    return found + nms_problems(model, ops)

@@ -93,6 +93,28 @@ def test_problems_name_an_unlisted_op_a_big_k_and_a_stray_custom_op(detection_en
     assert "TopK: K 5000; TensorRT takes a constant K <= 3840" in found
 
 
+def nms_graph(boxes_shape, scores_shape) -> onnx.ModelProto:
+    h = onnx.helper
+    f = onnx.TensorProto.FLOAT
+    node = h.make_node("NonMaxSuppression", ["boxes", "scores"], ["keep"], name="nms")
+    graph = h.make_graph([node], "g", [h.make_tensor_value_info("boxes", f, boxes_shape),
+                                       h.make_tensor_value_info("scores", f, scores_shape)],
+                         [h.make_tensor_value_info("keep", onnx.TensorProto.INT64, None)])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_nms_takes_3d_boxes_and_scores_and_at_most_5000_boxes_an_image():
+    assert onnx_ops.problems(nms_graph(["B", 1000, 4], ["B", 1, 1000]), OPS) == []
+    found = onnx_ops.problems(nms_graph([1000, 4], ["B", 1, 1000]), OPS)
+    assert found == [("NonMaxSuppression nms: boxes 'boxes' is 2-D; TensorRT takes 3-D boxes and "
+                     "scores")]
+    found = onnx_ops.problems(nms_graph([1, 6000, 4], [1, 1, 6000]), OPS)
+    assert found == ["NonMaxSuppression nms: 6000 boxes an image; TensorRT takes at most 5000"]
+    found = onnx_ops.problems(nms_graph(["B", 1000, 4], None), OPS)
+    assert found == [("NonMaxSuppression nms: scores 'scores' is of a rank shape inference "
+                     "cannot tell; TensorRT takes 3-D boxes and scores")]
+
+
 def test_op_list_is_valid_json_with_sorted_unique_names():
     data = json.loads(onnx_ops.OPS_FILE.read_text())
     assert data["operators"] == sorted(set(data["operators"]))

@@ -1,8 +1,9 @@
 """Many streams through Triton: total frames per second of N streams served by Triton's real
-server (the `dff` BLS model over python stage models, `dff-serve repo ENGINE --stages python`)
-against the same N streams batched in process (StreamPipeline) and run one after another
-(Pipeline), on ONNX Runtime CPU (issue 12: Triton serving 8 streams keeps at least 70 % of the
-in-process batched throughput).
+server (the `dff` BLS model over python stage models, `dff-serve repo ENGINE --stages python`,
+or with `--stages inline` the `dff` model running the graphs in its own process) against the
+same N streams batched in process (StreamPipeline) and run one after another (Pipeline), on
+ONNX Runtime CPU (issue 12: Triton serving 8 streams keeps at least 70 % of the in-process
+batched throughput).
 
 Each stream is its own synthetic clip (seed 100 + i, as benchmarks/streams.py) at the
 manifest's opt size, held in memory. Through Triton, each stream is one client thread with its
@@ -21,9 +22,11 @@ One warm-up run of each kind is off the clock; for each N the three kinds take t
 that processes other than this script and its server took during one of that N's runs (a
 shared machine skews everything; trust rows near 0 %). Per N the server's statistics of the last
 Triton run tell where its time went (per model: executions, frames per execution, queue and
-compute per execution; BLS: the `dff` model's compute less its stage calls).
+compute per execution; BLS: the `dff` model's compute less its stage calls; inline has only the
+`dff` model, whose compute holds the graph runs).
 
     python benchmarks/triton_streams.py --engine-dir dff-demo/engines --threads 2 --repeats 5
+    python benchmarks/triton_streams.py --engine-dir dff-demo/engines --threads 2 --stages inline
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streams import sequential, stream_clips, stream_parser  # benchmarks/streams.py
 
 MODELS = ("dff", "feature", "flow", "task")
+STAGE_MODELS = ("feature", "flow", "task")  # absent under --stages inline
 SEQ_BASE = 1000  # sequence ids: SEQ_BASE + 100 * run + stream
 
 
@@ -108,16 +112,16 @@ def same_outputs(a: list[list], b: list[list]) -> bool:
                for x, y in zip(a, b))
 
 
-def model_stats(url: str) -> dict[str, dict]:
-    """Per model: executions, frames (inferences), and total seconds in the queue (summed
-    over requests) and in compute (input + infer + output, summed over executions; for a
-    Python-backend model input and output are the copies to and from its process)."""
+def model_stats(url: str, models: tuple[str, ...]) -> dict[str, dict]:
+    """Per model of `models`: executions, frames (inferences), and total seconds in the queue
+    (summed over requests) and in compute (input + infer + output, summed over executions; for
+    a Python-backend model input and output are the copies to and from its process)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
     try:
         out = {}
-        for model in MODELS:
+        for model in models:
             s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
             inf = s.get("inference_stats", {})
             parts = {f: sum(int(b.get(f, {}).get("ns", 0)) for b in s.get("batch_stats", []))
@@ -133,16 +137,19 @@ def model_stats(url: str) -> dict[str, dict]:
 
 
 def stats_delta(after: dict, before: dict, wall_s: float) -> dict[str, dict]:
-    """What one run added, per model, with per-execution means and the share of the wall."""
+    """What one run added, per model, with per-execution means and the share of the wall, and
+    (when the stage models are there) the BLS model's compute besides its stage calls."""
     rows = {}
-    for m in MODELS:
-        d = {k: after[m][k] - before[m][k] for k in after[m]}
+    for m, now in after.items():
+        d = {k: v - before[m][k] for k, v in now.items()}
         runs = d["executions"] or 1
         rows[m] = {**d, "frames_per_execution": d["frames"] / runs,
                    "queue_ms_per_frame": 1e3 * d["queue_s"] / (d["frames"] or 1),
                    "compute_ms_per_execution": 1e3 * d["compute_s"] / runs,
                    "compute_share_of_wall": d["compute_s"] / wall_s}
-    stages = sum(rows[m]["compute_s"] + rows[m]["queue_s"] for m in ("feature", "flow", "task"))
+    if not all(m in rows for m in STAGE_MODELS):
+        return rows
+    stages = sum(rows[m]["compute_s"] + rows[m]["queue_s"] for m in STAGE_MODELS)
     rows["bls_overhead"] = {"seconds": rows["dff"]["compute_s"] - stages,
                             "share_of_wall": (rows["dff"]["compute_s"] - stages) / wall_s}
     return rows
@@ -189,8 +196,8 @@ def timed(roots: set[int], run, *args):
     return result, max(0.0, other / (wall * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)))
 
 
-def write_repo(engine_dir: str, repo: Path, k: int, threads: int) -> list[str]:
-    args = ["repo", engine_dir, str(repo), "--stages", "python", "-k", str(k),
+def write_repo(engine_dir: str, repo: Path, k: int, threads: int, stages: str) -> list[str]:
+    args = ["repo", engine_dir, str(repo), "--stages", stages, "-k", str(k),
             "--threads", str(threads)]
     if dff_serve(args) != 0:
         raise SystemExit("dff-serve repo failed (see above)")
@@ -200,12 +207,17 @@ def write_repo(engine_dir: str, repo: Path, k: int, threads: int) -> list[str]:
 def main(argv=None) -> int:
     p = stream_parser(__doc__, 2,
                       "ONNX Runtime threads per stage session, on both sides (default: 2)")
+    p.add_argument("--stages", choices=("python", "inline"), default="python",
+                   help="the repository's stage layout: python stage models called by BLS "
+                        "(default), or inline, the dff model running the graphs itself")
     args = p.parse_args(argv)
+    models = ("dff",) if args.stages == "inline" else MODELS
     counts, k, h, w, clips = stream_clips(args)
     rows: list[dict] = []
     load = [os.getloadavg()[0]]  # other work on the machine skews every figure: shown
     with tempfile.TemporaryDirectory(prefix="dff-triton-bench-") as tmp:
-        repo_args = write_repo(args.engine_dir, Path(tmp) / "repo", k, args.threads)
+        repo_args = write_repo(args.engine_dir, Path(tmp) / "repo", k, args.threads,
+                               args.stages)
         repo_args[2] = "REPO"  # a temporary folder
         server = TritonServer(Path(tmp) / "repo", log_path=str(Path(tmp) / "server.log"))
         server.start()
@@ -228,13 +240,13 @@ def main(argv=None) -> int:
                                                          clips[:n], k)
                     bats.append(fps)
                     other.append(busy)
-                    before = model_stats(server.grpc_url)
+                    before = model_stats(server.grpc_url, models)
                     (fps, remote), busy = timed(roots, served, server.grpc_url,
                                                   clips[:n], SEQ_BASE + 100 * run)
                     tris.append(fps)
                     other.append(busy)
                     run += 1
-                    stats = stats_delta(model_stats(server.grpc_url), before,
+                    stats = stats_delta(model_stats(server.grpc_url, models), before,
                                         n * args.frames / fps)
                     equal = equal and same_outputs(local, remote)
                 seq, bat, tri = (statistics.median(x) for x in (seqs, bats, tris))
@@ -266,23 +278,26 @@ def report(args, rows: list[dict], h: int, w: int, k: int, repo_args: list[str],
           f"K={k}, {args.threads} ORT threads per stage on both sides, median of "
           f"{args.repeats} runs each; Triton: `dff-serve {' '.join(repo_args)}`; "
           f"{os.cpu_count()} CPUs, load average {load[0]:.2f} before, {load[1]:.2f} after")
+    inline = args.stages == "inline"
+    shown = ("dff",) if inline else MODELS
     print(f"{'streams':>8}{'sequential':>12}{'batched':>10}{'triton':>9}{'bat/seq':>10}"
-          f"{'tri/bat':>9}{'others':>8}   frames per execution dff/feature/flow/task; dff "
-          "compute, BLS overhead (share of wall)")
+          f"{'tri/bat':>9}{'others':>8}   frames per execution {'/'.join(shown)}; dff "
+          + ("compute (share of wall)" if inline else "compute, BLS overhead (share of wall)"))
     for r in rows:
         s = r["server_stats_last_run"]
-        per = "/".join(f"{s[m]['frames_per_execution']:.1f}" for m in MODELS)
+        per = "/".join(f"{s[m]['frames_per_execution']:.1f}" for m in shown)
         print(f"{r['streams']:>8}{r['sequential_fps']:>12.1f}{r['batched_fps']:>10.1f}"
               f"{r['triton_fps']:>9.1f}{r['batched_over_sequential']:>9.2f}x"
               f"{r['triton_over_batched']:>8.2f}x{others(r['other_cpu_share_max']):>8}   {per}; "
-              f"{s['dff']['compute_share_of_wall']:.0%}, "
-              f"{s['bls_overhead']['share_of_wall']:.0%}"
+              f"{s['dff']['compute_share_of_wall']:.0%}"
+              + ("" if inline else f", {s['bls_overhead']['share_of_wall']:.0%}")
               + ("" if r["outputs_equal"] else "   OUTPUTS DIFFER"))
     where(rows[-1])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"engine_dir": args.engine_dir, "frames": args.frames, "key_interval": k,
-                       "threads": args.threads, "size": [h, w], "repeats": args.repeats,
+                       "threads": args.threads, "stages": args.stages, "size": [h, w],
+                       "repeats": args.repeats,
                        "cpus": os.cpu_count(), "load_average": load,
                        "repository_command": ["dff-serve", *repo_args], "rows": rows}, f,
                       indent=2)
@@ -295,15 +310,19 @@ def others(share: float | None) -> str:
 def where(r: dict) -> None:
     """Where the last Triton run of the largest N spent its time, next to the in-process run."""
     s, local = r["server_stats_last_run"], r["in_process_stage_s"]
-    stages = ("feature", "flow", "task")
-    moved = sum(s[m]["compute_input_s"] + s[m]["compute_output_s"] for m in stages)
-    print(f"{r['streams']} streams, last runs: Triton {r['triton_wall_last_s']:.2f} s wall, the "
-          f"dff model busy {s['dff']['compute_s']:.2f} s; its stage calls "
-          + ", ".join(f"{m} {s[m]['compute_s']:.2f}" for m in stages)
+    head = (f"{r['streams']} streams, last runs: Triton {r['triton_wall_last_s']:.2f} s wall, "
+            f"the dff model busy {s['dff']['compute_s']:.2f} s")
+    tail = (f"In process {r['in_process_wall_last_s']:.2f} s wall: "
+            + ", ".join(f"{m} {local[m]:.2f}" for m in STAGE_MODELS)
+            + f" s (together {sum(local.values()):.2f} s)")
+    if "bls_overhead" not in s:  # inline: the graph runs are inside the dff model's compute
+        print(f"{head} (graph runs included, no stage models). {tail}")
+        return
+    moved = sum(s[m]["compute_input_s"] + s[m]["compute_output_s"] for m in STAGE_MODELS)
+    print(f"{head}; its stage calls "
+          + ", ".join(f"{m} {s[m]['compute_s']:.2f}" for m in STAGE_MODELS)
           + f" s (of which {moved:.2f} s copying tensors in and out of the stage processes), "
-          f"BLS work besides them {s['bls_overhead']['seconds']:.2f} s. In process "
-          f"{r['in_process_wall_last_s']:.2f} s wall: "
-          + ", ".join(f"{m} {local[m]:.2f}" for m in stages) + " s")
+          f"BLS work besides them {s['bls_overhead']['seconds']:.2f} s. {tail}")
 
 
 if __name__ == "__main__":

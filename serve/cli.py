@@ -1,6 +1,6 @@
 """dff-serve: serve DFF on Triton Inference Server (DESIGN.md §7).
 
-    dff-serve repo ENGINE_DIR REPO_DIR [--stages python|onnxruntime|tensorrt]
+    dff-serve repo ENGINE_DIR REPO_DIR [--stages python|onnxruntime|tensorrt|inline]
     dff-serve start REPO_DIR [--http-port P] [--grpc-port P]
 """
 
@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("repo_dir", metavar="REPO_DIR", help="the model repository to write")
     r.add_argument("--stages", choices=STAGES, default="python",
                    help="feature/flow/task as Python-backend models on ONNX Runtime CPU "
-                        "(default; runs on a Python-only Triton), onnxruntime_onnx models, or "
-                        "tensorrt_plan models from the manifest's engines")
+                        "(default; runs on a Python-only Triton), onnxruntime_onnx models, "
+                        "tensorrt_plan models from the manifest's engines, or inline: no stage "
+                        "models, the dff model runs the graphs on ONNX Runtime CPU in its own "
+                        "process (a Python-only Triton, no BLS calls)")
     r.add_argument("--schedule", choices=SCHEDULES, default="fixed", help="key-frame schedule")
     r.add_argument("-k", "--key-interval", type=int_at_least(1), metavar="K",
                    help="key frame every K frames (default: the manifest's)")
@@ -41,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--idle-timeout", type=float, default=IDLE_S, metavar="S",
                    help=f"seconds before an idle stream is forgotten (default {IDLE_S:g})")
     r.add_argument("--threads", type=int_at_least(0), default=1, metavar="N",
-                   help="ONNX Runtime threads per python stage (0: its default)")
+                   help="ONNX Runtime threads per stage session of --stages python or inline "
+                        "(0: its default)")
     r.add_argument("--precision", choices=("fp16", "fp32", "int8"),
                    help="--stages tensorrt: which engine set (default: the first complete)")
     r.add_argument("--force", action="store_true", help="replace the models if they exist")

@@ -5,19 +5,23 @@ Each sequence (a video stream, keyed by its correlation id) owns a scheduler
 Per batch the requests are split into key and non-key frames: one `flow` call for the non-key
 frames, then one `feature` call for the key frames (those the adaptive schedule redoes after
 their flow included), then one `task` call for all, as runtime.Pipeline does frame by frame.
+A call is a BLS request to the stage model, or, when the config's parameter `inline_graphs`
+names the graphs (`--stages inline`), a run of this process's own ONNX Runtime CPU session.
 A stream's state is made on START, freed on END, and swept once idle for the sequence
 batcher's max_sequence_idle_microseconds. A bad request gets an error response of its own;
 one saying "has no state here" or "its state is dropped" makes dff-run --server start a new
 sequence (runtime/remote.py SEQUENCE_GONE): keep those words.
 
 dff-serve repo copies this file to `dff/1/model.py`; the config's parameters give the
-schedule, the stride and profile of the export, and the stage models' names and batch limit.
+schedule, the stride and profile of the export, the stages' batch limit, and the stage models'
+names or the inline graphs' files (beside this one) and ONNX Runtime threads.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -82,6 +86,13 @@ class TritonPythonModel:
         self.stride, self.profile = int(p["stride"]), json.loads(p["profile"])
         self.batch = int(p["stage_max_batch"])
         self.models = {g: p.get(f"{g}_model", g) for g in ("feature", "flow", "task")}
+        self.sessions = {}  # inline: graph -> ONNX Runtime session, run here instead of BLS
+        if "inline_graphs" in p:
+            from dff.serve.stage_model import cpu_session
+
+            here = Path(__file__).resolve().parent
+            self.sessions = {g: cpu_session(here / f, int(p.get("threads", "1")))
+                             for g, f in json.loads(p["inline_graphs"]).items()}
         self.outputs = [o["name"] for o in config["output"] if o["name"] != "is_key"]
         self.scalars = {o["name"] for o in config["output"]  # per-frame scalars: `num`
                         if o.get("reshape") is not None and not o["reshape"].get("shape")}
@@ -230,16 +241,25 @@ class TritonPythonModel:
 
     def _call(self, stage: str, inputs: dict[str, np.ndarray],
               outputs: list[str]) -> dict[str, np.ndarray]:
-        """BLS: `stage` on the whole batch (in slices of the stage's max batch)."""
+        """`stage` on the whole batch (in slices of the stage's max batch): its inline session,
+        else a BLS request to its model."""
         n = len(next(iter(inputs.values())))
         parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-        model = self.models[stage]
+        model, session = self.models[stage], self.sessions.get(stage)
         for lo in range(0, n, self.batch):
             rows = min(self.batch, n - lo)
+            feeds = {k: v if rows == n else v[lo:lo + rows] for k, v in inputs.items()}
+            if session is not None:
+                try:
+                    values = session.run(outputs, feeds)
+                except Exception as e:  # ONNX Runtime's own error types
+                    raise FrameError(f"graph {stage!r} failed: {str(e).strip()[:500]}") from e
+                for name, value in zip(outputs, values):  # owned arrays already
+                    parts[name].append(value)
+                continue
             request = pb_utils.InferenceRequest(
                 model_name=model, requested_output_names=outputs,
-                inputs=[tensor(k, v if rows == n else v[lo:lo + rows])
-                        for k, v in inputs.items()])
+                inputs=[tensor(k, v) for k, v in feeds.items()])
             response = request.exec()
             if response.has_error():
                 raise FrameError(f"model {model!r} failed: {response.error().message()}")
@@ -259,3 +279,4 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.streams.clear()
+        self.sessions.clear()

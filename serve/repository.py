@@ -1,13 +1,16 @@
 """Write a Triton model repository from an engine folder (DESIGN.md §7).
 
-Four models: `feature`, `flow` and `task` (one per graph, dynamic batching on each) and `dff`,
-the Python-backend BLS model that owns each stream's key frame under the sequence batcher
-(serve/dff_model.py). The stage models are one of
+Four models (`dff` alone under `inline`): `feature`, `flow` and `task` (one per graph, dynamic
+batching on each) and `dff`, the Python-backend BLS model that owns each stream's key frame
+under the sequence batcher (serve/dff_model.py). The stage layout (`--stages`) is one of
 
-- `python`: Python-backend models running the ONNX graphs on ONNX Runtime's CPU provider
+- `python`: Python-backend stage models running the ONNX graphs on ONNX Runtime's CPU provider
   (serve/stage_model.py), for a Triton that has only the Python backend;
 - `onnxruntime`: `onnxruntime_onnx` models with the graphs as `1/model.onnx`;
-- `tensorrt`: `tensorrt_plan` models with the manifest's engines as `1/model.plan`.
+- `tensorrt`: `tensorrt_plan` models with the manifest's engines as `1/model.plan`;
+- `inline`: no stage models: `dff` alone, running the three graphs (copied into `dff/1/`, named
+  by its parameter `inline_graphs`) on ONNX Runtime CPU sessions in its own process, for a
+  Python-only Triton without a BLS round trip between processes per stage call.
 
 Configs follow Triton's model_configuration.md: tensor dims leave out the batch dimension
 (`max_batch_size` > 0), a dynamic axis is -1, a per-frame scalar (detection's `num`) is dims
@@ -29,7 +32,8 @@ from dff.runtime.scheduler import make_scheduler
 
 from dff.errors import DffError
 
-STAGES = ("python", "onnxruntime", "tensorrt")
+STAGE_BACKENDS = ("python", "onnxruntime", "tensorrt")  # the layouts with stage models
+STAGES = (*STAGE_BACKENDS, "inline")
 DTYPES = {"uint8": "TYPE_UINT8", "int8": "TYPE_INT8", "int32": "TYPE_INT32",
           "int64": "TYPE_INT64", "float16": "TYPE_FP16", "float32": "TYPE_FP32",
           "bool": "TYPE_BOOL"}
@@ -90,9 +94,12 @@ def stage_config(manifest: dict, graph: str, stages: str, max_batch: int,
 def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch: int,
                schedule: str, key_interval: int, thresholds: dict[str, float],
                max_streams: int, idle_s: float, queue_delay_us: int,
-               where: str = "manifest.json", key_budget: float | None = None) -> str:
+               where: str = "manifest.json", key_budget: float | None = None,
+               inline_graphs: dict[str, str] | None = None, threads: int = 1) -> str:
     """config.pbtxt of the BLS model: input `image` uint8 [H,W,3], the task's outputs per
-    frame and `is_key` bool [1], under the sequence batcher (oldest strategy)."""
+    frame and `is_key` bool [1], under the sequence batcher (oldest strategy). With
+    `inline_graphs` ({graph: file in its version folder}) it runs those graphs itself on
+    `threads` ONNX Runtime threads each, else it calls the stage models."""
     task = manifest["graphs"]["task"]["outputs"]
     names = task_spec(manifest, where)["outputs"]
     outputs = [next(o for o in task if o["name"] == n) for n in names]
@@ -106,8 +113,11 @@ def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch
               "schedule": schedule, "key_interval": key_interval,
               "thresholds": json.dumps(thresholds), "key_budget": json.dumps(key_budget),
               "stride": manifest["stride"],
-              "profile": json.dumps(manifest["profile"]), "stage_max_batch": stage_batch,
-              **{f"{g}_model": g for g in GRAPHS}}
+              "profile": json.dumps(manifest["profile"]), "stage_max_batch": stage_batch}
+    if inline_graphs:
+        params |= {"inline_graphs": json.dumps(inline_graphs), "threads": threads}
+    else:
+        params |= {f"{g}_model": g for g in GRAPHS}
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"input [\n{tensor_text(image, where)}\n]\n"
             "output [\n" + ",\n".join(tensor_text(t, where) for t in (*outputs, is_key))
@@ -161,8 +171,10 @@ def write_stage_models(engine_dir: str | os.PathLike[str], repo_dir: str | os.Pa
     """Write `feature`, `flow` and `task` into `repo_dir`; returns their max_batch_size
     (`max_batch`, default the manifest profile's largest batch)."""
     engine_dir, repo = Path(engine_dir), Path(repo_dir)
-    if stages not in STAGES:
-        raise RepositoryError(f"--stages {stages!r}: choose one of {', '.join(STAGES)}")
+    if stages not in STAGE_BACKENDS:
+        raise RepositoryError(f"stage models {stages!r}: choose one of "
+                              f"{', '.join(STAGE_BACKENDS)} (`inline` has none: write it with "
+                              "write_repository or write_dff_model(inline=True))")
     manifest = load_manifest(engine_dir)
     where = str(engine_dir / "manifest.json")
     profile_batch = int(manifest["profile"]["max"][0])
@@ -194,12 +206,14 @@ def write_dff_model(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathL
                     name: str = "dff", schedule: str = "fixed", key_interval: int | None = None,
                     thresholds: dict | None = None, key_budget: float | None = None,
                     max_batch: int | None = None, max_streams: int = 16, idle_s: float = IDLE_S,
-                    queue_delay_us: int = 1000, force: bool = False) -> dict[str, Any]:
+                    queue_delay_us: int = 1000, inline: bool = False, threads: int = 1,
+                    force: bool = False) -> dict[str, Any]:
     """Write the BLS model `name` (its schedule: make_scheduler's, `key_budget` a budget per
-    stream) into `repo_dir`, calling the stage models there; returns {name, schedule,
-    key_interval, max_batch}."""
+    stream) into `repo_dir`, calling the stage models there, or with `inline` running the
+    graphs itself (copied into `name/1/`, `threads` ONNX Runtime threads a session); returns
+    {name, schedule, key_interval, max_batch}."""
     engine_dir, repo = Path(engine_dir), Path(repo_dir)
-    manifest = load_manifest(engine_dir, verify_hashes=False)
+    manifest = load_manifest(engine_dir, verify_hashes=inline)  # inline copies the graphs
     where = str(engine_dir / "manifest.json")
     batch = max_batch or int(manifest["profile"]["max"][0])
     k = key_interval or int(manifest["key_interval"])
@@ -214,13 +228,18 @@ def write_dff_model(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathL
     if not (max_streams >= 1 and idle_s > 0 and math.isfinite(idle_s)):
         raise RepositoryError(f"max_streams {max_streams} must be ≥ 1 and the idle timeout "
                               f"{idle_s} s above 0")
+    files = {g: graph_path(engine_dir, manifest, g) for g in GRAPHS} if inline else {}
     _check_free([repo / name], force)
-    (repo / name / "1").mkdir(parents=True)
+    version = repo / name / "1"
+    version.mkdir(parents=True)
     (repo / name / "config.pbtxt").write_text(dff_config(
         manifest, name=name, max_batch=batch, stage_batch=batch, schedule=schedule,
         key_interval=k, thresholds=thresholds, max_streams=max_streams, idle_s=idle_s,
-        queue_delay_us=queue_delay_us, where=where, key_budget=key_budget))
-    shutil.copyfile(HERE / "dff_model.py", repo / name / "1" / "model.py")
+        queue_delay_us=queue_delay_us, where=where, key_budget=key_budget,
+        inline_graphs={g: f.name for g, f in files.items()}, threads=threads))
+    shutil.copyfile(HERE / "dff_model.py", version / "model.py")
+    for path in files.values():
+        shutil.copyfile(path, version / path.name)
     return {"name": name, "schedule": schedule, "key_interval": k, "max_batch": batch}
 
 
@@ -229,11 +248,19 @@ def write_repository(engine_dir: str | os.PathLike[str], repo_dir: str | os.Path
                      precision: str | None = None, force: bool = False,
                      **dff: Any) -> dict[str, Any]:
     """The stage models and the `dff` model (keyword arguments of write_dff_model) in
-    `repo_dir`; other folders there are left alone. Returns a summary."""
-    if not force:  # all four free before anything is written
-        _check_free([Path(repo_dir) / n for n in (*GRAPHS, dff.get("name", "dff"))], False)
-    batch = write_stage_models(engine_dir, repo_dir, stages=stages, max_batch=max_batch,
-                               threads=threads, precision=precision, force=force)
-    summary = write_dff_model(engine_dir, repo_dir, max_batch=batch, force=force, **dff)
-    return {"repository": str(repo_dir), "stages": stages,
-            "models": [*GRAPHS, summary["name"]], **summary}
+    `repo_dir`, or with stages "inline" the `dff` model alone, running the graphs itself; other
+    folders there are left alone. Returns a summary."""
+    if stages not in STAGES:
+        raise RepositoryError(f"--stages {stages!r}: choose one of {', '.join(STAGES)}")
+    name = dff.get("name", "dff")
+    models = [name] if stages == "inline" else [*GRAPHS, name]
+    if not force:  # all of them free before anything is written
+        _check_free([Path(repo_dir) / n for n in models], False)
+    if stages == "inline":
+        summary = write_dff_model(engine_dir, repo_dir, max_batch=max_batch, inline=True,
+                                  threads=threads, force=force, **dff)
+    else:
+        batch = write_stage_models(engine_dir, repo_dir, stages=stages, max_batch=max_batch,
+                                   threads=threads, precision=precision, force=force)
+        summary = write_dff_model(engine_dir, repo_dir, max_batch=batch, force=force, **dff)
+    return {"repository": str(repo_dir), "stages": stages, "models": models, **summary}

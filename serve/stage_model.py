@@ -3,7 +3,8 @@ Runtime's CPU provider, for a Triton that has only the Python backend.
 
 dff-serve repo copies this file to `<stage>/1/model.py` beside the graph, which the config's
 parameter `graph` names. Requests of equal shapes are run as one batch; each request gets its
-rows of the outputs it asked for, or an error response of its own.
+rows of the outputs it asked for, or an error response of its own. `cpu_session` is also the
+`dff` model's session under `--stages inline` (serve/dff_model.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ import triton_python_backend_utils as pb_utils
 from dff.serve.triton_tensors import array, tensor
 
 
+def cpu_session(path: str | Path, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on the graph at `path`: `threads` intra-op threads (0: ORT's
+    choice), one inter-op thread, no spin-waiting between runs."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _error(message: str) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
 
@@ -28,14 +40,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.name = config["name"]
-        path = Path(__file__).resolve().parent / params["graph"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("threads", "0"))
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(Path(__file__).resolve().parent / params["graph"],
+                                   int(params.get("threads", "0")))
         self.inputs = [t["name"] for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 

@@ -4,6 +4,7 @@ streams; bad requests get their own error. Fixtures in tests/triton_fixture.py."
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import triton_fixture
 from dff.data.synthetic import make_clip
 from dff.export.manifest import load_manifest, sha256_file, write_manifest
 from dff.runtime.scheduler import make_scheduler
-from dff.serve.repository import RepositoryError, write_repository
+from dff.serve.repository import RepositoryError, write_repository, write_stage_models
 from dff.serve.server import ServerError
 from triton_fixture import (
     ADAPTIVE,
@@ -107,6 +108,34 @@ def test_tensorrt_repository_takes_one_engine_set_of_the_manifest(engines, tmp_p
             f"{graph} fp32".encode()
     with pytest.raises(RepositoryError, match="profile ends at batch 2"):
         write_repository(folder, tmp_path / "big", stages="tensorrt", max_batch=4)
+
+
+def test_inline_repository_is_the_dff_model_alone_with_the_graphs_beside_it(engines, tmp_path,
+                                                                             capsys):
+    from dff.serve.cli import main
+
+    repo = tmp_path / "repo"
+    (repo / "feature").mkdir(parents=True)  # a stage model's folder is not in its way
+    assert main(["repo", str(engines), str(repo), "--stages", "inline", "--threads", "2",
+                 "-k", "4"]) == 0
+    assert "wrote dff (inline stages, batch 2" in capsys.readouterr().out
+    assert sorted(p.name for p in repo.iterdir()) == ["dff", "feature"]
+    assert not any((repo / "feature").iterdir())
+    config = model_config(repo / "dff" / "config.pbtxt")
+    assert config.backend == "python" and config.sequence_batching.HasField("oldest")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    graphs = json.loads(params["inline_graphs"])
+    assert sorted(graphs) == ["feature", "flow", "task"]
+    manifest = load_manifest(engines)
+    for graph, name in graphs.items():
+        assert sha256_file(repo / "dff" / "1" / name) == manifest["graphs"][graph]["sha256"]
+    assert sorted(p.name for p in (repo / "dff" / "1").iterdir()) == \
+        sorted([*graphs.values(), "model.py"])
+    assert (params["threads"], params["stage_max_batch"], params["key_interval"]) == \
+        ("2", "2", "4")
+    assert not any(k.endswith("_model") for k in params)  # no stage model to call
+    with pytest.raises(RepositoryError, match="`inline` has none"):
+        write_stage_models(engines, tmp_path / "stages", stages="inline")
 
 
 def test_detection_outputs_keep_their_rows_and_a_scalar_num(detection_engines, tmp_path):
@@ -214,22 +243,26 @@ def assert_streams_equal(results, clips, engines, scheduler_of):
                                           err_msg=f"stream {i}, frame {t}")
 
 
+@pytest.mark.parametrize("model", ["dff", "dff_inline"])  # BLS to python stages; inline
 def test_concurrent_streams_equal_in_process_runs_and_are_batched(
-        triton_server, grpc_client, engines):
+        triton_server, grpc_client, engines, model):
     clips = [clip(s) for s in range(3)]
     bad_size = clip(9)[0][:, :80]  # 80x64: a valid size, but not this stream's
-    before = {m: stats(grpc_client, m) for m in ("dff", "task")}
-    results = run_streams(triton_server, "dff", clips, bad=(1, 4, np.ascontiguousarray(bad_size)))
+    before = {m: stats(grpc_client, m) for m in (model, "task")}
+    results = run_streams(triton_server, model, clips, bad=(1, 4, np.ascontiguousarray(bad_size)))
     assert len(results[1]["errors"]) == 1
     assert "sequence 101: frame 80x64, but it started at 96x64" in results[1]["errors"][0]
     for r in results.values():
         assert r["is_key"] == [t % K == 0 for t in range(FRAMES)]
     assert_streams_equal(results, clips, engines, lambda: make_scheduler("fixed", K))
-    runs, frames = (np.subtract(stats(grpc_client, "dff"), before["dff"]))
+    runs, frames = (np.subtract(stats(grpc_client, model), before[model]))
     assert frames == 3 * FRAMES + 1  # the refused frame was an inference too
     assert runs < frames, f"no batching across streams: {runs} executions of {frames} frames"
     task_runs, task_frames = np.subtract(stats(grpc_client, "task"), before["task"])
-    assert task_frames == 3 * FRAMES and task_runs <= runs  # one task call per batch at most
+    if model == "dff_inline":  # it ran the graphs in its own process
+        assert task_frames == 0, "the inline model called the task stage model"
+    else:
+        assert task_frames == 3 * FRAMES and task_runs <= runs  # one task call per batch at most
 
 
 def test_adaptive_streams_equal_in_process_runs(triton_server, engines):
@@ -303,6 +336,17 @@ def test_bad_requests_get_an_error_of_their_own(triton_server, grpc_client):
     assert not r.as_numpy("is_key")[0, 0]
     with pytest.raises(g.InferenceServerException, match="must specify the START flag"):
         infer(grpc_client, "dff", frame, 7)  # ended
+
+
+def test_a_failing_inline_graph_drops_its_stream_with_the_graphs_error(triton_server,
+                                                                        grpc_client):
+    g = grpc_client_module()
+    frame = clip(0)[0]
+    with pytest.raises(g.InferenceServerException, match=r"dff_inline_broken: sequence 8: "
+                       r"graph 'task' failed: .*feat.*; its state is dropped, start it again"):
+        infer(grpc_client, "dff_inline_broken", frame, 8, start=True)
+    with pytest.raises(g.InferenceServerException, match="sequence 8 has no state here"):
+        infer(grpc_client, "dff_inline_broken", frame, 8, end=True)
 
 
 def test_a_vanished_stream_is_forgotten_after_the_idle_timeout(triton_server, grpc_client,

@@ -7,6 +7,7 @@ which installs the server) they fail.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -36,12 +37,22 @@ def grpc_client_module():
 
 @pytest.fixture(scope="module")
 def triton_repo(engines, tmp_path_factory):
-    """A repository with python stages, `dff` (fixed, K), `dff_adaptive` (ADAPTIVE) and
-    `dff_idle` (fixed, K, streams forgotten after IDLE_S)."""
+    """A repository with python stages, `dff` (fixed, K), `dff_adaptive` (ADAPTIVE),
+    `dff_idle` (fixed, K, streams forgotten after IDLE_S), `dff_inline` (fixed, K, written
+    with stages "inline": it runs the graphs itself, calling no stage model) and
+    `dff_inline_broken` (as dff_inline, but its task graph is the feature graph, so every
+    frame's task run fails)."""
+    from dff.export.manifest import graph_path, load_manifest
     from dff.serve.repository import write_dff_model, write_repository
 
     repo = tmp_path_factory.mktemp("triton") / "repo"
     write_repository(engines, repo, stages="python", key_interval=K, idle_s=30.0)
+    for name in ("dff_inline", "dff_inline_broken"):
+        write_repository(engines, repo, stages="inline", name=name, key_interval=K,
+                         idle_s=30.0)
+    manifest = load_manifest(engines)
+    shutil.copyfile(graph_path(engines, manifest, "feature"),
+                    repo / "dff_inline_broken" / "1" / graph_path(engines, manifest, "task").name)
     write_dff_model(engines, repo, name="dff_adaptive", schedule="adaptive",
                     key_interval=ADAPTIVE_K, thresholds=ADAPTIVE, idle_s=30.0)
     write_dff_model(engines, repo, name="dff_idle", key_interval=K, idle_s=IDLE_S)

@@ -256,16 +256,18 @@ def test_a_detection_checkpoint_round_trips_in_int8(tmp_path):
     assert (b[2] - a[2]).abs().max() < 0.1  # offset, 0..1
 
 
-@pytest.mark.parametrize("task", ["segmentation", "detection"])
-def test_the_shipped_demo_checkpoint_loads_and_fits_in_10_mb(task):
+@pytest.mark.parametrize("demo", ["segmentation", "detection", "rfcn"])
+def test_the_shipped_demo_checkpoint_loads_and_fits_in_10_mb(demo):
     from dff.models.checkpoint import demo_checkpoint_path
 
-    path = demo_checkpoint_path(task)
+    path = demo_checkpoint_path(demo)
     if not path.exists():
         pytest.skip(f"{path} not trained yet (see README for the command)")
     assert path.stat().st_size <= 10_000_000
     model = load_checkpoint(path)
+    task = "detection" if demo == "rfcn" else demo
     assert model.config.task == task
+    assert model.config.head == ("rfcn" if demo == "rfcn" else "centernet")
     h, w = model.config.input_size
     with torch.no_grad():
         out = model.outputs(model.forward_key(torch.full((1, 3, h, w), 128.0))[1])

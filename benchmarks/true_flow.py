@@ -1,0 +1,112 @@
+"""How much of DFF's accuracy loss is the flow network's, and how much is warping's: a
+detection checkpoint on dff-eval's evaluation split at one key interval with the features of
+each non-key frame
+
+- computed on the frame itself (per-frame),
+- warped along the flow network's flow and scale (DFF),
+- copied from the key frame (the copy baseline),
+- warped along the true flow (the synthetic clips' exact motion, averaged over each feature
+  cell as dff-train's flow loss takes it) with the network's scale, and with scale 1.
+
+AP@0.5 and AP@[.5:.95] from pycocotools over all frames (key frames are the same in every
+mode). PyTorch on the CPU.
+
+    python benchmarks/true_flow.py models/weights/dff_small_rfcn.pth --threads 2
+
+A benchmark, not a test: five modes over 1,200 frames, a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
+from dff.models.checkpoint import load_checkpoint
+from dff.models.evaluate import detections
+from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.models.warp import flow_warp
+from dff.runtime.commands import guarded
+from dff.runtime.writers import write_summary
+
+from dff.errors import DffError
+from dff.tasks import DETECTION
+
+MODES = ("per_frame", "dff", "copy", "true_flow", "true_flow_scale1")
+
+
+def cell_flow(clip, t: int, key: int, stride: int) -> torch.Tensor:
+    """The true flow from frame t to the key frame on the feature grid, in cells [1,2,h,w]:
+    the mean pixel flow over each cell's valid pixels / stride."""
+    flow, valid = clip.flow(t, key)
+    _, h, w = flow.shape
+    blocks = (h // stride, stride, w // stride, stride)
+    count = valid.reshape(blocks).sum((1, 3))
+    mean = (flow * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(count, 1) / stride
+    return torch.from_numpy(mean[None]).float()
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.checkpoint)
+    if model.config.task != DETECTION:
+        raise DffError(f"{args.checkpoint}: a {model.config.task} model; this measures AP")
+    h, w = model.config.input_size
+    stride, k = model.config.stride, args.interval
+    found: dict[str, list] = {m: [] for m in MODES}
+    with torch.no_grad():
+        for seed in tqdm(EVAL_SEEDS[:args.clips or None], desc="clips"):
+            clip = make_clip(seed, EVAL_FRAMES, h, w)
+            frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
+            truth = clip_ground_truth(clip)
+            key_feat = None
+            for t in range(len(frames)):
+                key, image = t - t % k, frames[t:t + 1]
+                if t == key:
+                    key_feat = model.features(image)
+                    det = detections(model, model.task(key_feat))
+                    for m in MODES:
+                        found[m].append((truth[t], det))
+                    continue
+                flow, scale = model.flow(image, frames[key:key + 1])
+                true = cell_flow(clip, t, key, stride)
+                ones = torch.ones_like(scale) if scale is not None else None
+                feats = {"per_frame": model.features(image),
+                         "dff": flow_warp(key_feat, flow, scale), "copy": key_feat,
+                         "true_flow": flow_warp(key_feat, true, scale),
+                         "true_flow_scale1": flow_warp(key_feat, true, ones)}
+                for m, feat in feats.items():
+                    found[m].append((truth[t], detections(model, model.task(feat))))
+    res = {m: detection_ap(found[m], model.config.class_names, model.config.max_detections)
+           for m in MODES}
+    print(f"key interval {k}, {len(found['dff'])} frames")
+    print(f"{'mode':<18}{'AP@0.5':>8}{'AP':>8}")
+    for m in MODES:
+        print(f"{m:<18}{res[m]['map50']:>8.4f}{res[m]['map']:>8.4f}")
+    if args.json:
+        write_summary(args.json, {"checkpoint": str(args.checkpoint), "interval": k,
+                                  **{m: {"map50": r["map50"], "map": r["map"]}
+                                     for m, r in res.items()}})
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", metavar="MODEL.pth", help="a detection checkpoint")
+    p.add_argument("--interval", type=int, default=10, help="key interval")
+    p.add_argument("--clips", type=int, default=0, help="first N clips (0 = all 20)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    return guarded("true_flow", args.verbose, lambda: run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,9 +7,10 @@ temporary folder first. Each step is a subprocess with a timeout (a hang or a cr
 step only) and is skipped, with the reason, where this machine lacks what it needs. Writes
 DIR/gpu_checks.json after every step (environment, then each step's name, status, reason,
 seconds, figures) and logs/STEP.log. Exit status 0 when no step failed (skips are not
-failures), 1 when one did. `--plan` lists the steps in order and runs nothing. Both demo
-models are exported once each (segmentation into --engines, detection into ENGINES-detection),
-built and profiled alike; the detection steps skip while its shipped weights are missing.
+failures), 1 when one did. `--plan` lists the steps in order and runs nothing. The demo
+models are exported once each (segmentation into --engines, detection into ENGINES-detection,
+the R-FCN detection model into ENGINES-rfcn), built and profiled alike; the detection and
+R-FCN steps skip while their shipped weights are missing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS_SCRIPT = Path(gpu_steps.__file__).resolve()
 DEFAULT_ENGINES = Path(tempfile.gettempdir()) / "dff-gpu-checks" / "engines"  # 38 MB: not in --out
 DETECTION_WEIGHTS = ROOT / "models" / "weights" / "dff_small_detection.pth"
+RFCN_WEIGHTS = ROOT / "models" / "weights" / "dff_small_rfcn.pth"
 BUDGET_S = {True: 450.0, False: 1800.0}  # whole run by --quick: 450 s leaves margin under 8 min
 MIN_STEP_S = 15.0  # a step is not started with less of the budget left
 
@@ -57,14 +59,16 @@ class Step:
 
 # --- the plan -------------------------------------------------------------------------------
 
-def plan(out: Path, engines: Path, quick: bool,
-         detection_engines: Path | None = None) -> list[Step]:
-    """The steps in order: kernel and buffers, one export per task (segmentation into
-    `engines`, detection into `detection_engines`, default `engines`-detection beside it), then
-    per backend on each folder (TensorRT: engines built before they are profiled). The
-    detection steps come last, so a short budget cuts them first."""
+def plan(out: Path, engines: Path, quick: bool, detection_engines: Path | None = None,
+         rfcn_engines: Path | None = None) -> list[Step]:
+    """The steps in order: kernel and buffers, one export per demo (segmentation into
+    `engines`, detection into `detection_engines` and R-FCN into `rfcn_engines`, by default
+    `engines`-detection and `engines`-rfcn beside it), then per backend on each folder
+    (TensorRT: engines built before they are profiled). The detection steps come after the
+    segmentation ones and the R-FCN steps last, so a short budget cuts them first."""
     py, gpu = sys.executable, ("gpu",)
     detection_engines = detection_engines or engines.with_name(f"{engines.name}-detection")
+    rfcn_engines = rfcn_engines or engines.with_name(f"{engines.name}-rfcn")
 
     def own(name: str, what: str, timeout: float, needs: tuple[str, ...]) -> Step:
         path = out / f"{name}.json"
@@ -132,15 +136,23 @@ def plan(out: Path, engines: Path, quick: bool,
              lambda: read_bench(bench)),
         *per_task(engines, "segmentation", "", ()),
         *per_task(detection_engines, "detection", "-detection", ("detection_demo",)),
+        *per_task(rfcn_engines, "rfcn", "-rfcn", ("rfcn_demo",)),
     ]
 
 
-def detection_demo_fact() -> str | None:
-    """None when the checkout ships the detection demo weights, else why its steps skip."""
-    if DETECTION_WEIGHTS.is_file():
+def weights_fact(demo: str, path: Path) -> str | None:
+    """None when the checkout ships the demo's weights at `path`, else why its steps skip."""
+    if path.is_file():
         return None
-    return (f"no shipped detection weights here ({DETECTION_WEIGHTS.relative_to(ROOT)} is "
-            "missing)")
+    return f"no shipped {demo} weights here ({path.relative_to(ROOT)} is missing)"
+
+
+def detection_demo_fact() -> str | None:
+    return weights_fact("detection", DETECTION_WEIGHTS)
+
+
+def rfcn_demo_fact() -> str | None:
+    return weights_fact("rfcn", RFCN_WEIGHTS)
 
 
 # --- reading the figures --------------------------------------------------------------------
@@ -345,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         "./gpu_checks)")
     p.add_argument("--engines", default=str(DEFAULT_ENGINES),
                    help=f"folder of the segmentation demo export (default: {DEFAULT_ENGINES}); "
-                        "the detection demo goes beside it, into ENGINES-detection")
+                        "the detection and R-FCN demos go beside it, into ENGINES-detection "
+                        "and ENGINES-rfcn")
     p.add_argument("--quick", action="store_true",
                    help=f"few samples and shapes, the whole run within {BUDGET_S[True]:.0f} s")
     p.add_argument("--budget", type=float, metavar="S",
@@ -355,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     start, started = time.monotonic(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out, engines = Path(args.out).resolve(), Path(args.engines).resolve()
     detection = engines.with_name(f"{engines.name}-detection")
-    steps = plan(out, engines, args.quick, detection)
+    rfcn = engines.with_name(f"{engines.name}-rfcn")
+    steps = plan(out, engines, args.quick, detection, rfcn)
     if args.plan:
         for i, step in enumerate(steps, 1):
             needs = ", ".join(step.needs + tuple(f"step {a}" for a in step.after)) or "nothing"
@@ -366,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     env, facts = gpu_steps.probe()
     facts["detection_demo"] = detection_demo_fact()
+    facts["rfcn_demo"] = rfcn_demo_fact()
     for key, value in env.items():
         print(f"{key:>20}: {value}")
     budget = args.budget or BUDGET_S[args.quick]
@@ -373,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                            "budget_s": budget, "dff_import": dff_import,
                            "engines_dir": str(engines),
                            "detection_engines_dir": str(detection),
+                           "rfcn_engines_dir": str(rfcn),
                            "environment": env, "facts": facts}
     json_path = out / "gpu_checks.json"
     print(f"\n{len(steps)} steps, {budget:.0f} s budget:", flush=True)

@@ -42,13 +42,16 @@ def steps(tmp_path):
 
 # --- the plan -------------------------------------------------------------------------------
 
-TASKS = [("segmentation", "engines", ""), ("detection", "engines-detection", "-detection")]
+TASKS = [("segmentation", "engines", ""), ("detection", "engines-detection", "-detection"),
+         ("rfcn", "engines-rfcn", "-rfcn")]
 
 
 def of_task(steps, suffix):
-    """The export, build and profile steps of one task (by their names' suffix)."""
+    """The export, build and profile steps of one demo (by their names' suffix)."""
     mine = [s for s in steps if s.name.split("-")[0] in ("export", "build", "profile")]
-    return [s for s in mine if s.name.endswith("-detection") == (suffix == "-detection")]
+    if suffix:
+        return [s for s in mine if s.name.endswith(suffix)]
+    return [s for s in mine if not s.name.endswith(tuple(x for _, _, x in TASKS if x))]
 
 
 @pytest.mark.parametrize("task, folder, suffix", TASKS)
@@ -86,13 +89,18 @@ def test_plan_builds_each_tensorrt_precision_before_profiling_it(steps, tmp_path
     assert "fast_fp16" in steps[names.index(f"build-fp16{suffix}")].needs
 
 
-def test_detection_steps_come_last_and_need_the_shipped_detection_weights(steps):
+def test_detection_then_rfcn_steps_come_last_and_need_their_shipped_weights(steps):
     names = [s.name for s in steps]
     detection = [i for i, n in enumerate(names) if n.endswith("-detection")]
-    assert len(detection) == 7 and detection == list(range(len(names) - 7, len(names)))
+    rfcn = [i for i, n in enumerate(names) if n.endswith("-rfcn")]
+    assert len(detection) == len(rfcn) == 7
+    assert detection + rfcn == list(range(len(names) - 14, len(names)))
     for i in detection:
         assert steps[i].needs[0] == "gpu" and "detection_demo" in steps[i].needs
-    assert not any("detection_demo" in s.needs for s in steps[:detection[0]])
+    for i in rfcn:
+        assert steps[i].needs[0] == "gpu" and "rfcn_demo" in steps[i].needs
+    assert not any("detection_demo" in s.needs or "rfcn_demo" in s.needs
+                   for s in steps[:detection[0]])
 
 
 def test_detection_demo_fact_says_which_weights_are_missing(monkeypatch, tmp_path):
@@ -102,6 +110,8 @@ def test_detection_demo_fact_says_which_weights_are_missing(monkeypatch, tmp_pat
         "no shipped detection weights here (models/weights/nowhere.pth is missing)")
     monkeypatch.setattr(gpu_checks, "DETECTION_WEIGHTS", gpu_checks.ROOT / "pyproject.toml")
     assert gpu_checks.detection_demo_fact() is None
+    monkeypatch.setattr(gpu_checks, "RFCN_WEIGHTS", gpu_checks.ROOT / "nowhere.pth")
+    assert gpu_checks.rfcn_demo_fact() == "no shipped rfcn weights here (nowhere.pth is missing)"
 
 
 def test_quick_plan_asks_for_few_samples(steps):
@@ -155,8 +165,10 @@ def test_cpu_run_skips_every_gpu_step_with_its_reason_fails_none_and_writes_json
         assert ptx["figures"]["isa"] == doc["environment"]["ptx_isa"]
     assert doc["environment"]["cuda_devices"] == 0
     assert doc["detection_engines_dir"] == str(tmp_path / "engines-detection")
+    assert doc["rfcn_engines_dir"] == str(tmp_path / "engines-rfcn")
     assert not engines.exists()  # nothing to profile: nothing exported
     assert not (tmp_path / "engines-detection").exists()
+    assert not (tmp_path / "engines-rfcn").exists()
     printed = capsys.readouterr().out
     assert "skipped  kernel" in printed and f"wrote {out / 'gpu_checks.json'}" in printed
 

@@ -35,15 +35,19 @@ from dff.tasks import DETECTION
 INTERVAL = 10
 
 
-def accuracy(checkpoint: Path, eval_json: str | None, threads: int) -> dict:
-    """{mode: {"map50", "map"}} for per_frame, dff and copy at k=10."""
+def k10_rows(res: dict) -> dict:
+    """{mode: {"map50", "map"}} for per_frame, dff and copy at k=10 of dff-eval's result."""
+    rows = {"per_frame": res["per_frame"], "dff": res["dff"][str(INTERVAL)],
+            "copy": res["copy"][str(INTERVAL)]}
+    return {m: {"map50": float(r["map50"]), "map": float(r["map"])} for m, r in rows.items()}
+
+
+def accuracy(model, checkpoint: Path, eval_json: str | None, threads: int) -> dict:
+    """k10_rows of dff-eval's JSON `eval_json` of `checkpoint`, or of evaluating `model`
+    (the checkpoint, loaded) here."""
     if eval_json is not None:
         try:
-            res = json.loads(Path(eval_json).read_text())
-            rows = {"per_frame": res["per_frame"], "dff": res["dff"][str(INTERVAL)],
-                    "copy": res["copy"][str(INTERVAL)]}
-            return {m: {"map50": float(r["map50"]), "map": float(r["map"])}
-                    for m, r in rows.items()}
+            return k10_rows(json.loads(Path(eval_json).read_text()))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise DffError(f"--eval-json {eval_json}: not dff-eval's JSON of a detection model "
                            f"with k={INTERVAL} ({e}); write one with `dff-eval {checkpoint} "
@@ -52,14 +56,7 @@ def accuracy(checkpoint: Path, eval_json: str | None, threads: int) -> dict:
 
     if threads:
         torch.set_num_threads(threads)
-    model = load_checkpoint(checkpoint)
-    if model.config.task != DETECTION:
-        raise DffError(f"{checkpoint}: a {model.config.task} model; this compares detection "
-                       "heads")
-    res = evaluate(model, intervals=(INTERVAL,))
-    rows = {"per_frame": res["per_frame"], "dff": res["dff"][str(INTERVAL)],
-            "copy": res["copy"][str(INTERVAL)]}
-    return {m: {"map50": r["map50"], "map": r["map"]} for m, r in rows.items()}
+    return k10_rows(evaluate(model, intervals=(INTERVAL,)))
 
 
 def timing(checkpoint: Path, threads: int, duration: float) -> dict:
@@ -117,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             name = f"{name} ({ckpt.name})"
         print(f"{name}: {ckpt} ...", flush=True)
         rows[name] = {"checkpoint": str(ckpt),
-                      "accuracy": accuracy(ckpt, eval_json, args.threads),
+                      "accuracy": accuracy(model, ckpt, eval_json, args.threads),
                       "timing": timing(ckpt, args.threads, args.duration)}
     for line in format_table(rows):
         print(line)

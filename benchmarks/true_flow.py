@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import numpy as np
 import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.models.checkpoint import load_checkpoint
-from dff.models.evaluate import detections
+from dff.models.evaluate import cell_flow, detections
 from dff.models.metrics import clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
 from dff.runtime.commands import guarded
@@ -35,17 +34,6 @@ from dff.errors import DffError
 from dff.tasks import DETECTION
 
 MODES = ("per_frame", "dff", "copy", "true_flow", "true_flow_scale1")
-
-
-def cell_flow(clip, t: int, key: int, stride: int) -> torch.Tensor:
-    """The true flow from frame t to the key frame on the feature grid, in cells [1,2,h,w]:
-    the mean pixel flow over each cell's valid pixels / stride."""
-    flow, valid = clip.flow(t, key)
-    _, h, w = flow.shape
-    blocks = (h // stride, stride, w // stride, stride)
-    count = valid.reshape(blocks).sum((1, 3))
-    mean = (flow * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(count, 1) / stride
-    return torch.from_numpy(mean[None]).float()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                         found[m].append((truth[t], det))
                     continue
                 flow, scale = model.flow(image, frames[key:key + 1])
-                true = cell_flow(clip, t, key, stride)
+                true = torch.from_numpy(cell_flow(clip, t, key, stride)[0][None]).float()
                 ones = torch.ones_like(scale) if scale is not None else None
                 feats = {"per_frame": model.features(image),
                          "dff": flow_warp(key_feat, flow, scale), "copy": key_feat,

@@ -81,6 +81,17 @@ def detections(model: DFF, raw) -> dict:
     return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
 
 
+def cell_flow(clip, t: int, key: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact flow from frame t to frame `key` on the feature grid, in cells [2,h,w] (the
+    mean pixel flow over each cell's valid pixels / stride), and each cell's count of valid
+    pixels [h,w]."""
+    flow_px, valid = clip.flow(t, key)
+    _, h, w = flow_px.shape
+    blocks = (h // stride, stride, w // stride, stride)
+    v = valid.reshape(blocks).sum((1, 3))
+    return (flow_px * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(v, 1) / stride, v
+
+
 def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tuple[float, int]:
     """Sum of per-cell end-point errors (in cells) over valid cells, and their count, for the
     pairs (current, key) of a fixed schedule at ``interval``."""
@@ -90,11 +101,7 @@ def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tupl
         key = t - t % interval
         if key == t:
             continue
-        flow_px, valid = clip.flow(t, key)
-        _, h, w = flow_px.shape
-        blocks = (h // stride, stride, w // stride, stride)
-        v = valid.reshape(blocks).sum((1, 3))
-        target = (flow_px * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(v, 1) / stride
+        target, v = cell_flow(clip, t, key, stride)
         with torch.no_grad():
             pred, _ = model.flow(frames[t:t + 1], frames[key:key + 1])
         err = np.linalg.norm(pred[0].numpy() - target, axis=0)

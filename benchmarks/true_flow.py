@@ -9,9 +9,11 @@ each non-key frame
   cell as dff-train's flow loss takes it) with the network's scale, and with scale 1.
 
 AP@0.5 and AP@[.5:.95] from pycocotools over all frames (key frames are the same in every
-mode). PyTorch on the CPU.
+mode). PyTorch on the CPU. With ``--bootstrap N``, N paired draws of the 20 clips say how sure
+each difference from copying is (a 95 % interval and the share of draws where the mode is
+higher); the split's differences are a fraction of a point, so read them with it.
 
-    python benchmarks/true_flow.py models/weights/dff_small_rfcn.pth --threads 2
+    python benchmarks/true_flow.py models/weights/dff_small_rfcn.pth --threads 2 --bootstrap 200
 
 A benchmark, not a test: five modes over 1,200 frames, a few minutes.
 """
@@ -25,7 +27,7 @@ import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import cell_flow, detections
-from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.models.metrics import bootstrap_ap, clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
 from dff.runtime.commands import guarded
 from dff.runtime.writers import write_summary
@@ -34,6 +36,7 @@ from dff.errors import DffError
 from dff.tasks import DETECTION
 
 MODES = ("per_frame", "dff", "copy", "true_flow", "true_flow_scale1")
+AGAINST_COPY = (("dff", "copy"), ("true_flow", "copy"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,11 +50,13 @@ def run(args: argparse.Namespace) -> int:
     h, w = model.config.input_size
     stride, k = model.config.stride, args.interval
     found: dict[str, list] = {m: [] for m in MODES}
+    clip_of: list[int] = []  # each frame's clip seed, for --bootstrap
     with torch.no_grad():
         for seed in tqdm(EVAL_SEEDS[:args.clips or None], desc="clips"):
             clip = make_clip(seed, EVAL_FRAMES, h, w)
             frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
             truth = clip_ground_truth(clip)
+            clip_of += [seed] * len(frames)
             key_feat = None
             for t in range(len(frames)):
                 key, image = t - t % k, frames[t:t + 1]
@@ -76,10 +81,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'mode':<18}{'AP@0.5':>8}{'AP':>8}")
     for m in MODES:
         print(f"{m:<18}{res[m]['map50']:>8.4f}{res[m]['map']:>8.4f}")
+    gaps = {}
+    if args.bootstrap:
+        gaps = bootstrap_ap(found, clip_of, AGAINST_COPY, model.config.class_names,
+                            args.bootstrap, max_dets=model.config.max_detections,
+                            wrap=lambda it: tqdm(it, total=args.bootstrap, desc="bootstrap"))
+        print(f"paired bootstrap over clips, {args.bootstrap} draws: difference in points, "
+              "95 % interval, share of draws higher")
+        for pair, by in gaps.items():
+            print(f"{pair:<18}" + "  ".join(
+                f"{name} {100 * g['diff']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}]"
+                f" {g['p_higher']:.2f}" for name, g in (("AP@0.5", by["map50"]),
+                                                        ("AP", by["map"]))))
     if args.json:
         write_summary(args.json, {"checkpoint": str(args.checkpoint), "interval": k,
                                   **{m: {"map50": r["map50"], "map": r["map"]}
-                                     for m, r in res.items()}})
+                                     for m, r in res.items()},
+                                  **({"bootstrap": {"draws": args.bootstrap, **gaps}}
+                                     if gaps else {})})
         print(f"wrote {args.json}")
     return 0
 
@@ -90,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval", type=int, default=10, help="key interval")
     p.add_argument("--clips", type=int, default=0, help="first N clips (0 = all 20)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="N paired bootstrap draws of the clips for DFF's and true flow's "
+                        "differences from copying (0 = none; 200 takes a few minutes)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)

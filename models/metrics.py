@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,56 @@ def detection_ap(frames: list[tuple[dict, dict]], class_names: list[str] | tuple
     return {"map50": round(float(np.mean(ap50s)), 5) if ap50s else 0.0,
             "map": round(float(np.mean(aps)), 5) if aps else 0.0,
             "per_class": per_class, "frames": len(frames), "detections": len(dts)}
+
+
+def bootstrap_ap(runs: dict[str, list[tuple[dict, dict]]], groups: Sequence[Hashable],
+                 pairs: Sequence[tuple[str, str]], class_names: list[str] | tuple[str, ...],
+                 samples: int = 200, seed: int = 0, max_dets: int = 100, level: float = 0.95,
+                 wrap: Callable[[Iterable], Iterable] = iter) -> dict[str, dict]:
+    """How sure a difference in AP is: a paired bootstrap over groups of frames (clips).
+
+    `runs` maps a run's name to its (gt, det) per frame as `detection_ap` takes them, every run
+    over the same frames in the same order; `groups[i]` is frame i's clip. Each of `samples`
+    draws takes as many clips as there are, with replacement, the same clips for every run, and
+    scores them with `detection_ap`. For each pair (a, b) it returns under "a-b", for "map50"
+    and "map": the difference a − b on all frames ("diff"), the central `level` interval of the
+    drawn differences ("low", "high") and the share of draws where a scored higher
+    ("p_higher"). Frames of a clip move together, as their errors do. `wrap` wraps the draws'
+    iterator (a progress bar)."""
+    if samples < 1 or not 0 < level < 1:
+        raise ValueError(f"samples {samples} must be at least 1 and level {level} in (0, 1)")
+    for name, frames in runs.items():
+        if len(frames) != len(groups):
+            raise ValueError(f"run {name!r}: {len(frames)} frames, {len(groups)} groups")
+    clips: dict[Hashable, list[int]] = {}
+    for i, g in enumerate(groups):
+        clips.setdefault(g, []).append(i)
+    members = list(clips.values())
+    names = sorted({m for pair in pairs for m in pair})
+
+    def scores(index: list[int]) -> dict[str, dict]:
+        return {m: detection_ap([runs[m][i] for i in index], class_names, max_dets)
+                for m in names}
+
+    full = scores(list(range(len(groups))))
+    rng = np.random.default_rng(seed)
+    drawn: dict[tuple[str, str], dict[str, list[float]]] = {
+        pair: {"map50": [], "map": []} for pair in pairs}
+    for _ in wrap(range(samples)):
+        picked = rng.integers(len(members), size=len(members))
+        res = scores([i for j in picked for i in members[j]])
+        for a, b in pairs:
+            for key in ("map50", "map"):
+                drawn[(a, b)][key].append(res[a][key] - res[b][key])
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for a, b in pairs:
+        out[f"{a}-{b}"] = {key: {"diff": round(full[a][key] - full[b][key], 5),
+                                 "low": round(float(np.percentile(d, tail)), 5),
+                                 "high": round(float(np.percentile(d, 100 - tail)), 5),
+                                 "p_higher": round(float(np.mean(np.asarray(d) > 0)), 4)}
+                           for key, d in drawn[(a, b)].items()}
+    return out
 
 
 def _annotation(ann_id: int, image_id: int, box: np.ndarray, cls: Any, **extra) -> dict:

@@ -300,6 +300,32 @@ def test_detection_parity_benchmark_reads_dff_runs_json_lines_back(det_export, t
     assert out.splitlines()[-1].startswith("within 0.5 AP points at k=1, 3 (1 clips x 6 frames")
 
 
+def test_true_flow_benchmark_bootstraps_its_differences_from_copying(detection_export,
+                                                                     tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    pytest.importorskip("pycocotools")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "true_flow.py"
+    spec = importlib.util.spec_from_file_location("true_flow", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = bench.main([str(detection_export[0]), "--clips", "1", "--bootstrap", "3",
+                       "--threads", "1", "--json", str(tmp_path / "t.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["bootstrap"]["draws"] == 3
+    for pair in ("dff-copy", "true_flow-copy"):
+        mode = pair.split("-")[0]
+        for key in ("map50", "map"):
+            gap = res["bootstrap"][pair][key]
+            assert gap["diff"] == pytest.approx(res[mode][key] - res["copy"][key], abs=1e-5)
+            # one clip: every draw is that clip, so the interval is the difference itself
+            assert gap["low"] == pytest.approx(gap["diff"]) == gap["high"]
+    assert "paired bootstrap over clips, 3 draws" in out
+
+
 def test_detection_parity_benchmark_refuses_a_segmentation_export(engines, capsys):
     import importlib.util
     from pathlib import Path

@@ -14,7 +14,7 @@ from dff.models.detection import (
     flip_boxes,
     focal_loss,
 )
-from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.models.metrics import bootstrap_ap, clip_ground_truth, detection_ap
 
 NO = np.zeros(0, bool)
 
@@ -172,6 +172,53 @@ def test_clip_ground_truth_uses_detection_classes_and_the_ignore_flags():
     frames = [(gt, {"boxes": gt["boxes"], "scores": np.ones(len(gt["classes"])),
                     "classes": gt["classes"]}) for gt in gts]
     assert detection_ap(frames, ["disc", "box", "triangle", "cross"])["map"] == 1.0
+
+
+def _clips_of_two_frames(found):
+    """Four clips of two frames, object A in each; `found[c]` says whether clip c's second
+    frame has its detection."""
+    frames, groups = [], []
+    for c, hit in enumerate(found):
+        frames.append((_gt([A], [0]), _det([A], [0.9], [0])))
+        frames.append((_gt([A], [0]), _det([A] if hit else [], [0.8] if hit else [],
+                                           [0] if hit else [])))
+        groups += [c, c]
+    return frames, groups
+
+
+def test_bootstrap_of_a_run_against_itself_is_zero_everywhere():
+    frames, groups = _clips_of_two_frames([True, False, True, True])
+    res = bootstrap_ap({"a": frames, "b": frames}, groups, [("a", "b")], NAMES, samples=20)
+    assert res["a-b"]["map50"] == {"diff": 0.0, "low": 0.0, "high": 0.0, "p_higher": 0.0}
+
+
+def test_bootstrap_of_a_run_better_on_every_clip_is_higher_in_every_draw():
+    better, groups = _clips_of_two_frames([True] * 4)
+    worse, _ = _clips_of_two_frames([False] * 4)
+    res = bootstrap_ap({"good": better, "bad": worse}, groups, [("good", "bad")], NAMES,
+                       samples=30)["good-bad"]["map50"]
+    full = detection_ap(better, NAMES)["map50"] - detection_ap(worse, NAMES)["map50"]
+    assert res["diff"] == pytest.approx(full) and full > 0.4
+    # every clip misses half its objects in `bad`, so every draw has the same difference
+    assert res["low"] == pytest.approx(full) and res["high"] == pytest.approx(full)
+    assert res["p_higher"] == 1.0
+
+
+def test_bootstrap_draws_whole_clips_and_repeats_with_its_seed():
+    a, groups = _clips_of_two_frames([True, True, False, False])
+    b, _ = _clips_of_two_frames([False, False, True, True])
+    runs, pairs = {"a": a, "b": b}, [("a", "b")]
+    first = bootstrap_ap(runs, groups, pairs, NAMES, samples=40, seed=3)["a-b"]["map50"]
+    assert first == bootstrap_ap(runs, groups, pairs, NAMES, samples=40, seed=3)["a-b"]["map50"]
+    # a and b tie on all clips; a draw favours whichever drew more of its good clips
+    assert first["diff"] == 0.0 and first["low"] < 0 < first["high"]
+    assert 0 < first["p_higher"] < 1
+
+
+def test_bootstrap_refuses_runs_of_other_lengths():
+    frames, groups = _clips_of_two_frames([True, True])
+    with pytest.raises(ValueError, match="run 'b': 2 frames, 4 groups"):
+        bootstrap_ap({"a": frames, "b": frames[:2]}, groups, [("a", "b")], NAMES)
 
 
 def test_metrics_import_without_torch():

@@ -75,13 +75,15 @@ class TrainData:
         w = 1.0 / np.sqrt(np.maximum(counts, 1) / counts.sum())
         self.class_weights = torch.tensor(w / w.mean(), dtype=torch.float32)
 
-    def sample_pairs(self, rng: np.random.Generator, batch: int) -> list[tuple[int, int, int]]:
-        """(clip, current, key) with key = current - randint(0..9), clamped to the clip."""
+    def sample_pairs(self, rng: np.random.Generator, batch: int,
+                     max_offset: int = MAX_KEY_OFFSET) -> list[tuple[int, int, int]]:
+        """(clip, current, key) with key = current - randint(0..max_offset), clamped to the
+        clip."""
         out = []
         for _ in range(batch):
             c = int(rng.integers(len(self.clips)))
             t = int(rng.integers(self.num_frames))
-            out.append((c, t, max(0, t - int(rng.integers(MAX_KEY_OFFSET + 1)))))
+            out.append((c, t, max(0, t - int(rng.integers(max_offset + 1)))))
         return out
 
     def images(self, pairs, which: int) -> torch.Tensor:
@@ -279,7 +281,7 @@ def run(args) -> Path:
         running: dict[str, float] = {}
         for it in bar:
             rng = np.random.default_rng([args.seed, si, it])
-            pairs = data.sample_pairs(rng, args.batch)
+            pairs = data.sample_pairs(rng, args.batch, args.max_key_offset)
             if stage in ("seg", "det"):  # per-frame training: current frame only
                 pairs = [(c, t, t) for c, t, _ in pairs]
             for g in opt.param_groups:
@@ -309,6 +311,7 @@ def run(args) -> Path:
     argv = sys.argv[1:] if getattr(args, "argv", None) is None else args.argv
     meta = {"command": shlex.join(["dff-train", *argv]), "seed": args.seed,
             "iterations": iters, "clips": args.clips, "frames": args.frames,
+            "max_key_offset": args.max_key_offset,
             "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log), **init_meta}
     save_checkpoint(out / "model.pth", model, meta=meta)
     if args.save:
@@ -349,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flow-loss", type=float, default=0.0,
                    help="weight of an end-point-error term in stage 3 (the paper uses none)")
     p.add_argument("--key-interval", type=int, default=10, help="default stored in the config")
+    p.add_argument("--max-key-offset", type=int, metavar="D",
+                   help="flow and dff stages: the key frame is 0..D frames before the current "
+                        f"one (default {MAX_KEY_OFFSET}, the paper's; larger trains the warp "
+                        "on larger motion)")
     p.add_argument("--head-subcell", type=int, default=0,
                    help="override the preset's head_subcell (1 = DeepLab's stride-16 logits)")
     p.add_argument("--head-channels", type=int, default=0, help="override the preset's head width")
@@ -381,6 +388,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.head == "rfcn" and args.task != DETECTION:
         print("dff-train: --head rfcn is a detection head; add --task detection", file=sys.stderr)
+        return 2
+    if args.max_key_offset is None:  # the paper's 9, clamped to the clip as always
+        args.max_key_offset = MAX_KEY_OFFSET
+    elif not 0 <= args.max_key_offset < args.frames:
+        print(f"dff-train: --max-key-offset {args.max_key_offset} must be 0 to --frames - 1 "
+              f"({args.frames - 1}): the key frame is in the same training clip",
+              file=sys.stderr)
         return 2
     try:
         run(args)

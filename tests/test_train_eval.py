@@ -124,6 +124,25 @@ def test_head_rfcn_without_task_detection_is_refused(tmp_path, capsys):
     assert "--task detection" in capsys.readouterr().err
 
 
+def test_max_key_offset_sets_how_far_back_the_key_frames_are_drawn():
+    data = train.TrainData(2, 30, (64, 96), seed=0, num_classes=5, progress=False)
+
+    def offsets(max_offset):
+        rng = np.random.default_rng(0)
+        pairs = data.sample_pairs(rng, 400, max_offset)
+        return {t - k for _, t, k in pairs if t >= max_offset}  # not clamped at the start
+
+    assert offsets(0) == {0}
+    assert offsets(train.MAX_KEY_OFFSET) == set(range(train.MAX_KEY_OFFSET + 1))
+    assert offsets(19) == set(range(20))
+
+
+def test_max_key_offset_beyond_the_training_clips_is_refused(tmp_path, capsys):
+    assert train.main(TINY + ["--out", str(tmp_path), "--frames", "8",
+                              "--max-key-offset", "8"]) == 2
+    assert "--max-key-offset 8 must be 0 to --frames - 1 (7)" in capsys.readouterr().err
+
+
 def test_init_starts_trunk_and_flow_net_from_a_checkpoint_of_another_task(tmp_path):
     seg = tmp_path / "seg.pth"
     assert train.main(TINY + ["--out", str(tmp_path / "seg"), "--save", str(seg)]) == 0
@@ -157,7 +176,7 @@ def test_init_head_fine_tunes_a_trained_model_end_to_end(tmp_path, capsys):
     for k, v in b.state_dict().items():
         torch.testing.assert_close(v, a[k], msg=k)
     meta = torch.load(tmp_path / "b" / "model.pth", weights_only=True)["meta"]
-    assert meta["init_head"] is True
+    assert meta["init_head"] is True and meta["max_key_offset"] == train.MAX_KEY_OFFSET
     # end-to-end steps from there: only stage 3 runs
     assert train.main(DET + zero + ["--out", str(tmp_path / "c"), "--init", str(det),
                                     "--init-head"]) == 0

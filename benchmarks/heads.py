@@ -26,7 +26,7 @@ from dff.export.exporter import export_model
 from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import evaluate
 from dff.runtime import profile
-from dff.runtime.commands import guarded
+from dff.commands.common import guarded
 from dff.runtime.writers import write_summary
 
 from dff.errors import DffError

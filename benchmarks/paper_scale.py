@@ -51,7 +51,7 @@ from dff.models.dff import DFF
 from dff.models.flownet import FULL_WIDTHS
 from dff.models.trunk import RESNET_LAYOUTS
 from dff.runtime.backends import open_backend
-from dff.runtime.commands import guarded
+from dff.commands.common import guarded
 from dff.runtime.profile import STAGES, format_report, profile_end_to_end, profile_stages
 from dff.runtime.writers import write_summary
 

@@ -29,7 +29,7 @@ from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import cell_flow, detections
 from dff.models.metrics import bootstrap_ap, clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
-from dff.runtime.commands import guarded
+from dff.commands.common import guarded
 from dff.runtime.writers import write_summary
 
 from dff.errors import DffError

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 from dff.runtime.backends import check_quality, task_spec
-from dff.runtime.commands import (
+from dff.commands.common import (
     Log,
     add_backend_args,
     backend_label,
@@ -33,7 +33,7 @@ from dff.runtime.commands import (
     video_record,
     warn_truncated,
 )
-from dff.runtime.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
+from dff.commands.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.runtime.pipeline import FrameResult, Pipeline
 from dff.runtime.remote import add_server_args, check_server_args
 from dff.runtime.scheduler import SCHEDULES, make_scheduler

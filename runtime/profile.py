@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from dff.export.profile import format_shape, shape_arg
 from dff.runtime.backends import Backend, task_spec
-from dff.runtime.commands import (
+from dff.commands.common import (
     add_backend_args,
     backend_label,
     check_backend_args,

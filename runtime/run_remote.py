@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from dff.runtime.cli import MIN_SCORE, TASK_OPTIONS, _frames, _ms, _outputs, _progress
-from dff.runtime.commands import outputs_record, video_record, warn_truncated
+from dff.commands.common import outputs_record, video_record, warn_truncated
 from dff.runtime.pipeline import FrameResult
 from dff.runtime.remote import (
     RemoteError,

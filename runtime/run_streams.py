@@ -15,7 +15,7 @@ from typing import Any
 
 from dff.runtime.backends import check_quality, task_spec
 from dff.runtime.cli import MIN_SCORE, _frames, _ms, _progress
-from dff.runtime.commands import (
+from dff.commands.common import (
     Log,
     backend_label,
     choose_backend,

@@ -11,7 +11,7 @@ import signal
 import sys
 import time
 
-from dff.runtime.commands import budget_arg, guarded, int_at_least
+from dff.commands.common import budget_arg, guarded, int_at_least
 from dff.runtime.scheduler import SCHEDULES
 
 from .repository import IDLE_S, STAGES, write_repository

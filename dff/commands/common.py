@@ -20,7 +20,7 @@ from dff.runtime.backends import (
     open_backend,
     pick_auto,
 )
-from dff.runtime.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
+from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
 
 from dff.errors import DffError
 from dff.tasks import SEGMENTATION

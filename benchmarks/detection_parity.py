@@ -28,8 +28,9 @@ from dff.export.manifest import load_manifest
 from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import detect_clip
 from dff.models.metrics import clip_ground_truth, detection_ap
-from dff.runtime.backends import open_backend, task_spec
-from dff.runtime.pipeline import Pipeline
+from dff.runtime.backends import task_spec
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import Pipeline
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.torch_backend import torch_checkpoint
 from dff.runtime.writers import ResultWriter, read_detections

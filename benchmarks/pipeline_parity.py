@@ -22,8 +22,9 @@ import numpy as np
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.export.manifest import load_manifest
 from dff.models.evaluate import confusion, miou
-from dff.runtime.backends import open_backend, task_spec
-from dff.runtime.pipeline import Pipeline
+from dff.runtime.backends import task_spec
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import Pipeline
 from dff.runtime.scheduler import make_scheduler
 
 

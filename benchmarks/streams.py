@@ -25,10 +25,9 @@ import time
 import numpy as np
 from dff.data.synthetic import make_clip
 from dff.export.manifest import load_manifest
-from dff.runtime.backends import open_backend
-from dff.runtime.pipeline import Pipeline
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import Pipeline, StreamPipeline
 from dff.runtime.scheduler import make_scheduler
-from dff.runtime.streams import StreamPipeline
 
 
 def sequential(backend, clips, k: int) -> float:

@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from dff.runtime.backends import open_backend
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import StreamPipeline
 from dff.runtime.scheduler import make_scheduler
-from dff.runtime.streams import StreamPipeline
 from dff.serve.cli import main as dff_serve
 from dff.serve.server import TritonServer
 

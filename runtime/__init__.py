@@ -1,10 +1,9 @@
 """dff.runtime: exported DFF graphs on video (DESIGN.md §1).
 
 The small public API, loaded on first use so that `import dff.runtime` needs numpy alone:
-`open_backend`, `pick_auto`, `available_backends` (backends), `make_scheduler` (scheduler),
-`Pipeline` (pipeline), `StreamPipeline` (streams: many streams, batched), `open_video` (video),
-`ResultWriter` (writers). The commands are `dff-run` (runtime/cli.py; several videos:
-runtime/run_streams.py) and `dff-profile` (runtime/profile.py).
+`open_backend`, `pick_auto`, `available_backends` (loaders), `make_scheduler` (scheduler),
+`Pipeline` and `StreamPipeline` (loop: one stream, many streams batched), `open_video` (video),
+`ResultWriter` (writers). The commands (`dff-run`, `dff-profile`) are in dff/commands/.
 """
 
 from __future__ import annotations
@@ -12,8 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_API = {"open_backend": "backends", "pick_auto": "backends", "available_backends": "backends",
-        "make_scheduler": "scheduler", "Pipeline": "pipeline", "StreamPipeline": "streams",
+_API = {"open_backend": "loaders", "pick_auto": "loaders", "available_backends": "loaders",
+        "make_scheduler": "scheduler", "Pipeline": "loop", "StreamPipeline": "loop",
         "open_video": "video", "ResultWriter": "writers"}
 __all__ = ["Pipeline", "ResultWriter", "StreamPipeline", "available_backends", "make_scheduler",
            "open_backend", "open_video", "pick_auto"]

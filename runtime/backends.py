@@ -12,19 +12,16 @@ manifest's `task.outputs` with the batch dimension (docs/DESIGN.md §6).
   `runtime/torch_backend.py`;
 - `tensorrt`: the engines dff-build made, in `runtime/trt_backend.py`.
 
-This module says which backends exist here and opens one; the backends are imported when
-opened, and torch and onnxruntime where used, so it imports with numpy alone.
+This module holds the protocol and what every backend shares; runtime/loaders.py opens one.
+It imports with numpy alone.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from typing import Any, Protocol
 
 import numpy as np
-from dff.export.manifest import GRAPHS, load_manifest
 
 from dff import tasks
 from dff.errors import DffError
@@ -83,8 +80,8 @@ def host_quality(backend: Backend, out: Any, schedulers: list) -> np.ndarray | N
     """`out`'s quality (what `backend.flow` returned) on the host, [N,1], when one of
     `schedulers` reads it (the learned schedule) and the flow graph has it; else None, and
     nothing is copied."""
-    quality = getattr(out, "quality", None)
-    if quality is None or not any(getattr(s, "needs_quality", False) for s in schedulers):
+    quality = out.quality if isinstance(out, FlowOutputs) else None
+    if quality is None or not any(s.needs_quality for s in schedulers):
         return None
     return backend.to_host(quality)
 
@@ -92,8 +89,7 @@ def host_quality(backend: Backend, out: Any, schedulers: list) -> np.ndarray | N
 def check_quality(backend: Backend, schedulers: list, where: str) -> None:
     """Refuse, before any frame, a learned schedule among `schedulers` on a backend whose
     flow has no quality (`where`: the engine folder or checkpoint named in the message)."""
-    if any(getattr(s, "needs_quality", False) for s in schedulers) \
-            and not getattr(backend, "has_quality", True):
+    if any(s.needs_quality for s in schedulers) and not backend.has_quality:
         raise BackendError(f"--schedule learned: {where} has no quality head (flow.onnx has no "
                            "`quality` output); add one with `python -m dff.models.quality "
                            "MODEL.pth -o MODEL_quality.pth` and export that, or pick "
@@ -128,30 +124,55 @@ def check_names(path: str | os.PathLike[str], graph: str, inputs: list[str],
 class Backend(Protocol):
     """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned;
     `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data: its
-    outputs by name (task_spec's `outputs`), each with the batch dimension."""
+    outputs by name (task_spec's `outputs`), each with the batch dimension. A backend subclasses
+    this class: the attributes and methods with a default are optional features (the defaults
+    suit a backend that computes on host arrays)."""
 
     name: str          # e.g. "onnxruntime-cpu"
-    # optional `overlaps_uploads: bool`: upload() is asynchronous, so the Pipeline uploads the
-    # next frame before it waits for this one's labels
     stride: int        # feature stride: image H and W must be multiples of it
-    profile: dict | None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any size
     task_spec: dict    # {kind, outputs, ...}: what `task` returns (task_spec above)
-    has_quality: bool  # `flow` gives a `quality` (FlowOutputs): --schedule learned can run
+    profile: dict | None = None  # the manifest's profile {min, opt, max: [N,H,W]}, None = any
+    precision: str | None = None  # what it computes in (PRECISIONS), for the summaries
+    has_quality: bool = True  # `flow` gives a `quality` (FlowOutputs): --schedule learned runs
+    # upload() is asynchronous: the run loop uploads the next frame before it waits for this
+    # one's outputs (runtime/step.py)
+    overlaps_uploads: bool = False
+    # flow + task replayed as one CUDA graph (TensorRT): its flow outputs live until the next
+    # flow, so it steps one stream only
+    cuda_graph: bool = False
+    int8_check: dict | None = None  # int8 on ONNX Runtime: its kernels measured (quantize.py)
 
     def feature(self, image: np.ndarray) -> Any: ...
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs: ...
     def task(self, feat: Any) -> dict[str, np.ndarray]: ...
-    def upload(self, image: np.ndarray) -> Any: ...
-    def to_host(self, handle: Any) -> np.ndarray: ...
-    # along the batch axis, staying where the backend computes (runtime/streams.py): a batch
-    # handle [N,...] as N handles [1,...], and handles [n_i,...] as one (one as it is)
-    def split(self, handle: Any) -> list[Any]: ...
-    def stack(self, handles: list[Any]) -> Any: ...
-    def synchronize(self) -> None: ...
-    def close(self) -> None: ...
 
+    def upload(self, image: np.ndarray) -> Any:
+        return image
 
-# --- what is here ---------------------------------------------------------------------------
+    def to_host(self, handle: Any) -> np.ndarray:
+        return np.asarray(handle)
+
+    def split(self, handle: Any) -> list[Any]:
+        """A batch handle [N,...] as N handles [1,...], staying where the backend computes."""
+        array = np.asarray(handle)
+        return [array[i:i + 1] for i in range(len(array))]
+
+    def stack(self, handles: list[Any]) -> Any:
+        """Handles [n_i,...] as one along the batch axis (one: as it is)."""
+        return handles[0] if len(handles) == 1 else np.concatenate([np.asarray(h)
+                                                                    for h in handles])
+
+    def device_timer(self) -> Any:
+        """A DeviceTimer of spans of this backend's device work (dff-profile), None where a
+        call is done when it returns (the CPU)."""
+        return None
+
+    def synchronize(self) -> None:
+        """Wait for the work queued so far."""
+
+    def close(self) -> None:
+        """Let go of sessions, engines and buffers; handles given out are invalid after it."""
+
 
 def import_ort() -> Any:
     try:
@@ -169,120 +190,3 @@ def import_torch() -> Any:
         raise BackendError(f"the torch backend needs PyTorch, which is not importable ({e}); "
                            "`pip install dff-trt[train]` or pick --backend onnxruntime-cpu") from None
     return torch
-
-
-def tensorrt_status() -> tuple[bool, str]:
-    """(usable, why not): `tensorrt` importable (an empty namespace package, as tensorrt-stubs
-    installed in place leaves, DESIGN.md §4, does not count) and cuda-python, which the
-    TensorRT backend's buffers (runtime/buffers.py) need, importable too."""
-    from dff.plugins.find_tensorrt import find_tensorrt
-
-    trt, version = find_tensorrt()
-    if trt is None:
-        return False, version
-    try:
-        spec = importlib.util.find_spec("cuda.bindings.runtime")
-    except ImportError:  # no `cuda` package at all
-        spec = None
-    if spec is None:
-        return False, f"{version} is importable but cuda-python is not (pip install dff-trt[gpu])"
-    return True, version
-
-
-def _ort_has_cuda() -> bool:
-    if importlib.util.find_spec("onnxruntime") is None:
-        return False
-    return "CUDAExecutionProvider" in import_ort().get_available_providers()
-
-
-def available_backends() -> list[str]:
-    """The backend kinds that can run on this machine (an engine folder may still lack
-    what one needs, e.g. TensorRT engines). Imports torch if it is installed."""
-    kinds = []
-    if tensorrt_status()[0]:
-        kinds.append("tensorrt")
-    if importlib.util.find_spec("onnxruntime") is not None:
-        if _ort_has_cuda():
-            kinds.append("onnxruntime-cuda")
-        kinds.append("onnxruntime-cpu")
-    if importlib.util.find_spec("torch") is not None:
-        if import_torch().cuda.is_available():
-            kinds.append("torch-cuda")
-        kinds.append("torch-cpu")
-    return kinds
-
-
-def pick_auto(engine_dir: str | os.PathLike[str]) -> tuple[str, str]:
-    """(kind, reason): TensorRT if usable and the manifest lists engines for all three
-    graphs, else ONNX Runtime on CUDA if its provider is there, else ONNX Runtime on the CPU.
-    The reason is the sentence a command prints."""
-    manifest = load_manifest(engine_dir, verify_hashes=False)
-    trt_ok, trt_why = tensorrt_status()
-    built = {e.get("graph") for e in manifest["engines"].values()}
-    missing = [g for g in GRAPHS if g not in built]
-    if trt_ok and not missing:
-        return "tensorrt", f"picked tensorrt: {trt_why}, engines for {', '.join(GRAPHS)}"
-    if not trt_ok:
-        why = [f"no TensorRT ({trt_why})"]
-    else:
-        why = [f"{trt_why} but manifest.json lists no engine for {', '.join(missing)}"]
-    if _ort_has_cuda():
-        return "onnxruntime-cuda", f"picked onnxruntime-cuda: {why[0]}"
-    import_ort()  # neither runtime: say so
-    why.append("no CUDA execution provider")
-    return "onnxruntime-cpu", f"picked onnxruntime-cpu: {', '.join(why)}"
-
-
-def check_precision(kind: str, precision: str | None) -> None:
-    """Refuse a precision backend `kind` does not run (one line naming what it runs)."""
-    runs = PRECISIONS["onnxruntime" if kind.startswith("onnxruntime") else
-                      "torch" if kind.startswith("torch") else kind]
-    if precision is not None and precision not in runs:
-        raise BackendError(f"--precision {precision}: the {kind} backend runs "
-                           f"{' or '.join(runs)}; drop --precision or use --backend tensorrt")
-
-
-def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device: int = 0,
-                 checkpoint: str | os.PathLike[str] | None = None, threads: int = 0,
-                 cuda_graph: bool = False, precision: str | None = None) -> Backend:
-    """Open backend `kind` ("auto" picks one with `pick_auto`) on the graphs of `engine_dir`
-    (the torch backend: on `checkpoint`, else the manifest's `export.checkpoint`).
-    `threads` > 0 caps the CPU threads of one stage; 0 leaves the library's default.
-    `cuda_graph` replays the non-key path as a CUDA graph (TensorRT only). `precision`
-    (PRECISIONS) picks TensorRT's engine set, or ONNX Runtime's int8 feature graph."""
-    kind = ALIASES.get(kind, kind)
-    if kind == "auto":
-        if engine_dir is None:
-            raise BackendError("--backend auto needs an engine folder (-e DIR written by "
-                               "dff-export)")
-        kind = pick_auto(engine_dir)[0]
-    if kind not in KINDS:
-        raise BackendError(f"unknown backend {kind!r}; choose one of auto, {', '.join(KINDS)}")
-    if cuda_graph and kind != "tensorrt":
-        raise BackendError(f"CUDA graph capture is done by the tensorrt backend only, not "
-                           f"{kind}; drop --useCudaGraph or use --backend tensorrt")
-    check_precision(kind, precision)
-    if kind == "tensorrt":
-        usable, why = tensorrt_status()
-        if not usable:
-            raise BackendError(f"--backend tensorrt: not available here ({why}); install "
-                               "TensorRT 10.10 or later and cuda-python on a machine with an "
-                               "NVIDIA GPU, or use --backend onnxruntime-cuda or onnxruntime-cpu")
-        if engine_dir is None:
-            raise BackendError("--backend tensorrt needs an engine folder (-e DIR, with engines "
-                               "from dff-build)")
-        from dff.runtime.trt_backend import TrtBackend
-
-        return TrtBackend(engine_dir, device=device, cuda_graph=cuda_graph, precision=precision)
-    if kind.startswith("torch"):
-        from dff.runtime.torch_backend import TorchBackend, torch_checkpoint
-
-        return TorchBackend(torch_checkpoint(engine_dir, checkpoint),
-                            cuda=kind == "torch-cuda", device=device, threads=threads)
-    if engine_dir is None:
-        raise BackendError(f"--backend {kind} needs an engine folder (-e DIR written by "
-                           "dff-export)")
-    from dff.runtime.ort_backend import OrtBackend
-
-    return OrtBackend(engine_dir, cuda=kind == "onnxruntime-cuda", device=device,
-                      threads=threads, int8=precision == "int8")

@@ -18,6 +18,20 @@ from typing import Any
 
 import numpy as np
 from dff.runtime.backends import check_quality, task_spec
+from dff.runtime.loop import FrameResult, Pipeline
+from dff.runtime.remote import add_server_args, check_server_args
+from dff.runtime.scheduler import SCHEDULES, make_scheduler
+from dff.runtime.video import (
+    FOURCC,
+    VideoError,
+    check_folder,
+    check_size,
+    fit_frame,
+    open_video,
+    parse_size,
+)
+from dff.runtime.writers import ResultWriter, write_summary
+
 from dff.commands.common import (
     Log,
     add_backend_args,
@@ -34,20 +48,6 @@ from dff.commands.common import (
     warn_truncated,
 )
 from dff.commands.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
-from dff.runtime.pipeline import FrameResult, Pipeline
-from dff.runtime.remote import add_server_args, check_server_args
-from dff.runtime.scheduler import SCHEDULES, make_scheduler
-from dff.runtime.video import (
-    FOURCC,
-    VideoError,
-    check_folder,
-    check_size,
-    fit_frame,
-    open_video,
-    parse_size,
-)
-from dff.runtime.writers import ResultWriter, write_summary
-
 from dff.errors import DffError
 from dff.tasks import DETECTION, SEGMENTATION
 

@@ -17,6 +17,7 @@ from dff.export.manifest import graph_path, load_manifest
 from dff.runtime import buffers
 from dff.runtime.backends import (
     INPUTS,
+    Backend,
     BackendError,
     FlowOutputs,
     check_names,
@@ -30,7 +31,7 @@ from dff.runtime.buffers import DeviceArray, Memory
 NO_SYNC = "disable_synchronize_execution_providers"
 
 
-class OrtBackend:
+class OrtBackend(Backend):
     """The exported graphs on ONNX Runtime. On the CPU, plain `run` with numpy arrays. On CUDA
     (or with `io_binding=True` on the CPU, over HostMemory, which tests that path here),
     IOBinding on the buffer layer (runtime/buffers.py): frames staged through a pinned ring,

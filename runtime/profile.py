@@ -31,6 +31,11 @@ from typing import Any
 import numpy as np
 from dff.export.profile import format_shape, shape_arg
 from dff.runtime.backends import Backend, task_spec
+from dff.runtime.loop import Pipeline, StreamPipeline
+from dff.runtime.scheduler import make_scheduler
+from dff.runtime.video import check_size
+from dff.runtime.writers import write_summary
+
 from dff.commands.common import (
     add_backend_args,
     backend_label,
@@ -40,12 +45,6 @@ from dff.commands.common import (
     int_at_least,
     resolve_engines,
 )
-from dff.runtime.pipeline import Pipeline
-from dff.runtime.scheduler import make_scheduler
-from dff.runtime.streams import StreamPipeline
-from dff.runtime.video import check_size
-from dff.runtime.writers import write_summary
-
 from dff.errors import DffError
 
 STAGES = ("feature", "flow", "task")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dff.runtime.pipeline import FrameResult, frame_outputs
+from dff.runtime.loop import FrameResult
+from dff.runtime.step import frame_outputs
 
 from dff import tasks
 from dff.errors import DffError

@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 
 from dff.runtime.cli import MIN_SCORE, TASK_OPTIONS, _frames, _ms, _outputs, _progress
-from dff.commands.common import outputs_record, video_record, warn_truncated
-from dff.runtime.pipeline import FrameResult
+from dff.runtime.loop import FrameResult
 from dff.runtime.remote import (
     RemoteError,
     RemoteStream,
@@ -26,6 +25,7 @@ from dff.runtime.remote import (
 from dff.runtime.video import check_size, open_video
 from dff.runtime.writers import ResultWriter, write_summary
 
+from dff.commands.common import outputs_record, video_record, warn_truncated
 from dff.tasks import DETECTION
 
 # --- the run ----------------------------------------------------------------------------------

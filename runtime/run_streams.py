@@ -15,6 +15,11 @@ from typing import Any
 
 from dff.runtime.backends import check_quality, task_spec
 from dff.runtime.cli import MIN_SCORE, _frames, _ms, _progress
+from dff.runtime.loop import FrameResult, StreamPipeline
+from dff.runtime.scheduler import make_schedulers
+from dff.runtime.video import check_size, open_video
+from dff.runtime.writers import ResultWriter, write_summary
+
 from dff.commands.common import (
     Log,
     backend_label,
@@ -23,12 +28,6 @@ from dff.commands.common import (
     video_record,
     warn_truncated,
 )
-from dff.runtime.pipeline import FrameResult
-from dff.runtime.scheduler import make_schedulers
-from dff.runtime.streams import StreamPipeline
-from dff.runtime.video import check_size, open_video
-from dff.runtime.writers import ResultWriter, write_summary
-
 from dff.errors import DffError
 from dff.tasks import DETECTION
 

@@ -100,6 +100,9 @@ class KeyBudget:
 class _Counter:
     """Frames and key frames with their reasons, for `stats()`."""
 
+    needs_flow = False  # reads the flow (`accept` is called)
+    needs_quality = False  # reads flow.onnx's `quality` output (the learned schedule)
+
     def reset(self) -> None:
         self.frames = 0
         self.reasons = dict.fromkeys(REASONS, 0)
@@ -115,8 +118,6 @@ class _Counter:
 class FixedInterval(_Counter):
     """A key frame every `k` frames from the start of the video (k=1: every frame, the
     per-frame baseline); the original DFF's schedule."""
-
-    needs_flow = False
 
     def __init__(self, k: int):
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from dff.export.manifest import load_manifest, sha256_file
-from dff.runtime.backends import BackendError, FlowOutputs, import_torch
+from dff.runtime.backends import Backend, BackendError, FlowOutputs, import_torch
 
 from dff import tasks
 
@@ -47,7 +47,7 @@ def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
     return Path(path)
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles); `task`
     returns the contract's outputs of the checkpoint's task (`probs` is export-only)."""
 

@@ -33,6 +33,7 @@ from dff.runtime.backends import (
     INPUTS,
     OPTIONAL_OUTPUTS,
     OUTPUTS,
+    Backend,
     BackendError,
     FlowOutputs,
     check_names,
@@ -276,7 +277,7 @@ class _FlowTaskGraph:
         self.task.close()
 
 
-class TrtBackend:
+class TrtBackend(Backend):
     """The Backend interface on TensorRT engines from `dff-build` (runtime/backends.py).
 
     Handles are DeviceArrays. `precision` picks the engine set (default: fp16 if built, else

@@ -11,8 +11,9 @@ import signal
 import sys
 import time
 
-from dff.commands.common import budget_arg, guarded, int_at_least
 from dff.runtime.scheduler import SCHEDULES
+
+from dff.commands.common import budget_arg, guarded, int_at_least
 
 from .repository import IDLE_S, STAGES, write_repository
 from .server import ServerError, TritonServer, log_tail

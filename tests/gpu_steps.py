@@ -26,7 +26,7 @@ def probe() -> tuple[dict, dict[str, str | None]]:
     """(environment, facts): versions of everything the GPU path uses, and per fact a step
     can need, None when it holds here or the reason it does not."""
     from dff.plugins import kernel
-    from dff.runtime.backends import tensorrt_status
+    from dff.runtime.loaders import tensorrt_status
 
     from dff.errors import DffError
 

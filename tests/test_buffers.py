@@ -334,7 +334,7 @@ def nchw(frame):
 
 
 def pipeline_labels(backend, clip, k=3):
-    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.loop import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
     return np.stack([r.labels for r in Pipeline(backend, FixedInterval(k)).run(clip.frames)])

@@ -75,7 +75,8 @@ def test_flow_onnx_outputs_quality_and_its_parity_is_checked(quality_export, eng
 
 def test_every_backend_returns_the_quality_of_the_flow_graph(quality_export, engines):
     from dff.models.checkpoint import load_checkpoint
-    from dff.runtime.backends import host_quality, open_backend
+    from dff.runtime.backends import host_quality
+    from dff.runtime.loaders import open_backend
     from dff.runtime.scheduler import make_scheduler
 
     ckpt, engine_dir, _ = quality_export
@@ -205,8 +206,8 @@ def test_triton_serves_the_learned_schedule_as_a_run_in_process(quality_export, 
     """Through Triton's real server (the BLS model asks the flow stage for `quality`): each
     sequence's key frames and labels equal an in-process run with a budget of its own."""
     from dff.data.synthetic import make_clip
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
     from dff.runtime.scheduler import make_scheduler
     from dff.serve.repository import write_repository
     from triton_fixture import grpc_client_module, start_server

@@ -178,8 +178,8 @@ def test_modules_in_training_mode_are_exported_in_eval_mode_and_said_so(tmp_path
 @pytest.mark.parametrize("stride", [8, 32])
 def test_export_modules_at_any_stride_runs_through_the_runtime(stride, tmp_path):
     from dff.data.synthetic import make_clip
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
     size = (64, 96) if stride == 8 else (64, 128)

@@ -14,7 +14,8 @@ from dff.engines import quantize
 from dff.engines.builder import tensorrt_available
 from dff.engines.compat import select_engines
 from dff.export.manifest import ManifestError, load_manifest, sha256_file
-from dff.runtime.backends import BackendError, open_backend
+from dff.runtime.backends import BackendError
+from dff.runtime.loaders import open_backend
 from dff.runtime.ort_backend import OrtBackend
 from dff.runtime.video import write_synthetic_clip
 

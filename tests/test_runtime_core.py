@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 import torch
 from dff.data.synthetic import make_clip
-from dff.runtime import backends
-from dff.runtime.backends import open_backend, pick_auto
+from dff.runtime import backends, loaders
+from dff.runtime.backends import Backend
+from dff.runtime.loaders import open_backend, pick_auto
+from dff.runtime.loop import FrameResult, Pipeline
 from dff.runtime.ort_backend import OrtBackend
-from dff.runtime.pipeline import FrameResult, Pipeline, frame_outputs
 from dff.runtime.scheduler import Adaptive, FixedInterval, flow_stats, make_scheduler
+from dff.runtime.step import frame_outputs
 
 from dff.errors import DffError
 
@@ -68,7 +70,7 @@ def within(seconds, fn):
     return box.get("exc")
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     """A backend of numpy one-liners, for the pipeline's threading and scheduling logic.
     `flows` maps a frame's first pixel value to the flow the flow stage returns."""
 
@@ -257,13 +259,13 @@ def test_task_spec_reads_the_old_string_and_the_new_object(engines):
 # --- choosing and opening backends ---------------------------------------------------------
 
 def test_pick_auto_on_a_cpu_machine_picks_onnxruntime_cpu_with_a_reason(engines):
-    if backends.tensorrt_status()[0] or "CUDAExecutionProvider" in ort.get_available_providers():
+    if loaders.tensorrt_status()[0] or "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has TensorRT or ONNX Runtime's CUDA provider")
     kind, reason = pick_auto(engines)
     assert kind == "onnxruntime-cpu"
     assert reason.startswith("picked onnxruntime-cpu: no TensorRT (")
     assert "no CUDA execution provider" in reason
-    assert "onnxruntime-cpu" in backends.available_backends()
+    assert "onnxruntime-cpu" in loaders.available_backends()
     assert open_backend("auto", engines, threads=1).name == "onnxruntime-cpu"
 
 
@@ -271,8 +273,8 @@ def test_pick_auto_takes_tensorrt_only_with_engines_for_all_three_graphs(engines
                                                                         monkeypatch):
     copy = tmp_path / "engines"
     shutil.copytree(engines, copy)
-    monkeypatch.setattr(backends, "tensorrt_status", lambda: (True, "TensorRT 10.13"))
-    monkeypatch.setattr(backends, "_ort_has_cuda", lambda: False)
+    monkeypatch.setattr(loaders, "tensorrt_status", lambda: (True, "TensorRT 10.13"))
+    monkeypatch.setattr(loaders, "_ort_has_cuda", lambda: False)
     manifest = json.loads((copy / "manifest.json").read_text())
     for graph in ("feature", "flow", "task"):
         (copy / f"{graph}.plan").write_bytes(b"plan")
@@ -330,8 +332,8 @@ def test_runtime_imports_and_runs_without_torch(engines):
 import sys
 sys.modules["torch"] = None  # `import torch` now fails, as on a deployment box
 import numpy as np
-from dff.runtime.backends import open_backend
-from dff.runtime.pipeline import Pipeline
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import Pipeline
 from dff.runtime.scheduler import make_scheduler
 from dff.errors import DffError
 backend = open_backend("onnxruntime-cpu", {str(engines)!r}, threads=1)

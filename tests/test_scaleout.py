@@ -177,8 +177,8 @@ def dff_inferences(url: str) -> int:
 
 
 def reference(engines, frames) -> list[tuple[np.ndarray, bool]]:
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
 
     backend = OrtBackend(engines)
     try:

@@ -172,8 +172,8 @@ def clip(seed: int) -> np.ndarray:
 
 def reference(engines, frames, scheduler) -> list[tuple[np.ndarray, bool]]:
     """The in-process run: Pipeline on ONNX Runtime, batch 1."""
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
 
     backend = OrtBackend(engines)
     try:
@@ -284,8 +284,8 @@ def test_adaptive_streams_equal_in_process_runs(triton_server, engines):
 
 
 def test_detection_streams_equal_in_process_runs(detection_engines, tmp_path):
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
 
     write_repository(detection_engines, tmp_path / "repo", key_interval=K)
     clips = [clip(s)[:6] for s in range(2)]

@@ -71,8 +71,8 @@ def local_jsonl(clip, out, engines):
 
 def reference(engines, frames):
     """(labels, is_key) per frame of the in-process run (fixed schedule, K)."""
+    from dff.runtime.loop import Pipeline
     from dff.runtime.ort_backend import OrtBackend
-    from dff.runtime.pipeline import Pipeline
 
     backend = OrtBackend(engines, threads=1)
     try:

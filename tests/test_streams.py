@@ -16,12 +16,11 @@ import pytest
 from dff.data.synthetic import make_clip
 from dff.plugins.kernel import cuda_device_count
 from dff.runtime import buffers
-from dff.runtime.backends import open_backend
 from dff.runtime.buffers import BufferPool, HostMemory
+from dff.runtime.loaders import open_backend
+from dff.runtime.loop import Pipeline, StreamPipeline
 from dff.runtime.ort_backend import OrtBackend
-from dff.runtime.pipeline import Pipeline
 from dff.runtime.scheduler import Adaptive, FixedInterval, flow_stats
-from dff.runtime.streams import StreamPipeline
 from dff.runtime.trt_backend import TrtBackend
 from test_trt_backend import (
     CC,

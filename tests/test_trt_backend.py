@@ -21,9 +21,10 @@ from dff.engines.compat import EngineError
 from dff.engines.profile import profile_shapes
 from dff.export.manifest import load_manifest
 from dff.plugins.kernel import cuda_device_count
-from dff.runtime import backends
-from dff.runtime.backends import BackendError, open_backend, tensorrt_status
+from dff.runtime import loaders
+from dff.runtime.backends import BackendError
 from dff.runtime.buffers import BufferPool, HostMemory
+from dff.runtime.loaders import open_backend, tensorrt_status
 from dff.runtime.trt_backend import TrtBackend, _Stage, engine_tensors
 
 HAVE_TRT = tensorrt_status()[0]
@@ -69,7 +70,7 @@ def test_tensorrt_status_wants_real_tensorrt_and_cuda_python(monkeypatch):
     assert tensorrt_status() == (False, no_cuda)
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
     assert tensorrt_status() == (True, f"TensorRT {TRT}")
-    assert "tensorrt" in backends.available_backends()
+    assert "tensorrt" in loaders.available_backends()
 
 
 # --- a recording stand-in for TensorRT's engine API -----------------------------------------
@@ -281,7 +282,7 @@ def stand_in(monkeypatch):
 
 def test_backend_runs_the_pipeline_on_the_stand_in_keeping_the_key_buffers(engine_dir,
                                                                            stand_in):
-    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.loop import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
     backend = TrtBackend(engine_dir, memory=HostMemory())
@@ -306,7 +307,7 @@ def test_backend_runs_the_pipeline_on_the_stand_in_keeping_the_key_buffers(engin
 
 
 def test_detection_backend_binds_and_returns_every_task_output(detection_engine_dir, stand_in):
-    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.loop import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
     backend = TrtBackend(detection_engine_dir, memory=HostMemory())
@@ -428,7 +429,7 @@ def clip_labels(backend) -> np.ndarray:
     """The labels of a 9-frame synthetic clip through the pipeline at key interval 3 (as
     RUN_ENGINES below computes them)."""
     from dff.data.synthetic import make_clip
-    from dff.runtime.pipeline import Pipeline
+    from dff.runtime.loop import Pipeline
     from dff.runtime.scheduler import FixedInterval
 
     results = Pipeline(backend, FixedInterval(3)).run(iter(make_clip(7, 9, 64, 96).frames))
@@ -477,7 +478,7 @@ import sys
 import numpy as np
 import tensorrt as trt
 from dff.data.synthetic import make_clip
-from dff.runtime.pipeline import Pipeline
+from dff.runtime.loop import Pipeline
 from dff.runtime.scheduler import FixedInterval
 from dff.runtime.trt_backend import TrtBackend
 

@@ -11,18 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dff.export.manifest import load_manifest
-from dff.runtime.backends import (
-    ALIASES,
-    KINDS,
-    PRECISIONS,
-    Backend,
-    open_backend,
-    pick_auto,
-)
 from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
-
 from dff.errors import DffError
+from dff.export.manifest import load_manifest
+from dff.runtime.backends import ALIASES, KINDS, PRECISIONS, Backend
+from dff.runtime.loaders import open_backend, pick_auto
 from dff.tasks import SEGMENTATION
 
 BACKENDS = ("auto", *ALIASES, *KINDS)

@@ -25,9 +25,9 @@ from pathlib import Path
 from dff.export.exporter import export_model
 from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import evaluate
-from dff.runtime import profile
 from dff.runtime.writers import write_summary
 
+from dff.commands import profile
 from dff.commands.common import guarded
 from dff.errors import DffError
 from dff.tasks import DETECTION

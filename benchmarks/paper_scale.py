@@ -10,7 +10,7 @@ paper's R-FCN is issue 14). That is `DFFConfig`'s "resnet101" preset. Its weight
 the figures are speed only, nothing is said about accuracy.
 
 It is exported with dff-export's code (`export.modules.from_dff` → `exporter.export_dff_modules`)
-and timed with dff-profile's (`runtime.profile`: `profile_stages`, `profile_end_to_end`) on ONNX
+and timed with dff-profile's (`runtime/profile.py`: `profile_stages`, `profile_end_to_end`) on ONNX
 Runtime CPU: the stage medians, r = (flow + warp + task) / (feature + task), DFF's speedup at each
 key interval K measured end to end (fps at K / fps per frame, same frames, same backend) beside
 the speedup model s = K / (1 + (K − 1) r) and the paper's 5× at K = 10, and the runtime
@@ -51,10 +51,11 @@ from dff.models.dff import DFF
 from dff.models.flownet import FULL_WIDTHS
 from dff.models.trunk import RESNET_LAYOUTS
 from dff.runtime.loaders import open_backend
-from dff.runtime.profile import STAGES, format_report, profile_end_to_end, profile_stages
+from dff.runtime.profile import STAGES, profile_end_to_end, profile_stages
 from dff.runtime.writers import write_summary
 
 from dff.commands.common import guarded
+from dff.commands.profile import format_report
 from dff.errors import DffError
 from dff.tasks import DETECTION, SEGMENTATION
 

@@ -488,3 +488,22 @@ class Timer(_Owned):
         for pair in events.values():
             for event in pair:
                 self.memory.destroy_event(event)
+
+
+class StreamTimer:
+    """dff-profile's device timer of a backend on this layer: `span(work)` brackets the work
+    with a Timer's events on `stream` and returns (its result, seconds the call took, seconds
+    until the device was done)."""
+
+    def __init__(self, memory: Memory, stream: Any):
+        self.timer, self.stream = Timer(memory), stream
+
+    def span(self, work: Any) -> tuple[Any, float, float]:
+        start = time.perf_counter()
+        with self.timer.span("span", self.stream):
+            result = work()
+        enqueue = time.perf_counter() - start
+        return result, enqueue, self.timer.read()["span"] / 1000
+
+    def close(self) -> None:
+        self.timer.close()

@@ -248,11 +248,11 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
             return self._ring.to_host(handle)
         return handle.numpy() if isinstance(handle, self._ort.OrtValue) else np.asarray(handle)
 
-    @property
-    def compute_stream(self) -> Any:
-        """The stream the graphs run on (IOBinding only, else None): dff-profile brackets
-        a stage with CUDA events on it."""
-        return self._ring.compute if self.memory is not None else None
+    def device_timer(self) -> buffers.StreamTimer | None:
+        """Events on the stream the graphs run on (IOBinding on CUDA only)."""
+        if self.memory is None or self.memory.device_type != "cuda":
+            return None
+        return buffers.StreamTimer(self.memory, self._ring.compute)
 
     def synchronize(self) -> None:
         """Wait for the streams: uploads, and on CUDA the queued runs."""

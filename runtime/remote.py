@@ -1,5 +1,5 @@
 """A video as sequences of a Triton server's `dff` model over gRPC (DESIGN.md §7), for
-`dff-run VIDEO --server HOST:PORT` (runtime/run_remote.py).
+`dff-run VIDEO --server HOST:PORT` (dff/commands/run.py).
 
 What the client needs of the model (task kind, class names, stride, profile, schedule) comes
 from the served model's config, the parameters `dff-serve repo` writes. A video is one sequence
@@ -15,7 +15,6 @@ A frame is sent until it has an answer, so every frame comes back once, in order
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import secrets
@@ -34,9 +33,10 @@ from dff.errors import DffError
 
 HEADER = "dff-stream"  # gRPC metadata key (lower case) a proxy hashes on
 TIMEOUT_S = 30.0  # default --server-timeout
-# the server's words for "this sequence has no state here": Triton's sequence batcher, then
-# the dff model's (serve/dff_model.py), for a missing state and for one it dropped
-SEQUENCE_GONE = ("must specify the START flag", "has no state here", "its state is dropped")
+# a sequence the server holds no state for: Triton's sequence batcher says so in its own words
+# (all there is to go by), the dff model (serve/dff_model.py) with this code in its message
+TRITON_NO_START = "must specify the START flag"
+SEQUENCE_GONE = "[dff:sequence-gone]"
 _MAX_MESSAGE = 2**31 - 1
 _CHANNEL = [("grpc.max_send_message_length", _MAX_MESSAGE),
             ("grpc.max_receive_message_length", _MAX_MESSAGE),
@@ -58,49 +58,6 @@ def grpc_module() -> Any:
         raise RemoteError(f"--server needs tritonclient[grpc] ({e}); "
                           "pip install 'dff-trt[serve]'") from None
     return grpcclient
-
-
-# --- arguments ------------------------------------------------------------------------------
-
-def add_server_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("serving (--server)")
-    g.add_argument("--server", metavar="HOST:PORT",
-                   help="run on a Triton server's gRPC port (dff-serve start) instead of a "
-                        "local backend; the model's config gives the task and classes")
-    g.add_argument("--server-model", default="dff", metavar="NAME",
-                   help="the served DFF model (default: dff)")
-    g.add_argument("--sequence-id", type=int, metavar="ID",
-                   help="the video's sequence id, 1 .. 2^63-1 (default: a random one)")
-    g.add_argument("--server-timeout", type=float, default=TIMEOUT_S, metavar="S",
-                   help=f"seconds to keep retrying an unreachable server (default {TIMEOUT_S:g})")
-
-
-# options of a local run that --server replaces, with their defaults
-_LOCAL_ONLY = (("engine_dir", None, "--engine-dir"), ("demo", None, "--demo"),
-               ("backend", "auto", "--backend"), ("checkpoint", None, "--checkpoint"),
-               ("precision", None, "--precision"), ("useCudaGraph", False, "--useCudaGraph"),
-               ("threads", 0, "--threads"), ("device", 0, "--device"),
-               ("output_dir", None, "--output-dir"), ("max_batch", None, "--max-batch"),
-               ("key_budget", None, "--key-budget"))
-
-
-def check_server_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--server takes one video and no local backend option; --server-* need --server."""
-    if args.server is None:
-        extra = [flag for name, default, flag in (("server_model", "dff", "--server-model"),
-                                                  ("sequence_id", None, "--sequence-id"),
-                                                  ("server_timeout", TIMEOUT_S,
-                                                   "--server-timeout"))
-                 if getattr(args, name) != default]
-        if extra:
-            parser.error(f"{', '.join(extra)} appl{'y' if len(extra) > 1 else 'ies'} to "
-                         "--server runs only")
-        return
-    given = [flag for name, default, flag in _LOCAL_ONLY if getattr(args, name) != default]
-    if given:
-        parser.error(f"--server runs the server's model; drop {', '.join(given)}")
-    if len(args.video) != 1:
-        parser.error("--server takes one VIDEO (run one dff-run per video)")
 
 
 def parse_address(text: str) -> str:
@@ -166,7 +123,7 @@ def _one_line(error: Any) -> str:
 
 def sequence_gone(message: str) -> bool:
     """Whether the server refused a frame because it has no state for its sequence."""
-    return any(phrase in message for phrase in SEQUENCE_GONE)
+    return SEQUENCE_GONE in message or TRITON_NO_START in message
 
 
 # --- one video's stream -----------------------------------------------------------------------

@@ -43,21 +43,39 @@ def frame_outputs(outputs: dict[str, np.ndarray], i: int = 0) -> dict[str, np.nd
     return one
 
 
-def check_frame_size(index: int, h: int, w: int, stride: int, profile: dict | None) -> None:
-    """Refuse frame sides that are not multiples of the stride, or a size outside the profile
-    (at batch 1), naming the fix."""
+def _frame(index: int | None, h: int, w: int) -> str:
+    return f"frame {w}x{h}" if index is None else f"frame {index}: {w}x{h}"
+
+
+def check_frame(frame: Any, stride: int, profile: dict | None, index: int | None = None) -> None:
+    """Refuse a stream's first frame that is not HxWx3 uint8, has sides that are not
+    multiples of the stride, or a size outside the profile (at batch 1), naming the fix."""
+    if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8 and frame.ndim == 3
+            and frame.shape[2] == 3):
+        what = (f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray)
+                else type(frame).__name__)
+        raise DffError(f"frame {index}: {what}, expected an HxWx3 uint8 RGB array")
+    h, w = frame.shape[:2]
     if h % stride or w % stride:
-        raise DffError(f"frame {index}: {w}x{h} is not a multiple of the stride {stride} "
-                       "in both sides; resize or crop the video to one (e.g. "
+        raise DffError(f"{_frame(index, h, w)} is not a multiple of the stride {stride} in both "
+                       "sides; resize or crop the video to one (e.g. "
                        f"{w // stride * stride or stride}x{h // stride * stride or stride})")
     if profile:
         lo, hi = profile["min"], profile["max"]
         if not (lo[0] <= 1 <= hi[0] and lo[1] <= h <= hi[1] and lo[2] <= w <= hi[2]):
             raise DffError(
-                f"frame {index}: batch 1 at {h}x{w} (HxW) is outside the engines' profile "
+                f"{_frame(index, h, w)} at batch 1 is outside the engines' profile "
                 f"{'x'.join(map(str, lo))} .. {'x'.join(map(str, hi))} (NxHxW, "
                 "manifest.json 'profile'); resize the video into it, or re-export with "
                 f"--min-shape/--max-shape covering 1x{h}x{w}")
+
+
+def check_same_size(shape: tuple[int, ...], first: tuple[int, ...], index: int | None = None,
+                    fix: str = "") -> None:
+    """Refuse a frame whose HxW differs from its stream's first frame's."""
+    if shape[:2] != first[:2]:
+        raise DffError(f"{_frame(index, *shape[:2])}, but it started at {first[1]}x{first[0]}; "
+                       f"every frame of a video must have one size{fix}")
 
 
 def nchw(frame: Any) -> np.ndarray | None:
@@ -216,40 +234,38 @@ class Step:
                 yield group[i:i + n]
 
     def _check(self, f: Frame) -> None:
-        """The first frame of a stream checked against the backend; the others against it."""
-        s, frame = f.stream, f.frame
+        """A stream's first frame checked against the backend; the others against it."""
+        s = f.stream
         try:
             if s.shape is None:
-                if not (isinstance(frame, np.ndarray) and frame.dtype == np.uint8
-                        and frame.ndim == 3 and frame.shape[2] == 3):
-                    what = (f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray)
-                            else type(frame).__name__)
-                    raise DffError(f"frame {f.index}: {what}, expected an HxWx3 uint8 RGB array")
-                check_frame_size(f.index, *frame.shape[:2], self.backend.stride,
-                                 self.backend.profile)
-                s.shape = frame.shape
-            elif frame.shape != s.shape:
-                raise DffError(f"frame {f.index}: {frame.shape[1]}x{frame.shape[0]}, but the "
-                               f"video started at {s.shape[1]}x{s.shape[0]}; every frame of a "
-                               "video must have one size")
+                check_frame(f.frame, self.backend.stride, self.backend.profile, f.index)
+                s.shape = f.frame.shape
+            else:
+                check_same_size(f.frame.shape, s.shape, f.index)
         except DffError as e:
             raise DffError(f"{s.name}: {e}" if s.name else str(e)) from None
-        if f.nchw is None:
-            f.nchw = nchw(frame)
 
     def _call(self, stage: str, chunk: list[Frame], seconds: float) -> None:
         self._pending.append([stage, chunk, seconds])
 
     def _upload(self, chunk: list[Frame]) -> None:
+        """One upload of the chunk's frames as [N,3,H,W] (from the NCHW copies the decoder
+        made, or straight from HWC: one copy a frame); a frame uploaded ahead is taken as is."""
         start = time.perf_counter()
-        staged = self._staged.pop(id(chunk[0].nchw), None) if len(chunk) == 1 else None
+        first = chunk[0]
+        staged = self._staged.pop(id(first.nchw), None) if len(chunk) == 1 else None
         self._staged.clear()
-        if staged is not None and staged[0] is chunk[0].nchw:
+        if staged is not None and staged[0] is first.nchw:
             handle = staged[1]
+        elif len(chunk) == 1:
+            handle = self.backend.upload(first.nchw if first.nchw is not None
+                                         else nchw(first.frame))
         else:
-            images = [f.nchw for f in chunk]
-            handle = self.backend.upload(images[0] if len(images) == 1
-                                         else np.concatenate(images))  # type: ignore[arg-type]
+            h, w, c = first.frame.shape
+            images = np.empty((len(chunk), c, h, w), np.uint8)
+            for j, f in enumerate(chunk):
+                images[j] = f.nchw[0] if f.nchw is not None else f.frame.transpose(2, 0, 1)
+            handle = self.backend.upload(images)
         batch = Rows(self.backend, handle, len(chunk))
         for j, f in enumerate(chunk):
             f.image = (batch, j)
@@ -259,7 +275,7 @@ class Step:
         """Upload the next step's frames now (one each, as `_upload` would take them)."""
         start = time.perf_counter()
         for a in arrays:
-            if a.shape == frames[0].nchw.shape:  # type: ignore[union-attr]
+            if a.shape[2:] == frames[0].frame.shape[:2]:
                 self._staged[id(a)] = (a, self.backend.upload(a))
         upload = next(p for p in self._pending if p[0] == "upload")
         upload[2] += time.perf_counter() - start

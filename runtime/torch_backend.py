@@ -8,6 +8,7 @@ opens, so the runtime imports without it.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +117,34 @@ class TorchBackend(Backend):
             return handle.detach().cpu().numpy()
         return np.asarray(handle)
 
+    def device_timer(self) -> Any:
+        """CUDA events on torch's current stream (torch-cuda only)."""
+        return _EventTimer(self._torch) if self.device.type == "cuda" else None
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             self._torch.cuda.synchronize(self.device)
 
     def close(self) -> None:
         self.model = None
+
+
+class _EventTimer:
+    """dff-profile's device timer on torch-cuda: CUDA events around the work."""
+
+    def __init__(self, torch: Any):
+        self.torch = torch
+
+    def span(self, work: Any) -> tuple[Any, float, float]:
+        begin = self.torch.cuda.Event(enable_timing=True)
+        end = self.torch.cuda.Event(enable_timing=True)
+        begin.record()
+        start = time.perf_counter()
+        result = work()
+        enqueue = time.perf_counter() - start
+        end.record()
+        end.synchronize()
+        return result, enqueue, begin.elapsed_time(end) / 1000
+
+    def close(self) -> None:
+        pass

@@ -47,6 +47,7 @@ from dff.runtime.buffers import (
     DeviceBuffer,
     Memory,
     PinnedRing,
+    StreamTimer,
     Timer,
     check,
     split_rows,
@@ -407,10 +408,10 @@ class TrtBackend(Backend):
     def to_host(self, handle: Any) -> np.ndarray:
         return self._ring.to_host(handle) if isinstance(handle, DeviceArray) else np.asarray(handle)
 
-    @property
-    def compute_stream(self) -> Any:
-        """The stream every engine runs on: dff-profile brackets a stage with events on it."""
-        return self._ring.compute
+    def device_timer(self) -> StreamTimer | None:
+        """Events on the stream every engine runs on (CUDA memory only)."""
+        cuda = self.memory.device_type == "cuda"
+        return StreamTimer(self.memory, self._ring.compute) if cuda else None
 
     def stage_ms(self) -> dict[str, float]:
         """GPU ms of the latest run of each stage ("flow+task" for a CUDA graph replay), H2D

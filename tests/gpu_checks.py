@@ -87,7 +87,7 @@ def plan(out: Path, engines: Path, quick: bool, detection_engines: Path | None =
                 precision: str | None = None) -> Step:
         name = f"profile-{backend}" + (f"-{precision}" if precision else "") + suffix
         path = out / f"{name}.json"
-        cmd = [py, "-m", "dff.runtime.profile", "-e", str(folder), "--backend", backend]
+        cmd = [py, "-m", "dff.commands.profile", "-e", str(folder), "--backend", backend]
         cmd += ["--precision", precision] if precision else []
         cmd += (["--warmUp", "100", "--iterations", "50", "--frames", "30", "--key-intervals",
                  "1,10"] if quick else ["--key-intervals", "1,5,10,20"])

@@ -471,6 +471,7 @@ def test_ort_cuda_runs_return_without_synchronising_and_close_waits(engines, mon
 def test_profile_times_buffer_layer_backends_with_events_on_their_compute_stream():
     """dff-profile's clock on a CUDA-memory backend (a stand-in over host memory): the span
     is bracketed by the Timer's events on the backend's compute stream, and freed after."""
+    from dff.runtime.buffers import StreamTimer
     from dff.runtime.profile import _Clock
 
     class CudaLike(HostMemory):
@@ -480,12 +481,13 @@ def test_profile_times_buffer_layer_backends_with_events_on_their_compute_stream
     recorded = []
     record = memory.inner.record
     memory.inner.record = lambda event, stream: (recorded.append(stream), record(event, stream))
-    backend = types.SimpleNamespace(name="onnxruntime-cuda", memory=memory,
-                                    compute_stream=memory.stream())
+    stream = memory.stream()
+    backend = types.SimpleNamespace(name="onnxruntime-cuda",
+                                    device_timer=lambda: StreamTimer(memory, stream))
     clock = _Clock(backend)
     assert clock.method == "cuda events"
     result, enqueue, compute = clock.span(lambda: time.sleep(0.01) or "done")
     assert result == "done" and 0.005 < compute < 1 and enqueue >= compute * 0.5
-    assert recorded == [backend.compute_stream] * 2
+    assert recorded == [stream] * 2
     clock.close()
     assert memory.calls["destroy_event"] == 2

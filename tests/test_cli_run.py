@@ -16,11 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from dff.models.checkpoint import demo_checkpoint_path
-from dff.runtime import cli, profile
 from dff.runtime.video import VideoWriter, open_video, write_synthetic_clip
 from dff.runtime.writers import ResultWriter, read_detections, rle_decode
 
-from dff.commands import demo
+from dff.commands import demo, profile
+from dff.commands import run as cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
@@ -174,7 +174,7 @@ def test_max_frames_stops_early(engines, clip, tmp_path):
 
 def test_dff_run_needs_no_torch(engines, clip, tmp_path):
     code = (f"import sys; sys.modules['torch'] = None\n"
-            f"from dff.runtime.cli import main\n"
+            f"from dff.commands.run import main\n"
             f"sys.exit(main([{str(clip)!r}, '-e', {str(engines)!r}, '--json', "
             f"{str(tmp_path / 'n.jsonl')!r}, '--max-frames', '2', '-q']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -642,7 +642,7 @@ def test_one_video_with_output_dir_writes_the_same_files(engines, clip, tmp_path
 @pytest.mark.parametrize("kind, fix", [
     ("one name", "would both write"),
     ("missing video", "no such file"),
-    ("no folder", "--output-dir does not exist"),
+    ("a file", "--output-dir is a file, not a folder"),
     ("too large", "pass --resize 128x192"),
 ])
 def test_bad_input_among_several_videos_is_one_line_exit_1_and_no_files(kind, fix, engines,
@@ -658,14 +658,28 @@ def test_bad_input_among_several_videos_is_one_line_exit_1_and_no_files(kind, fi
     elif kind == "too large":
         videos = [clip, _bad_video(tmp_path, kind, root)]
     out = tmp_path / "out"
-    if kind != "no folder":
+    if kind == "a file":
+        out.write_text("not a folder")
+    else:
         out.mkdir()
     code, stdout, stderr = call(cli.main, [*videos, "-e", engines, "--output-dir", out,
                                            "--threads", 1])
     assert code == 1
     assert stderr.count("\n") == 1 and stderr.startswith("dff-run: ") and fix in stderr, stderr
     assert "Traceback" not in stderr + stdout
-    assert kind == "no folder" or os.listdir(out) == []
+    assert kind == "a file" or os.listdir(out) == []
+
+
+def test_a_missing_output_dir_is_created_and_removed_again_if_the_run_fails(engines, clip,
+                                                                             tmp_path):
+    out = tmp_path / "new" / "out"
+    code, _, stderr = call(cli.main, [clip, tmp_path / "nope.mp4", "-e", engines,
+                                      "--output-dir", out, "--threads", 1, "-q"])
+    assert code == 1 and "no such file" in stderr and not out.exists()
+    code, _, stderr = call(cli.main, [clip, "-e", engines, "--output-dir", out, "--threads", 1,
+                                      "-q"])
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["clip.dff.mp4", "clip.jsonl", "summary.json"]
 
 
 def test_several_videos_without_output_dir_or_with_single_outputs_exit_2(clip, clip2):

@@ -62,7 +62,7 @@ def test_plan_exports_once_into_the_folder_every_profile_step_uses(steps, tmp_pa
     assert len(exports) == 1 and exports[0].name == f"export{suffix}"
     assert arg(exports[0], "-o") == str(tmp_path / folder)
     assert arg(exports[0], "--demo") == task
-    profiles = [s for s in of_task(steps, suffix) if "dff.runtime.profile" in s.command]
+    profiles = [s for s in of_task(steps, suffix) if "dff.commands.profile" in s.command]
     assert {arg(s, "--backend") for s in profiles} == {"torch-cuda", "onnxruntime-cuda",
                                                        "tensorrt"}
     for s in profiles:
@@ -76,7 +76,7 @@ def test_plan_exports_once_into_the_folder_every_profile_step_uses(steps, tmp_pa
 def test_plan_builds_each_tensorrt_precision_before_profiling_it(steps, tmp_path, task,
                                                                   folder, suffix):
     names = [s.name for s in steps]
-    trt = [s for s in of_task(steps, suffix) if "dff.runtime.profile" in s.command
+    trt = [s for s in of_task(steps, suffix) if "dff.commands.profile" in s.command
            and arg(s, "--backend") == "tensorrt"]
     assert sorted(arg(s, "--precision") for s in trt) == ["fp16", "fp32"]
     for s in trt:
@@ -118,7 +118,7 @@ def test_quick_plan_asks_for_few_samples(steps):
     bench = next(s for s in steps if s.name == "kernel-time")
     assert arg(bench, "--iterations") == "30" and "--plugin-ptx" in bench.command
     for s in steps:
-        if "dff.runtime.profile" in s.command:
+        if "dff.commands.profile" in s.command:
             assert arg(s, "--iterations") == "50" and arg(s, "--key-intervals") == "1,10"
         assert "--quick" in s.command or s.name not in gpu_steps.STEPS
 
@@ -223,7 +223,7 @@ def test_links_make_the_checkout_importable_as_dff_without_an_install(tmp_path):
 
 
 def test_profile_figures_come_from_dff_profiles_json(engines, tmp_path):
-    from dff.runtime import profile
+    from dff.commands import profile
 
     path = tmp_path / "profile.json"
     assert profile.main(["-e", str(engines), "--backend", "onnxruntime-cpu", "--warmUp", "0",

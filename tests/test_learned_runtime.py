@@ -50,7 +50,7 @@ def clips(tmp_path_factory):
 
 
 def call(args):
-    from dff.runtime import cli
+    from dff.commands import run as cli
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -154,7 +154,7 @@ def test_dff_run_refuses_learned_without_a_quality_head_and_bad_budgets(engines,
                          "learned", "--json", tmp_path / "x.jsonl"])
     assert code == 1 and "no quality head" in err and "python -m dff.models.quality" in err
     assert not (tmp_path / "x.jsonl").exists()
-    from dff.runtime import cli
+    from dff.commands import run as cli
 
     with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(io.StringIO()) as msg:
         cli.main([str(clips[0]), "-e", str(engines), "--schedule", "adaptive", "--key-budget",

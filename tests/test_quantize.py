@@ -149,7 +149,7 @@ def test_an_int8_backend_measures_its_own_kernels_against_the_graphs_error(calib
 
 def test_kernels_that_lose_more_than_the_graph_are_said_in_one_line(calibrated, clip,
                                                                       tmp_path, capsys):
-    from dff.runtime import cli
+    from dff.commands import run as cli
 
     out = fresh_copy(calibrated, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
@@ -273,7 +273,7 @@ def test_dff_run_precision_int8_runs_the_int8_graph_and_says_so(calibrated, clip
     import contextlib
     import io
 
-    from dff.runtime import cli
+    from dff.commands import run as cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

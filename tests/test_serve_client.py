@@ -1,4 +1,4 @@
-"""dff-run --server (runtime/remote.py, runtime/run_remote.py) against Triton's real server (no
+"""dff-run --server (runtime/remote.py, dff/commands/run.py) against Triton's real server (no
 mock of Triton): its JSON Lines equal a local run's, every request carries `dff-stream`; the
 server killed and restarted mid-stream, a client paused past the idle timeout, more streams
 than candidate slots: every frame comes back once, in order, equal to local runs; bad inputs
@@ -17,9 +17,9 @@ from concurrent import futures
 import numpy as np
 import pytest
 from dff.data.synthetic import make_clip
-from dff.runtime import cli
 from dff.runtime.remote import (
     HEADER,
+    SEQUENCE_GONE,
     RemoteStream,
     parse_address,
     response_outputs,
@@ -38,6 +38,8 @@ from triton_fixture import (
     pid_alive,
     start_server,
 )
+
+from dff.commands import run as cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
@@ -156,7 +158,8 @@ def test_addresses_and_refusals_are_read_as_the_client_needs():
     assert sequence_gone("inference request for sequence 5 to model 'dff' must specify the "
                          "START flag on the first request of the sequence")
     assert sequence_gone("dff: sequence 5 has no state here (ended, idle longer than 1 s, or "
-                         "the server restarted); send its next frame with sequence_start=True")
+                         "the server restarted); send its next frame with sequence_start=True "
+                         f"{SEQUENCE_GONE}")
     assert not sequence_gone("dff: sequence 5: frame 80x64, but it started at 96x64")
 
 

@@ -9,7 +9,6 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
 from dff.errors import DffError
@@ -151,25 +150,3 @@ def schedule_label(summary: dict) -> str:
     return (summary["schedule_name"]
             + (f", key interval {summary['key_interval']}" if summary["key_interval"] else "")
             + (f", key budget {summary['key_budget']:g}" if summary.get("key_budget") else ""))
-
-
-def warn_truncated(video: Any) -> None:
-    """dff-run's warning for a video whose decoding stopped before its last frame."""
-    if video.truncated:
-        print(f"dff-run: warning: {video.path}: decoding stopped after {video.frames_read} of "
-              f"{video.frame_count} frames (the file is truncated or damaged); the outputs "
-              "cover the frames decoded", file=sys.stderr)
-
-
-def video_record(video: Any, size: Any) -> dict:
-    """The summary's `video` entry: the file, its size and frames, and `size` if resized."""
-    return {"path": str(video.path), "size": [video.height, video.width],
-            "fps": video.fps, "frame_count": video.frame_count,
-            "frames_read": video.frames_read, "truncated": video.truncated,
-            "resized_to": list(size) if tuple(size) != tuple(video.size) else None}
-
-
-def outputs_record(video: Any, jsonl: Any, summary: Any) -> dict:
-    """The summary's `outputs` entry: each path written, or None."""
-    return {"video": str(video) if video else None, "jsonl": str(jsonl) if jsonl else None,
-            "summary": str(summary) if summary else None}

@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from dff.export import export_modules
-    from dff.runtime import cli as dff_run
     from dff.runtime.video import open_video, write_synthetic_clip
+
+    from dff.commands import run as dff_run
 
     checkpoint = train(args.out, tuple(args.iters), args.batch)
     mods = build(checkpoint)

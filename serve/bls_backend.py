@@ -1,8 +1,8 @@
 """The Triton `dff` model's stage calls as a Backend (runtime/backends.py), for runtime/step.py.
 
 Each of feature, flow and task is a BLS request to its stage model or, under `--stages inline`
-(DESIGN.md §9), a run of an ONNX Runtime CPU session in the model's own process; either in
-slices of the stages' batch limit. Handles are host arrays. A failed call is a StageError,
+(DESIGN.md §9), a run of an ONNX Runtime CPU session in the model's own process. Handles are
+host arrays. A failed call is a StageError,
 which the model turns into an error response for the frames of that call. Runs inside
 Triton's Python stub (triton_python_backend_utils).
 """
@@ -30,9 +30,9 @@ class StageBackend(Backend):
 
     name = "triton-stages"
 
-    def __init__(self, *, models: dict[str, str], sessions: dict[str, Any], batch: int,
-                 stride: int, profile: dict, task_outputs: list[str], flow_outputs: list[str]):
-        self.models, self.sessions, self.batch = models, sessions, batch
+    def __init__(self, *, models: dict[str, str], sessions: dict[str, Any], stride: int,
+                 profile: dict, task_outputs: list[str], flow_outputs: list[str]):
+        self.models, self.sessions = models, sessions
         self.stride, self.profile = stride, profile
         self.task_spec = {"outputs": task_outputs}
         self.flow_outputs = [*flow_outputs, "feat"]
@@ -50,31 +50,22 @@ class StageBackend(Backend):
 
     def _call(self, stage: str, inputs: dict[str, np.ndarray],
               outputs: list[str]) -> dict[str, np.ndarray]:
-        """`stage` on the whole batch, in slices of the stages' max batch."""
-        n = len(next(iter(inputs.values())))
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
-        model, session = self.models[stage], self.sessions.get(stage)
-        for lo in range(0, n, self.batch):
-            rows = min(self.batch, n - lo)
-            feeds = {k: v if rows == n else v[lo:lo + rows] for k, v in inputs.items()}
-            if session is not None:
-                try:
-                    values = session.run(outputs, feeds)  # owned arrays
-                except Exception as e:  # ONNX Runtime's own error types
-                    raise StageError(f"graph {stage!r} failed: {str(e).strip()[:500]}") from e
-            else:
-                response = pb_utils.InferenceRequest(
-                    model_name=model, requested_output_names=outputs,
-                    inputs=[tensor(k, v) for k, v in feeds.items()]).exec()
-                if response.has_error():
-                    raise StageError(f"model {model!r} failed: {response.error().message()}")
-                values = []
-                for name in outputs:  # owned copies: the views die with the response
-                    value = array(pb_utils.get_output_tensor_by_name(response, name))
-                    values.append(value.reshape(rows, *value.shape[1:]).copy())
-            for name, value in zip(outputs, values):
-                parts[name].append(value)
-        return {k: np.concatenate(v) if len(v) > 1 else v[0] for k, v in parts.items()}
+        """`stage` on the batch (the step keeps it within the stages' batch limit)."""
+        session = self.sessions.get(stage)
+        if session is not None:
+            try:
+                return dict(zip(outputs, session.run(outputs, inputs)))  # owned arrays
+            except Exception as e:  # ONNX Runtime's own error types
+                raise StageError(f"graph {stage!r} failed: {str(e).strip()[:500]}") from e
+        model = self.models[stage]
+        response = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=outputs,
+            inputs=[tensor(k, v) for k, v in inputs.items()]).exec()
+        if response.has_error():
+            raise StageError(f"model {model!r} failed: {response.error().message()}")
+        # owned copies: the views die with the response
+        return {name: array(pb_utils.get_output_tensor_by_name(response, name)).copy()
+                for name in outputs}
 
     def close(self) -> None:
         self.sessions.clear()

@@ -76,9 +76,9 @@ class TritonPythonModel:
             ["quality"] if scheduler.needs_quality else [])
         self.backend = StageBackend(
             models={g: p.get(f"{g}_model", g) for g in ("feature", "flow", "task")},
-            sessions=sessions, batch=int(p["stage_max_batch"]), stride=self.stride,
-            profile=self.profile, task_outputs=self.outputs, flow_outputs=flow_outputs)
-        self.step = Step(self.backend, self.backend.batch)
+            sessions=sessions, stride=self.stride, profile=self.profile,
+            task_outputs=self.outputs, flow_outputs=flow_outputs)
+        self.step = Step(self.backend, max_batch=int(p["stage_max_batch"]))
         idle_us = config.get("sequence_batching", {}).get("max_sequence_idle_microseconds")
         self.idle_s = int(idle_us or 1_000_000) / 1e6  # Triton's default: 1 s
         self.streams: dict[int, StreamState] = {}

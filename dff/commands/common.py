@@ -104,7 +104,7 @@ def choose_backend(args: argparse.Namespace, engine_dir: Path,
     backend = open_backend(kind, engine_dir, device=args.device, checkpoint=args.checkpoint,
                            threads=args.threads, cuda_graph=args.useCudaGraph,
                            precision=args.precision)
-    check = getattr(backend, "int8_check", None)  # ONNX Runtime int8: its kernels, measured
+    check = backend.int8_check  # ONNX Runtime int8: its kernels, measured
     if check is not None:
         from dff.engines.quantize import describe_kernel_check
 

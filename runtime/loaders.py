@@ -127,10 +127,10 @@ def open_backend(kind: str, engine_dir: str | os.PathLike[str] | None, *, device
 
         return TrtBackend(engine_dir, device=device, cuda_graph=cuda_graph, precision=precision)
     if kind.startswith("torch"):
-        from dff.runtime.torch_backend import TorchBackend, torch_checkpoint
+        from dff.runtime.torch_backend import open_torch
 
-        return TorchBackend(torch_checkpoint(engine_dir, checkpoint),
-                            cuda=kind == "torch-cuda", device=device, threads=threads)
+        return open_torch(engine_dir, checkpoint, cuda=kind == "torch-cuda", device=device,
+                          threads=threads)
     if engine_dir is None:
         raise BackendError(f"--backend {kind} needs an engine folder (-e DIR written by "
                            "dff-export)")

@@ -48,14 +48,22 @@ def torch_checkpoint(engine_dir: str | os.PathLike[str] | None,
     return Path(path)
 
 
-class TorchBackend(Backend):
-    """DFF.features, DFF.flow + flow_warp and DFF.task on torch tensors (the handles); `task`
-    returns the contract's outputs of the checkpoint's task (`probs` is export-only)."""
+def open_torch(engine_dir: str | os.PathLike[str] | None,
+               checkpoint: str | os.PathLike[str] | None, **options: Any) -> TorchBackend:
+    """The loader: the checkpoint (`torch_checkpoint`) loaded, and a TorchBackend on it."""
+    import_torch()
+    from dff.models.checkpoint import load_checkpoint
 
-    def __init__(self, checkpoint: str | os.PathLike[str], *, cuda: bool = False,
-                 device: int = 0, threads: int = 0):
+    return TorchBackend(load_checkpoint(torch_checkpoint(engine_dir, checkpoint)), **options)
+
+
+class TorchBackend(Backend):
+    """DFF.features, DFF.flow + flow_warp and DFF.task of a DFF model (models/dff.py) on torch
+    tensors (the handles); `task` returns the contract's outputs of the model's task (`probs`
+    is export-only)."""
+
+    def __init__(self, model: Any, *, cuda: bool = False, device: int = 0, threads: int = 0):
         torch = import_torch()
-        from dff.models.checkpoint import load_checkpoint
         from dff.models.warp import flow_warp
 
         if cuda and not torch.cuda.is_available():
@@ -67,7 +75,7 @@ class TorchBackend(Backend):
         self.device = torch.device(f"cuda:{device}" if cuda else "cpu")
         self.name = "torch-cuda" if cuda else "torch-cpu"
         self.precision = "fp32"
-        self.model = load_checkpoint(checkpoint).to(self.device).eval()
+        self.model = model.to(self.device).eval()
         cfg = self.model.config
         self.stride = cfg.stride
         self.profile: dict | None = None  # any size the model takes

@@ -216,11 +216,11 @@ def test_torch_backend_gives_a_detection_checkpoints_contract_outputs(tmp_path, 
     from conftest import tiny_config
     from dff.models.checkpoint import save_checkpoint
     from dff.models.dff import DFF
-    from dff.runtime.torch_backend import TorchBackend
+    from dff.runtime.torch_backend import open_torch
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "det.pth", DFF(tiny_config().for_task("detection")).eval())
-    backend = TorchBackend(tmp_path / "det.pth")
+    backend = open_torch(None, tmp_path / "det.pth")
     k = backend.task_spec["max_detections"]
     images = np.ascontiguousarray(clip.frames[:2].transpose(0, 3, 1, 2))
     out = backend.task(backend.feature(images))

@@ -44,7 +44,7 @@ import numpy as np
 from dff.runtime.backends import open_backend
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.streams import StreamPipeline
-from dff.serve.cli import main as dff_serve
+from dff.commands.serve import main as dff_serve
 from dff.serve.server import TritonServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

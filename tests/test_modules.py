@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dff.export import cli
+from dff.commands import export as cli
 from dff.export.exporter import export_dff_modules, export_modules
 from dff.export.graphs import ExportError
 from dff.export.modules import DFFModules, ModuleError, check_modules, load_factory

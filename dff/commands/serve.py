@@ -13,9 +13,8 @@ import time
 
 from dff.commands.common import budget_arg, guarded, int_at_least
 from dff.runtime.scheduler import SCHEDULES
-
-from .repository import IDLE_S, STAGES, write_repository
-from .server import ServerError, TritonServer, log_tail
+from dff.serve.repository import IDLE_S, STAGES, write_repository
+from dff.serve.server import ServerError, TritonServer, log_tail
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dff.engines.compat import GRAPHS
+from dff.engines.naming import PRECISIONS
+from dff.engines.quantize import DEFAULT_FRAMES
+from dff.export.profile import format_shape
+
 from dff.errors import DffError
-
-from .naming import PRECISIONS
-from .quantize import DEFAULT_FRAMES
-
-GRAPHS = ("feature", "flow", "task")
 
 EPILOG = """\
 engines (beside the ONNX graphs, named for the GPU and TensorRT version that built them):
@@ -148,7 +148,7 @@ def _inspect_summary(report: dict[str, Any]) -> str:
     for t in report["tensors"]:
         extra = ""
         if "profile" in t:
-            extra = "  profile " + " / ".join("x".join(map(str, t["profile"][k]))
+            extra = "  profile " + " / ".join(format_shape(t["profile"][k])
                                                for k in ("min", "opt", "max"))
         lines.append(f"  {t['mode'].lower():<6} {t['name']:<10} {t['dtype']:<6} "
                      f"{t['shape']}{extra}")
@@ -162,7 +162,7 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
               resize: tuple[int, int] | None = None, reduce_range: bool = False) -> int:
     """Calibrate (with `calib_video`), build and print the summary; 1 with one line on stderr
     for a DffError (TensorRT missing included: a calibrated graph is kept)."""
-    from . import builder, quantize
+    from dff.engines import builder, quantize
 
     log = None if as_json else (lambda line: print(line, flush=True))
     try:
@@ -185,8 +185,8 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
     """dff-export's --build (add_build_args' options in `args`): engines now when TensorRT is
     installed, else one line and 0 (the ONNX graphs, and with --int8 --calib-video the
     calibrated graph, are written either way)."""
-    from . import quantize
-    from .builder import tensorrt_available
+    from dff.engines import quantize
+    from dff.engines.builder import tensorrt_available
 
     precision = args.precision or PRECISIONS[0]
     if not tensorrt_available():
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.inspect and not args.directory:
         parser.error("ENGINES_DIR is required (dff-export's output folder, e.g. engines/)")
     if args.inspect:
-        from . import builder
+        from dff.engines import builder
 
         try:
             report = builder.inspect_engine(args.inspect)

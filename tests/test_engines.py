@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from dff.engines import builder, entries, naming
-from dff.commands import build as build_cli
 from dff.engines.compat import EngineError, check_engine_compatible, select_engines
 from dff.engines.profile import ProfileShapeError, profile_shapes
 from dff.export.manifest import load_manifest, sha256_file
 from dff.plugins import trt_plugin
 
+from dff.commands import build as build_cli
 from dff.errors import DffError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,9 +190,10 @@ def exported(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     from conftest import tiny_config
-    from dff.commands import export as export_cli
     from dff.models.checkpoint import save_checkpoint
     from dff.models.dff import DFF
+
+    from dff.commands import export as export_cli
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("engines")

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from dff.commands import build as build_cli
 from dff.engines import quantize
 from dff.engines.builder import tensorrt_available
 from dff.engines.compat import select_engines
@@ -17,6 +16,8 @@ from dff.export.manifest import ManifestError, load_manifest, sha256_file
 from dff.runtime.backends import BackendError, open_backend
 from dff.runtime.ort_backend import OrtBackend
 from dff.runtime.video import write_synthetic_clip
+
+from dff.commands import build as build_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")

@@ -13,9 +13,8 @@ from typing import Any
 from dff.engines.compat import GRAPHS
 from dff.engines.naming import PRECISIONS
 from dff.engines.quantize import DEFAULT_FRAMES
-from dff.export.profile import format_shape
-
 from dff.errors import DffError
+from dff.export.profile import format_shape
 
 EPILOG = """\
 engines (beside the ONNX graphs, named for the GPU and TensorRT version that built them):

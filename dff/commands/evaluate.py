@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import torch
+
 from dff.data.synthetic import EVAL_FRAMES
+from dff.errors import DffError
 from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
 from dff.models.evaluate import DEFAULT_INTERVALS, evaluate
 from dff.models.motion_eval import evaluate_motion, format_motion
-
-from dff.errors import DffError
 from dff.tasks import DEMOS, DETECTION, RFCN, SEGMENTATION
 
 

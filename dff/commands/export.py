@@ -9,9 +9,8 @@ import traceback
 from typing import Any
 
 from dff.commands.build import add_build_args, build_after_export, check_build_args
-from dff.export.profile import format_shape, shape_arg
-
 from dff.errors import DffError
+from dff.export.profile import format_shape, shape_arg
 from dff.tasks import DEMOS, SEGMENTATION
 
 EPILOG = """\

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dff.errors import DffError
 from dff.models.checkpoint import (
     VERSION_QUANTIZED,
     WEIGHTS_DTYPES,
@@ -15,8 +16,6 @@ from dff.models.checkpoint import (
     save_checkpoint,
 )
 from dff.models.quality import add_quality_head
-
-from dff.errors import DffError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
+
+from dff.errors import DffError
 from dff.models.checkpoint import WEIGHTS_DTYPES, save_checkpoint
 from dff.models.config import PRESETS, DFFConfig
 from dff.models.train import MAX_KEY_OFFSET, train
-
-from dff.errors import DffError
 from dff.tasks import DETECTION, KINDS
 
 

@@ -26,9 +26,9 @@ from dff.export.exporter import export_model
 from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import evaluate
 from dff.runtime import profile
-from dff.commands.common import guarded
 from dff.runtime.writers import write_summary
 
+from dff.commands.common import guarded
 from dff.errors import DffError
 from dff.tasks import DETECTION
 

@@ -51,10 +51,10 @@ from dff.models.dff import DFF
 from dff.models.flownet import FULL_WIDTHS
 from dff.models.trunk import RESNET_LAYOUTS
 from dff.runtime.backends import open_backend
-from dff.commands.common import guarded
 from dff.runtime.profile import STAGES, format_report, profile_end_to_end, profile_stages
 from dff.runtime.writers import write_summary
 
+from dff.commands.common import guarded
 from dff.errors import DffError
 from dff.tasks import DETECTION, SEGMENTATION
 

@@ -34,12 +34,12 @@ from dff.export.manifest import load_manifest
 from dff.models.checkpoint import load_checkpoint
 from dff.models.motion_eval import BUDGET, Tally
 from dff.runtime.backends import check_quality, open_backend, task_spec
-from dff.commands.common import budget_arg, guarded
 from dff.runtime.pipeline import Pipeline
 from dff.runtime.scheduler import make_scheduler, make_schedulers
 from dff.runtime.streams import StreamPipeline
 from dff.runtime.writers import write_summary
 
+from dff.commands.common import budget_arg, guarded
 from dff.errors import DffError
 from dff.tasks import DETECTION
 

@@ -29,9 +29,9 @@ from dff.models.checkpoint import load_checkpoint
 from dff.models.evaluate import cell_flow, detections
 from dff.models.metrics import bootstrap_ap, clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
-from dff.commands.common import guarded
 from dff.runtime.writers import write_summary
 
+from dff.commands.common import guarded
 from dff.errors import DffError
 from dff.tasks import DETECTION
 

@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from dff.models.checkpoint import demo_checkpoint_path
-from dff.commands import demo
 from dff.runtime import cli, profile
 from dff.runtime.video import VideoWriter, open_video, write_synthetic_clip
 from dff.runtime.writers import ResultWriter, read_detections, rle_decode
+
+from dff.commands import demo
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")

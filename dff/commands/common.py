@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
+from dff.errors import DffError
 from dff.export.manifest import load_manifest
 from dff.runtime.backends import (
     ALIASES,
@@ -20,9 +22,6 @@ from dff.runtime.backends import (
     open_backend,
     pick_auto,
 )
-from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
-
-from dff.errors import DffError
 from dff.tasks import SEGMENTATION
 
 BACKENDS = ("auto", *ALIASES, *KINDS)

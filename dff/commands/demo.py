@@ -13,10 +13,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from dff.export.manifest import ManifestError, load_manifest, sha256_file
-
 import dff
 from dff.errors import DffError
+from dff.export.manifest import ManifestError, load_manifest, sha256_file
 from dff.tasks import DEMOS, SEGMENTATION
 
 DEMO_TASKS = DEMOS  # what --demo takes; plain --demo is segmentation

@@ -35,7 +35,7 @@ def parse_shape(text: str) -> Shape:
     return shape  # type: ignore[return-value]
 
 
-def shape_arg(text: str) -> Shape:
+def shape_arg(text: str) -> Shape:  # to dff.commands once runtime/profile.py imports it there
     """argparse `type=` for --min-shape/--opt-shape/--max-shape (a bad string exits 2)."""
     try:
         return parse_shape(text)

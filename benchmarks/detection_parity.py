@@ -7,7 +7,7 @@ dff-run's JSON Lines (ResultWriter, as `dff-run --json` writes them) and read ba
 computed from those records with models.metrics.detection_ap. The same clips and schedule run
 through dff-eval's PyTorch path (models.evaluate.detect_clip) on the checkpoint the graphs were
 exported from. Both are printed; the issue's criterion is the same AP@0.5 and AP@0.5:0.95
-within 0.5 points at k=1 and k=10 (exit 1 otherwise). COCO's 101-point AP (docs/DESIGN.md §5).
+within 0.5 points at k=1 and k=10 (exit 1 otherwise). COCO's 101-point AP (docs/DESIGN.md §15).
 
     python benchmarks/detection_parity.py --engine-dir dff-demo/detection/engines
     python benchmarks/detection_parity.py --engine-dir engines/ --intervals 1,5,10 --json p.json

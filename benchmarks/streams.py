@@ -1,5 +1,5 @@
 """Many streams in one process: total frames per second of N streams batched through
-StreamPipeline (runtime/streams.py) against the same N streams run one after another through
+StreamPipeline (runtime/loop.py) against the same N streams run one after another through
 Pipeline, on ONNX Runtime CPU (issue 12: batching 8 streams at least as fast in total as 8
 sequential runs).
 

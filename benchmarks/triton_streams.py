@@ -44,8 +44,9 @@ import numpy as np
 from dff.runtime.loaders import open_backend
 from dff.runtime.loop import StreamPipeline
 from dff.runtime.scheduler import make_scheduler
-from dff.serve.cli import main as dff_serve
 from dff.serve.server import TritonServer
+
+from dff.commands.serve import main as dff_serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from streams import sequential, stream_clips, stream_parser  # benchmarks/streams.py

@@ -152,7 +152,7 @@ def _candidate(category: str, seed: int, frames: int, height: int,
                for name in ("boxes", "box_classes", "box_pixels", "box_visible",
                             "box_ignore")},
             gains=np.concatenate([first.gains[:cut], second.gains[cut:]]),
-            _poses=first._poses, _shapes=first._shapes, cut=cut, first=first, second=second)
+            poses=first.poses, shapes=first.shapes, cut=cut, first=first, second=second)
         flow = mean_flow_px(joined)
         ok = category_of(flow) == "medium"
         return MotionClip(category, seed, joined, flow, cuts=(cut,)) if ok else None

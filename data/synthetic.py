@@ -25,7 +25,7 @@ import numpy as np
 CLASS_NAMES: tuple[str, ...] = ("background", "disc", "box", "triangle", "cross")
 DETECTION_CLASS_NAMES: tuple[str, ...] = CLASS_NAMES[1:]  # detection class i is label i + 1
 EVAL_FRAMES = 60
-# An object is an ignore region (docs/DESIGN.md §4) when fewer pixels than this are visible
+# An object is an ignore region (docs/DESIGN.md §14) when fewer pixels than this are visible
 # (one stride-16 cell), or less than this fraction of its whole silhouette is.
 IGNORE_MIN_PIXELS = 256
 IGNORE_MIN_VISIBLE = 0.25
@@ -65,8 +65,8 @@ class Clip:
     box_visible: list[np.ndarray]  # per frame float32 [M_t]: of the whole silhouette, visible
     box_ignore: list[np.ndarray]  # per frame bool [M_t]: ignore region (see is_ignore)
     gains: np.ndarray  # float64 [T]
-    _poses: np.ndarray = field(repr=False)  # [T, 1+objects, 4]: scale, angle, bx, by
-    _shapes: tuple[_Shape, ...] = field(repr=False)
+    poses: np.ndarray = field(repr=False)  # [T, 1+objects, 4]: scale, angle, bx, by
+    shapes: tuple[_Shape, ...] = field(repr=False)
 
     def flow(self, current: int, key: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact flow float32 [2,H,W] from `current` to `key` (key sampled at p + flow
@@ -74,15 +74,15 @@ class Clip:
         outside it, or within ~1.5 px of a visible object edge in either frame."""
         height, width = self.instances.shape[1:]
         inst = self.instances[current].astype(np.intp)
-        rel = _relative_affine(self._poses[current], self._poses[key])[inst]  # [H,W,2,3]
+        rel = _relative_affine(self.poses[current], self.poses[key])[inst]  # [H,W,2,3]
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
         qx = rel[..., 0, 0] * xs + rel[..., 0, 1] * ys + rel[..., 0, 2]
         qy = rel[..., 1, 0] * xs + rel[..., 1, 1] * ys + rel[..., 1, 2]
         valid = (qx >= 0) & (qx <= width - 1) & (qy >= 0) & (qy <= height - 1)
-        for k, shape in enumerate(self._shapes):
+        for k, shape in enumerate(self.shapes):
             layer = k + 1
-            for pose, px, py in ((self._poses[current, layer], xs, ys),
-                                 (self._poses[key, layer], qx, qy)):
+            for pose, px, py in ((self.poses[current, layer], xs, ys),
+                                 (self.poses[key, layer], qx, qy)):
                 reach = pose[0] * shape.radius + _EDGE_MARGIN + 1.0
                 sel = (valid & (inst <= layer) & (np.abs(px - pose[2]) <= reach)
                        & (np.abs(py - pose[3]) <= reach))
@@ -366,7 +366,7 @@ def _render(poses: np.ndarray, shapes: tuple[_Shape, ...], textures: list[_Textu
     return Clip(frames=frames, labels=class_of[instances], instances=instances, boxes=boxes,
                 box_classes=box_classes, box_pixels=box_pixels, box_visible=box_visible,
                 box_ignore=[is_ignore(p, v) for p, v in zip(box_pixels, box_visible)],
-                gains=np.asarray(gains, np.float64), _poses=poses, _shapes=shapes)
+                gains=np.asarray(gains, np.float64), poses=poses, shapes=shapes)
 
 
 def _silhouette_pixels(shape: _Shape, pose: np.ndarray) -> int:

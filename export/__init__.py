@@ -3,7 +3,7 @@ task.onnx and manifest.json.
 
 `export_model` (a dff-train checkpoint) and `export_modules` (your own feature, flow and task
 modules; the contract is in dff.export.modules, with `DFFModules`) are the API, `dff-export`
-(dff.export.cli) the command; `load_manifest` (dff.export.manifest) is what the runtime reads,
+(dff.commands.export) the command; `load_manifest` (dff.export.manifest) is what the runtime reads,
 and imports without torch.
 """
 

@@ -6,7 +6,6 @@ multiples of the stride, so the feature grid is exactly h×w = H/stride × W/str
 
 from __future__ import annotations
 
-import argparse
 import re
 from dataclasses import dataclass
 
@@ -33,14 +32,6 @@ def parse_shape(text: str) -> Shape:
     if min(shape) < 1:
         raise ProfileError(f"shape {text!r} has a zero size; every axis must be at least 1")
     return shape  # type: ignore[return-value]
-
-
-def shape_arg(text: str) -> Shape:
-    """argparse `type=` for --min-shape/--opt-shape/--max-shape (a bad string exits 2)."""
-    try:
-        return parse_shape(text)
-    except ProfileError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_shape(shape: Shape) -> str:

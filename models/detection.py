@@ -102,7 +102,7 @@ def _image_limits(heat: torch.Tensor, stride: int) -> torch.Tensor:
 # CenterNet's penalty-reduced focal loss (alpha 2, beta 4) on Gaussian centre targets, L1 on size
 # and offset at the centre cells only. The Gaussian's sigma is a sixth of the box size per axis
 # (elliptical, as TTFNet; simpler than CenterNet's IoU-0.7 radius, which at stride 16 is
-# below one cell for our 3-6 cell objects). Ignore regions (docs/DESIGN.md §4) get no centre,
+# below one cell for our 3-6 cell objects). Ignore regions (docs/DESIGN.md §14) get no centre,
 # and the heatmap loss of their class is masked inside their box.
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from dff.models.config import DFFConfig
-from dff.models.flownet import FlowNetS
+from dff.models.flownet import FlowNetS, QualityHead
 from dff.models.heads import build_head
 from dff.models.trunk import ResNetTrunk
 from dff.models.warp import flow_warp
@@ -29,8 +29,6 @@ class DFF(nn.Module):
                                config.head_upsample, config.head)
         self.quality_head = None
         if config.quality_channels:
-            from dff.models.quality import QualityHead
-
             self.quality_head = QualityHead(self.flownet.cat_channels, config.quality_channels)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(config.std).view(1, 3, 1, 1),
@@ -46,7 +44,7 @@ class DFF(nn.Module):
     def flow_quality(self, image: torch.Tensor,
                      key_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """flow, scale and the quality head's prediction [N,1] of the propagated features'
-        relative error (models/quality.py); needs a model with a quality head."""
+        relative error (dff.models.quality); needs a model with a quality head."""
         if self.quality_head is None:
             raise ValueError("this model has no quality head (config.quality_channels = 0)")
         flow, scale, cat = self.flownet(image, key_image, self.mean, features=True)

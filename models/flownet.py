@@ -5,7 +5,9 @@ Layout and constants follow the original DFF (DESIGN.md §4): input = [current, 
 FlowNet-S encoder and deconv/refine decoder; the last concat is average-pooled once more
 so the outputs land on the stride-16 feature grid; flow = conv × 2.5 in feature cells
 (current → key); scale = sibling 1×1 conv with C outputs, weight 0 and frozen bias 1, so
-training starts from scale = 1.
+training starts from scale = 1. QualityHead, optional, predicts from the pooled last concat and
+the flow how far the warped features will be from the frame's own (trained by
+dff.models.quality).
 """
 
 from __future__ import annotations
@@ -116,3 +118,32 @@ class FlowNetS(nn.Module):
         if features:
             return self.predict_flow(cat) * FLOW_SCALE, self.predict_scale(cat), cat
         return self.predict_flow(cat) * FLOW_SCALE, self.predict_scale(cat)
+
+
+def outside_distance(flow: torch.Tensor) -> torch.Tensor:
+    """[N,1,h,w]: how far, in cells, each cell's sampling point (x + fx, y + fy) lies outside
+    the key map's extent [-0.5, w - 0.5] × [-0.5, h - 0.5] (0 inside)."""
+    h, w = flow.shape[2], flow.shape[3]
+    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, 1, -1)
+    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, 1, -1, 1)
+    x = xs + flow[:, :1]
+    y = ys + flow[:, 1:2]
+    return (F.relu(-0.5 - x) + F.relu(x - (w - 0.5)) + F.relu(-0.5 - y)
+            + F.relu(y - (h - 0.5)))
+
+
+class QualityHead(nn.Module):
+    """Per-cell predicted error from the flow net's last features and its flow; mean → [N,1]."""
+
+    def __init__(self, cat_channels: int, hidden: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(cat_channels + 4, hidden, 3, 1, 1)
+        self.out = nn.Conv2d(hidden, 1, 1)
+
+    def cells(self, cat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        magnitude = torch.sqrt(flow[:, :1] ** 2 + flow[:, 1:2] ** 2)
+        x = torch.cat((cat, flow, magnitude, outside_distance(flow)), 1)
+        return F.softplus(self.out(F.leaky_relu(self.conv(x), 0.1)))
+
+    def forward(self, cat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        return self.cells(cat, flow).mean(dim=(2, 3)).view(-1, 1)

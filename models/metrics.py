@@ -1,7 +1,7 @@
-"""Detection AP with pycocotools (docs/DESIGN.md §5), in memory; numpy and pycocotools only.
+"""Detection AP with pycocotools (docs/DESIGN.md §15), in memory; numpy and pycocotools only.
 
 One COCO image per video frame, one category per class. Ground truths have iscrowd 0 and the
-ignore flag of the benchmark's ignore regions (§4): a detection matched to one is dropped from
+ignore flag of the benchmark's ignore regions (§14): a detection matched to one is dropped from
 the count, so it neither helps nor hurts. All object sizes count (one area range), up to
 `max_dets` detections per frame. AP is COCO's 101-point interpolated AP, the mean over the
 classes that have ground truth: `map50` at IoU 0.5, `map` over IoU 0.50:0.05:0.95.

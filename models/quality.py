@@ -1,4 +1,5 @@
-"""The flow network's quality head: the learned key-frame schedule's input (issue 13).
+"""Training the flow network's quality head (dff.models.flownet.QualityHead): the learned
+key-frame schedule's input (issue 13).
 
 For a frame and its key frame the head predicts how far the features DFF propagates are from
 the frame's own features: the relative squared error
@@ -18,15 +19,13 @@ training seeds; exported as flow.onnx's extra output `quality` [N,1].
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+from dff.models.dff import DFF
+from dff.models.flownet import QualityHead
 
 from dff.errors import DffError
 
@@ -34,35 +33,6 @@ from dff.errors import DffError
 # dff-train draws, in every category of the motion split
 TRAIN_SEEDS = 9_000_000
 LAGS = (1, 2, 3, 5, 7, 10, 14, 20, 27)  # frames between key and current in training pairs
-
-
-def outside_distance(flow: torch.Tensor) -> torch.Tensor:
-    """[N,1,h,w]: how far, in cells, each cell's sampling point (x + fx, y + fy) lies outside
-    the key map's extent [-0.5, w - 0.5] × [-0.5, h - 0.5] (0 inside)."""
-    h, w = flow.shape[2], flow.shape[3]
-    xs = torch.arange(w, dtype=flow.dtype, device=flow.device).view(1, 1, 1, -1)
-    ys = torch.arange(h, dtype=flow.dtype, device=flow.device).view(1, 1, -1, 1)
-    x = xs + flow[:, :1]
-    y = ys + flow[:, 1:2]
-    return (F.relu(-0.5 - x) + F.relu(x - (w - 0.5)) + F.relu(-0.5 - y)
-            + F.relu(y - (h - 0.5)))
-
-
-class QualityHead(nn.Module):
-    """Per-cell predicted error from the flow net's last features and its flow; mean → [N,1]."""
-
-    def __init__(self, cat_channels: int, hidden: int = 16):
-        super().__init__()
-        self.conv = nn.Conv2d(cat_channels + 4, hidden, 3, 1, 1)
-        self.out = nn.Conv2d(hidden, 1, 1)
-
-    def cells(self, cat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        magnitude = torch.sqrt(flow[:, :1] ** 2 + flow[:, 1:2] ** 2)
-        x = torch.cat((cat, flow, magnitude, outside_distance(flow)), 1)
-        return F.softplus(self.out(F.leaky_relu(self.conv(x), 0.1)))
-
-    def forward(self, cat: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-        return self.cells(cat, flow).mean(dim=(2, 3)).view(-1, 1)
 
 
 def relative_error(warped: torch.Tensor, true: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +124,6 @@ def add_quality_head(model, hidden: int = 16, per_category: int = 6, iters: int 
     """A copy of `model` (a DFF) with a trained quality head, the rest unchanged, and the
     head's fit on its training pairs and on the motion split's tuning clips."""
     from dff.data.motion import motion_split
-    from dff.models.dff import DFF
 
     h, w = model.config.input_size
     new = DFF(replace(model.config, quality_channels=hidden))
@@ -174,42 +143,7 @@ def add_quality_head(model, hidden: int = 16, per_category: int = 6, iters: int 
                  "tuning": agreement(new.quality_head, tuning)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    from dff.models.checkpoint import (
-        VERSION_QUANTIZED,
-        WEIGHTS_DTYPES,
-        load_checkpoint,
-        read_checkpoint,
-        save_checkpoint,
-    )
+if __name__ == "__main__":  # the documented `python -m dff.models.quality`
+    from dff.commands.quality import main
 
-    p = argparse.ArgumentParser(prog="python -m dff.models.quality",
-                                description="Add a trained quality head to a DFF checkpoint.")
-    p.add_argument("checkpoint", help="a DFF checkpoint (.pth)")
-    p.add_argument("-o", "--output", required=True, help="the checkpoint to write")
-    p.add_argument("--hidden", type=int, default=16, help="the head's hidden channels")
-    p.add_argument("--clips", type=int, default=6, help="training clips per motion category")
-    p.add_argument("--iters", type=int, default=1500)
-    p.add_argument("--weights", choices=WEIGHTS_DTYPES, default=None,
-                   help="how the weights are stored (default: as the input's, int8 for a "
-                        "quantized checkpoint such as the shipped demos, else float32)")
-    args = p.parse_args(argv)
-    try:
-        model = load_checkpoint(args.checkpoint)
-        blob = read_checkpoint(args.checkpoint)
-        weights = args.weights or ("int8" if blob["version"] == VERSION_QUANTIZED
-                                   else "float32")
-        new, report = add_quality_head(model, args.hidden, args.clips, args.iters)
-        meta = dict(blob.get("meta") or {})
-        meta["quality_head"] = report
-        save_checkpoint(args.output, new, meta=meta, weights=weights)
-    except DffError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(report)
-    print(f"wrote {Path(args.output)}")
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

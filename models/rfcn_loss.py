@@ -6,7 +6,7 @@ ground-truth boxes, are the RoIs on which the position-sensitive maps learn the 
 over background + classes) and the class-agnostic box deltas. Thresholds are Faster R-CNN's
 and R-FCN's: anchors positive at IoU ≥ 0.7 (or the best of a ground truth), negative < 0.3;
 RoIs foreground at IoU ≥ 0.5, background below; OHEM (the original's default) keeps the 128
-RoIs of highest loss per image. Ignore regions (docs/DESIGN.md §4) are never positives, and
+RoIs of highest loss per image. Ignore regions (docs/DESIGN.md §14) are never positives, and
 anchors or RoIs overlapping one by IoU ≥ 0.3 are not negatives either.
 
 Training-time code only: plain PyTorch with loops over the images of a batch, never exported.

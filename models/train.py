@@ -1,4 +1,4 @@
-"""dff-train: the three training stages of DFF on the synthetic benchmark.
+"""The three training stages of DFF on the synthetic benchmark.
 
 1. flow: pretrain N_flow on frame pairs with exact flow (end-point error on the feature grid);
 2. seg:  train N_feat + N_task per frame (pixel cross-entropy), or `det` with --task detection
@@ -7,21 +7,16 @@
 3. dff:  train everything end to end: the key frame is 0..9 frames before the current one,
          its features are warped to the current frame, loss on the current frame only.
 
-``--init CHECKPOINT`` starts the trunk and the flow net from a trained checkpoint of the same
-architecture (e.g. the shipped segmentation model; then ``--iters-flow 0`` skips stage 1).
-
-State is saved every ``--save-every`` iterations to OUT/state.pt (atomically), and
-``--resume`` continues from it; sampling is seeded per (stage, iteration) so a resumed run
-draws the same batches as an uninterrupted one.
+`init_from` starts the trunk and the flow net (and, for fine-tuning, the head) from a trained
+checkpoint of the same architecture. `train` saves its state every `save_every` iterations
+(atomically) and can resume from it; sampling is seeded per (stage, iteration) so a resumed
+run draws the same batches as an uninterrupted one. The command: dff.commands.train.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -29,20 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from dff.data.synthetic import CLASS_NAMES, make_clip, train_seeds
-from dff.models.checkpoint import (
-    WEIGHTS_DTYPES,
-    atomic_torch_save,
-    file_sha256,
-    read_checkpoint,
-    save_checkpoint,
-)
-from dff.models.config import PRESETS, DFFConfig
+from dff.models.checkpoint import atomic_torch_save, file_sha256, read_checkpoint
+from dff.models.config import DFFConfig
 from dff.models.detection import detection_loss, detection_targets, flip_boxes
 from dff.models.dff import DFF
 from dff.models.rfcn_loss import rfcn_loss
 
 from dff.errors import DffError
-from dff.tasks import DETECTION, KINDS
+from dff.tasks import DETECTION
 
 STAGES = ("flow", "seg", "dff")
 DETECTION_STAGES = ("flow", "det", "dff")
@@ -226,42 +215,32 @@ def init_from(model: DFF, path: str, head: bool = False) -> dict:
             "init_task": blob["config"].get("task"), "init_head": head}
 
 
-def build_config(args) -> DFFConfig:
-    config = DFFConfig.from_dict(PRESETS[args.config].to_dict()).for_task(args.task)
-    config.input_size = [args.height, args.width]
-    config.key_interval = args.key_interval
-    for name in ("head_subcell", "head_channels", "head_upsample", "head"):
-        if getattr(args, name):
-            setattr(config, name, getattr(args, name))
-    return config
-
-
-def run(args) -> Path:
+def train(config: DFFConfig, state_path: str | Path, *, iters: dict[str, int],
+          lrs: dict[str, float], seed: int = 0, clips: int = 96, frames: int = 40,
+          batch: int = 8, max_key_offset: int = MAX_KEY_OFFSET, flow_loss: float = 0.0,
+          size_weight: float = 0.1, save_every: int = 100, init: str | None = None,
+          init_head: bool = False, resume: bool = False, device: str = "auto",
+          progress: bool = True) -> tuple[DFF, dict]:
+    """Train a DFF of `config` through its three stages (`iters` and `lrs` per stage), saving
+    the state to `state_path` every `save_every` iterations (`resume` continues from it).
+    Returns the model and what its checkpoint's meta records about the run."""
     from tqdm import tqdm
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device if args.device != "auto" else
+    state_path = Path(state_path)
+    device = torch.device(device if device != "auto" else
                           ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    config = build_config(args)
+    torch.manual_seed(seed)
     model = DFF(config).to(device)
     stages = stages_for(config.task)
-    init_meta = init_from(model, args.init, head=args.init_head) if args.init else {}
-    iters = {"flow": args.iters_flow, "seg": args.iters_seg, "det": args.iters_det,
-             "dff": args.iters_dff}
-    lrs = {"flow": args.lr_flow, "seg": args.lr, "det": args.lr, "dff": args.lr_dff}
+    init_meta = init_from(model, init, head=init_head) if init else {}
     stage_idx, start_it, log = 0, 0, []
-    state_path = out / "state.pt"
-    if args.resume and state_path.exists():
+    if resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         model.load_state_dict(state["model"])
         stage_idx, start_it, log = state["stage"], state["iteration"], state["log"]
         print(f"resumed {state_path}: stage {stages[stage_idx]}, iteration {start_it}")
-    data = TrainData(args.clips, args.frames, (args.height, args.width), args.seed,
-                     len(CLASS_NAMES), progress=not args.quiet)
+    data = TrainData(clips, frames, tuple(config.input_size), seed, len(CLASS_NAMES),
+                     progress=progress)
     t0 = time.time()
     for si in range(stage_idx, len(stages)):
         stage = stages[si]
@@ -277,11 +256,11 @@ def run(args) -> Path:
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
         bar = tqdm(range(first, total), desc=f"stage {si + 1}/3 {stage}", initial=first,
-                   total=total, disable=args.quiet)
+                   total=total, disable=not progress)
         running: dict[str, float] = {}
         for it in bar:
-            rng = np.random.default_rng([args.seed, si, it])
-            pairs = data.sample_pairs(rng, args.batch, args.max_key_offset)
+            rng = np.random.default_rng([seed, si, it])
+            pairs = data.sample_pairs(rng, batch, max_key_offset)
             if stage in ("seg", "det"):  # per-frame training: current frame only
                 pairs = [(c, t, t) for c, t, _ in pairs]
             for g in opt.param_groups:
@@ -290,8 +269,8 @@ def run(args) -> Path:
             gen = None  # R-FCN's anchor and RoI samples; only its runs draw the seed, so
             if model.config.head == "rfcn":  # every other run draws what it always did
                 gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            stats = train_step(model, data, stage, pairs, device, args.flow_loss, flip=flip,
-                               size_weight=args.size_weight, generator=gen)
+            stats = train_step(model, data, stage, pairs, device, flow_loss, flip=flip,
+                               size_weight=size_weight, generator=gen)
             opt.zero_grad(set_to_none=True)
             stats["loss"].backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -300,7 +279,7 @@ def run(args) -> Path:
                 v = float(v.item() if torch.is_tensor(v) else v)
                 running[k] = v if k not in running else 0.98 * running[k] + 0.02 * v
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
-            if (it + 1) % args.save_every == 0 or it + 1 == total:
+            if (it + 1) % save_every == 0 or it + 1 == total:
                 log.append({"stage": stage, "iteration": it + 1, **running,
                             "elapsed_s": round(time.time() - t0, 1)})
                 nxt = (si, it + 1) if it + 1 < total else (si + 1, 0)
@@ -308,103 +287,7 @@ def run(args) -> Path:
                                    "stage": nxt[0], "iteration": nxt[1], "log": log},
                                   state_path)
     model.eval()
-    argv = sys.argv[1:] if getattr(args, "argv", None) is None else args.argv
-    meta = {"command": shlex.join(["dff-train", *argv]), "seed": args.seed,
-            "iterations": iters, "clips": args.clips, "frames": args.frames,
-            "max_key_offset": args.max_key_offset,
-            "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log), **init_meta}
-    save_checkpoint(out / "model.pth", model, meta=meta)
-    if args.save:
-        save_checkpoint(args.save, model, meta=meta, weights=args.weights_dtype)
-    print(f"wrote {out / 'model.pth'}" + (f" and {args.save}" if args.save else ""))
-    return out / "model.pth"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dff-train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", choices=sorted(PRESETS), default="small")
-    p.add_argument("--task", choices=KINDS, default="segmentation")
-    p.add_argument("--init", help="start the trunk and flow net from this checkpoint (same "
-                                  "architecture, any task); --iters-flow 0 then skips stage 1")
-    p.add_argument("--init-head", action="store_true",
-                   help="with --init: copy the task head too, to fine-tune a trained model "
-                        "(same task and head settings); --iters-flow 0 --iters-det 0 then "
-                        "trains end to end only")
-    p.add_argument("--out", default="runs/small", help="folder for state.pt and model.pth")
-    p.add_argument("--save", help="also write the final checkpoint here")
-    p.add_argument("--weights-dtype", choices=WEIGHTS_DTYPES, default="float32",
-                   help="storage of --save's weights: float16 halves the file, int8 (per-channel "
-                        "scales, the rest float16) quarters it; loading gives float32")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=96, help="training clips to render")
-    p.add_argument("--frames", type=int, default=40, help="frames per training clip")
-    p.add_argument("--height", type=int, default=128)
-    p.add_argument("--width", type=int, default=224)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--iters-flow", type=int, default=4000)
-    p.add_argument("--iters-seg", type=int, default=3000)
-    p.add_argument("--iters-det", type=int, default=3000, help="stage 2 of --task detection")
-    p.add_argument("--iters-dff", type=int, default=3000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--lr-flow", type=float, default=3e-3)
-    p.add_argument("--lr-dff", type=float, default=5e-4)
-    p.add_argument("--flow-loss", type=float, default=0.0,
-                   help="weight of an end-point-error term in stage 3 (the paper uses none)")
-    p.add_argument("--key-interval", type=int, default=10, help="default stored in the config")
-    p.add_argument("--max-key-offset", type=int, metavar="D",
-                   help="flow and dff stages: the key frame is 0..D frames before the current "
-                        f"one (default {MAX_KEY_OFFSET}, the paper's; larger trains the warp "
-                        "on larger motion)")
-    p.add_argument("--head-subcell", type=int, default=0,
-                   help="override the preset's head_subcell (1 = DeepLab's stride-16 logits)")
-    p.add_argument("--head-channels", type=int, default=0, help="override the preset's head width")
-    p.add_argument("--head-upsample", type=int, default=0, choices=(0, 1, 2),
-                   help="detection: 2 doubles the head's map (output stride 8)")
-    p.add_argument("--head", choices=("centernet", "rfcn"),
-                   help="detection: the head; centernet (default, dff.models.detection) or rfcn "
-                        "(the original DFF's R-FCN, dff.models.rfcn)")
-    p.add_argument("--size-weight", type=float, default=0.1,
-                   help="detection: weight of the L1 size loss (CenterNet's 0.1)")
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="tracebacks on errors")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # for the checkpoint's meta; None = sys.argv
-    for name in ("height", "width"):
-        if getattr(args, name) % 16:
-            print(f"dff-train: --{name} {getattr(args, name)} must be a multiple of 16 (the "
-                  "feature stride)", file=sys.stderr)
-            return 2
-    if args.init_head and not args.init:
-        print("dff-train: --init-head copies the head of the --init checkpoint; add --init "
-              "MODEL.pth", file=sys.stderr)
-        return 2
-    if args.head == "rfcn" and args.task != DETECTION:
-        print("dff-train: --head rfcn is a detection head; add --task detection", file=sys.stderr)
-        return 2
-    if args.max_key_offset is None:  # the paper's 9, clamped to the clip as always
-        args.max_key_offset = MAX_KEY_OFFSET
-    elif not 0 <= args.max_key_offset < args.frames:
-        print(f"dff-train: --max-key-offset {args.max_key_offset} must be 0 to --frames - 1 "
-              f"({args.frames - 1}): the key frame is in the same training clip",
-              file=sys.stderr)
-        return 2
-    try:
-        run(args)
-    except DffError as e:
-        if args.verbose:
-            raise
-        print(f"dff-train: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return model, {"seed": seed, "iterations": iters, "clips": clips, "frames": frames,
+                   "max_key_offset": max_key_offset,
+                   "train_seconds": round(time.time() - t0, 1), "log": json.dumps(log),
+                   **init_meta}

@@ -194,7 +194,7 @@ def custom_translation_table() -> dict[Callable[..., Any], Callable[..., Any]]:
     dff = onnxscript.values.Opset(DOMAIN, OP_VERSION)
 
     def flow_warp_to_onnx(feat: Any, flow: Any, scale: Any) -> Any:
-        # A bare node: an onnxscript *function* here gets inlined by the exporter (DESIGN §4).
+        # A bare node: an onnxscript *function* here gets inlined by the exporter (DESIGN.md §4).
         return dff.FlowWarp(feat, flow, scale)
 
     return {torch_op(): flow_warp_to_onnx}

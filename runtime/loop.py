@@ -7,7 +7,7 @@ them together (runtime/step.py); `run_to` hands each stream's results to its sin
 thread through another bounded queue. Results come out per stream in frame order. Nothing
 accumulates: at most `queue_size` frames wait on either side, and the stage times keep running
 totals and a fixed-size sample for the medians. `Pipeline` is the loop over one stream,
-`StreamPipeline` over several (batched across streams, DESIGN.md §7).
+`StreamPipeline` over several (batched across streams, DESIGN.md §9).
 """
 
 from __future__ import annotations
@@ -331,7 +331,7 @@ class Pipeline(Loop):
 
 
 class StreamPipeline(Loop):
-    """Loop over several streams (DESIGN.md §7): each stream's results equal a `Pipeline` run
+    """Loop over several streams (DESIGN.md §9): each stream's results equal a `Pipeline` run
     of its video."""
 
     batched = True

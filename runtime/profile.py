@@ -144,7 +144,7 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int, **timing: A
 
 
 def predicted_speedup(k: int, r: float) -> float:
-    """DESIGN.md §4: s = k / (1 + (k-1) r)."""
+    """DESIGN.md §5: s = k / (1 + (k-1) r)."""
     return k / (1 + (k - 1) * r)
 
 

@@ -1,4 +1,4 @@
-"""A video as sequences of a Triton server's `dff` model over gRPC (DESIGN.md §7), for
+"""A video as sequences of a Triton server's `dff` model over gRPC (DESIGN.md §9), for
 `dff-run VIDEO --server HOST:PORT` (dff/commands/run.py).
 
 What the client needs of the model (task kind, class names, stride, profile, schedule) comes

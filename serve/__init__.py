@@ -1,4 +1,4 @@
-"""dff.serve: DFF on Triton Inference Server (DESIGN.md §7).
+"""dff.serve: DFF on Triton Inference Server (DESIGN.md §9).
 
 `repository` writes a model repository (the `feature`, `flow` and `task` stage models and the
 `dff` BLS model that owns each stream's key frame), `server` starts and stops Triton's server

@@ -1,4 +1,4 @@
-"""Write a Triton model repository from an engine folder (DESIGN.md §7).
+"""Write a Triton model repository from an engine folder (DESIGN.md §9).
 
 Four models (`dff` alone under `inline`): `feature`, `flow` and `task` (one per graph, dynamic
 batching on each) and `dff`, the Python-backend BLS model that owns each stream's key frame

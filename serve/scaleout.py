@@ -13,7 +13,6 @@ the servers, so adding or removing a server moves only the streams that hashed t
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from collections.abc import Sequence
@@ -119,26 +118,7 @@ http {{
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dff.serve.scaleout",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("servers", nargs="+", metavar="HOST:PORT",
-                        help="each Triton server's gRPC endpoint")
-    parser.add_argument("--listen-port", type=int, default=8001, metavar="P",
-                        help="the port nginx listens on for gRPC (8001)")
-    parser.add_argument("--listen-host", default="0.0.0.0", metavar="ADDR",
-                        help="the address nginx listens on (0.0.0.0)")
-    parser.add_argument("--max-body", default="64m", metavar="SIZE",
-                        help="largest request nginx accepts (64m)")
-    args = parser.parse_args(argv)
-    try:
-        sys.stdout.write(nginx_config(args.servers, args.listen_port,
-                                      listen_host=args.listen_host, max_body=args.max_body))
-    except ScaleoutError as e:
-        print(f"dff.serve.scaleout: error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
+    from dff.commands.scaleout import main
+
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Start and stop Triton's server binary on a model repository (DESIGN.md §7).
+"""Start and stop Triton's server binary on a model repository (DESIGN.md §9).
 
 The binary is `tritonserver` on PATH (a Triton install, its backends beside it), else the one
 that `nvidia-pytriton` bundles (Python backend only). For the bundled one this module builds

@@ -79,7 +79,7 @@ def plan(out: Path, engines: Path, quick: bool, detection_engines: Path | None =
     def export(folder: Path, task: str, suffix: str, needs: tuple[str, ...]) -> Step:
         return Step(f"export{suffix}", f"dff-export --demo {task}, once, into the folder every "
                     f"{task} profile uses",
-                    [py, "-m", "dff.export.cli", "--demo", task, "-o", str(folder)],
+                    [py, "-m", "dff.commands.export", "--demo", task, "-o", str(folder)],
                     180 if quick else 600, gpu + ("gpu_backend",) + needs,
                     read=lambda: read_engines(folder, None))
 
@@ -98,7 +98,7 @@ def plan(out: Path, engines: Path, quick: bool, detection_engines: Path | None =
                     path, lambda: read_profile(path))
 
     def build(folder: Path, suffix: str, precision: str, needs: tuple[str, ...]) -> Step:
-        cmd = [py, "-m", "dff.engines.cli", str(folder), f"--{precision}"]
+        cmd = [py, "-m", "dff.commands.build", str(folder), f"--{precision}"]
         return Step(f"build-{precision}{suffix}", f"dff-build --{precision} on the "
                     f"{folder.name} export", cmd,
                     240 if quick else 900, gpu + needs, (f"export{suffix}",),

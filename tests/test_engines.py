@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 from dff.engines import builder, entries, naming
-from dff.engines import cli as build_cli
 from dff.engines.compat import EngineError, check_engine_compatible, select_engines
 from dff.engines.profile import ProfileShapeError, profile_shapes
 from dff.export.manifest import load_manifest, sha256_file
 from dff.plugins import trt_plugin
 
+from dff.commands import build as build_cli
 from dff.errors import DffError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,9 +190,10 @@ def exported(tmp_path_factory):
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     from conftest import tiny_config
-    from dff.export import cli as export_cli
     from dff.models.checkpoint import save_checkpoint
     from dff.models.dff import DFF
+
+    from dff.commands import export as export_cli
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("engines")
@@ -310,7 +311,7 @@ def test_prune_drops_entries_whose_engine_is_missing_or_changed(tmp_path, export
 
 @needs_no_trt
 def test_dff_build_without_tensorrt_exits_1_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dff.engines.cli", str(tmp_path), "--fp32"],
+    proc = subprocess.run([sys.executable, "-m", "dff.commands.build", str(tmp_path), "--fp32"],
                           check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stdout == ""
@@ -333,7 +334,7 @@ def test_empty_tensorrt_namespace_package_is_not_mistaken_for_tensorrt(tmp_path,
 
 
 def test_engines_package_imports_without_tensorrt_or_torch():
-    code = ("import sys, dff.engines.builder, dff.engines.cli, dff.engines; "
+    code = ("import sys, dff.engines.builder, dff.commands.build, dff.engines; "
             "bad = {'tensorrt', 'torch'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

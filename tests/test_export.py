@@ -16,12 +16,13 @@ import onnx
 import pytest
 import torch
 from conftest import tiny_config
-from dff.export import cli, exporter, graphs, parity
+from dff.export import exporter, graphs, parity
 from dff.export.manifest import FORMAT, ManifestError, load_manifest, sha256_file
 from dff.export.profile import Profile, ProfileError, default_profile, parse_shape
 from dff.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from dff.models.dff import DFF
 
+from dff.commands import export as cli
 from dff.errors import DffError
 
 pytest.importorskip("onnxruntime")

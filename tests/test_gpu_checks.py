@@ -58,7 +58,7 @@ def of_task(steps, suffix):
 def test_plan_exports_once_into_the_folder_every_profile_step_uses(steps, tmp_path, task,
                                                                     folder, suffix):
     names = [s.name for s in steps]
-    exports = [s for s in of_task(steps, suffix) if "dff.export.cli" in s.command]
+    exports = [s for s in of_task(steps, suffix) if "dff.commands.export" in s.command]
     assert len(exports) == 1 and exports[0].name == f"export{suffix}"
     assert arg(exports[0], "-o") == str(tmp_path / folder)
     assert arg(exports[0], "--demo") == task
@@ -82,7 +82,7 @@ def test_plan_builds_each_tensorrt_precision_before_profiling_it(steps, tmp_path
     for s in trt:
         precision = arg(s, "--precision")
         build = steps[names.index(f"build-{precision}{suffix}")]
-        assert arg(build, "dff.engines.cli") == str(tmp_path / folder)
+        assert arg(build, "dff.commands.build") == str(tmp_path / folder)
         assert f"--{precision}" in build.command
         assert build.name in s.after and names.index(build.name) < names.index(s.name)
         assert "tensorrt" in s.needs and "tensorrt" in build.needs

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from dff.export import cli
 from dff.export.exporter import export_dff_modules, export_modules
 from dff.export.graphs import ExportError
 from dff.export.modules import DFFModules, ModuleError, check_modules, load_factory
 from torch import nn
+
+from dff.commands import export as cli
 
 NAMES = ("background", "thing")
 SIZE = (64, 96)

@@ -22,7 +22,8 @@ from dff.data.motion import (
 from dff.data.synthetic import EVAL_SEEDS, make_clip, train_seeds
 from dff.models.config import PRESETS
 from dff.models.dff import DFF
-from dff.models.quality import QualityHead, outside_distance, relative_error
+from dff.models.flownet import QualityHead, outside_distance
+from dff.models.quality import relative_error
 from dff.runtime.scheduler import KeyBudget, Learned, make_scheduler
 
 from dff.errors import DffError

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from dff.engines import cli as build_cli
 from dff.engines import quantize
 from dff.engines.builder import tensorrt_available
 from dff.engines.compat import select_engines
@@ -18,6 +17,8 @@ from dff.runtime.backends import BackendError
 from dff.runtime.loaders import open_backend
 from dff.runtime.ort_backend import OrtBackend
 from dff.runtime.video import write_synthetic_clip
+
+from dff.commands import build as build_cli
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2", reason="video I/O needs opencv-python-headless")
@@ -293,7 +294,7 @@ def test_dff_run_precision_int8_runs_the_int8_graph_and_says_so(calibrated, clip
 @pytest.mark.parametrize("calibrate", [True, False])
 def test_dff_export_int8_calibrates_after_exporting_and_says_what_it_wrote(
         tiny_export, clip, tmp_path, capsys, calibrate):
-    from dff.export import cli as export_cli
+    from dff.commands import export as export_cli
 
     out = tmp_path / "engines"
     calib = ["--calib-video", str(clip[0]), "--calib-frames", "4"] if calibrate else []

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from dff.data.synthetic import make_clip
 from dff.runtime.scheduler import make_scheduler
-from dff.serve.scaleout import STREAM_HEADER, ScaleoutError, header_variable, main, nginx_config
+from dff.serve.scaleout import STREAM_HEADER, ScaleoutError, header_variable, nginx_config
 from dff.serve.server import free_port
 from triton_fixture import K, grpc_client_module, pid_alive, start_server
+
+from dff.commands.scaleout import main
 
 STREAMS, FRAMES, H, W = 16, 4, 64, 96  # 16 streams: all on one of two servers with p = 2^-15
 NO_NGINX = "nginx not installed (apt-get install nginx)"

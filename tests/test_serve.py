@@ -112,7 +112,7 @@ def test_tensorrt_repository_takes_one_engine_set_of_the_manifest(engines, tmp_p
 
 def test_inline_repository_is_the_dff_model_alone_with_the_graphs_beside_it(engines, tmp_path,
                                                                              capsys):
-    from dff.serve.cli import main
+    from dff.commands.serve import main
 
     repo = tmp_path / "repo"
     (repo / "feature").mkdir(parents=True)  # a stage model's folder is not in its way
@@ -156,7 +156,7 @@ def test_an_existing_model_is_replaced_only_with_force(engines, tmp_path):
 
 
 def test_repo_command_writes_and_refuses_in_one_line(engines, tmp_path, capsys):
-    from dff.serve.cli import main
+    from dff.commands.serve import main
 
     assert main(["repo", str(engines), str(tmp_path / "repo"), "-k", "5"]) == 0
     assert "wrote feature, flow, task, dff (python stages, batch 2" in capsys.readouterr().out
@@ -382,7 +382,7 @@ def test_start_command_serves_until_sigterm(triton_repo):
         find_server()
     except ServerUnavailable as e:
         unavailable(str(e))
-    proc = subprocess.Popen([sys.executable, "-m", "dff.serve.cli", "start", str(triton_repo)],
+    proc = subprocess.Popen([sys.executable, "-m", "dff.commands.serve", "start", str(triton_repo)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()

@@ -1,4 +1,4 @@
-"""runtime/streams.py: many streams batched through one backend. Every stream's results equal a
+"""runtime/loop.py StreamPipeline: many streams batched through one backend. Every stream's results equal a
 single-stream Pipeline run of its video frame by frame (segmentation labels; detection boxes,
 scores, classes, num), fixed and adaptive, on ONNX Runtime CPU and torch CPU, with streams of
 different lengths, contents and frame sizes and a batch limit below the number of streams;

@@ -245,7 +245,7 @@ def test_ignore_flags_follow_the_rule_on_the_eval_split():
             for i, p, v, ign in zip(ids, clip.box_pixels[t], clip.box_visible[t],
                                     clip.box_ignore[t]):
                 assert p == (clip.instances[t] == i).sum()
-                whole = synthetic._silhouette_pixels(clip._shapes[i - 1], clip._poses[t, i])
+                whole = synthetic._silhouette_pixels(clip.shapes[i - 1], clip.poses[t, i])
                 assert v == pytest.approx(p / whole) and 0 < v <= 1
                 assert ign == (p < IGNORE_MIN_PIXELS or v < IGNORE_MIN_VISIBLE)
                 seen += [not ign, p < IGNORE_MIN_PIXELS, v < IGNORE_MIN_VISIBLE]

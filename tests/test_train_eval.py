@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from dff.models import evaluate, train
+from dff.models import evaluate as evaluation
+from dff.models import train as training
 from dff.models.checkpoint import load_checkpoint, save_checkpoint
 from dff.models.dff import DFF
+
+from dff.commands import evaluate, train
 
 TINY = ["--config", "tiny", "--clips", "2", "--frames", "6", "--batch", "2", "--height", "64", "--width", "96",
         "--iters-flow", "3", "--iters-seg", "3", "--iters-dff", "3", "--save-every", "2",
@@ -30,7 +33,7 @@ def test_train_writes_a_loadable_checkpoint_and_half_copy(tmp_path):
 
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     assert train.main(TINY + ["--out", str(tmp_path / "a")]) == 0
-    real_step, calls = train.train_step, {"n": 0}
+    real_step, calls = training.train_step, {"n": 0}
 
     def crash_on_fifth(*a, **kw):  # dies in stage 2, after the save at iteration 2 of stage 1
         calls["n"] += 1
@@ -38,12 +41,12 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_step(*a, **kw)
 
-    monkeypatch.setattr(train, "train_step", crash_on_fifth)
+    monkeypatch.setattr(training, "train_step", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
         train.main(TINY + ["--out", str(tmp_path / "b")])
     state = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     assert (state["stage"], state["iteration"]) == (1, 0)  # stage 1 done, stage 2 not begun
-    monkeypatch.setattr(train, "train_step", real_step)
+    monkeypatch.setattr(training, "train_step", real_step)
     assert train.main(TINY + ["--out", str(tmp_path / "b"), "--resume"]) == 0
     a = load_checkpoint(tmp_path / "a" / "model.pth").state_dict()
     b = load_checkpoint(tmp_path / "b" / "model.pth").state_dict()
@@ -90,7 +93,7 @@ def test_miou_counts_only_present_classes():
     import numpy as np
 
     conf = np.array([[5, 1, 0], [1, 3, 0], [0, 0, 0]])
-    assert evaluate.miou(conf) == pytest.approx((5 / 7 + 3 / 5) / 2)
+    assert evaluation.miou(conf) == pytest.approx((5 / 7 + 3 / 5) / 2)
 
 
 DET = TINY + ["--task", "detection", "--iters-det", "3"]
@@ -125,7 +128,7 @@ def test_head_rfcn_without_task_detection_is_refused(tmp_path, capsys):
 
 
 def test_max_key_offset_sets_how_far_back_the_key_frames_are_drawn():
-    data = train.TrainData(2, 30, (64, 96), seed=0, num_classes=5, progress=False)
+    data = training.TrainData(2, 30, (64, 96), seed=0, num_classes=5, progress=False)
 
     def offsets(max_offset):
         rng = np.random.default_rng(0)
@@ -133,7 +136,7 @@ def test_max_key_offset_sets_how_far_back_the_key_frames_are_drawn():
         return {t - k for _, t, k in pairs if t >= max_offset}  # not clamped at the start
 
     assert offsets(0) == {0}
-    assert offsets(train.MAX_KEY_OFFSET) == set(range(train.MAX_KEY_OFFSET + 1))
+    assert offsets(training.MAX_KEY_OFFSET) == set(range(training.MAX_KEY_OFFSET + 1))
     assert offsets(19) == set(range(20))
 
 
@@ -176,7 +179,7 @@ def test_init_head_fine_tunes_a_trained_model_end_to_end(tmp_path, capsys):
     for k, v in b.state_dict().items():
         torch.testing.assert_close(v, a[k], msg=k)
     meta = torch.load(tmp_path / "b" / "model.pth", weights_only=True)["meta"]
-    assert meta["init_head"] is True and meta["max_key_offset"] == train.MAX_KEY_OFFSET
+    assert meta["init_head"] is True and meta["max_key_offset"] == training.MAX_KEY_OFFSET
     # end-to-end steps from there: only stage 3 runs
     assert train.main(DET + zero + ["--out", str(tmp_path / "c"), "--init", str(det),
                                     "--init-head"]) == 0
@@ -253,7 +256,7 @@ def test_eval_demo_detection_takes_the_shipped_detection_model(monkeypatch, caps
 
 
 def test_flipped_training_frames_get_mirrored_boxes_and_detection_classes():
-    data = train.TrainData(1, 4, (64, 96), seed=0, num_classes=5, progress=False)
+    data = training.TrainData(1, 4, (64, 96), seed=0, num_classes=5, progress=False)
     clip = data.clips[0]
     pairs = [(0, t, t) for t in range(4) if len(clip.boxes[t])]
     assert pairs

@@ -13,12 +13,30 @@ from pathlib import Path
 from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
 from dff.errors import DffError
 from dff.export.manifest import load_manifest
+from dff.export.profile import Shape, parse_shape
 from dff.runtime.backends import ALIASES, KINDS, PRECISIONS, Backend
 from dff.runtime.loaders import open_backend, pick_auto
+from dff.runtime.video import parse_size
 from dff.tasks import SEGMENTATION
 
 BACKENDS = ("auto", *ALIASES, *KINDS)
 Log = Callable[[str], None]
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """argparse `type=` for --resize HxW (a bad string exits 2)."""
+    try:
+        return parse_size(text)
+    except DffError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def shape_arg(text: str) -> Shape:
+    """argparse `type=` for NxHxW shapes (--min-shape, --shape; a bad string exits 2)."""
+    try:
+        return parse_shape(text)
+    except DffError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

@@ -24,9 +24,10 @@ from dff.commands.common import (
     guarded,
     int_at_least,
     resolve_engines,
+    shape_arg,
 )
 from dff.errors import DffError
-from dff.export.profile import format_shape, shape_arg
+from dff.export.profile import format_shape
 from dff.runtime.backends import task_spec
 from dff.runtime.profile import STAGES, profile_end_to_end, profile_stages, profile_streams
 from dff.runtime.video import check_size
@@ -35,7 +36,7 @@ from dff.runtime.writers import write_summary
 CPU_NA = "n/a (CPU backend)"
 
 EPILOG = """\
-speedup model (DESIGN.md §4): with r = (flow + task) / (feature + task), from the stage
+speedup model (DESIGN.md §5): with r = (flow + task) / (feature + task), from the stage
 medians, DFF at key interval K runs K / (1 + (K-1) r) times faster than per-frame inference.
 runtime efficiency (§5) = sum of stage medians x frames that ran them / wall time.
 

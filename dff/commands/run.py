@@ -33,6 +33,7 @@ from dff.commands.common import (
     int_at_least,
     resolve_engines,
     schedule_label,
+    size_arg,
 )
 from dff.commands.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.errors import DffError
@@ -47,7 +48,6 @@ from dff.runtime.video import (
     check_size,
     fit_frame,
     open_video,
-    parse_size,
 )
 from dff.runtime.writers import ResultWriter, write_summary
 from dff.tasks import DETECTION, SEGMENTATION
@@ -109,13 +109,6 @@ others to the flow graph as one batch, all to the task graph as one batch (in ch
 
 
 # --- arguments ------------------------------------------------------------------------------
-
-def size_arg(text: str) -> tuple[int, int]:
-    try:
-        return parse_size(text)
-    except VideoError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def fraction(text: str) -> float:
     try:

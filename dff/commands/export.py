@@ -8,10 +8,10 @@ import sys
 import traceback
 from typing import Any
 
-from dff.engines.cli import add_build_args, check_build_args
-from dff.export.profile import shape_arg
-
+from dff.commands.build import add_build_args, build_after_export, check_build_args
+from dff.commands.common import shape_arg
 from dff.errors import DffError
+from dff.export.profile import format_shape
 from dff.tasks import DEMOS, SEGMENTATION
 
 EPILOG = """\
@@ -126,14 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dff-export: {e}", file=sys.stderr)
         return 1
     m = result.manifest
-    print(f"\nwrote {result.directory}/ (profile min {_fmt(m['profile']['min'])}, "
-          f"opt {_fmt(m['profile']['opt'])}, max {_fmt(m['profile']['max'])}):")
+    print(f"\nwrote {result.directory}/ (profile min {format_shape(m['profile']['min'])}, "
+          f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}):")
     for name, path in result.files.items():
         print(f"  {name:<14} {human_size(path):>10}")
     print(parity_summary(result.rows))
     if args.build or args.precision or args.workspace is not None:
-        from dff.engines.cli import build_after_export
-
         return build_after_export(result.directory, args)
     return 0
 
@@ -169,10 +167,6 @@ def parity_summary(rows: list) -> str:
     return (f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
             f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
             f"{'; '.join(shares)})")
-
-
-def _fmt(shape: list[int]) -> str:
-    return "x".join(map(str, shape))
 
 
 if __name__ == "__main__":

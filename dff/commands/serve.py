@@ -1,4 +1,4 @@
-"""dff-serve: serve DFF on Triton Inference Server (DESIGN.md §7).
+"""dff-serve: serve DFF on Triton Inference Server (DESIGN.md §9).
 
     dff-serve repo ENGINE_DIR REPO_DIR [--stages python|onnxruntime|tensorrt|inline]
     dff-serve start REPO_DIR [--http-port P] [--grpc-port P]
@@ -11,12 +11,10 @@ import signal
 import sys
 import time
 
-from dff.runtime.scheduler import SCHEDULES
-
 from dff.commands.common import budget_arg, guarded, int_at_least
-
-from .repository import IDLE_S, STAGES, write_repository
-from .server import ServerError, TritonServer, log_tail
+from dff.runtime.scheduler import SCHEDULES
+from dff.serve.repository import IDLE_S, STAGES, write_repository
+from dff.serve.server import ServerError, TritonServer, log_tail
 
 
 def build_parser() -> argparse.ArgumentParser:

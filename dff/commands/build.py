@@ -10,12 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dff.commands.common import size_arg
+from dff.engines.compat import GRAPHS
+from dff.engines.naming import PRECISIONS
+from dff.engines.quantize import DEFAULT_FRAMES
 from dff.errors import DffError
-
-from .naming import PRECISIONS
-from .quantize import DEFAULT_FRAMES
-
-GRAPHS = ("feature", "flow", "task")
+from dff.export.profile import format_shape
 
 EPILOG = """\
 engines (beside the ONNX graphs, named for the GPU and TensorRT version that built them):
@@ -68,15 +68,6 @@ def _positive(what: str, example: str = "32") -> Callable[[str], int]:
     return parse
 
 
-def _size_arg(text: str) -> tuple[int, int]:
-    from dff.runtime.video import parse_size
-
-    try:
-        return parse_size(text)
-    except DffError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_build_args(p: argparse.ArgumentParser | Any) -> None:
     """--fp16/--fp32/--int8, --workspace and int8 calibration's --calib-video, --calib-frames,
     --resize, on `p` (a parser or an argument group): shared by dff-build and dff-export."""
@@ -98,7 +89,7 @@ def add_build_args(p: argparse.ArgumentParser | Any) -> None:
     p.add_argument("--calib-frames", type=_positive("number of frames"), default=DEFAULT_FRAMES,
                    metavar="N", help=f"--int8: frames to calibrate on, spread over the video "
                                      f"(default: {DEFAULT_FRAMES})")
-    p.add_argument("--resize", type=_size_arg, metavar="HxW",
+    p.add_argument("--resize", type=size_arg, metavar="HxW",
                    help="--int8: resize calibration frames as dff-run --resize would "
                         "(default: the video's size, which must fit the manifest's profile)")
     p.add_argument("--reduce-range", action="store_true",
@@ -148,7 +139,7 @@ def _inspect_summary(report: dict[str, Any]) -> str:
     for t in report["tensors"]:
         extra = ""
         if "profile" in t:
-            extra = "  profile " + " / ".join("x".join(map(str, t["profile"][k]))
+            extra = "  profile " + " / ".join(format_shape(t["profile"][k])
                                                for k in ("min", "opt", "max"))
         lines.append(f"  {t['mode'].lower():<6} {t['name']:<10} {t['dtype']:<6} "
                      f"{t['shape']}{extra}")
@@ -162,7 +153,7 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
               resize: tuple[int, int] | None = None, reduce_range: bool = False) -> int:
     """Calibrate (with `calib_video`), build and print the summary; 1 with one line on stderr
     for a DffError (TensorRT missing included: a calibrated graph is kept)."""
-    from . import builder, quantize
+    from dff.engines import builder, quantize
 
     log = None if as_json else (lambda line: print(line, flush=True))
     try:
@@ -185,8 +176,8 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
     """dff-export's --build (add_build_args' options in `args`): engines now when TensorRT is
     installed, else one line and 0 (the ONNX graphs, and with --int8 --calib-video the
     calibrated graph, are written either way)."""
-    from . import quantize
-    from .builder import tensorrt_available
+    from dff.engines import quantize
+    from dff.engines.builder import tensorrt_available
 
     precision = args.precision or PRECISIONS[0]
     if not tensorrt_available():
@@ -221,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.inspect and not args.directory:
         parser.error("ENGINES_DIR is required (dff-export's output folder, e.g. engines/)")
     if args.inspect:
-        from . import builder
+        from dff.engines import builder
 
         try:
             report = builder.inspect_engine(args.inspect)

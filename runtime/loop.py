@@ -146,7 +146,7 @@ class Loop:
         self.backend, self.schedulers = backend, list(schedulers)
         self.max_batch = max_batch if max_batch is not None else limit
         self.queue_size = queue_size
-        self._reset([None] * len(self.schedulers))
+        self._reset([f"stream {i}" for i in range(len(self.schedulers))])
 
     def _reset(self, names: Sequence[str | None]) -> None:
         self._inputs = [_Input(StreamState(s, name, i), self.queue_size)
@@ -165,7 +165,10 @@ class Loop:
         every schedule and the statistics; an exception of a decoder is re-raised here."""
         if len(videos) != len(self.schedulers):
             raise ValueError(f"{len(videos)} videos for {len(self.schedulers)} schedulers")
-        self._reset(list(names) if names is not None else [None] * len(videos))
+        if names is None:  # one stream of a Pipeline needs no name in its errors
+            unnamed = len(videos) == 1 and not self.batched
+            names = [None if unnamed else f"stream {i}" for i in range(len(videos))]
+        self._reset(list(names))
         stop = threading.Event()
         for i, frames in zip(self._inputs, videos):
             i.state.scheduler.reset()

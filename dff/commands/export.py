@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import Any
 
 from dff.commands.build import add_build_args, build_after_export, check_build_args
-from dff.commands.common import shape_arg
-from dff.errors import DffError
+from dff.commands.common import guarded, shape_arg
 from dff.export.profile import format_shape
 from dff.tasks import DEMOS, SEGMENTATION
 
@@ -102,29 +100,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tolerance > 0:
         parser.error(f"--tolerance must be positive, got {args.tolerance}")
     check_build_args(parser, args)
-    try:
-        # imported here so that --help and argument errors come back without loading torch
-        from dff.export.exporter import export_model, human_size
+    return guarded("dff-export", args.verbose, lambda: _export(args, module_args))
 
-        options: dict[str, Any] = {
-            "min_shape": args.min_shape, "opt_shape": args.opt_shape,
-            "max_shape": args.max_shape, "simplify": args.simplify, "probs": args.probs,
-            "tolerance": args.tolerance, "verbose": args.verbose,
-            "log": lambda line: print(line, flush=True)}
-        if args.module:
-            from dff.export.exporter import export_dff_modules
-            from dff.export.modules import load_factory
 
-            mods = load_factory(args.module, module_args)
-            result = export_dff_modules(mods, args.output, **options)
-        else:
-            result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
-                                  **options)
-    except DffError as e:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"dff-export: {e}", file=sys.stderr)
-        return 1
+def _export(args: argparse.Namespace, module_args: dict) -> int:
+    # imported here so that --help and argument errors come back without loading torch
+    from dff.export.exporter import export_model, human_size
+
+    options: dict[str, Any] = {
+        "min_shape": args.min_shape, "opt_shape": args.opt_shape,
+        "max_shape": args.max_shape, "simplify": args.simplify, "probs": args.probs,
+        "tolerance": args.tolerance, "verbose": args.verbose,
+        "log": lambda line: print(line, flush=True)}
+    if args.module:
+        from dff.export.exporter import export_dff_modules
+        from dff.export.modules import load_factory
+
+        result = export_dff_modules(load_factory(args.module, module_args), args.output,
+                                    **options)
+    else:
+        result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
+                              **options)
     m = result.manifest
     print(f"\nwrote {result.directory}/ (profile min {format_shape(m['profile']['min'])}, "
           f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}):")

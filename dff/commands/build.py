@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dff.commands.common import guarded, size_arg
+from dff.commands.common import size_arg
 from dff.engines.compat import GRAPHS
 from dff.engines.naming import PRECISIONS
 from dff.engines.quantize import DEFAULT_FRAMES
+from dff.errors import DffError
 from dff.export.profile import format_shape
 
 EPILOG = """\
@@ -154,17 +156,20 @@ def run_build(directory: str | Path, precision: str = PRECISIONS[0],
     from dff.engines import builder, quantize
 
     log = None if as_json else (lambda line: print(line, flush=True))
-
-    def body() -> int:
+    try:
         if calib_video is not None:
             quantize.quantize_feature(directory, calib_video, frames=calib_frames,
                                       resize=resize, reduce_range=reduce_range, log=log)
         result = builder.build_engines(
             directory, precision=precision, workspace_mib=workspace_mib, graphs=graphs,
             verbose=verbose, log=log)
-        print(json.dumps(result.engines, indent=2) if as_json else _summary(result))
-        return 0
-    return guarded(prog, verbose, body)
+    except DffError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.engines, indent=2) if as_json else _summary(result))
+    return 0
 
 
 def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
@@ -178,12 +183,14 @@ def build_after_export(directory: str | Path, args: argparse.Namespace) -> int:
     if not tensorrt_available():
         wrote = "the ONNX graphs"
         if precision == "int8" and args.calib_video is not None:
-            def calibrate() -> int:
+            try:
                 quantize.quantize_feature(directory, args.calib_video, frames=args.calib_frames,
                                           resize=args.resize, reduce_range=args.reduce_range,
                                           log=lambda line: print(line, flush=True))
-                return 0
-            if guarded("dff-export", args.verbose, calibrate):
+            except DffError as e:
+                if args.verbose:
+                    traceback.print_exc()
+                print(f"dff-export: {e}", file=sys.stderr)
                 return 1
             wrote += " and feature.int8.onnx"
         elif precision == "int8":  # the new export has no calibrated graph yet
@@ -207,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.inspect:
         from dff.engines import builder
 
-        def inspect() -> int:
+        try:
             report = builder.inspect_engine(args.inspect)
-            print(json.dumps(report, indent=2) if args.json else _inspect_summary(report))
-            return 0
-        return guarded("dff-build", args.verbose, inspect)
+        except DffError as e:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"dff-build: {e}", file=sys.stderr)
+            return 1
+        print(json.dumps(report, indent=2) if args.json else _inspect_summary(report))
+        return 0
     check_build_args(parser, args)
     return run_build(args.directory, args.precision or PRECISIONS[0], args.workspace,
                      args.graphs, args.verbose, args.json, calib_video=args.calib_video,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from dff.commands.common import guarded
+from dff.errors import DffError
 from dff.models.checkpoint import WEIGHTS_DTYPES, save_checkpoint
 from dff.models.config import PRESETS, DFFConfig
 from dff.models.train import MAX_KEY_OFFSET, train
@@ -136,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.frames - 1}): the key frame is in the same training clip",
               file=sys.stderr)
         return 2
-
-    def body() -> int:
+    try:
         run(args, argv)
-        return 0
-    return guarded("dff-train", args.verbose, body)
+    except DffError as e:
+        if args.verbose:
+            raise
+        print(f"dff-train: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dff.runtime.remote import SEQUENCE_GONE
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.step import Frame, Step, StreamState, check_frame, check_same_size
 from dff.serve.bls_backend import StageBackend
-from dff.serve.triton_tensors import tensor
+from dff.serve.triton_tensors import array, tensor
 
 from dff.errors import DffError
 
@@ -117,7 +117,7 @@ class TritonPythonModel:
     def _parse(self, index: int, request) -> _Request:
         corrid = request.correlation_id()
         start, end = (bool(self._flag(request, n)) for n in ("START", "END"))
-        image = np.from_dlpack(pb_utils.get_input_tensor_by_name(request, "image"))
+        image = array(pb_utils.get_input_tensor_by_name(request, "image"))
         try:
             if image.ndim != 4 or image.shape[0] != 1 or image.shape[3] != 3:
                 raise FrameError(f"image {list(image.shape)}, expected one frame [1,H,W,3] "
@@ -147,7 +147,7 @@ class TritonPythonModel:
     @staticmethod
     def _flag(request, name: str) -> int:
         given = pb_utils.get_input_tensor_by_name(request, name)
-        return int(np.from_dlpack(given).reshape(-1)[0]) if given is not None else 0
+        return int(array(given).reshape(-1)[0]) if given is not None else 0
 
     def _run(self, reqs: list[_Request], responses: list, now: float) -> None:
         """One step of equal-size frames, of different sequences; each gets its response."""

@@ -452,8 +452,8 @@ def _run_local(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
         check_quality(backend, schedulers, args.checkpoint or str(engine_dir))
         runtime = (StreamPipeline(backend, schedulers, max_batch=args.max_batch) if streams
                    else Pipeline(backend, schedulers[0]))
-        bar = _progress(videos, args.max_frames, args.quiet)
         writers = _writers(videos, sizes, paths, manifest["class_names"], args, kind)
+        bar = _progress(videos, args.max_frames, args.quiet)
         try:
             sinks = [_sink(w, bar, [0]) for w in writers]
             frames = [_frames(v, s, args.max_frames) for v, s in zip(videos, sizes)]
@@ -531,9 +531,9 @@ def run_remote(args: argparse.Namespace) -> int:
             size = args.resize or video.size
             check_size(*size, model.profile["min"], model.profile["max"], model.stride,
                        what="--resize" if args.resize else str(video.path))
-            bar = _progress([video], args.max_frames, args.quiet)
             writer = _writers([video], [size], [(out_video, out_json)], model.class_names,
                               args, model.kind)[0]
+            bar = _progress([video], args.max_frames, args.quiet)
             try:
                 summary = stream_frames(stream, _frames(video, size, args.max_frames),
                                         _sink(writer, bar, [0]))

@@ -73,8 +73,7 @@ def compare(engine_dir: str, intervals: list[int], clips: int, frames: int, thre
                 records = pipeline_records(backend, clip.frames, interval, names,
                                            out_dir / f"k{interval}_{seed}.jsonl")
                 found["onnxruntime"] += zip(gts, (read_detections(r) for r in records))
-                images = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
-                found["pytorch"] += zip(gts, detect_clip(model, images, interval, False)[0])
+                found["pytorch"] += zip(gts, detect_clip(model, clip.frames, interval, False)[0])
             aps = {name: detection_ap(pairs, names, k) for name, pairs in found.items()}
             results[str(interval)] = {
                 **{name: {m: ap[m] for m in ("map50", "map", "detections")}

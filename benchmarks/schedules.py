@@ -81,15 +81,14 @@ def run_row(backend, clips, name: str, budget: float, threshold: float | None, p
         check_quality(backend, schedulers, "the engine folder")
         runtime = StreamPipeline(backend, schedulers, max_batch=max_batch)
         for i, result in runtime.run([iter(m.clip.frames) for m in clips]):
-            outs[i].append(result.outputs if model.config.task == DETECTION else result.labels)
+            outs[i].append(result.outputs)
             keys[i] += result.is_key
     else:
         for i, m in enumerate(clips):
             scheduler = make_scheduler(name, stride=stride, **opts)
             check_quality(backend, [scheduler], "the engine folder")
             for result in Pipeline(backend, scheduler).run(iter(m.clip.frames)):
-                outs[i].append(result.outputs if model.config.task == DETECTION
-                               else result.labels)
+                outs[i].append(result.outputs)
                 keys[i] += result.is_key
     seconds = time.perf_counter() - start
     frames = sum(len(o) for o in outs)

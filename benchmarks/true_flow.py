@@ -26,7 +26,7 @@ import sys
 import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.models.checkpoint import load_checkpoint
-from dff.models.evaluate import cell_flow, detections
+from dff.models.evaluate import cell_flow
 from dff.models.metrics import bootstrap_ap, clip_ground_truth, detection_ap
 from dff.models.warp import flow_warp
 from dff.runtime.writers import write_summary
@@ -37,6 +37,13 @@ from dff.tasks import DETECTION
 
 MODES = ("per_frame", "dff", "copy", "true_flow", "true_flow_scale1")
 AGAINST_COPY = (("dff", "copy"), ("true_flow", "copy"))
+
+
+def detections(model, raw) -> dict:
+    """One frame's {boxes, scores, classes} (the rows in use) from the head's raw outputs."""
+    out = model.outputs(raw)
+    n = int(out["num"][0])
+    return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
 
 
 def run(args: argparse.Namespace) -> int:

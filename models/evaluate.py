@@ -14,8 +14,11 @@ import time
 import numpy as np
 import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
-from dff.models.dff import DFF, fixed_schedule
+from dff.models.dff import DFF
 from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.runtime.scheduler import FixedInterval
+from dff.runtime.step import Frame, Step, StreamState
+from dff.runtime.torch_backend import TorchBackend
 
 from dff.tasks import DETECTION
 
@@ -34,44 +37,54 @@ def miou(conf: np.ndarray) -> float:
     return float((inter[present] / union[present]).mean())
 
 
-def run_mode(model: DFF, frames: torch.Tensor, interval: int | None, copy: bool,
-             post) -> tuple[list, float]:
-    """`post(raw head outputs)` for every frame of a clip, and the seconds spent (post
-    included). ``interval=None`` is per-frame inference (N_task(N_feat(frame)) every frame)."""
-    t = len(frames)
+def run_streams(model: DFF, clips: list[np.ndarray], schedulers: list, *, copy: bool = False,
+                rotate: bool = False) -> tuple[list[list[dict]], list[int], float]:
+    """Each clip (HWC uint8 frames) a stream under its scheduler, through the runtime's one DFF
+    step (runtime/step.py) on the torch backend, a frame at a time: frame t of every clip
+    before frame t + 1 of any (`rotate`: the streams' order turns by one each frame, so none
+    has first claim on a shared key-frame budget). `copy` is the naive baseline (non-key
+    frames take the key frame's features as they are). Per clip its frames' task outputs
+    (step.frame_outputs: labels, or the detections in use), per clip its key frames, and the
+    seconds spent."""
+    learned = any(s.needs_quality for s in schedulers)
+    step = Step(TorchBackend(model, quality=learned), max_batch=1, copy=copy)
+    streams = [StreamState(s, number=i) for i, s in enumerate(schedulers)]
+    outs: list[list[dict]] = [[] for _ in clips]
+    for s in schedulers:
+        s.reset()
     start = time.perf_counter()
-    with torch.no_grad():
-        if interval is None:
-            outs = [post(model.task(model.features(frames[i:i + 1]))) for i in range(t)]
-        else:
-            outs = [post(raw) for raw in model.video((frames[i:i + 1] for i in range(t)),
-                                                     fixed_schedule(t, interval),
-                                                     copy_features=copy)]
-    return outs, time.perf_counter() - start
+    for t in range(max(len(c) for c in clips)):
+        for i in range(len(clips)):
+            k = (i + t) % len(clips) if rotate else i
+            if t < len(clips[k]):
+                frame = Frame(streams[k], t, clips[k][t])
+                step([frame])
+                outs[k].append(frame.outputs())
+    return outs, [s.key_frames for s in streams], time.perf_counter() - start
 
 
-def run_clip(model: DFF, frames: torch.Tensor, labels: np.ndarray, interval: int | None,
+def run_mode(model: DFF, frames: np.ndarray, interval: int | None,
+             copy: bool) -> tuple[list[dict], float]:
+    """Every frame's task outputs of a clip (HWC uint8), and the seconds spent (the decode
+    included). ``interval=None`` is per-frame inference (N_task(N_feat(frame)) every frame)."""
+    outs, _, seconds = run_streams(model, [frames], [FixedInterval(interval or 1)], copy=copy)
+    return outs[0], seconds
+
+
+def run_clip(model: DFF, frames: np.ndarray, labels: np.ndarray, interval: int | None,
              copy: bool, conf: np.ndarray) -> float:
     """Segment one clip; add to ``conf``; return seconds spent in the model."""
-    k = conf.shape[0]
-    outs, elapsed = run_mode(model, frames, interval, copy, lambda logits: logits.argmax(1))
+    outs, elapsed = run_mode(model, frames, interval, copy)
     for i, out in enumerate(outs):
-        conf += confusion(out[0].numpy().astype(np.int64), labels[i], k)
+        conf += confusion(out["labels"].astype(np.int64), labels[i], conf.shape[0])
     return elapsed
 
 
-def detect_clip(model: DFF, frames: torch.Tensor, interval: int | None,
+def detect_clip(model: DFF, frames: np.ndarray, interval: int | None,
                 copy: bool) -> tuple[list[dict], float]:
-    """Detections of one clip, one {boxes, scores, classes} per frame (the rows in use), and
-    the seconds spent in the model and its decoding."""
-    return run_mode(model, frames, interval, copy, lambda raw: detections(model, raw))
-
-
-def detections(model: DFF, raw) -> dict:
-    """One frame's {boxes, scores, classes} (the rows in use) from the head's raw outputs."""
-    out = model.outputs(raw)
-    n = int(out["num"][0])
-    return {k: out[k][0, :n].numpy() for k in ("boxes", "scores", "classes")}
+    """Detections of one clip, one {boxes, scores, classes, num} per frame (the rows in use),
+    and the seconds spent in the model and its decoding."""
+    return run_mode(model, frames, interval, copy)
 
 
 def cell_flow(clip, t: int, key: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,8 +131,7 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
     found: dict = {m: [] for m in modes}  # detection: (ground truth, detections) per frame
     times = {m: 0.0 for m in modes}
     epe_sum, epe_n, nframes = 0.0, 0, 0
-    warm = torch.from_numpy(make_clip(seeds[0], 2, h, w).frames).permute(0, 3, 1, 2).float()
-    run_mode(model, warm, 2, False, model.outputs if detect else (lambda x: x))  # untimed: the
+    run_mode(model, make_clip(seeds[0], 2, h, w).frames, 2, False)  # untimed: the
     # first call pays one-time costs (allocator, kernel choice) that would land on per-frame
     for seed in tqdm(seeds, desc="evaluate", disable=not progress):
         clip = make_clip(seed, num_frames, h, w)
@@ -127,11 +139,12 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
         nframes += len(frames)
         for mode in modes:
             if detect:
-                dets, seconds = detect_clip(model, frames, mode[1], mode[2])
+                dets, seconds = detect_clip(model, clip.frames, mode[1], mode[2])
                 found[mode] += zip(clip_ground_truth(clip), dets)
                 times[mode] += seconds
             else:
-                times[mode] += run_clip(model, frames, clip.labels, mode[1], mode[2], confs[mode])
+                times[mode] += run_clip(model, clip.frames, clip.labels, mode[1], mode[2],
+                                        confs[mode])
         s, n = flow_epe(model, clip, frames)
         epe_sum, epe_n = epe_sum + s, epe_n + n
 

@@ -11,15 +11,11 @@ really used. PyTorch on the CPU; fps counts the model (the schedules' tests incl
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import torch
 from dff.data.motion import CATEGORIES, MotionClip, motion_split
-from dff.models.dff import DFF, fixed_schedule
-from dff.models.evaluate import confusion, detections, miou, run_mode
+from dff.models.dff import DFF
+from dff.models.evaluate import confusion, miou, run_streams
 from dff.models.metrics import clip_ground_truth, detection_ap
-from dff.models.warp import flow_warp
 from dff.runtime.scheduler import LEARNED_THRESHOLD, Adaptive, KeyBudget, Learned, make_scheduler
 
 from dff.tasks import DETECTION
@@ -32,74 +28,17 @@ GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
         "learned": (0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)}
 
 
-class _Scheduled:
-    """One clip under a scheduler, a frame a `step`: decide, then flow and accept for a
-    non-key frame (redone as a key frame when refused), task; `post(raw head outputs)` of
-    every frame in `outs`, the key frames used in `keys`."""
-
-    def __init__(self, model: DFF, clip, scheduler, post):
-        self.model, self.clip, self.scheduler, self.post = model, clip, scheduler, post
-        self.frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
-        self.learned = getattr(scheduler, "needs_quality", False)
-        scheduler.reset()
-        self.outs: list = []
-        self.keys = 0
-        self.key_feat = self.key_image = None
-
-    @torch.no_grad()
-    def step(self, t: int) -> None:
-        model, image = self.model, self.frames[t:t + 1]
-        key = self.scheduler.decide(t, self.clip.frames[t]) or self.key_feat is None
-        if not key:
-            if self.learned:
-                flow, scale, quality = model.flow_quality(image, self.key_image)
-                q = quality.numpy()
-            else:
-                flow, scale = model.flow(image, self.key_image)
-                q = None
-            if self.scheduler.needs_flow and not self.scheduler.accept(flow.numpy(), q):
-                key = True
-            else:
-                feat = flow_warp(self.key_feat, flow, scale)
-        if key:
-            self.key_feat = feat = model.features(image)
-            self.key_image = image
-            self.keys += 1
-        self.outs.append(self.post(model.task(feat)))
+def run_fixed(model: DFF, clip, interval: int | None, copy: bool) -> tuple[list, int, float]:
+    """Per-frame (interval None), DFF or the copy baseline at a fixed interval: each frame's
+    task outputs, the key frames used, and the seconds spent."""
+    return run_schedule(model, clip, make_scheduler("fixed", interval or 1), copy)
 
 
-def run_schedule(model: DFF, clip, scheduler, post) -> tuple[list, int, float]:
-    """`post(raw head outputs)` for each frame of `clip` under `scheduler`, the key frames
-    used, and the seconds spent."""
-    run = _Scheduled(model, clip, scheduler, post)
-    start = time.perf_counter()
-    for t in range(len(run.frames)):
-        run.step(t)
-    return run.outs, run.keys, time.perf_counter() - start
-
-
-def run_pooled(model: DFF, clips: list, schedulers: list, post) -> tuple[list, float]:
-    """The clips as concurrent streams, frame t of each before frame t + 1 of any (their
-    schedulers sharing one KeyBudget, as a server's streams would), the streams taken in an
-    order that turns by one each frame so none has first claim on the bank; per clip
-    (outs, keys), and the seconds spent in all."""
-    runs = [_Scheduled(model, c, s, post) for c, s in zip(clips, schedulers)]
-    start = time.perf_counter()
-    for t in range(max(len(r.frames) for r in runs)):
-        for i in range(len(runs)):
-            run = runs[(i + t) % len(runs)]
-            if t < len(run.frames):
-                run.step(t)
-    return [(r.outs, r.keys) for r in runs], time.perf_counter() - start
-
-
-def run_fixed(model: DFF, clip, interval: int | None, copy: bool, post) -> tuple[list, int, float]:
-    """Per-frame (interval None), DFF or the copy baseline at a fixed interval: dff-eval's
-    run_mode, with the key frames it used."""
-    frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
-    outs, seconds = run_mode(model, frames, interval, copy, post)
-    keys = len(frames) if interval is None else sum(fixed_schedule(len(frames), interval))
-    return outs, keys, seconds
+def run_schedule(model: DFF, clip, scheduler, copy: bool = False) -> tuple[list, int, float]:
+    """Each frame's task outputs of `clip` under `scheduler`, the key frames used, and the
+    seconds spent."""
+    outs, keys, seconds = run_streams(model, [clip.frames], [scheduler], copy=copy)
+    return outs[0], keys[0], seconds
 
 
 class Tally:
@@ -117,8 +56,9 @@ class Tally:
         if self.detect:
             self.found += zip(clip_ground_truth(clip), outs)
         else:
-            for i, pred in enumerate(outs):
-                self.conf += confusion(pred, clip.labels[i], self.conf.shape[0])
+            for i, out in enumerate(outs):
+                self.conf += confusion(out["labels"].astype(np.int64), clip.labels[i],
+                                       self.conf.shape[0])
         self.keys += keys
         self.frames += len(outs)
         self.seconds += seconds
@@ -133,12 +73,6 @@ class Tally:
         return {"miou": round(miou(self.conf), 5), **out}
 
 
-def _post(model: DFF):
-    if model.config.task == DETECTION:
-        return lambda raw: detections(model, raw)
-    return lambda logits: logits.argmax(1)[0].numpy().astype(np.int64)
-
-
 def schedules_for(model: DFF) -> list[str]:
     return ["fixed", "adaptive"] + (["learned"] if model.quality_head is not None else [])
 
@@ -149,25 +83,26 @@ def _scheduler(name: str, budget: KeyBudget, stride: int):
 
 
 def run_all(model: DFF, clips: list[MotionClip], name: str, budget: float,
-            threshold: float | None, pooled: bool, post) -> list[tuple[list, int, float]]:
+            threshold: float | None, pooled: bool) -> list[tuple[list, int, float]]:
     """Per clip (outs, keys, seconds) of schedule `name` at `budget`: a budget per clip, or
-    with `pooled` one for all the clips run as concurrent streams (run_pooled; its seconds
-    are shared out by frames)."""
+    with `pooled` one for all the clips run as concurrent streams (run_streams, their order
+    turning each frame; its seconds are shared out by frames)."""
     stride = model.config.stride
     if name == "fixed":
-        return [run_schedule(model, m.clip, make_scheduler("fixed", round(1 / budget)), post)
+        return [run_schedule(model, m.clip, make_scheduler("fixed", round(1 / budget)))
                 for m in clips]
     if threshold is None:
         threshold = LEARNED_THRESHOLD if name == "learned" else 1.0
     if not pooled:
         return [run_schedule(model, m.clip, _scheduler(name, KeyBudget(budget, threshold),
-                                                       stride), post) for m in clips]
+                                                       stride)) for m in clips]
     shared = KeyBudget(budget, threshold, streams=len(clips))
-    results, seconds = run_pooled(model, [m.clip for m in clips],
-                                  [_scheduler(name, shared, stride) for _ in clips], post)
+    outs, keys, seconds = run_streams(model, [m.clip.frames for m in clips],
+                                      [_scheduler(name, shared, stride) for _ in clips],
+                                      rotate=True)
     frames = sum(len(m.clip.frames) for m in clips)
-    return [(outs, keys, seconds * len(m.clip.frames) / frames)
-            for m, (outs, keys) in zip(clips, results)]
+    return [(o, k, seconds * len(m.clip.frames) / frames)
+            for m, o, k in zip(clips, outs, keys)]
 
 
 def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = None,
@@ -178,13 +113,12 @@ def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = No
 
     h, w = model.config.input_size
     clips = clips if clips is not None else list(motion_split("tuning", height=h, width=w))
-    post, best = _post(model), {}
+    best = {}
     for name in schedules_for(model)[1:]:
         scores = {}
         for threshold in tqdm(GRID[name], desc=f"tune {name}", disable=not progress):
             tally = Tally(model)
-            for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled,
-                                             post)):
+            for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled)):
                 tally.add(m.clip, *res)
             r = tally.result()
             scores[threshold] = r.get("miou", r.get("map50"))
@@ -204,7 +138,6 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
         tuning = list(motion_split("tuning", height=h, width=w))
         thresholds = {"stream": tune(model, budget, tuning, progress=progress),
                       "pooled": tune(model, budget, tuning, pooled=True, progress=progress)}
-    post = _post(model)
     runs = [("per_frame", None, False)] + [("dff", k, False) for k in intervals] \
         + [("copy", k, True) for k in intervals]
     names = schedules_for(model)
@@ -221,10 +154,10 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
     for m in tqdm(split, desc="motion split", disable=not progress):
         flows[m.category].append(m.mean_flow_px)
         for r in runs:
-            add(r, m, run_fixed(model, m.clip, r[1], r[2], post))
+            add(r, m, run_fixed(model, m.clip, r[1], r[2]))
     for mode, n in tqdm(scheduled, desc="schedules", disable=not progress):
         for m, res in zip(split, run_all(model, split, n, budget, thresholds[mode].get(n),
-                                         mode == "pooled", post)):
+                                         mode == "pooled")):
             add((mode, n), m, res)
 
     def table(c: str) -> dict:

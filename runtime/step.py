@@ -177,13 +177,15 @@ class Frame:
 
 class Step:
     """Steps frames through one backend: `step(frames)`. `max_batch`: frames per backend call
-    (None: any). `calls` holds each stage's call times and the frames through them.
+    (None: any). `copy`: the naive baseline, non-key frames take their key frame's features as
+    they are (no flow, no warp). `calls` holds each stage's call times and the frames through
+    them.
     `upload_ahead()`, when given to a step, returns the next step's frames' NCHW arrays, if
     already decoded: a backend whose uploads are asynchronous (`overlaps_uploads`) then
     uploads them before this step's task outputs are waited for, so the H2D overlaps compute."""
 
-    def __init__(self, backend: Backend, max_batch: int | None = None):
-        self.backend, self.max_batch = backend, max_batch
+    def __init__(self, backend: Backend, max_batch: int | None = None, copy: bool = False):
+        self.backend, self.max_batch, self.copy = backend, max_batch, copy
         self.calls = {name: Timings() for name in STAGES}
         self._staged: dict[int, tuple[np.ndarray, Any]] = {}  # id(nchw) -> (nchw, upload)
         self._pending: list[list[Any]] = []  # this step's [stage, frames, seconds]
@@ -284,6 +286,11 @@ class Step:
         """The non-key frames' features: flow + FlowWarp from their key frames; a frame whose
         propagation its schedule rejects is marked a key frame (redone by `_feature`)."""
         b, start = self.backend, time.perf_counter()
+        if self.copy:
+            for f in chunk:
+                f.feat = f.stream.key_feat
+            self._call("flow", chunk, time.perf_counter() - start)
+            return
         out = b.flow(gather(b, [f.image for f in chunk]),  # type: ignore[misc]
                      gather(b, [f.stream.key_image for f in chunk]),  # type: ignore[misc]
                      gather(b, [f.stream.key_feat for f in chunk]))  # type: ignore[misc]

@@ -60,9 +60,11 @@ def open_torch(engine_dir: str | os.PathLike[str] | None,
 class TorchBackend(Backend):
     """DFF.features, DFF.flow + flow_warp and DFF.task of a DFF model (models/dff.py) on torch
     tensors (the handles); `task` returns the contract's outputs of the model's task (`probs`
-    is export-only)."""
+    is export-only). `quality`: `flow` runs the model's quality head too (default: when it has
+    one, as flow.onnx does)."""
 
-    def __init__(self, model: Any, *, cuda: bool = False, device: int = 0, threads: int = 0):
+    def __init__(self, model: Any, *, cuda: bool = False, device: int = 0, threads: int = 0,
+                 quality: bool | None = None):
         torch = import_torch()
         from dff.models.warp import flow_warp
 
@@ -79,7 +81,8 @@ class TorchBackend(Backend):
         cfg = self.model.config
         self.stride = cfg.stride
         self.profile: dict | None = None  # any size the model takes
-        self.has_quality = self.model.quality_head is not None
+        has_head = self.model.quality_head is not None
+        self.has_quality = has_head if quality is None else quality and has_head
         self.task_spec = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
                                           score_threshold=cfg.score_threshold)
 
@@ -93,7 +96,7 @@ class TorchBackend(Backend):
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
         with self._torch.inference_mode():
             pair = (self._float(image), self._float(key_image))
-            if self.model.quality_head is None:
+            if not self.has_quality:
                 (flow, scale), quality = self.model.flow(*pair), None
             else:
                 flow, scale, quality = self.model.flow_quality(*pair)

@@ -38,6 +38,8 @@ _DOCS = {
     "feature": "N_feat on a key frame: uint8 image -> features (cast and normalisation inside)",
     "flow": "N_flow plus the warp on a non-key frame: flow and scale from (image, key_image), "
             "then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
+    "warp": "the warp alone, for a flow computed on the host (--flow dis, scale 1): "
+            "feat = GridSample(key_feat, cell centres + flow), standard ONNX, no plugin",
     "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), "
             "at image size",
     "task/detection": "N_task: features -> boxes, scores, classes, num (CenterNet decode: "
@@ -182,10 +184,13 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
                                                      tolerance, batch=batch, facts=facts))
         log(parity_mod.format_table(rows))
         parity_mod.require_pass(rows)
+        onnx.save(onnx_op.warp_graph(facts.feat_channels, graphs_mod.OPSET),
+                  os.fspath(tmp / onnx_op.WARP_FILE))
         manifest = build_manifest(mods, facts, profile, specs, tmp, rows, tolerance,
                                   simplify, {c.name: len(c.image) for c in cases})
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
-        names = [spec.file for spec in specs.values()] + [manifest_mod.FILENAME]
+        names = [spec.file for spec in specs.values()] + [onnx_op.WARP_FILE,
+                                                          manifest_mod.FILENAME]
         out.mkdir(parents=True, exist_ok=True)
         for name in names:  # the manifest last: it vouches for the graphs before it
             os.replace(tmp / name, out / name)
@@ -229,6 +234,7 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
             "outputs": [t.to_dict() for t in spec.outputs],
             "custom_ops": [warp] if name == "flow" else [],
         }
+    graphs["warp"] = warp_entry(directory, facts.feat_channels)
     worst: dict[str, float] = {}
     for r in rows:
         key = f"{r.graph}/{r.output}"
@@ -273,6 +279,8 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
                    "inputs": ["feat", "flow", "scale"], "outputs": ["out"],
                    "function": "model-local FunctionProto (GridSample body) attached, so ONNX "
                                "Runtime runs it; TensorRT may use its registered plugin"},
+        "flow": {"sources": [manifest_mod.LEARNED, manifest_mod.DIS],
+                 "default": manifest_mod.LEARNED},
         "engines": {},
         "export": {
             **made,
@@ -282,6 +290,18 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
             "simplified": simplified, "parity": parity,
         },
     }
+
+
+def warp_entry(directory: Path, channels: int) -> dict:
+    """graphs.warp of the manifest: warp.onnx in `directory` (onnx_op.warp_graph)."""
+    path = directory / onnx_op.WARP_FILE
+    f32, c = "float32", channels
+    return {"file": onnx_op.WARP_FILE, "sha256": manifest_mod.sha256_file(path),
+            "bytes": path.stat().st_size, "doc": _DOCS["warp"],
+            "inputs": [{"name": "key_feat", "dtype": f32, "shape": ["N", c, "h", "w"]},
+                       {"name": "flow", "dtype": f32, "shape": ["N", 2, "h", "w"]}],
+            "outputs": [{"name": "feat", "dtype": f32, "shape": ["N", c, "h", "w"]}],
+            "custom_ops": []}
 
 
 def human_size(path: Path) -> str:

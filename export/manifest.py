@@ -13,9 +13,14 @@ Layout (version 2; docs/DESIGN.md §2)::
     normalisation {mean, std (the feature graph's), flow {mean, std}, input}, stride,
     feat_channels, key_interval,
     profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
-    graphs {feature|flow|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
+    graphs {feature|flow|warp|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
         (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w;
-        feature may hold `int8` {file, sha256, ...}: dff-build --int8's Q/DQ graph),
+        feature may hold `int8` {file, sha256, ...}: dff-build --int8's Q/DQ graph;
+        feature and task always, flow where the export has a learned flow, warp (key_feat,
+        flow -> feat) where it can take a flow computed outside the graphs),
+    flow {sources: some of "learned" (flow.onnx) and "dis" (OpenCV DIS on the host, warped by
+        warp.onnx), default: the one dff-run takes} (optional: a manifest without it has the
+        learned flow alone),
     plugin {op, domain, version, graph, function},
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
     export {checkpoint, checkpoint_sha256 (a dff-train checkpoint's export only),
@@ -42,7 +47,13 @@ from dff.tasks import TaskError, check_task_entry
 FORMAT = "dff-trt-manifest"
 VERSION = 2
 FILENAME = "manifest.json"
-GRAPHS = ("feature", "flow", "task")
+GRAPHS = ("feature", "flow", "task")  # the learned-flow export's graphs (dff-build, Triton)
+REQUIRED_GRAPHS = ("feature", "task")
+OPTIONAL_GRAPHS = ("flow", "warp")
+# where a flow comes from (DESIGN.md §3): flow.onnx, or OpenCV DIS on the host + warp.onnx
+LEARNED, DIS = "learned", "dis"
+FLOW_SOURCES = (LEARNED, DIS)
+FLOW_GRAPH = {LEARNED: "flow", DIS: "warp"}
 
 # field path -> expected JSON type(s); checked in this order by load_manifest
 _REQUIRED: tuple[tuple[str, type | tuple[type, ...]], ...] = (
@@ -50,7 +61,7 @@ _REQUIRED: tuple[tuple[str, type | tuple[type, ...]], ...] = (
     ("normalisation.std", list), ("stride", int), ("feat_channels", int),
     ("key_interval", int), ("profile", dict), ("profile.min", list), ("profile.opt", list),
     ("profile.max", list), ("graphs", dict),
-    *((f"graphs.{g}.{k}", t) for g in GRAPHS
+    *((f"graphs.{g}.{k}", t) for g in REQUIRED_GRAPHS
       for k, t in (("file", str), ("sha256", str), ("inputs", list), ("outputs", list))),
     ("plugin", dict), ("engines", dict), ("export", dict),
 )
@@ -146,7 +157,8 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
             raise ManifestError(f"{path}: field '{dotted}' is {type(value).__name__}, expected "
                                 f"{getattr(kind, '__name__', kind)}; {_rebuild(directory)}")
     _check_task(data, path, directory)
-    for name in GRAPHS:
+    _check_flow(data, path, directory)
+    for name in graphs_of(data):
         _check_file(directory, path, f"graphs.{name}", data["graphs"][name], verify_hashes)
         int8 = data["graphs"][name].get("int8")  # optional: dff-build --int8's Q/DQ graph
         if int8 is not None:
@@ -165,6 +177,51 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
                                 f"{_rebuild(directory)}")
         _check_file(directory, path, f"engines.{name}", entry, verify_hashes)
     return data
+
+
+def graphs_of(manifest: dict) -> list[str]:
+    """The graphs this export has, in the order feature, flow, warp, task."""
+    return [g for g in ("feature", "flow", "warp", "task") if g in manifest["graphs"]]
+
+
+def flow_sources(manifest: dict) -> list[str]:
+    """The flow sources of this export (FLOW_SOURCES order): its `flow.sources`, or, in a
+    manifest written before that field, the learned flow alone."""
+    entry = manifest.get("flow")
+    if isinstance(entry, dict) and isinstance(entry.get("sources"), list):
+        return [s for s in FLOW_SOURCES if s in entry["sources"]]
+    return [LEARNED]
+
+
+def default_flow(manifest: dict) -> str:
+    """The flow source dff-run takes when none is asked for: `flow.default`, else the first."""
+    entry = manifest.get("flow")
+    default = entry.get("default") if isinstance(entry, dict) else None
+    return default if isinstance(default, str) else flow_sources(manifest)[0]
+
+
+def _check_flow(data: dict, path: Path, directory: Path) -> None:
+    """`flow.sources` and `flow.default` against FLOW_SOURCES and the graphs each needs."""
+    entry = data.get("flow")
+    if entry is not None:
+        sources = entry.get("sources") if isinstance(entry, dict) else None
+        if (not isinstance(sources, list) or not sources
+                or any(s not in FLOW_SOURCES for s in sources)):
+            raise ManifestError(f"{path}: field 'flow.sources' is {sources!r}, expected a list "
+                                f"of some of {', '.join(FLOW_SOURCES)}; {_rebuild(directory)}")
+        if default_flow(data) not in sources:
+            raise ManifestError(f"{path}: field 'flow.default' is {entry.get('default')!r}, "
+                                f"expected one of its 'flow.sources' {sources}; "
+                                f"{_rebuild(directory)}")
+    for source in flow_sources(data):
+        graph = FLOW_GRAPH[source]
+        if not isinstance(data["graphs"].get(graph), dict):
+            raise ManifestError(f"{path}: field 'graphs.{graph}' is missing, but the flow source "
+                                f"{source!r} needs it; {_rebuild(directory)}")
+        for key, kind in (("file", str), ("sha256", str), ("inputs", list), ("outputs", list)):
+            if not isinstance(data["graphs"][graph].get(key), kind):
+                raise ManifestError(f"{path}: field 'graphs.{graph}.{key}' is missing or not "
+                                    f"{kind.__name__}; {_rebuild(directory)}")
 
 
 def _check_task(data: dict, path: Path, directory: Path) -> None:

@@ -135,6 +135,40 @@ def function_proto(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     )
 
 
+WARP_FILE = "warp.onnx"
+
+
+def warp_graph(channels: int | str = "C", opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """warp.onnx: the warp alone, for a flow computed outside the graphs (a classical flow on
+    the host, scale 1; DESIGN.md §3). Inputs key_feat float [N,C,h,w] (C = `channels`, the
+    export's feature channels) and flow float [N,2,h,w]
+    (cells, current -> key); output feat [N,C,h,w]. It is FlowWarp's body without the scale
+    product: standard ONNX (GridSample), so ONNX Runtime and TensorRT run it as they find it,
+    with no plugin and no pass over a scale of ones."""
+    body = function_proto(opset)
+    rename = {"feat": "key_feat", "warped": "feat"}
+    nodes = []
+    for n in body.node:
+        if n.op_type == "Mul" and list(n.output) == ["out"]:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(n)
+        copy.input[:] = [rename.get(x, x) for x in n.input]
+        copy.output[:] = [rename.get(x, x) for x in n.output]
+        nodes.append(copy)
+    f32 = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "dff_warp",
+        [helper.make_tensor_value_info("key_feat", f32, ["N", channels, "h", "w"]),
+         helper.make_tensor_value_info("flow", f32, ["N", 2, "h", "w"])],
+        [helper.make_tensor_value_info("feat", f32, ["N", channels, "h", "w"])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="dff-trt")
+    model.ir_version = min(model.ir_version, 10)  # what ONNX Runtime and TensorRT's parser read
+    onnx.checker.check_model(model)
+    return model
+
+
 def attach_function(model: onnx.ModelProto) -> onnx.ModelProto:
     """Append FlowWarp's FunctionProto and the dff opset import to an exported model (in place),
     and mark each FlowWarp node with `plugin_namespace` "dff" for TensorRT's parser.

@@ -113,3 +113,23 @@ class Untouchable(types.ModuleType):
         if attr != "reads" and (not dunder or attr in Untouchable._IMPORT):
             object.__getattribute__(self, "reads").append(attr)
         return object.__getattribute__(self, attr)
+
+
+@pytest.fixture
+def real_material():
+    """get(name) -> Path: a cached, checksum-checked real file (dff.data.real). When it is
+    missing or damaged the test skips with the fetch command, or fails where
+    DFF_REAL_REQUIRED=1 (CI, which fetches the small material first)."""
+    import os
+
+    from dff.data import real
+
+    def get(name: str):
+        try:
+            return real.path(name)
+        except real.MaterialError as e:
+            if os.environ.get("DFF_REAL_REQUIRED") == "1":
+                pytest.fail(f"DFF_REAL_REQUIRED=1: {e}")
+            pytest.skip(str(e))
+
+    return get

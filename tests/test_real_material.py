@@ -213,3 +213,15 @@ def test_small_material_decodes(real_material):
     model = onnx.load(str(real_material("centerface.onnx")))
     assert model.graph.input[0].name == "input.1"
     assert len(model.graph.output) == 4
+
+
+def test_vtest_decodes(real_material):
+    """The large clip (not fetched in CI: skips there)."""
+    cv2 = pytest.importorskip("cv2")
+    cap = cv2.VideoCapture(str(real_material("vtest.avi")))
+    try:
+        ok, frame = cap.read()
+        assert ok and frame.shape == (576, 768, 3)
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 795
+    finally:
+        cap.release()

@@ -208,7 +208,7 @@ class BuildResult:
 
 
 def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
-                  workspace_mib: int | None = None, graphs: Sequence[str] = GRAPHS,
+                  workspace_mib: int | None = None, graphs: Sequence[str] | None = None,
                   verbose: bool = False, log: Log | None = None) -> BuildResult:
     """Build one engine per graph in `directory` (dff-export's output) for this GPU and record
     them in its manifest. Raises TensorRTMissing, ManifestError or EngineBuildError."""
@@ -218,7 +218,7 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
         raise DffError(f"precision {precision!r}: expected one of {', '.join(naming.PRECISIONS)}")
     if workspace_mib is not None and workspace_mib <= 0:
         raise DffError(f"--workspace {workspace_mib}: need a positive size in MiB")
-    unknown = [g for g in graphs if g not in GRAPHS]
+    unknown = [g for g in graphs or () if g not in GRAPHS]
     if unknown:
         raise DffError(f"unknown graph {unknown[0]!r}: expected some of {', '.join(GRAPHS)}")
     from dff.export.manifest import load_manifest
@@ -238,6 +238,7 @@ def build_engines(directory: str | Path = "engines", *, precision: str = "fp16",
     for key in entries.prune_engines(d):
         log(f"dropped the manifest's entry for {key}: its engine file is missing or changed")
     manifest = load_manifest(d)  # checks the ONNX files (and engines) against their sha256
+    graphs = [g for g in GRAPHS if g in manifest["graphs"]] if graphs is None else list(graphs)
     gpu, cc = device_info()
     isa = None  # the PTX ISA of the FlowWarp kernel that plugin engines embed
     if any(manifest["graphs"][g].get("custom_ops") for g in graphs):

@@ -15,7 +15,8 @@ from dff.errors import DffError
 
 from .naming import PRECISIONS, build_command, format_cc, gpu_slug
 
-GRAPHS = ("feature", "flow", "task")  # as in dff.export.manifest.GRAPHS
+GRAPHS = ("feature", "flow", "warp", "task")  # every graph an export may have (manifest.py)
+FLOW_GRAPHS = ("flow", "warp")  # one of them at least: the learned flow, the host flow's warp
 # fields every engines entry carries (dff.export.manifest checks `file` and `sha256`)
 ENTRY_FIELDS = ("file", "sha256", "bytes", "graph", "precision", "gpu", "compute_capability",
                 "tensorrt")
@@ -69,9 +70,11 @@ def _compatible(entry: dict[str, Any], gpu_name: str, cc: str | tuple[int, int],
 def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int, int],
                    trt_version: str, precision: str | None = None, *,
                    directory: str | os.PathLike[str] = "engines") -> dict[str, dict[str, Any]]:
-    """One engines entry per graph {"feature", "flow", "task"} usable on this machine.
+    """One engines entry per graph usable on this machine: feature, task, and those of flow
+    (the learned flow) and warp (a host flow's warp) that the manifest has and that were built,
+    one of the two at least.
 
-    All three share one precision: `precision` when given, else the first of PRECISIONS
+    All share one precision: `precision` when given, else the first of PRECISIONS
     (fp16, fp32, int8) that every graph has. Raises EngineError naming the engine and the
     dff-build command when an engine is missing, built elsewhere, or built from an older ONNX
     graph (for an int8 set's feature engine: from another calibrated graph).
@@ -83,10 +86,15 @@ def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int,
     entries: dict[str, Any] = manifest.get("engines") or {}
     if not entries:
         raise EngineError(f"{d}/manifest.json lists no TensorRT engines; build them with `{cmd}`")
-    by_graph: dict[str, list[dict[str, Any]]] = {g: [] for g in GRAPHS}
+    by_graph: dict[str, list[dict[str, Any]]] = {g: [] for g in GRAPHS
+                                                 if g in manifest.get("graphs", {})}
     for entry in entries.values():
         if isinstance(entry, dict) and entry.get("graph") in by_graph:
             by_graph[entry["graph"]].append(entry)
+    built = [g for g in FLOW_GRAPHS if by_graph.get(g)]  # a flow graph not built is left out
+    for g in FLOW_GRAPHS:
+        if g in by_graph and built and g not in built:
+            del by_graph[g]
     usable: dict[str, list[dict[str, Any]]] = {}
     for graph, found in by_graph.items():
         if not found:
@@ -99,13 +107,13 @@ def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int,
             check_engine_compatible(found[0], gpu_name, cc, trt_version, directory=d)
     for p in (precision,) if precision else PRECISIONS:
         chosen = {g: next((e for e in usable[g] if e.get("precision") == p), None)
-                  for g in GRAPHS}
+                  for g in usable}
         if all(chosen.values()):
             result = {g: e for g, e in chosen.items() if e is not None}
             _check_fresh(manifest, result, d)
             return result
     have = "; ".join(f"{g}: {', '.join(sorted({str(e.get('precision')) for e in usable[g]}))}"
-                     for g in GRAPHS)
+                     for g in usable)
     want = precision or " or ".join(PRECISIONS)
     raise EngineError(f"{d}/: no complete set of {want} engines for {gpu_name} with TensorRT "
                       f"{trt_version} (built here: {have}); rebuild with `{cmd}`")

@@ -34,8 +34,9 @@ PRECISIONS = {"tensorrt": ("fp16", "fp32", "int8"), "onnxruntime": ("fp32", "int
               "torch": ("fp32",)}
 
 # tensor names fixed by DESIGN.md §3; the task graph's outputs are the manifest's (task_spec)
-INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"], "task": ["feat"]}
-OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"]}
+INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"],
+          "warp": ["key_feat", "flow"], "task": ["feat"]}
+OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"], "warp": ["feat"]}
 # outputs read where the graph has them: flow.onnx's `quality` (the learned schedule's input)
 OPTIONAL_OUTPUTS = {"flow": ["quality"]}
 
@@ -141,10 +142,19 @@ class Backend(Protocol):
     # flow, so it steps one stream only
     cuda_graph: bool = False
     int8_check: dict | None = None  # int8 on ONNX Runtime: its kernels measured (quantize.py)
+    # where a non-key frame's flow may come from (runtime/flows.py): "learned" runs `flow`,
+    # "dis" a flow made on the host through `warp`
+    flow_sources: tuple[str, ...] = ("learned",)
 
     def feature(self, image: np.ndarray) -> Any: ...
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs: ...
     def task(self, feat: Any) -> dict[str, np.ndarray]: ...
+
+    def warp(self, key_feat: Any, flow: Any) -> Any:
+        """The warp alone (warp.onnx): key_feat [N,C,h,w] along a flow [N,2,h,w] in cells,
+        scale 1; a backend that lists "dis" in `flow_sources` has it."""
+        raise BackendError(f"the {self.name} backend has no warp graph, so it runs the learned "
+                           "flow only; drop --flow dis")
 
     def upload(self, image: np.ndarray) -> Any:
         return image

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 import os
 
-from dff.export.manifest import GRAPHS, load_manifest
+from dff.export.manifest import FLOW_GRAPH, default_flow, load_manifest
 from dff.runtime.backends import (
     ALIASES,
     KINDS,
@@ -65,15 +65,16 @@ def available_backends() -> list[str]:
 
 
 def pick_auto(engine_dir: str | os.PathLike[str]) -> tuple[str, str]:
-    """(kind, reason): TensorRT if usable and the manifest lists engines for all three
-    graphs, else ONNX Runtime on CUDA if its provider is there, else ONNX Runtime on the CPU.
+    """(kind, reason): TensorRT if usable and the manifest lists engines for the feature, task
+    and default flow source's graphs, else ONNX Runtime on CUDA if its provider is there, else ONNX Runtime on the CPU.
     The reason is the sentence a command prints."""
     manifest = load_manifest(engine_dir, verify_hashes=False)
     trt_ok, trt_why = tensorrt_status()
     built = {e.get("graph") for e in manifest["engines"].values()}
-    missing = [g for g in GRAPHS if g not in built]
+    needed = ["feature", FLOW_GRAPH[default_flow(manifest)], "task"]
+    missing = [g for g in needed if g not in built]
     if trt_ok and not missing:
-        return "tensorrt", f"picked tensorrt: {trt_why}, engines for {', '.join(GRAPHS)}"
+        return "tensorrt", f"picked tensorrt: {trt_why}, engines for {', '.join(needed)}"
     if not trt_ok:
         why = [f"no TensorRT ({trt_why})"]
     else:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from dff.export.manifest import DIS, LEARNED
 from dff.runtime.backends import Backend
+from dff.runtime.flows import DisFlow
 from dff.runtime.scheduler import Scheduler
 from dff.runtime.step import STAGES, Frame, Step, StreamState, Timings, nchw
 
@@ -125,7 +127,8 @@ class Loop:
     batched = False  # StreamPipeline: refuses a one-stream CUDA-graph backend even for one
 
     def __init__(self, backend: Backend, schedulers: Sequence[Scheduler], *,
-                 max_batch: int | None = None, queue_size: int = 8):
+                 max_batch: int | None = None, queue_size: int = 8,
+                 flow: DisFlow | None = None):
         if not schedulers:
             raise ValueError("a run needs one scheduler per stream, got none")
         if len({id(s) for s in schedulers}) != len(schedulers):
@@ -143,7 +146,8 @@ class Loop:
             raise DffError(  # its flow outputs live until the next flow: one stream's replay
                            "a CUDA-graph backend (--useCudaGraph) replays one stream's flow and "
                            "task; open the backend without it for batched streams")
-        self.backend, self.schedulers = backend, list(schedulers)
+        check_flow(backend, flow, schedulers)
+        self.backend, self.schedulers, self.flow = backend, list(schedulers), flow
         self.max_batch = max_batch if max_batch is not None else limit
         self.queue_size = queue_size
         self._reset([f"stream {i}" for i in range(len(self.schedulers))])
@@ -151,7 +155,7 @@ class Loop:
     def _reset(self, names: Sequence[str | None]) -> None:
         self._inputs = [_Input(StreamState(s, name, i), self.queue_size)
                         for i, (name, s) in enumerate(zip(names, self.schedulers))]
-        self._step = Step(self.backend, self.max_batch)
+        self._step = Step(self.backend, self.max_batch, flow=self.flow)
         self._per_frame = {name: Timings() for name in ("decode", "total")}
         self._wait = 0.0
         self._start: float | None = None
@@ -286,6 +290,7 @@ class Loop:
         return {
             "backend": self.backend.name,
             "precision": self.backend.precision,
+            "flow": self.flow.settings() if self.flow is not None else {"source": LEARNED},
             "streams": len(states),
             "max_batch": self.max_batch,
             "frames": frames,
@@ -303,11 +308,27 @@ class Loop:
         }
 
 
+def check_flow(backend: Backend, flow: DisFlow | None, schedulers: Sequence[Scheduler]) -> None:
+    """Refuse, before any frame, a host flow the backend cannot warp, or with a schedule that
+    needs what only a learned flow graph gives (the learned schedule's quality; a CUDA graph's
+    replay of flow.onnx)."""
+    if flow is None:
+        return
+    if DIS not in backend.flow_sources:
+        backend.warp(None, None)  # its own message: it has no warp graph
+    if any(s.needs_quality for s in schedulers):
+        raise DffError("--schedule learned reads the learned flow graph's quality output, "
+                       "which --flow dis has not; pick --schedule adaptive or fixed")
+    if backend.cuda_graph:
+        raise DffError("--useCudaGraph replays the learned flow graph; drop it with --flow dis")
+
+
 class Pipeline(Loop):
     """One backend, one scheduler; `run` a video's frames (HWC uint8 RGB) to FrameResults."""
 
-    def __init__(self, backend: Backend, scheduler: Scheduler, *, queue_size: int = 8):
-        super().__init__(backend, [scheduler], max_batch=1, queue_size=queue_size)
+    def __init__(self, backend: Backend, scheduler: Scheduler, *, queue_size: int = 8,
+                 flow: DisFlow | None = None):
+        super().__init__(backend, [scheduler], max_batch=1, queue_size=queue_size, flow=flow)
         self.scheduler = scheduler
 
     def run(self, frames: Iterable[np.ndarray]  # type: ignore[override]

@@ -13,10 +13,9 @@ import weakref
 from typing import Any
 
 import numpy as np
-from dff.export.manifest import graph_path, load_manifest
+from dff.export.manifest import FLOW_GRAPH, flow_sources, graph_path, load_manifest
 from dff.runtime import buffers
 from dff.runtime.backends import (
-    INPUTS,
     Backend,
     BackendError,
     FlowOutputs,
@@ -56,6 +55,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.profile = self.manifest["profile"]
         self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
         self.has_quality = "quality" in graph_outputs(self.manifest, "flow")
+        self.flow_sources = tuple(flow_sources(self.manifest))
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
@@ -111,7 +111,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         # three sessions take turns: a finished one's spinning threads would steal the
         # cores of the next (measured: per-frame fps 87 -> 131 on 2 cores without spinning)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for graph in INPUTS:
+        for graph in ["feature", *(FLOW_GRAPH[s] for s in self.flow_sources), "task"]:
             path = graph_path(engine_dir, self.manifest, graph)
             fix = f"re-export with `dff-export MODEL.pth -o {engine_dir}`"
             if graph == "feature" and self.precision == "int8":
@@ -193,6 +193,13 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         if self.memory is not None:
             out = [self._handle(x) for x in out]
         return FlowOutputs(*out)  # graph_outputs' order: flow, scale, feat[, quality]
+
+    def warp(self, key_feat: Any, flow: Any) -> Any:
+        """warp.onnx: key_feat along a host flow [N,2,h,w] (cells), scale 1."""
+        if "warp" not in self.sessions:
+            return super().warp(key_feat, flow)
+        feat = self._run("warp", {"key_feat": key_feat, "flow": flow})[0]
+        return feat if self.memory is None else self._handle(feat)
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         """The task outputs by name (the manifest's `task.outputs`), host arrays."""
@@ -277,7 +284,8 @@ def output_shapes(manifest: dict, graph: str,
     for inputs of these shapes, from the manifest's shapes: symbolic N, H, W, h, w (and K, C,
     should an export name them), or fixed sizes."""
     stride = int(manifest["stride"])
-    first = inputs["image"].shape if "image" in inputs else inputs["feat"].shape
+    first = (inputs["image"] if "image" in inputs else
+             inputs["key_feat"] if "key_feat" in inputs else inputs["feat"]).shape
     n, hh, ww = first[0], first[2], first[3]
     if "image" not in inputs:
         hh, ww = hh * stride, ww * stride

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 from dff.runtime.backends import Backend, host_quality
+from dff.runtime.flows import DisFlow
 from dff.runtime.scheduler import Scheduler
 
 from dff import tasks
@@ -121,13 +122,14 @@ class StreamState:
         self.scheduler, self.name, self.number = scheduler, name, number
         self.key_image: tuple[Rows, int] | None = None
         self.key_feat: tuple[Rows, int] | None = None
+        self.key_grey: np.ndarray | None = None  # a host flow's prepared key frame (DisFlow)
         self.shape: tuple[int, ...] | None = None  # the first frame's HWC shape
         self.next = 0  # index of its next frame
         self.frames = self.key_frames = 0
 
     def release(self) -> None:
         """Let go of the key frame's handles (device memory back)."""
-        self.key_image = self.key_feat = None
+        self.key_image = self.key_feat = self.key_grey = None
 
 
 class Rows:
@@ -163,6 +165,7 @@ class Frame:
     index: int
     frame: Any
     nchw: np.ndarray | None = None
+    grey: np.ndarray | None = None  # prepared for a host flow (DisFlow.prepare), when needed
     is_key: bool = False
     image: tuple[Rows, int] | None = None
     feat: tuple[Rows, int] | None = None
@@ -177,15 +180,18 @@ class Frame:
 
 class Step:
     """Steps frames through one backend: `step(frames)`. `max_batch`: frames per backend call
-    (None: any). `copy`: the naive baseline, non-key frames take their key frame's features as
+    (None: any). `flow`: where the non-key frames' flow comes from: None, the backend's learned
+    flow graph; a DisFlow, DIS on the host, warped by the backend's warp graph (runtime/
+    flows.py). `copy`: the naive baseline, non-key frames take their key frame's features as
     they are (no flow, no warp). `calls` holds each stage's call times and the frames through
     them.
     `upload_ahead()`, when given to a step, returns the next step's frames' NCHW arrays, if
     already decoded: a backend whose uploads are asynchronous (`overlaps_uploads`) then
     uploads them before this step's task outputs are waited for, so the H2D overlaps compute."""
 
-    def __init__(self, backend: Backend, max_batch: int | None = None, copy: bool = False):
-        self.backend, self.max_batch, self.copy = backend, max_batch, copy
+    def __init__(self, backend: Backend, max_batch: int | None = None, copy: bool = False,
+                 flow: DisFlow | None = None):
+        self.backend, self.max_batch, self.copy, self.source = backend, max_batch, copy, flow
         self.calls = {name: Timings() for name in STAGES}
         self._staged: dict[int, tuple[np.ndarray, Any]] = {}  # id(nchw) -> (nchw, upload)
         self._pending: list[list[Any]] = []  # this step's [stage, frames, seconds]
@@ -291,13 +297,25 @@ class Step:
                 f.feat = f.stream.key_feat
             self._call("flow", chunk, time.perf_counter() - start)
             return
-        out = b.flow(gather(b, [f.image for f in chunk]),  # type: ignore[misc]
-                     gather(b, [f.stream.key_image for f in chunk]),  # type: ignore[misc]
-                     gather(b, [f.stream.key_feat for f in chunk]))  # type: ignore[misc]
-        feats = Rows(b, out[2], len(chunk))
+        key_feat = gather(b, [f.stream.key_feat for f in chunk])  # type: ignore[misc]
         schedulers = [f.stream.scheduler for f in chunk]
-        host = b.to_host(out[0]) if any(s.needs_flow for s in schedulers) else None
-        quality = host_quality(b, out, schedulers)
+        if self.source is not None:  # a host flow: on the frames, then the warp graph
+            for f in chunk:
+                if f.grey is None:
+                    f.grey = self.source.prepare(f.frame)
+            h, w = chunk[0].frame.shape[:2]
+            cells = (h // b.stride, w // b.stride)
+            host = self.source.batch([f.grey for f in chunk],
+                                     [f.stream.key_grey for f in chunk], cells)
+            feats = Rows(b, b.warp(key_feat, b.upload(host)), len(chunk))
+            quality = None
+        else:
+            out = b.flow(gather(b, [f.image for f in chunk]),  # type: ignore[misc]
+                         gather(b, [f.stream.key_image for f in chunk]),  # type: ignore[misc]
+                         key_feat)
+            feats = Rows(b, out[2], len(chunk))
+            host = b.to_host(out[0]) if any(s.needs_flow for s in schedulers) else None
+            quality = host_quality(b, out, schedulers)
         for j, f in enumerate(chunk):
             scheduler = f.stream.scheduler
             if host is not None and scheduler.needs_flow and not scheduler.accept(
@@ -314,6 +332,9 @@ class Step:
         for j, f in enumerate(chunk):
             f.stream.key_image, f.stream.key_feat = (images, j), (feats, j)
             f.feat = (feats, j)
+            if self.source is not None and not self.copy:
+                f.stream.key_grey = (f.grey if f.grey is not None
+                                     else self.source.prepare(f.frame))
         self._call("feature", chunk, time.perf_counter() - start)
 
     def _task(self, chunk: list[Frame]) -> None:

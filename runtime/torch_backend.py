@@ -83,6 +83,7 @@ class TorchBackend(Backend):
         self.profile: dict | None = None  # any size the model takes
         has_head = self.model.quality_head is not None
         self.has_quality = has_head if quality is None else quality and has_head
+        self.flow_sources = ("learned", "dis")
         self.task_spec = tasks.task_entry(cfg.task, max_detections=cfg.max_detections,
                                           score_threshold=cfg.score_threshold)
 
@@ -102,6 +103,11 @@ class TorchBackend(Backend):
                 flow, scale, quality = self.model.flow_quality(*pair)
             return FlowOutputs(flow, scale, self._warp(self.upload(key_feat), flow, scale),
                                quality)
+
+    def warp(self, key_feat: Any, flow: Any) -> Any:
+        """The reference warp of key_feat along a host flow (cells), scale 1."""
+        with self._torch.inference_mode():
+            return self._warp(self.upload(key_feat), self.upload(flow))
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         with self._torch.inference_mode():

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dff.export.manifest import load_manifest
+from dff.export.manifest import FLOW_GRAPH, flow_sources, load_manifest
 from dff.runtime.backends import (
     INPUTS,
     OPTIONAL_OUTPUTS,
@@ -305,6 +305,12 @@ class TrtBackend(Backend):
         gpu, cc = device_info(device)
         chosen = select_engines(self.manifest, gpu, cc, version, precision,
                                 directory=engine_dir)
+        # the flow sources whose graph has an engine here (select_engines: one at least)
+        self.flow_sources = tuple(s for s in flow_sources(self.manifest)
+                                  if FLOW_GRAPH[s] in chosen)
+        if cuda_graph and "flow" not in chosen:
+            raise BackendError(f"--useCudaGraph replays the learned flow graph, and "
+                               f"{engine_dir} has no flow engine; drop --useCudaGraph")
         self.precision = chosen["feature"]["precision"]
         check_ptx_isa(chosen, engine_dir, self.precision)
         self.memory = memory = memory or CudaMemory(device)
@@ -373,6 +379,12 @@ class TrtBackend(Backend):
         x = {name: self._input(v, tensors[name].dtype) for name, v in feeds.items()}
         with self._span("flow+task"):
             return FlowOutputs(*self._graph.run(x, self._ring.compute))
+
+    def warp(self, key_feat: Any, flow: Any) -> Any:
+        """The warp engine (warp.onnx): key_feat along a host flow (cells), scale 1."""
+        if "warp" not in self._stages:
+            return super().warp(key_feat, flow)
+        return self._run("warp", {"key_feat": key_feat, "flow": flow})["feat"]
 
     def task(self, feat: Any) -> dict[str, np.ndarray]:
         """The task outputs by name (the manifest's `task.outputs`), host arrays."""

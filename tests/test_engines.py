@@ -343,7 +343,7 @@ def test_engines_package_imports_without_tensorrt_or_torch():
     ([], "ENGINES_DIR is required"),
     (["e", "--fp16", "--fp32"], "not allowed with argument"),
     (["e", "--workspace", "0"], "positive size in MiB"),
-    (["e", "--graphs", "feature,warp"], "subset of feature,flow,task"),
+    (["e", "--graphs", "feature,wrap"], "subset of feature,flow,warp,task"),
     (["e", "--inspect", "x.plan"], "not both"),
 ])
 def test_dff_build_rejects_bad_arguments_with_exit_2(argv, message, capsys):
@@ -524,22 +524,25 @@ def fake_trt(monkeypatch, exported, tmp_path):
     return out, fake
 
 
-def test_build_registers_the_plugin_first_and_records_three_engines(fake_trt):
+def test_build_registers_the_plugin_first_and_records_four_engines(fake_trt):
     out, fake = fake_trt
     lines: list[str] = []
     result = builder.build_engines(out, precision="fp16", workspace_mib=256, log=lines.append)
     ev = fake.events
     assert ev.index(("register_plugin",)) < ev.index(("parse", "feature.onnx"))
-    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.onnx", "flow.onnx", "task.onnx"]
+    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.onnx", "flow.onnx", "warp.onnx",
+                                                      "task.onnx"]
     assert ("network", 1 << 3) in ev  # prefer the AOT plugin implementation
     assert ("pool", "workspace", 256 << 20) in ev and ("flag", "fp16") in ev
     profiles = [e[1] for e in ev if e[0] == "profile"]
     m = load_manifest(out)
-    assert profiles == [profile_shapes(m, g) for g in ("feature", "flow", "task")]
+    assert profiles == [profile_shapes(m, g) for g in ("feature", "flow", "warp", "task")]
     assert profiles[1]["key_feat"][2] == (2, 16, 8, 12)
+    assert profiles[2]["flow"][2] == (2, 2, 8, 12)  # warp.onnx: the host flow's grid
     chosen = select_engines(m, H100, "9.0", TRT, directory=out)
     assert {e["file"] for e in chosen.values()} == {
-        naming.engine_filename(g, H100, TRT, "fp16") for g in ("feature", "flow", "task")}
+        naming.engine_filename(g, H100, TRT, "fp16") for g in ("feature", "flow", "warp", "task")}
+    assert "flow_warp" not in chosen["warp"]  # standard ONNX: TensorRT's own GridSample
     assert (out / chosen["flow"]["file"]).read_bytes() == b"PLAN image,key_image,key_feat"
     assert chosen["flow"]["flow_warp"] == "plugin" and "flow_warp" not in chosen["task"]
     assert chosen["flow"]["ptx_isa"] == "9.0"  # the PTX the flow engine embeds
@@ -553,7 +556,7 @@ def test_build_registers_the_plugin_first_and_records_three_engines(fake_trt):
     fake.events.clear()  # a rebuild loads the saved cache and replaces the entries
     builder.build_engines(out, precision="fp16")
     assert ("cache", b"cache+") in fake.events
-    assert len(load_manifest(out)["engines"]) == 3
+    assert len(load_manifest(out)["engines"]) == 4
 
 
 NVRTC_FAILS = ("dff-build: NVRTC could not compile plugins/flow_warp.cu for the FlowWarp plugin "
@@ -618,7 +621,7 @@ def test_build_reports_parser_errors_with_the_node_and_keeps_earlier_engines(fak
     assert "task.onnx: TensorRT's ONNX parser failed" in err
     assert "node 7 '/model/Conv_3' (Conv): kernel weights are not constant" in err
     kept = load_manifest(out)["engines"]
-    assert sorted(e["graph"] for e in kept.values()) == ["feature", "flow"]
+    assert sorted(e["graph"] for e in kept.values()) == ["feature", "flow", "warp"]
 
 
 def test_int8_set_builds_the_calibrated_feature_graph_in_int8_and_the_rest_in_fp16(
@@ -631,9 +634,10 @@ def test_int8_set_builds_the_calibrated_feature_graph_in_int8_and_the_rest_in_fp
     assert build_cli.main([str(out), "--int8", "--calib-video", str(tmp_path / "clip.mp4"),
                            "--calib-frames", "3"]) == 0
     ev = fake.events
-    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.int8.onnx", "flow.onnx", "task.onnx"]
+    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.int8.onnx", "flow.onnx", "warp.onnx",
+                                                      "task.onnx"]
     flags = [e[1] for e in ev if e[0] == "flag"]
-    assert flags == ["fp16", "int8", "fp16", "fp16"]  # int8 for the feature engine only
+    assert flags == ["fp16", "int8", "fp16", "fp16", "fp16"]  # int8 for the feature engine only
     m = load_manifest(out)
     chosen = select_engines(m, H100, "9.0", TRT, precision="int8", directory=out)
     assert chosen["feature"]["onnx_sha256"] == m["graphs"]["feature"]["int8"]["sha256"]
@@ -689,9 +693,10 @@ def test_build_takes_a_detection_export_through_the_same_code_path(fake_trt_dete
     builder.build_engines(out, precision="fp16")
     ev = fake.events
     assert ev.index(("register_plugin",)) < ev.index(("parse", "feature.onnx"))
-    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.onnx", "flow.onnx", "task.onnx"]
+    assert [e[1] for e in ev if e[0] == "parse"] == ["feature.onnx", "flow.onnx", "warp.onnx",
+                                                      "task.onnx"]
     profiles = [e[1] for e in ev if e[0] == "profile"]
-    assert profiles[2] == {"feat": ((1, 16, 2, 2), (1, 16, 4, 6), (2, 16, 8, 12))}
+    assert profiles[3] == {"feat": ((1, 16, 2, 2), (1, 16, 4, 6), (2, 16, 8, 12))}
     m = load_manifest(out)
     chosen = select_engines(m, H100, "9.0", TRT, directory=out)
     assert (out / chosen["task"]["file"]).read_bytes() == b"PLAN feat"

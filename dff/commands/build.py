@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", nargs="?", metavar="ENGINES_DIR",
                    help="dff-export's output folder (with manifest.json)")
     add_build_args(p)
-    p.add_argument("--graphs", type=_graphs_arg, default=GRAPHS, metavar="LIST",
-                   help="build only these graphs (default: feature,flow,task)")
+    p.add_argument("--graphs", type=_graphs_arg, default=None, metavar="LIST",
+                   help="build only these graphs (default: every graph the export has, of "
+                        "feature,flow,warp,task)")
     p.add_argument("--inspect", metavar="PLAN",
                    help="print an engine's tensors and layers instead of building")
     p.add_argument("--json", action="store_true",
@@ -147,7 +148,7 @@ def _inspect_summary(report: dict[str, Any]) -> str:
 
 
 def run_build(directory: str | Path, precision: str = PRECISIONS[0],
-              workspace_mib: int | None = None, graphs: tuple[str, ...] = GRAPHS,
+              workspace_mib: int | None = None, graphs: tuple[str, ...] | None = None,
               verbose: bool = False, as_json: bool = False, prog: str = "dff-build",
               calib_video: str | None = None, calib_frames: int = DEFAULT_FRAMES,
               resize: tuple[int, int] | None = None, reduce_range: bool = False) -> int:

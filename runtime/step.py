@@ -171,6 +171,7 @@ class Frame:
     feat: tuple[Rows, int] | None = None
     task_out: dict[str, np.ndarray] = field(default_factory=dict)
     row: int = 0
+    features: np.ndarray | None = None  # [C,h,w] on the host, with Step(features=True)
     times: dict[str, float] = field(default_factory=dict)
 
     def outputs(self) -> dict[str, np.ndarray]:
@@ -183,15 +184,17 @@ class Step:
     (None: any). `flow`: where the non-key frames' flow comes from: None, the backend's learned
     flow graph; a DisFlow, DIS on the host, warped by the backend's warp graph (runtime/
     flows.py). `copy`: the naive baseline, non-key frames take their key frame's features as
-    they are (no flow, no warp). `calls` holds each stage's call times and the frames through
-    them.
+    they are (no flow, no warp). `features`: each Frame's `features` is set to its features on
+    the host (for evaluation; a copy from the device on a GPU backend). `calls` holds each
+    stage's call times and the frames through them.
     `upload_ahead()`, when given to a step, returns the next step's frames' NCHW arrays, if
     already decoded: a backend whose uploads are asynchronous (`overlaps_uploads`) then
     uploads them before this step's task outputs are waited for, so the H2D overlaps compute."""
 
     def __init__(self, backend: Backend, max_batch: int | None = None, copy: bool = False,
-                 flow: DisFlow | None = None):
+                 flow: DisFlow | None = None, features: bool = False):
         self.backend, self.max_batch, self.copy, self.source = backend, max_batch, copy, flow
+        self.features = features  # copy each frame's features to the host (evaluation)
         self.calls = {name: Timings() for name in STAGES}
         self._staged: dict[int, tuple[np.ndarray, Any]] = {}  # id(nchw) -> (nchw, upload)
         self._pending: list[list[Any]] = []  # this step's [stage, frames, seconds]
@@ -339,8 +342,12 @@ class Step:
 
     def _task(self, chunk: list[Frame]) -> None:
         start = time.perf_counter()
-        outputs = self.backend.task(gather(self.backend, [f.feat for f in chunk]))  # type: ignore[misc]
+        feat = gather(self.backend, [f.feat for f in chunk])  # type: ignore[misc]
+        outputs = self.backend.task(feat)
+        host = self.backend.to_host(feat) if self.features else None
         for j, f in enumerate(chunk):
+            if host is not None:
+                f.features = host[j]
             f.task_out, f.row = outputs, j
             f.image = f.feat = None
         self._call("task", chunk, time.perf_counter() - start)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from dff.commands.demo import DEMO_TASKS, demo_engines, ensure_demo_engines
 from dff.errors import DffError
-from dff.export.manifest import load_manifest
+from dff.export.manifest import FLOW_SOURCES, load_manifest
 from dff.export.profile import Shape, parse_shape
 from dff.runtime.backends import ALIASES, KINDS, PRECISIONS, Backend
+from dff.runtime.flows import DEFAULT_PRESET, DEFAULT_SCALE, PRESETS, DisFlow, pick_flow
 from dff.runtime.loaders import open_backend, pick_auto
 from dff.runtime.video import parse_size
 from dff.tasks import SEGMENTATION
@@ -92,6 +93,29 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
 
 
+def add_flow_args(p: argparse.ArgumentParser) -> None:
+    """--flow, --dis-preset, --dis-scale: where non-key frames' flow comes from
+    (runtime/flows.py), shared by dff-run, dff-profile and dff-eval."""
+    p.add_argument("--flow", choices=FLOW_SOURCES, default=None,
+                   help="learned: the export's flow graph; dis: OpenCV's DIS optical flow on "
+                        "the host, warped by the export's warp graph (default: the export's "
+                        "manifest 'flow.default')")
+    p.add_argument("--dis-preset", choices=PRESETS, default=DEFAULT_PRESET,
+                   help=f"--flow dis: DIS's preset (default: {DEFAULT_PRESET})")
+    p.add_argument("--dis-scale", type=float, default=DEFAULT_SCALE, metavar="F",
+                   help="--flow dis: DIS works on the frame at this fraction of each side "
+                        f"(default: {DEFAULT_SCALE})")
+
+
+def choose_flow(args: argparse.Namespace, manifest: dict | None, where: str,
+                backend: Backend | None = None) -> DisFlow | None:
+    """The flow source of --flow (else the manifest's default): None for the learned flow
+    graph, a DisFlow for DIS; refused (FlowError) where the export or backend lacks it."""
+    return pick_flow(args.flow, manifest, where,
+                     backend.flow_sources if backend is not None else None,
+                     args.dis_preset, args.dis_scale)
+
+
 def check_backend_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.checkpoint and not ALIASES.get(args.backend, args.backend).startswith("torch"):
         parser.error("--checkpoint applies to the torch backends only (--backend torch)")
@@ -164,7 +188,11 @@ def backend_label(report: dict) -> str:
 
 
 def schedule_label(summary: dict) -> str:
-    """'adaptive, key interval 10, key budget 0.1': a run summary's schedule."""
+    """'adaptive, key interval 10, key budget 0.1': a run summary's schedule (and its flow
+    source where it is not the learned flow graph)."""
+    flow = summary.get("flow") or {}
     return (summary["schedule_name"]
             + (f", key interval {summary['key_interval']}" if summary["key_interval"] else "")
-            + (f", key budget {summary['key_budget']:g}" if summary.get("key_budget") else ""))
+            + (f", key budget {summary['key_budget']:g}" if summary.get("key_budget") else "")
+            + (f", flow dis ({flow['preset']}, scale {flow['scale']:g})"
+               if flow.get("source") == "dis" else ""))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dff.commands.common import (
     add_backend_args,
+    add_flow_args,
     backend_label,
     check_backend_args,
     choose_backend,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time each DFF stage alone and the pipeline end to end at several key "
                     "intervals, on real frames of a synthetic clip.")
     add_backend_args(p)
+    add_flow_args(p)
     p.add_argument("--warmUp", type=float, default=200.0, metavar="MS",
                    help="warm up each stage for this many ms before timing (default: 200)")
     how_long = p.add_mutually_exclusive_group()

@@ -25,10 +25,12 @@ import numpy as np
 from dff.commands.common import (
     Log,
     add_backend_args,
+    add_flow_args,
     backend_label,
     budget_arg,
     check_backend_args,
     choose_backend,
+    choose_flow,
     guarded,
     int_at_least,
     resolve_engines,
@@ -129,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input video (with --demo: default, a synthetic clip in ./dff-demo/); "
                         "several run together as batched streams, with --output-dir")
     add_backend_args(p)
+    add_flow_args(p)
     p.add_argument("-k", "--key-interval", type=int_at_least(1), metavar="K",
                    help="frames per key frame (default: the manifest's key_interval); the "
                         "adaptive schedule's longest gap")
@@ -450,8 +453,9 @@ def _run_local(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     backend, reason = choose_backend(args, engine_dir, say)
     try:
         check_quality(backend, schedulers, args.checkpoint or str(engine_dir))
-        runtime = (StreamPipeline(backend, schedulers, max_batch=args.max_batch) if streams
-                   else Pipeline(backend, schedulers[0]))
+        flow = choose_flow(args, manifest, str(engine_dir), backend)
+        runtime = (StreamPipeline(backend, schedulers, max_batch=args.max_batch, flow=flow)
+                   if streams else Pipeline(backend, schedulers[0], flow=flow))
         writers = _writers(videos, sizes, paths, manifest["class_names"], args, kind)
         bar = _progress(videos, args.max_frames, args.quiet)
         try:

@@ -15,12 +15,14 @@ transfers or not).
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from dff.runtime.backends import Backend
+from dff.runtime.flows import DisFlow
 from dff.runtime.loop import Pipeline, StreamPipeline
 from dff.runtime.scheduler import make_scheduler
 
@@ -125,9 +127,13 @@ def time_stage(backend: Backend, call: Callable[..., Any], inputs: Callable[[int
     }
 
 
-def profile_stages(backend: Backend, frames: np.ndarray, batch: int, **timing: Any) -> dict:
+def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
+                   flow: DisFlow | None = None, **timing: Any) -> dict:
     """Each stage alone on real data: frames batched `batch` at a time (cycling), flow against
-    the clip's first frame, task on the features of real frames."""
+    the clip's first frame, task on the features of real frames. With a host `flow` (DIS), the
+    flow stage is DIS on the host (the current frames' grey images made inside it, the key
+    frame's once before, as the step does) and the warp graph; `dis` and `warp` are also
+    timed alone."""
     n = len(frames)
     images = [np.ascontiguousarray(np.stack([frames[(i + j) % n] for j in range(batch)])
                                    .transpose(0, 3, 1, 2)) for i in range(n)]
@@ -139,8 +145,26 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int, **timing: A
         "task": lambda i: [feats[i % len(feats)]],
     }
     calls = {"feature": backend.feature, "flow": backend.flow, "task": backend.task}
+    extra = {}
+    if flow is not None:
+        key_grey = flow.prepare(frames[0])
+        cells = (frames.shape[1] // backend.stride, frames.shape[2] // backend.stride)
+        turn = itertools.count()
+
+        def dis() -> np.ndarray:  # the next `batch` frames' flows to the clip's first
+            i = next(turn)
+            current = [flow.prepare(frames[1 + (i + j) % (n - 1)]) for j in range(batch)]
+            return flow.batch(current, [key_grey] * batch, cells)
+
+        key_feats = np.ascontiguousarray(np.repeat(key_feat, batch, axis=0))
+        calls["flow"] = lambda key: backend.warp(key, backend.upload(dis()))
+        inputs["flow"] = lambda i: [key_feats]
+        flows = [dis() for _ in range(min(n, 8))]
+        extra = {"dis": time_stage(backend, lambda: dis(), lambda i: [], **timing),
+                 "warp": time_stage(backend, backend.warp,
+                                    lambda i: [key_feats, flows[i % len(flows)]], **timing)}
     return {stage: time_stage(backend, calls[stage], inputs[stage], **timing)
-            for stage in STAGES}
+            for stage in STAGES} | extra
 
 
 def predicted_speedup(k: int, r: float) -> float:
@@ -149,11 +173,11 @@ def predicted_speedup(k: int, r: float) -> float:
 
 
 def profile_end_to_end(backend: Backend, frames: np.ndarray, intervals: Sequence[int],
-                       r: float) -> list[dict]:
+                       r: float, flow: DisFlow | None = None) -> list[dict]:
     """The pipeline over `frames` once per key interval (fixed schedule, batch 1)."""
     rows = []
     for k in intervals:
-        pipe = Pipeline(backend, make_scheduler("fixed", k))
+        pipe = Pipeline(backend, make_scheduler("fixed", k), flow=flow)
         for _ in pipe.run(iter(frames)):
             pass
         s = pipe.summary()
@@ -169,13 +193,15 @@ def profile_end_to_end(backend: Backend, frames: np.ndarray, intervals: Sequence
     return rows
 
 
-def profile_streams(backend: Backend, frames: np.ndarray, n: int, k: int) -> dict:
+def profile_streams(backend: Backend, frames: np.ndarray, n: int, k: int,
+                    flow: DisFlow | None = None) -> dict:
     """One stream through Pipeline, then `n` copies of it through StreamPipeline, fixed
     schedule at key interval `k`: fps of each, per stream, and the ratio of the totals."""
-    one = Pipeline(backend, make_scheduler("fixed", k))
+    one = Pipeline(backend, make_scheduler("fixed", k), flow=flow)
     for _ in one.run(iter(frames)):
         pass
-    runtime = StreamPipeline(backend, [make_scheduler("fixed", k) for _ in range(n)])
+    runtime = StreamPipeline(backend, [make_scheduler("fixed", k) for _ in range(n)],
+                             flow=flow)
     for _ in runtime.run([iter(frames) for _ in range(n)]):
         pass
     single, s = one.summary()["fps"], runtime.summary()

@@ -22,6 +22,7 @@ from dff.commands.common import (
     backend_label,
     check_backend_args,
     choose_backend,
+    choose_flow,
     guarded,
     int_at_least,
     resolve_engines,
@@ -112,15 +113,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                        "first")
     backend, reason = choose_backend(args, engine_dir, print)
     try:
+        flow = choose_flow(args, manifest, str(engine_dir), backend)
         frames = make_clip(EVAL_SEEDS[0], args.frames, height, width).frames
         timing = {"transfers": not args.noDataTransfers, "warmup_s": args.warmUp / 1000,
                   "iterations": args.iterations, "duration_s": args.duration}
-        stages = profile_stages(backend, frames, batch, **timing)
+        stages = profile_stages(backend, frames, batch, flow, **timing)
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
         r = (med["flow"] + med["task"]) / (med["feature"] + med["task"])
-        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r)
-        streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]))
-                   if args.streams > 1 else None)
+        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow)
+        streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]),
+                                   flow) if args.streams > 1 else None)
         name, precision, int8_check = backend.name, backend.precision, backend.int8_check
     finally:
         backend.close()
@@ -133,6 +135,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "iterations": args.iterations, "duration_s": None if args.iterations else args.duration,
         "noDataTransfers": args.noDataTransfers, "useCudaGraph": args.useCudaGraph,
         "stages": stages, "r": r, "end_to_end": end_to_end,
+        "flow": flow.settings() if flow is not None else {"source": "learned"},
     }
     if streams is not None:  # N = 1 keeps the report as it was
         result["streams"] = streams
@@ -156,10 +159,12 @@ def format_report(res: dict) -> list[str]:
     # 8 characters a column, wider where a latency needs it (a paper-scale trunk: seconds)
     wide = max(8, 1 + max(len(f"{res['stages'][st]['latency_ms'][k]:.3f}")
                           for st in STAGES for k in stats))
-    columns = (f"{'stage (ms)':<13}" + "".join(f"{k:>{wide}}" for k in stats)
+    dis = res.get("flow", {}).get("source") == "dis"
+    name = 16 if dis else 13  # "flow (DIS+warp)"
+    columns = (f"{'stage (ms)':<{name}}" + "".join(f"{k:>{wide}}" for k in stats)
                + f"{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")
     lines = [head, "", columns]
-    for stage in STAGES:
+    for stage in (*STAGES, *(("dis", "warp") if dis else ())):
         s = res["stages"][stage]
         lat = s["latency_ms"]
         if s["gpu_compute_ms"] is None:
@@ -167,8 +172,9 @@ def format_report(res: dict) -> list[str]:
         else:
             gpu = " / ".join("-" if s[k] is None else f"{s[k]['median']:.3f}"
                              for k in ("h2d_ms", "gpu_compute_ms", "d2h_ms"))
-        label = "flow (+warp)" if stage == "flow" else stage
-        lines.append(f"{label:<13}" + "".join(f"{lat[k]:>{wide}.3f}" for k in stats)
+        label = {"flow": "flow (DIS+warp)" if dis else "flow (+warp)", "dis": "  DIS (host)",
+                 "warp": "  warp"}.get(stage, stage)
+        lines.append(f"{label:<{name}}" + "".join(f"{lat[k]:>{wide}.3f}" for k in stats)
                      + f"{s['throughput_qps']:>9.1f}{s['enqueue_ms']['median']:>9.3f}  {gpu}")
     lines.append(f"r = (flow + task) / (feature + task) = {res['r']:.3f} (latency medians)")
     _, h, w = res["shape"]

@@ -697,9 +697,12 @@ def merge_decode(task: onnx.ModelProto, decode: onnx.ModelProto, names: list[str
 def check_parity(whole: onnx.ModelProto, paths: Mapping[str, Path], tensor: str,
                  outputs: list[str], pre: Preprocess, cases: list[parity_mod.Case],
                  tolerance: float, decode: Any = None, kind: str = tasks.RAW,
-                 raw_task: Path | None = None) -> list[parity_mod.Row]:
+                 raw_task: Path | None = None, decode_path: Path | None = None,
+                 frames: int = 100) -> list[parity_mod.Row]:
     """feature then task against the whole model (ORT both); with a decode, task.onnx on the
-    whole model's features against the torch decode of the whole model's outputs."""
+    whole model's features against the torch decode of the whole model's outputs, and the
+    decode's ONNX against torch on `frames` sets of random heads (uniform in [0, 1], each
+    output's shape: a model's outputs on plain frames may hold nothing above the threshold)."""
     run = parity_mod.onnxruntime_runner()
     session = _session(whole)
     source = whole.graph.input[0].name
@@ -729,7 +732,31 @@ def check_parity(whole: onnx.ModelProto, paths: Mapping[str, Path], tensor: str,
         else:
             rows += [parity_mod.compare("task+decode", n, case.name, want_np[n], got.get(n),
                                         tolerance) for n in names]
+    if decode is not None and decode_path is not None:
+        rows += _random_heads(decode, decode_path, ref, outputs, kind, tolerance, frames)
     return rows
+
+
+def _random_heads(decode: Any, path: Path, ref: Mapping[str, np.ndarray], outputs: list[str],
+                  kind: str, tolerance: float, frames: int) -> list[parity_mod.Row]:
+    import torch
+
+    rng = np.random.default_rng(0)
+    names = [o.name for o in tasks.OUTPUTS[kind]]
+    heads = {o: rng.uniform(0, 1, (frames, *ref[o].shape[1:])).astype(ref[o].dtype)
+             for o in outputs}
+    with torch.no_grad():
+        want = {n: v.numpy() for n, v in zip(names, decode(*(torch.from_numpy(heads[o])
+                                                              for o in outputs)))}
+    got = parity_mod.onnxruntime_runner()("decode", os.fspath(path),
+                                          {f"decode_in/{o}": heads[o] for o in outputs})
+    case = f"random heads {frames}x{'x'.join(map(str, ref[outputs[0]].shape[2:]))}"
+    if kind == tasks.DETECTION:
+        r = parity_mod.compare_detections(case, want, got, tolerance)
+        return [parity_mod.Row("decode", r.output, r.case, r.metric, r.value, r.tolerance,
+                               r.passed, r.peak, r.detail)]
+    return [parity_mod.compare("decode", n, case, want[n], got.get(n), tolerance)
+            for n in names]
 
 
 def parity_cases(shape: Shape) -> list[parity_mod.Case]:
@@ -835,7 +862,11 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
     feature, task_graph, specs = extract(dynamic, feature_output, outputs, p, pre)
     decoder = None
     if decode is not None:
-        decoder = _decode_module(load_decode(decode, decode_args, score_threshold), task)
+        made = load_decode(decode, decode_args, score_threshold)
+        if score_threshold is None:  # the decode's own, where it says
+            own = getattr(made, "score_threshold", None)
+            score_threshold = float(own) if isinstance(own, (int, float)) else None
+        decoder = _decode_module(made, task)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SplitError(f"{out}: exists and is not a folder; pick another -o")
@@ -871,7 +902,8 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
             f"CPU, random and clip frames at {format_shape(shape)} ...")
         cases = parity_cases(shape)  # type: ignore[arg-type]
         rows = check_parity(dynamic, paths, feature_output, outputs, pre, cases, tolerance,
-                            decoder, task, raw_task)
+                            decoder, task, raw_task,
+                            tmp / "decode.onnx" if decoder is not None else None)
         log(parity_mod.format_table(rows))
         parity_mod.require_pass(rows)
         onnx.save(onnx_op.warp_graph(p.channels, onnx_op.DEFAULT_OPSET),

@@ -217,8 +217,9 @@ def apply_norm_scale(mods: DFFModules, norm_scale: int | None = None) -> DFFModu
         raise ModuleError(f"--norm-scale {norm_scale}, but the modules say norm_scale="
                           f"{mods.norm_scale}; give one")
     scale = norm_scale if norm_scale is not None else mods.norm_scale
-    values = pixel_scale({n: getattr(mods, n) for n in _NORM_DEFAULTS}, scale, _NORM_DEFAULTS)
-    return replace(mods, **values, norm_scale=255)
+    values: dict[str, Any] = pixel_scale({n: getattr(mods, n) for n in _NORM_DEFAULTS}, scale,
+                                         _NORM_DEFAULTS)
+    return replace(mods, norm_scale=255, **values)
 
 
 def check_metadata(mods: DFFModules) -> None:

@@ -46,16 +46,16 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
-
-import dff
-from dff import tasks
-from dff.errors import DffError
 from dff.export import manifest as manifest_mod
 from dff.export import parity as parity_mod
 from dff.export.modules import ModuleError, pixel_scale
 from dff.export.profile import Profile, Shape, format_shape, make_profile
 from dff.plugins import onnx_op
+from onnx import TensorProto, helper, numpy_helper
+
+import dff
+from dff import tasks
+from dff.errors import DffError
 
 Log = Callable[[str], None]
 
@@ -270,7 +270,7 @@ def make_dynamic(model: onnx.ModelProto, tensor: str) -> onnx.ModelProto:
 def _elem_type(model: onnx.ModelProto, name: str) -> int:
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - an old model inference rejects: assume float
         return TensorProto.FLOAT
     for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
         if v.name == name and v.type.tensor_type.elem_type:
@@ -350,7 +350,7 @@ def probe(dynamic: onnx.ModelProto, tensor: str, size: tuple[int, int], fixed_hw
     try:
         two = at(2, size)
         batch_free = all(v.ndim > 0 and v.shape[0] == 2 for v in two.values())
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure at batch 2: batch fixed at 1
         two, batch_free = {}, False
     strides = []
     for run, hw in zip(runs, (size, big)):
@@ -544,7 +544,7 @@ def _spec(name: str, dtype: str, shape: Sequence) -> dict:
 def _np_type(elem: int) -> str:
     try:
         return np.dtype(helper.tensor_dtype_to_np_dtype(elem)).name
-    except Exception:
+    except Exception:  # noqa: BLE001 - a type numpy lacks
         return "float32"
 
 
@@ -640,7 +640,7 @@ def export_decode(module: Any, heads: Mapping[str, np.ndarray], names: list[str]
     # a forward with one named argument per output, h0, h1, ... (dynamic_shapes names them)
     sig = ", ".join(f"h{i}" for i in range(len(names)))
     ns: dict[str, Any] = {}
-    exec(f"def forward(self, {sig}):\n    return self.inner({sig})\n", ns)
+    exec(f"def forward(self, {sig}):\n    return self.inner({sig})\n", ns)  # noqa: S102 - named args for dynamic_shapes
     Wrap = type("DecodeInputs", (torch.nn.Module,), {"forward": ns["forward"]})
     try:
         with _quiet(not verbose), torch.no_grad():
@@ -772,7 +772,7 @@ def _numbers(name: str, values: Sequence[float] | None) -> tuple[float, float, f
     v = tuple(float(x) for x in values)
     if len(v) != 3:
         raise SplitError(f"--{name} {list(values)}: give three numbers, one per channel")
-    return v  # type: ignore[return-value]
+    return v
 
 
 def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
@@ -821,7 +821,7 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
         raise SplitError(str(e)) from None
     if not all(v > 0 for v in values["std"]):
         raise SplitError(f"--std {list(values['std'])}: every std must be positive")
-    pre = Preprocess(values["mean"], values["std"], bgr)  # type: ignore[arg-type]
+    pre = Preprocess(values["mean"], values["std"], bgr)
     image = _image_input(model, model_path)
     if image.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise SplitError(f"--onnx {model_path}: input {image.name!r} is "
@@ -900,7 +900,7 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
         shape = (2 if p.batch_free and profile.max[0] >= 2 else 1, *profile.opt[1:])
         log(f"parity: feature.onnx then task.onnx against the whole model, both on ONNX Runtime "
             f"CPU, random and clip frames at {format_shape(shape)} ...")
-        cases = parity_cases(shape)  # type: ignore[arg-type]
+        cases = parity_cases(shape)
         rows = check_parity(dynamic, paths, feature_output, outputs, pre, cases, tolerance,
                             decoder, task, raw_task,
                             tmp / "decode.onnx" if decoder is not None else None)
@@ -930,7 +930,6 @@ def build_manifest(model_path: Any, tensor: str, directory: Path, specs: dict,
                    decode_args: Mapping[str, Any] | None, frames: dict[str, int],
                    dropped: int, model: onnx.ModelProto) -> dict:
     import onnxruntime
-
     from dff.export.exporter import warp_entry
 
     outputs = [s["name"] for s in specs["task"][1]]

@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from dff.commands import export as export_cmd
 from dff.export import manifest as manifest_mod
 from dff.export import onnx_split
 from dff.export.modules import DFFModules, ModuleError, apply_norm_scale, pixel_scale
@@ -23,6 +22,7 @@ from dff.runtime.backends import task_spec
 from torch import nn
 
 from dff import tasks
+from dff.commands import export as export_cmd
 
 DECODE = Path(__file__).resolve().parents[1] / "examples/real_footage/centerface_decode.py"
 
@@ -204,7 +204,7 @@ def test_detection_decode_merged_after_the_task(tiny, tmp_path, capsys):
 
     image = np.random.default_rng(2).integers(0, 256, (1, 3, 64, 64), dtype=np.uint8)
     feat = ort.InferenceSession(str(out / "feature.onnx")).run(None, {"image": image})[0]
-    boxes, scores, classes, num = ort.InferenceSession(str(out / "task.onnx")).run(
+    boxes, _, classes, num = ort.InferenceSession(str(out / "task.onnx")).run(
         None, {"feat": feat})
     assert boxes.shape == (1, 20, 4) and classes.dtype == np.int32 and num.shape == (1,)
 
@@ -225,7 +225,7 @@ def centerface() -> Path:
         from dff.data import real  # type: ignore[attr-defined]
 
         path = Path(real.path("centerface.onnx"))
-    except Exception as e:  # no such module yet, or the file is not here
+    except Exception as e:  # noqa: BLE001 - no such module yet, or the file is not here
         pytest.skip(f"CenterFace not available ({type(e).__name__})")
     if not path.is_file():
         pytest.skip(f"{path} missing")
@@ -243,3 +243,20 @@ def test_centerface_raw_and_detection(centerface, tmp_path, capsys):
                             "--task", "detection", "--decode", f"{DECODE}:make_decode",
                             "--class-names", "face", "-o", str(det)]) == 0
     assert manifest_mod.load_manifest(det)["export"]["parity"]["passed"]
+
+
+def test_raw_outputs_go_to_one_npz_per_video(tmp_path):
+    from dff.runtime.writers import ResultWriter
+
+    path, jsonl = tmp_path / "clip.dff.npz", tmp_path / "clip.jsonl"
+    frame = np.zeros((8, 8, 3), np.uint8)
+    with ResultWriter(path, jsonl, 10.0, (8, 8), [], task=tasks.RAW) as writer:
+        assert not path.exists()  # staged until the run succeeds
+        for i in range(3):
+            writer.write(i, frame, {"537": np.full((1, 2, 2), i, np.float32)}, i == 0,
+                         {"task": 1.0})
+    data = np.load(path)
+    assert sorted(data.files)[:2] == ["000000/537", "000000/is_key"]
+    assert data["000002/537"].tolist() == [[[2.0, 2.0], [2.0, 2.0]]]
+    assert bool(data["000000/is_key"]) and not bool(data["000001/is_key"])
+    assert json.loads(jsonl.read_text().splitlines()[1])["outputs"] == {"537": [1, 2, 2]}

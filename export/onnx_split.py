@@ -1,6 +1,6 @@
 """dff-export --onnx: a per-frame ONNX model split at a tensor into feature.onnx and task.onnx.
 
-docs/DESIGN.md §16. The user's model takes a float image [N,3,H,W] and gives its outputs; the
+docs/DESIGN.md §19. The user's model takes a float image [N,3,H,W] and gives its outputs; the
 tensor named by --feature-output (the "features", [N,C,h,w], h = H/stride) becomes the cut:
 
 - feature.onnx: `image` uint8 [N,3,H,W] RGB 0..255 -> `feat` float32 [N,C,h,w]: our

@@ -49,7 +49,7 @@ examples:
   dff-export --onnx centerface.onnx --feature-output 535 --bgr --task detection \
       --decode examples/real_footage/centerface_decode.py:make_decode --class-names face
 
---onnx (docs/DESIGN.md §16): feature.onnx is image uint8 RGB [N,3,H,W] -> the model's graph
+--onnx (docs/DESIGN.md §19): feature.onnx is image uint8 RGB [N,3,H,W] -> the model's graph
 up to TENSOR, with the cast, the channel flip (--bgr) and (x - mean) / std put in front;
 task.onnx is TENSOR (as feat) -> the model's outputs, names unchanged (--task raw; dff-run
 writes them per frame to .npz), or, with --decode, the segmentation or detection contract.

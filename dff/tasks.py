@@ -15,7 +15,11 @@ from typing import Any
 from dff.errors import DffError
 
 SEGMENTATION, DETECTION = "segmentation", "detection"
-KINDS = (SEGMENTATION, DETECTION)
+KINDS = (SEGMENTATION, DETECTION)  # the kinds a dff-trt model or a user's modules have
+# "raw": dff-export --onnx's task graph passes a model's own outputs through, names and all;
+# its outputs are whatever the model gives (the manifest's task.outputs lists them)
+RAW = "raw"
+ALL_KINDS = (*KINDS, RAW)  # what a manifest's task.kind may be
 # --demo NAME: a task's shipped model, or "rfcn", the detection model with the paper's R-FCN head
 RFCN = "rfcn"
 DEMOS = (*KINDS, RFCN)
@@ -42,18 +46,20 @@ OUTPUTS: dict[str, tuple[Output, ...]] = {
         Output("classes", "int32", ("N", "K"), "class index into class_names; -1 in padding"),
         Output("num", "int32", ("N",), "rows in use (scores above score_threshold)"),
     ),
+    RAW: (),  # the model's own: task_entry(RAW, outputs=[...])
 }
-OPTIONAL = {SEGMENTATION: ("probs",), DETECTION: ()}  # dff-export --probs: softmax [N,C,H,W]
+OPTIONAL = {SEGMENTATION: ("probs",), DETECTION: (), RAW: ()}  # dff-export --probs: softmax [N,C,H,W]
 
 
 class TaskError(DffError):
     """A task that is unknown, or outputs that do not match their task."""
 
 
-def check_kind(kind: Any, where: str, fix: str) -> str:
-    """`kind` if it is a known task, else TaskError naming `where` (a file and field) and `fix`."""
-    if kind not in KINDS:
-        raise TaskError(f"{where} is {kind!r}, expected one of {', '.join(KINDS)}; {fix}")
+def check_kind(kind: Any, where: str, fix: str, kinds: tuple[str, ...] = KINDS) -> str:
+    """`kind` if it is one of `kinds` (a model's: segmentation, detection; a manifest's: those
+    and raw), else TaskError naming `where` (a file and field) and `fix`."""
+    if kind not in kinds:
+        raise TaskError(f"{where} is {kind!r}, expected one of {', '.join(kinds)}; {fix}")
     return str(kind)
 
 
@@ -62,8 +68,14 @@ def output_names(kind: str) -> list[str]:
 
 
 def task_entry(kind: str, *, max_detections: int = MAX_DETECTIONS,
-               score_threshold: float = SCORE_THRESHOLD, probs: bool = False) -> dict[str, Any]:
-    """The manifest's `task` object for a graph set of `kind`."""
+               score_threshold: float = SCORE_THRESHOLD, probs: bool = False,
+               outputs: list[str] | None = None) -> dict[str, Any]:
+    """The manifest's `task` object for a graph set of `kind`; `outputs`: a raw task's, the
+    model's own output names in order."""
+    if kind == RAW:
+        if not outputs or not all(isinstance(o, str) and o for o in outputs):
+            raise TaskError(f"a raw task needs its outputs' names, got {outputs!r}")
+        return {"kind": RAW, "outputs": list(outputs)}
     entry: dict[str, Any] = {"kind": kind,
                              "outputs": output_names(kind) + (["probs"] if probs else [])}
     if kind == DETECTION:
@@ -81,8 +93,17 @@ def check_task_entry(entry: Any, graph_outputs: list[str], where: str, fix: str)
     if not isinstance(entry, dict):
         raise TaskError(f"{where}: field 'task' is {type(entry).__name__}, expected an object "
                         f"{{kind, outputs, ...}}; {fix}")
-    kind = check_kind(entry.get("kind"), f"{where}: field 'task.kind'", fix)
+    kind = check_kind(entry.get("kind"), f"{where}: field 'task.kind'", fix, ALL_KINDS)
     outputs = entry.get("outputs")
+    if kind == RAW:  # the model's own outputs, whatever they are
+        if (not isinstance(outputs, list) or not outputs
+                or not all(isinstance(o, str) and o for o in outputs)):
+            raise TaskError(f"{where}: field 'task.outputs' is {outputs!r}, but a raw task lists "
+                            f"its outputs' names; {fix}")
+        if graph_outputs != outputs:
+            raise TaskError(f"{where}: task.onnx outputs {graph_outputs}, but field "
+                            f"'task.outputs' says {outputs}; {fix}")
+        return entry
     want = output_names(kind)
     extra = [o for o in outputs or [] if o not in want]
     if (not isinstance(outputs, list) or outputs[:len(want)] != want

@@ -117,18 +117,22 @@ def export_modules(out_dir: str | os.PathLike[str], *, feature: torch.nn.Module,
                    flow_mean: Sequence[float] = modules_mod.UNIT_MEAN,
                    flow_std: Sequence[float] = modules_mod.UNIT_STD, key_interval: int = 10,
                    min_shape: Shape | None = None, opt_shape: Shape | None = None,
-                   max_shape: Shape | None = None, **export_options: Any) -> ExportResult:
+                   max_shape: Shape | None = None, norm_scale: int | None = None,
+                   **export_options: Any) -> ExportResult:
     """Export your own feature, flow and task modules (the contract: dff.export.modules) as
     dff-export does a checkpoint: three graphs, checks, parity and manifest.json. Means and
-    stds are on the 0..255 pixel scale. `export_options`: simplify, probs, tolerance, verbose,
-    log, max_detections and score_threshold (detection)."""
+    stds are on the 0..255 pixel scale, or on [0,1] with `norm_scale=1` (then times 255 into
+    the manifest); stds all below 1 without `norm_scale` are refused (modules.pixel_scale).
+    `export_options`: simplify, probs, tolerance, verbose, log, max_detections and
+    score_threshold (detection)."""
     extra = {k: export_options.pop(k) for k in ("max_detections", "score_threshold")
              if k in export_options}
     mods = modules_mod.DFFModules(
         feature=feature, flow=flow, task=task, class_names=tuple(class_names),
         input_size=tuple(input_size), kind=kind, stride=stride, feature_mean=tuple(feature_mean),
         feature_std=tuple(feature_std), flow_mean=tuple(flow_mean), flow_std=tuple(flow_std),
-        key_interval=key_interval, source={"api": "dff.export.export_modules"}, **extra)
+        key_interval=key_interval, source={"api": "dff.export.export_modules"},
+        norm_scale=norm_scale, **extra)
     return export_dff_modules(mods, out_dir, min_shape=min_shape, opt_shape=opt_shape,
                               max_shape=max_shape, **export_options)
 
@@ -138,14 +142,17 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
                        max_shape: Shape | None = None, simplify: bool = False,
                        probs: bool = False, tolerance: float = parity_mod.TOLERANCE,
                        verbose: bool = False, log: Log | None = None,
-                       facts: modules_mod.Facts | None = None) -> ExportResult:
-    """Export `mods` into `out_dir`; see the module docstring. The modules go to eval mode
+                       facts: modules_mod.Facts | None = None,
+                       norm_scale: int | None = None) -> ExportResult:
+    """Export `mods` into `out_dir`; see the module docstring. Means and stds go onto 0..255
+    first (`modules.apply_norm_scale`: `norm_scale`, else the modules' own). The modules go to eval mode
     (with a note when one was training) and are checked against the contract first
     (`modules.check_modules`); unset profile shapes default from `mods.input_size`. Raises a
     DffError (modules, profile, export, parity) and then writes nothing."""
     log = log or (lambda _: None)
     if simplify:
         require_onnxsim()
+    mods = modules_mod.apply_norm_scale(mods, norm_scale)
     modules_mod.check_metadata(mods)
     modules_mod.eval_mode(mods, log)
     profile = make_profile(list(mods.input_size), mods.stride, min_shape, opt_shape, max_shape)

@@ -18,7 +18,10 @@ The contract, for images of H×W and a stride s (h = H/s, w = W/s):
   and num [N] (dff/tasks.py), as a tuple in that order or a dict of those names.
 
 Means and stds are on the 0..255 pixel scale (the graphs take uint8 and normalise inside);
-mean 0 and std 1 hand the module the pixels as they are.
+mean 0 and std 1 hand the module the pixels as they are. Values on [0,1] (torchvision's
+convention) are taken when the caller says so, `norm_scale=1` (dff-export --norm-scale 1), and
+multiplied by 255; values that can only be on [0,1] (every std below 1) are refused when the
+caller does not say (`pixel_scale`), never silently taken as 0..255.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)  # ImageNet's (0.485, 0.456, 0.406) x 
 IMAGENET_STD = (58.395, 57.12, 57.375)  # (0.229, 0.224, 0.225) x 255
 UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)  # pixels to [0, 1]
 STRIDES = (8, 16, 32)
+NORM_SCALES = (255, 1)  # the scale means and stds are given on: 0..255 pixels, or [0, 1]
+# the DFFModules defaults, always on 0..255 whatever norm_scale says
+_NORM_DEFAULTS = {"feature_mean": IMAGENET_MEAN, "feature_std": IMAGENET_STD,
+                  "flow_mean": UNIT_MEAN, "flow_std": UNIT_STD}
 
 
 class ModuleError(DffError):
@@ -66,6 +73,9 @@ class DFFModules:
     max_detections: int = tasks.MAX_DETECTIONS  # detection: D, the task's rows per frame
     score_threshold: float = tasks.SCORE_THRESHOLD  # detection: rows at most this are padding
     source: dict[str, Any] = field(default_factory=dict)  # where they came from (the manifest)
+    # the scale the means and stds are on: 255 (0..255 pixels) or 1 ([0,1], times 255 on
+    # export); None: not said, and then stds all below 1 are refused (pixel_scale)
+    norm_scale: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +166,60 @@ def as_modules(made: Any, where: str) -> DFFModules:
                           "of its fields")
     mods.source.setdefault("factory", where)
     return mods
+
+
+def _norm_fix() -> str:
+    return ("say which scale they are on: norm_scale=1 (dff-export --norm-scale 1) for values "
+            "on [0,1], torchvision's convention (e.g. std 0.229, 0.224, 0.225; multiplied by 255 "
+            "into the manifest), or norm_scale=255 (--norm-scale 255) for values on 0..255 "
+            "pixels, mmdet's convention and the manifest's (e.g. std 58.395, 57.12, 57.375)")
+
+
+def pixel_scale(values: Mapping[str, Sequence[float]], norm_scale: int | None,
+                defaults: Mapping[str, Sequence[float]] | None = None) -> dict[str, tuple]:
+    """Means and stds (name -> three values) on the 0..255 pixel scale the graphs use.
+
+    `norm_scale` 255: as given; 1: given on [0,1], so times 255 (each value must then be at
+    most 1); None (not said): as given, but a std whose every value is below 1 can only be on
+    [0,1] and is refused, one line naming both conventions and the argument. Values equal to
+    their entry in `defaults` are the library's own, on 0..255 already, and stay as they are.
+    Raises ModuleError."""
+    defaults = defaults or {}
+    if norm_scale is not None and (isinstance(norm_scale, bool) or norm_scale not in NORM_SCALES):
+        raise ModuleError(f"norm_scale {norm_scale!r}: give 255 (means and stds on 0..255 "
+                          "pixels) or 1 (on [0,1])")
+    out = {}
+    for name, value in values.items():
+        value = tuple(float(v) for v in value)
+        if name in defaults and value == tuple(float(v) for v in defaults[name]):
+            out[name] = value
+            continue
+        if norm_scale is None and name.endswith("std") and value and all(v < 1 for v in value):
+            raise ModuleError(f"{name} {list(value)}: every std is below 1, so it can only be on "
+                              "the [0,1] scale, but dff-trt's graphs take 0..255 pixels; "
+                              + _norm_fix())
+        if norm_scale == 1:
+            if any(v > 1 for v in value):
+                raise ModuleError(f"{name} {list(value)}: norm_scale=1 (--norm-scale 1) says "
+                                  "the values are on [0,1], but one is above 1; drop it, or "
+                                  "pass norm_scale=255 (--norm-scale 255) for 0..255 values")
+            value = tuple(v * 255.0 for v in value)
+        out[name] = value
+    return out
+
+
+def apply_norm_scale(mods: DFFModules, norm_scale: int | None = None) -> DFFModules:
+    """`mods` with its means and stds on 0..255 (`pixel_scale`) and norm_scale 255; the scale
+    from `norm_scale` (dff-export --norm-scale) or else the modules' own `norm_scale`."""
+    from dataclasses import replace
+
+    if norm_scale is not None and mods.norm_scale is not None and norm_scale != mods.norm_scale:
+        raise ModuleError(f"--norm-scale {norm_scale}, but the modules say norm_scale="
+                          f"{mods.norm_scale}; give one")
+    scale = norm_scale if norm_scale is not None else mods.norm_scale
+    values: dict[str, Any] = pixel_scale({n: getattr(mods, n) for n in _NORM_DEFAULTS}, scale,
+                                         _NORM_DEFAULTS)
+    return replace(mods, norm_scale=255, **values)
 
 
 def check_metadata(mods: DFFModules) -> None:

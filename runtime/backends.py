@@ -66,7 +66,7 @@ def task_spec(manifest: dict, where: str = "manifest.json") -> dict[str, Any]:
     entry = manifest.get("task")
     fix = "re-export the model with this version's dff-export"
     if isinstance(entry, dict):
-        tasks.check_kind(entry.get("kind"), f"{where}: field 'task.kind'", fix)
+        tasks.check_kind(entry.get("kind"), f"{where}: field 'task.kind'", fix, tasks.ALL_KINDS)
         return entry
     kind = tasks.check_kind(entry, f"{where}: field 'task'", fix)
     specs = manifest["graphs"]["task"]["outputs"]

@@ -2,7 +2,10 @@
 
 Segmentation blends class colours over the frame and records labels as run-length codes with
 pixel counts per class; detection draws each box in its class's colour with the class name and
-score, and records `detections`, a list of {box, score, class, name}.
+score, and records `detections`, a list of {box, score, class, name}. A raw task (dff-export
+--onnx without a decode: the model's own outputs) has nothing to draw: its outputs go, frame by
+frame, into one .npz per video (`NpzWriter`), entries `<frame:06d>/<output>` and
+`<frame:06d>/is_key`; the JSONL records hold the frame, whether it was a key frame and times.
 
 Every output is staged in a temp file beside its target and moved into place only when the run
 succeeds, so a failed or interrupted run never leaves a half-written file where a good one is
@@ -27,7 +30,7 @@ from dff.runtime.video import (
     temp_beside,
 )
 
-from dff.tasks import DETECTION, SEGMENTATION
+from dff.tasks import DETECTION, RAW, SEGMENTATION
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -207,6 +210,36 @@ class JsonlWriter(StagedOutput):
             self._file = None
 
 
+class NpzWriter(StagedOutput):
+    """A raw task's outputs, one .npz per video written frame by frame (a zip of .npy entries,
+    so no frame waits in memory): `np.load(path)["000012/537"]` is output 537 of frame 12
+    ([1, ...] as the graph gave it for that frame), `"000012/is_key"` a bool. Appears at
+    `path` only on success (StagedOutput)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import zipfile
+
+        super().__init__(path)
+        assert self._tmp is not None
+        self._zip: Any = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.frames = 0
+
+    def write(self, index: int, outputs: Mapping[str, np.ndarray], is_key: bool) -> None:
+        if self._zip is None:
+            raise RuntimeError(f"{self.path}: write after close")
+        entries = {**{str(k): np.asarray(v) for k, v in outputs.items()},
+                   "is_key": np.asarray(bool(is_key))}
+        for name, array in entries.items():
+            with self._zip.open(f"{index:06d}/{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+        self.frames += 1
+
+    def finish(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
 def write_summary(path: str | os.PathLike[str], summary: Mapping[str, Any]) -> None:
     """Write `summary` as indented JSON, atomically (temp file beside `path`, then replace)."""
     path = Path(path)
@@ -242,7 +275,7 @@ class ResultWriter:
         if (video_path is not None and jsonl_path is not None
                 and Path(video_path).resolve() == Path(jsonl_path).resolve()):
             raise ValueError(f"video and JSONL outputs are the same file: {video_path}")
-        if task not in (SEGMENTATION, DETECTION):
+        if task not in (SEGMENTATION, DETECTION, RAW):
             raise ValueError(f"unknown task {task!r}")
         self.size = size
         self.class_names = tuple(class_names)
@@ -250,9 +283,12 @@ class ResultWriter:
         self.frames = 0
         self._counts = np.zeros(max(len(self.class_names), 1), np.int64)
         self.video: VideoWriter | None = None
+        self.npz: NpzWriter | None = None  # a raw task's outputs, in place of the video
         self.jsonl: JsonlWriter | None = None
         try:
-            if video_path is not None:
+            if video_path is not None and task == RAW:  # the outputs themselves, no drawing
+                self.npz = NpzWriter(video_path)
+            elif video_path is not None:
                 assert size is not None
                 self.video = VideoWriter(video_path, fps, size)
             if jsonl_path is not None:
@@ -262,7 +298,7 @@ class ResultWriter:
             raise
 
     def _outputs(self) -> list[StagedOutput]:
-        return [w for w in (self.video, self.jsonl) if w is not None]
+        return [w for w in (self.video, self.npz, self.jsonl) if w is not None]
 
     def write(self, index: int, frame: np.ndarray, outputs: Mapping[str, np.ndarray],
               is_key: bool, times: Mapping[str, float]) -> None:
@@ -270,6 +306,13 @@ class ResultWriter:
         [h,w], or `boxes`, `scores`, `classes` cut to the frame's detections), times in ms."""
         if self.task == DETECTION:
             self._write_detections(index, frame, outputs, is_key, times)
+        elif self.task == RAW:
+            if self.npz is not None:
+                self.npz.write(index, outputs, is_key)
+            if self.jsonl is not None:
+                self.jsonl.write({"frame": index, "key": bool(is_key),
+                                  "times_ms": {k: round(float(v), 3) for k, v in times.items()},
+                                  "outputs": {k: list(np.shape(v)) for k, v in outputs.items()}})
         else:
             self._write_labels(index, frame, outputs["labels"], is_key, times)
         self.frames += 1
@@ -328,10 +371,11 @@ class ResultWriter:
             raise
 
     def abort(self) -> None:
-        """Remove both temp files; the output paths are left as they were."""
+        """Remove the temp files; the output paths are left as they were."""
         try:
-            if self.video is not None:
-                self.video.abort()
+            for out in (self.video, self.npz):
+                if out is not None:
+                    out.abort()
         finally:
             if self.jsonl is not None:
                 self.jsonl.abort()

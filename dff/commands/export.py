@@ -1,5 +1,7 @@
 """`dff-export`: a DFF checkpoint, or your own modules (`--module package.module:factory`) ->
-feature.onnx, flow.onnx, task.onnx and manifest.json."""
+feature.onnx, flow.onnx, task.onnx and manifest.json; or a per-frame ONNX model split at a
+tensor (`--onnx MODEL.onnx --feature-output TENSOR`, export/onnx_split.py) -> feature.onnx,
+task.onnx, warp.onnx and manifest.json (flow: DIS on the host)."""
 
 from __future__ import annotations
 
@@ -42,6 +44,22 @@ examples:
   dff-export --module mymodels.dff:build --module-arg checkpoint=runs/mine.pt -o engines/
       # your own modules: build(**args) returns dff.export.DFFModules (README: "Deploy your
       # own model")
+  dff-export --onnx centerface.onnx --feature-output 535 --bgr -o cf/
+      # a per-frame ONNX model split at tensor 535 (raw task: its own outputs, per frame)
+  dff-export --onnx centerface.onnx --feature-output 535 --bgr --task detection \
+      --decode examples/real_footage/centerface_decode.py:make_decode --class-names face
+
+--onnx (docs/DESIGN.md §19): feature.onnx is image uint8 RGB [N,3,H,W] -> the model's graph
+up to TENSOR, with the cast, the channel flip (--bgr) and (x - mean) / std put in front;
+task.onnx is TENSOR (as feat) -> the model's outputs, names unchanged (--task raw; dff-run
+writes them per frame to .npz), or, with --decode, the segmentation or detection contract.
+No learned flow: the flow is DIS on the host, warped by warp.onnx. Defaults: mean 0, std 1
+on 0..255 (raw pixels), RGB, NCHW (NHWC is refused), --input-size the model's declared size
+when fixed and at least 64 a side, else 256x256. The stride is read from the shapes.
+Parity compares the split against the whole model with the same normalisation, so it cannot
+catch a wrong --mean/--std/--bgr: those are yours to say.
+Means and stds are on 0..255 unless --norm-scale 1 says [0,1] (then multiplied by 255);
+stds all below 1 without --norm-scale are refused (also for --module).
 """
 
 
@@ -63,6 +81,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="an argument for the --module factory (repeatable); VALUE is a Python "
                         "literal (1, 0.5, 'x', [1, 2], None), else a string")
+    p.add_argument("--norm-scale", type=int, choices=(255, 1), metavar="{255,1}",
+                   help="the scale --mean/--std (or the --module's means and stds) are on: 255 "
+                        "(0..255 pixels, the manifest's) or 1 ([0,1], torchvision's; multiplied "
+                        "by 255); stds all below 1 are refused unless you say")
+    onnx_group = p.add_argument_group("a per-frame ONNX model, split at a tensor (--onnx)")
+    onnx_group.add_argument("--onnx", metavar="MODEL.onnx",
+                            help="split this ONNX model (input a float image [N,3,H,W]) at "
+                                 "--feature-output into feature.onnx and task.onnx")
+    onnx_group.add_argument("--feature-output", metavar="TENSOR",
+                            help="--onnx: the tensor the heads read, [N,C,h,w] (the cut)")
+    onnx_group.add_argument("--bgr", action="store_true",
+                            help="--onnx: the model takes BGR (feature.onnx flips the channels)")
+    onnx_group.add_argument("--mean", type=float, nargs=3, metavar="M",
+                            help="--onnx: per-channel mean in the model's channel order "
+                                 "(default 0 0 0)")
+    onnx_group.add_argument("--std", type=float, nargs=3, metavar="S",
+                            help="--onnx: per-channel std in the model's channel order "
+                                 "(default 1 1 1)")
+    onnx_group.add_argument("--layout", default="NCHW", type=str.upper, choices=("NCHW", "NHWC"),
+                            help="--onnx: the model's layout; NCHW only (NHWC is refused)")
+    onnx_group.add_argument("--input-size", type=size_arg, metavar="HxW",
+                            help="--onnx: the opt shape's H x W (default: the model's declared "
+                                 "size when fixed and >= 64 a side, else 256x256)")
+    onnx_group.add_argument("--task", choices=("raw", "segmentation", "detection"),
+                            default="raw",
+                            help="--onnx: raw (default: the model's outputs, unchanged) or "
+                                 "segmentation/detection in the contract, with --decode")
+    onnx_group.add_argument("--decode", metavar="FILE.py:FUNC",
+                            help="--onnx: FUNC(**decode args) returns a torch module mapping the "
+                                 "model's outputs (in its order) to the task's contract")
+    onnx_group.add_argument("--decode-arg", action="append", default=[], metavar="NAME=VALUE",
+                            help="an argument for the --decode factory (repeatable)")
+    onnx_group.add_argument("--class-names", nargs="+", metavar="NAME",
+                            help="--onnx: class names (detection: one per class; commas also "
+                                 "separate)")
+    onnx_group.add_argument("--score-threshold", type=float, metavar="T",
+                            help="--onnx detection: rows at most T are padding (default: the "
+                                 "decode's score_threshold, passed to it, else 0.05)")
     p.add_argument("-o", "--output", default="engines", metavar="DIR",
                    help="output folder (default: engines/); existing files are replaced")
     for name in ("min", "opt", "max"):
@@ -89,24 +145,89 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if sum(map(bool, (args.demo, args.checkpoint, args.module))) > 1:
-        parser.error("give one of MODEL.pth, --demo and --module")
+    if sum(map(bool, (args.demo, args.checkpoint, args.module, args.onnx))) > 1:
+        parser.error("give one of MODEL.pth, --demo, --module and --onnx")
     if args.module_arg and not args.module:
         parser.error("--module-arg goes with --module")
+    check_onnx_args(parser, args)
     try:
         module_args = parse_module_args(args.module_arg)
+        decode_args = parse_module_args(args.decode_arg, "--decode-arg")
     except ValueError as e:
         parser.error(str(e))
+    args.decode_args = decode_args
     if not args.tolerance > 0:
         parser.error(f"--tolerance must be positive, got {args.tolerance}")
     check_build_args(parser, args)
     return guarded("dff-export", args.verbose, lambda: _export(args, module_args))
 
 
+_ONNX_ONLY = ("feature_output", "bgr", "mean", "std", "input_size", "decode", "decode_arg",
+              "class_names", "score_threshold")
+
+
+def check_onnx_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--onnx's options go with --onnx, and --onnx needs --feature-output."""
+    if not args.onnx:
+        given = [f"--{n.replace('_', '-')}" for n in _ONNX_ONLY if getattr(args, n)]
+        given += ["--layout"] * (args.layout != "NCHW") + ["--task"] * (args.task != "raw")
+        if given:
+            parser.error(f"{', '.join(given)}: go(es) with --onnx MODEL.onnx")
+        if args.norm_scale is not None and not args.module:
+            parser.error("--norm-scale goes with --onnx or --module (a dff-train checkpoint "
+                         "records its own normalisation)")
+        return
+    if not args.feature_output:
+        parser.error("--onnx needs --feature-output TENSOR, the tensor the model's heads read")
+    if args.probs or args.simplify:
+        parser.error("--probs and --simplify do not apply to --onnx")
+    if args.class_names:
+        args.class_names = [n for item in args.class_names for n in item.split(",") if n]
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """argparse `type=` for HxW (--input-size)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HxW (e.g. 288x352)") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sizes must be positive")
+    return h, w
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from dff.export.exporter import human_size
+    from dff.export.onnx_split import split_onnx
+
+    result = split_onnx(
+        args.onnx, args.feature_output, args.output, bgr=args.bgr, mean=args.mean,
+        std=args.std, norm_scale=args.norm_scale, layout=args.layout,
+        input_size=args.input_size, min_shape=args.min_shape, opt_shape=args.opt_shape,
+        max_shape=args.max_shape, task=args.task, decode=args.decode,
+        decode_args=args.decode_args, class_names=args.class_names or (),
+        score_threshold=args.score_threshold, tolerance=args.tolerance, verbose=args.verbose,
+        log=lambda line: print(line, flush=True))
+    m = result.manifest
+    print(f"\nwrote {result.directory}/ ({m['task']['kind']} task, stride {m['stride']}, "
+          f"C={m['feat_channels']}, profile min {format_shape(m['profile']['min'])}, "
+          f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}; "
+          "flow: DIS on the host):")
+    for name, path in result.files.items():
+        print(f"  {name:<14} {human_size(path):>10}")
+    print(parity_summary(result.rows))
+    if args.build or args.precision or args.workspace is not None:
+        return build_after_export(result.directory, args)
+    return 0
+
+
 def _export(args: argparse.Namespace, module_args: dict) -> int:
     # imported here so that --help and argument errors come back without loading torch
     from dff.export.exporter import export_model, human_size
 
+    if args.onnx:
+        return _export_onnx(args)
     options: dict[str, Any] = {
         "min_shape": args.min_shape, "opt_shape": args.opt_shape,
         "max_shape": args.max_shape, "simplify": args.simplify, "probs": args.probs,
@@ -117,7 +238,7 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
         from dff.export.modules import load_factory
 
         result = export_dff_modules(load_factory(args.module, module_args), args.output,
-                                    **options)
+                                    norm_scale=args.norm_scale, **options)
     else:
         result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
                               **options)
@@ -132,7 +253,7 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
     return 0
 
 
-def parse_module_args(items: list[str]) -> dict:
+def parse_module_args(items: list[str], flag: str = "--module-arg") -> dict:
     """NAME=VALUE pairs: VALUE a Python literal where it parses as one, else the string."""
     import ast
 
@@ -140,7 +261,7 @@ def parse_module_args(items: list[str]) -> dict:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not name.isidentifier():
-            raise ValueError(f"--module-arg {item!r}: give NAME=VALUE, NAME a Python identifier")
+            raise ValueError(f"{flag} {item!r}: give NAME=VALUE, NAME a Python identifier")
         try:
             out[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -161,8 +282,8 @@ def parity_summary(rows: list) -> str:
     if frames:
         shares.append(f"detections {100 * min(frames):.2f}% of frames match")
     return (f"parity: pass ({len(rows)} outputs checked; closest to its tolerance: "
-            f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}; "
-            f"{'; '.join(shares)})")
+            f"{worst.graph}/{worst.output} {worst.value:.1e} <= {worst.tolerance:.1e}"
+            f"{''.join('; ' + s for s in shares)})")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from dff.runtime.video import (
     open_video,
 )
 from dff.runtime.writers import ResultWriter, write_summary
-from dff.tasks import DETECTION, SEGMENTATION
+from dff.tasks import DETECTION, RAW, SEGMENTATION
 
 SHOWN_STAGES = ("feature", "flow", "task")  # the compute stages the summary lists first
 MIN_SCORE = 0.3  # detection: default --min-score
@@ -234,17 +234,19 @@ def demo_video_first(argv: list[str]) -> list[str]:
 
 # --- outputs --------------------------------------------------------------------------------
 
-def _outputs(args: argparse.Namespace, video_path: Path, demo: str | None
+def _outputs(args: argparse.Namespace, video_path: Path, demo: str | None, kind: str = ""
              ) -> tuple[Path | None, Path | None, Path | None, bool]:
     """One video's (video, jsonl, summary) output paths and whether the video is the default
     one (in the demo's folder when `demo` names the task of a demo clip); refuses paths that
-    are the input or each other, and folders that do not exist."""
+    are the input or each other, and folders that do not exist. A raw task's (`kind` raw)
+    "video" is the .npz of its outputs (runtime/writers.py NpzWriter)."""
     out_video = Path(args.output) if args.output else None
     out_json = Path(args.json) if args.json else None
     out_summary = Path(args.summary) if args.summary else None
     default = out_video is None and out_json is None
+    suffix = ".npz" if kind == RAW else ".mp4"
     if default:
-        out_video = (demo_dir(demo) if demo else Path(".")) / f"{video_path.stem}.dff.mp4"
+        out_video = (demo_dir(demo) if demo else Path(".")) / f"{video_path.stem}.dff{suffix}"
     seen = {video_path.resolve(): "the input video"}
     for path, flag in ((out_video, "--output"), (out_json, "--json"),
                        (out_summary, "--summary")):
@@ -256,7 +258,11 @@ def _outputs(args: argparse.Namespace, video_path: Path, demo: str | None
             raise DffError(f"{path}: {flag} is also {seen[path.resolve()]}; pick another path")
         seen[path.resolve()] = flag
         check_folder(path)
-    if out_video is not None and out_video.suffix.lower() not in FOURCC:
+    if kind == RAW:
+        if out_video is not None and out_video.suffix.lower() != ".npz":
+            raise DffError(f"{out_video}: this model's task is raw (its own outputs, nothing to "
+                           "draw); --output takes a .npz, which gets every frame's outputs")
+    elif out_video is not None and out_video.suffix.lower() not in FOURCC:
         raise VideoError(f"{out_video}: cannot write '{out_video.suffix or 'no extension'}' "
                          "videos; use .mp4 (mp4v) or .avi (MJPG)")
     return out_video, out_json, out_summary, default
@@ -276,13 +282,15 @@ def stream_names(paths: list[Path], out_dir: Path) -> list[str]:
     return [path.stem for path in paths]
 
 
-def _targets(paths: list[Path], out_dir: Path) -> tuple[list[tuple[Path, Path]], Path]:
+def _targets(paths: list[Path], out_dir: Path, kind: str = ""
+             ) -> tuple[list[tuple[Path, Path]], Path]:
     """--output-dir's (video, jsonl) per stream and its summary path, none of them an input
-    video; the folder is made if it is missing."""
+    video; the folder is made if it is missing. A raw task's "video" is a .npz."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DffError(f"{out_dir}: --output-dir is a file, not a folder; pick a folder")
     names = stream_names(paths, out_dir)
-    outputs = [(out_dir / f"{n}.dff.mp4", out_dir / f"{n}.jsonl") for n in names]
+    suffix = ".npz" if kind == RAW else ".mp4"
+    outputs = [(out_dir / f"{n}.dff{suffix}", out_dir / f"{n}.jsonl") for n in names]
     summary = out_dir / SUMMARY
     inputs = {p.resolve(): p for p in paths}
     for target in (*(t for pair in outputs for t in pair), summary):
@@ -370,6 +378,8 @@ def _writers(videos: list[Any], sizes: list[tuple[int, int]],
 
 def _per_class(kind: str, writer: ResultWriter) -> dict:
     """The summary's per-class counts of one stream."""
+    if kind == RAW:
+        return {"unit": None, "min_score": None, "counts": {}}  # the model's own outputs
     return {"unit": "detections" if kind == DETECTION else "pixels",
             "min_score": writer.min_score if kind == DETECTION else None,
             "counts": writer.class_counts()}
@@ -438,15 +448,15 @@ def _run_local(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
                    what="--resize" if args.resize else str(video.path))
         sizes.append((h, w))
     streams = args.output_dir is not None
+    kind = task_spec(manifest)["kind"]
     if streams:
         out_dir = Path(args.output_dir)
-        pairs, summary_path = _targets([v.path for v in videos], out_dir)
+        pairs, summary_path = _targets([v.path for v in videos], out_dir, kind)
         paths: list[tuple[Path | None, Path | None]] = list(pairs)
         default = False
     else:
-        out_video, out_json, summary_path, default = _outputs(args, videos[0].path, demo)
+        out_video, out_json, summary_path, default = _outputs(args, videos[0].path, demo, kind)
         paths = [(out_video, out_json)]
-    kind = task_spec(manifest)["kind"]
     key_interval = args.key_interval or int(manifest["key_interval"])
     schedulers = make_schedulers(len(videos), args.schedule, key_interval, stride=stride,
                                  key_budget=args.key_budget)

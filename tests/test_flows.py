@@ -196,3 +196,24 @@ def test_dff_profile_times_dis_and_the_warp_as_stages(engines, tmp_path, capsys)
     assert res["flow"]["source"] == DIS
     assert {"dis", "warp"} <= set(res["stages"]) and res["stages"]["dis"]["iterations"] == 3
     assert [r["key_frames"] for r in res["end_to_end"]] == [8, 2]
+
+
+def test_dff_export_flow_dis_records_the_default_that_dff_run_takes(tiny_export, tmp_path,
+                                                                    capsys):
+    from dff.commands import export as export_cmd
+
+    out = tmp_path / "e"
+    assert export_cmd.main([str(tiny_export[0]), "-o", str(out), "--flow", "dis",
+                            "--opt-shape", "1x64x96", "--max-shape", "1x64x96"]) == 0
+    m = load_manifest(out)
+    assert m["flow"] == {"sources": [LEARNED, DIS], "default": DIS}
+    clip = tmp_path / "clip.mp4"
+    write_synthetic_clip(clip, seed=2, num_frames=6, height=64, width=96)
+    assert run_cli.main([str(clip), "-e", str(out), "-b", "onnxruntime-cpu", "-o",
+                         str(tmp_path / "o.mp4"), "-k", "3"]) == 0
+    assert "flow dis (ultrafast" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:  # an --onnx export has no learned flow to pick
+        export_cmd.main(["--onnx", "m.onnx", "--feature-output", "t", "--flow", "learned",
+                         "-o", str(tmp_path / "x")])
+    assert info.value.code == 2
+    assert "an --onnx export has no learned flow graph" in capsys.readouterr().err

@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--module-arg", action="append", default=[], metavar="NAME=VALUE",
                    help="an argument for the --module factory (repeatable); VALUE is a Python "
                         "literal (1, 0.5, 'x', [1, 2], None), else a string")
+    p.add_argument("--flow", choices=("learned", "dis"),
+                   help="the flow source dff-run takes by default (the manifest's "
+                        "flow.default): learned, the flow graph (the default for a checkpoint "
+                        "or --module), or dis, OpenCV's DIS on the host + warp.onnx (the only "
+                        "one an --onnx export has)")
     p.add_argument("--norm-scale", type=int, choices=(255, 1), metavar="{255,1}",
                    help="the scale --mean/--std (or the --module's means and stds) are on: 255 "
                         "(0..255 pixels, the manifest's) or 1 ([0,1], torchvision's; multiplied "
@@ -150,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.module_arg and not args.module:
         parser.error("--module-arg goes with --module")
     check_onnx_args(parser, args)
+    if args.onnx and args.flow == "learned":
+        parser.error("--flow learned: an --onnx export has no learned flow graph, only dis "
+                     "(OpenCV's DIS on the host); drop --flow")
     try:
         module_args = parse_module_args(args.module_arg)
         decode_args = parse_module_args(args.decode_arg, "--decode-arg")
@@ -238,10 +246,11 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
         from dff.export.modules import load_factory
 
         result = export_dff_modules(load_factory(args.module, module_args), args.output,
-                                    norm_scale=args.norm_scale, **options)
+                                    norm_scale=args.norm_scale, flow=args.flow or "learned",
+                                    **options)
     else:
         result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
-                              **options)
+                              flow=args.flow or "learned", **options)
     m = result.manifest
     print(f"\nwrote {result.directory}/ (profile min {format_shape(m['profile']['min'])}, "
           f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}):")

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dff.files import new_file_mode
+
 from . import naming
 from .profile import Shape
 
@@ -30,7 +32,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, _default_mode())  # mkstemp's 0600 would make engines private
+        os.chmod(tmp, new_file_mode())  # mkstemp's 0600 would make engines private
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -39,13 +41,6 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _default_mode() -> int:
-    """0666 less the umask: the mode open() would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> bytes:

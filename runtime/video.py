@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dff.errors import DffError
+from dff.files import new_file_mode
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -189,6 +190,7 @@ def temp_beside(path: Path) -> Path:
     container from it), so the final os.replace is a rename on one file system."""
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(name, new_file_mode())  # the output's final mode, not mkstemp's private 0600
     return Path(name)
 
 

@@ -28,6 +28,7 @@ from dff.runtime.video import write_synthetic_clip
 
 from dff.commands import profile
 from dff.commands import run as run_cli
+from dff.files import new_file_mode
 
 ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2", reason="DIS is OpenCV's")
@@ -175,6 +176,7 @@ def test_dff_run_flow_dis_on_an_export_without_a_learned_flow(dis_only, tmp_path
                          str(out), "--summary", str(tmp_path / "s.json"), "-k", "5"]) == 0
     printed = capsys.readouterr().out
     assert "flow dis (ultrafast, scale 0.5)" in printed and out.is_file()
+    assert out.stat().st_mode & 0o777 == new_file_mode()  # not the temp file's private 0600
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["flow"] == {"source": DIS, "preset": "ultrafast", "scale": 0.5}
     assert summary["key_frames"] == 3 and summary["stages"]["flow"]["count"] == 9

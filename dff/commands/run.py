@@ -519,7 +519,9 @@ def _say_written(pair: tuple[Path | None, Path | None], summary_path: Path | Non
         where, how = out_video, ""
         if default:  # say where, since nobody asked for this path
             where, how = out_video.resolve(), " (the default: neither --output nor --json given)"
-        print(f"wrote {where}: annotated video{how}")
+        what = ("raw outputs, one .npz entry per frame and output" if out_video.suffix == ".npz"
+                else "annotated video")
+        print(f"wrote {where}: {what}{how}")
     if out_json is not None:
         print(f"wrote {out_json}: {frames} JSON records, one per frame")
     if summary_path is not None:

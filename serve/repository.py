@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dff.export.manifest import GRAPHS, graph_path, load_manifest
+from dff.export.manifest import GRAPHS, LEARNED, flow_sources, graph_path, load_manifest
 from dff.runtime.backends import graph_outputs, task_spec
 from dff.runtime.scheduler import make_scheduler
 
@@ -252,6 +252,12 @@ def write_repository(engine_dir: str | os.PathLike[str], repo_dir: str | os.Path
     folders there are left alone. Returns a summary."""
     if stages not in STAGES:
         raise RepositoryError(f"--stages {stages!r}: choose one of {', '.join(STAGES)}")
+    manifest = load_manifest(engine_dir, verify_hashes=False)
+    if LEARNED not in flow_sources(manifest):
+        raise RepositoryError(f"{engine_dir}: this export has no learned flow graph (flow "
+                              "sources: " + ", ".join(flow_sources(manifest)) + "), and the "
+                              "Triton dff model runs the learned flow only; serve an export "
+                              "with a flow graph, or run it with `dff-run --flow dis`")
     name = dff.get("name", "dff")
     models = [name] if stages == "inline" else [*GRAPHS, name]
     if not force:  # all of them free before anything is written

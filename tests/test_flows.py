@@ -219,3 +219,12 @@ def test_dff_export_flow_dis_records_the_default_that_dff_run_takes(tiny_export,
                          "-o", str(tmp_path / "x")])
     assert info.value.code == 2
     assert "an --onnx export has no learned flow graph" in capsys.readouterr().err
+
+
+def test_triton_refuses_an_export_without_a_learned_flow_before_writing(dis_only, tmp_path):
+    from dff.serve.repository import RepositoryError, write_repository
+
+    with pytest.raises(RepositoryError, match="no learned flow graph .*runs the learned flow "
+                                              "only.*dff-run --flow dis"):
+        write_repository(dis_only, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

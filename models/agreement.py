@@ -21,12 +21,16 @@ Modes: `dff` (the export's learned flow graph), `dff-dis` (OpenCV DIS on the hos
 graph, runtime/flows.py) and `copy` (the naive baseline: the key frame's features as they
 are), all through the runtime's one step (runtime/step.py) on any backend, a frame at a time.
 
-Timing: each video is decoded (and resized) once into memory, timed; a mode's ms per frame is
-that decode time plus the wall time of its Step calls, over the frames. Metrics, the reference
-bookkeeping and the features' copies for them are done between Step calls, outside the timed
-spans, except the copy of each frame's features to the host inside the step (Step's
-`features=True`, in every mode and in per-frame alike: a no-op on the CPU backends). An
-untimed warm-up of every mode on each frame size comes first.
+The runs are interleaved: each frame is decoded (and resized) once, timed, then stepped by
+per-frame inference and by every mode at every k, each a stream of its own, and scored; so no
+frame is kept, and a shared machine's changing load falls on every mode alike. Timing: a
+mode's ms per frame is the decode time plus the wall time of its own Step calls, over the
+frames (per-frame's likewise): decode counted once per frame for each mode, as a run of that
+mode alone would pay it. Metrics and the reference's copies are outside the timed spans; the
+copy of each frame's features to the host inside the step (Step's `features=True`, in every
+mode and in per-frame alike) is in them: a no-op on the CPU backends, one device-to-host copy
+a frame on a GPU. Every Step first runs untimed on copies of the first frame of each new frame
+size (one-time costs: sessions, allocations).
 
 Needs numpy and the runtime's backend; pycocotools only for detection, imported when scored.
 """
@@ -36,7 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,36 +66,55 @@ WARMUP_FRAMES = 3
 
 @dataclass
 class Clip:
-    """One video decoded into memory: its frames (HWC uint8 RGB, resized), the seconds the
-    decoding (and resizing) took, its size and the size in the file."""
+    """One video being scored: its name, file, size (after --resize) and size in the file,
+    and, once stepped, its frames, the seconds its decoding (and resizing) took and whether
+    decoding stopped early."""
 
     name: str
     path: Path
-    frames: list[np.ndarray]
-    decode_s: float
     size: tuple[int, int]
     source_size: tuple[int, int]
+    video: Any = None
+    frames: int = 0
+    decode_s: float = 0.0
     truncated: bool = False
 
+    def read(self, max_frames: int | None) -> Iterator[np.ndarray]:
+        """The frames (the first `max_frames`), resized; each one's decode time added to
+        `decode_s`, the opening (which decodes the first frame) to the first."""
+        it = itertools.islice(iter(self.video), max_frames)
+        try:
+            while True:
+                start = time.perf_counter()
+                try:
+                    frame = fit_frame(next(it), self.size)
+                except StopIteration:
+                    break
+                self.decode_s += time.perf_counter() - start
+                self.frames += 1
+                yield frame
+        finally:
+            self.video.close()
+            self.truncated = bool(self.video.truncated)
 
-def load_clip(path: str | Path, size: tuple[int, int] | None, max_frames: int | None,
-              manifest: dict, name: str | None = None) -> Clip:
-    """Decode (the first `max_frames` frames of) a video into memory, resized to `size`;
-    refuses a size the export cannot take (check_size: multiples of the stride, within the
-    profile), naming --resize."""
+
+def open_clip(path: str | Path, size: tuple[int, int] | None, manifest: dict,
+              name: str | None = None) -> Clip:
+    """Open a video (its first frame decoded, timed) at `size` (None: its own); refuses a size
+    the export cannot take (check_size: multiples of the stride, within the profile), naming
+    --resize."""
     profile, stride = manifest["profile"], int(manifest["stride"])
     start = time.perf_counter()
     video = open_video(path)
+    opened = time.perf_counter() - start
     h, w = size or video.size
-    check_size(h, w, profile["min"], profile["max"], stride,
-               what="--resize" if size else str(video.path))
     try:
-        frames = [fit_frame(f, (h, w)) for f in itertools.islice(video, max_frames)]
-    finally:
+        check_size(h, w, profile["min"], profile["max"], stride,
+                   what="--resize" if size else str(video.path))
+    except DffError:
         video.close()
-    seconds = time.perf_counter() - start
-    return Clip(name or video.path.name, video.path, frames, seconds, (h, w), video.size,
-                video.truncated)
+        raise
+    return Clip(name or video.path.name, video.path, (h, w), video.size, video, decode_s=opened)
 
 
 def _rel(err2: float, ref2: float) -> float | None:
@@ -208,64 +231,62 @@ def check_modes(modes: Sequence[str], manifest: dict, backend: Backend, where: s
                             f"backend) runs {', '.join(have)}")
 
 
-def _run(backend: Backend, step: Step, frames: list[np.ndarray], k: int,
-         each: Callable[[Frame], None] | None = None, name: str | None = None) -> float:
-    """Step `frames` as one stream at fixed interval k (k=1: per-frame); `each(frame)` after
-    each step, untimed. Returns the seconds spent in the Step calls."""
-    stream = StreamState(FixedInterval(k), name=name)
-    stream.scheduler.reset()
-    seconds = 0.0
-    try:
-        for t, image in enumerate(frames):
-            frame = Frame(stream, t, image)
-            start = time.perf_counter()
-            step([frame])
-            seconds += time.perf_counter() - start
-            if each is not None:
-                each(frame)
-    finally:
-        stream.release()
-    return seconds
-
-
 def _copy(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: np.array(value) for name, value in outputs.items()}
 
 
-def _clip_runs(backend: Backend, clip: Clip, runs: list[Run],
+def _clip_runs(backend: Backend, clip: Clip, max_frames: int | None, runs: list[Run],
                tallies: list[dict[tuple[str, int], Tally]], bar: Any, preset: str,
-               scale: float) -> tuple[float, dict[tuple[str, int], float]]:
-    """Per-frame inference on a clip (the reference: outputs and features kept), then each
-    run, its non-key frames scored into each of `tallies`; the seconds of per-frame's and of
-    each run's Step calls."""
-    refs: list[tuple[dict[str, np.ndarray], np.ndarray | None]] = []
-
-    def keep(frame: Frame) -> None:
-        refs.append((_copy(frame.outputs()),
-                     None if frame.features is None else np.array(frame.features)))
-        if bar is not None:
-            bar.update(1)
-
-    ref_s = _run(backend, Step(backend, max_batch=1, features=True), clip.frames, 1, keep,
-                 clip.name)
-    run_s: dict[tuple[str, int], float] = {}
-    for r in runs:
-        key = (r.mode, r.k)
-        if bar is not None:
-            bar.set_description(f"{clip.name} {r.mode} k={r.k}")
-
-        def score(frame: Frame, key: tuple[str, int] = key) -> None:
-            if not frame.is_key:
-                ref, ref_feat = refs[frame.index]
-                out, feat = frame.outputs(), frame.features
-                for tally in tallies:
-                    tally[key].add(out, ref, feat, ref_feat)
+               scale: float, warm: bool) -> tuple[float, dict[tuple[str, int], float]]:
+    """Per-frame inference (the reference) and every run on a clip's frames, interleaved: each
+    frame is decoded once, stepped per-frame, then by each run (a stream of its own), so the
+    load of a shared machine falls on all of them alike and no frame is kept. A run's non-key
+    frames are scored into each of `tallies`. With `warm`, every Step runs first, untimed, on
+    the first frame (one-time costs: sessions, allocations). Returns the seconds of per-frame's
+    Step calls and of each run's."""
+    ref_step = Step(backend, max_batch=1, features=True)
+    steps = [(r, r.step(backend, preset, scale)) for r in runs]
+    ref_stream = StreamState(FixedInterval(1), name=clip.name)
+    streams = [StreamState(FixedInterval(r.k), name=clip.name) for r in runs]
+    ref_s, run_s = 0.0, {(r.mode, r.k): 0.0 for r in runs}
+    try:
+        for t, image in enumerate(clip.read(max_frames)):
+            if t == 0 and warm:
+                _warm(backend, image, [ref_step, *(s for _, s in steps)],
+                      [2, *(r.k for r in runs)])
+            frame = Frame(ref_stream, t, image)
+            start = time.perf_counter()
+            ref_step([frame])
+            ref_s += time.perf_counter() - start
+            ref, ref_feat = _copy(frame.outputs()), _features(frame)
+            for (r, step), stream in zip(steps, streams):
+                frame = Frame(stream, t, image)
+                start = time.perf_counter()
+                step([frame])
+                run_s[(r.mode, r.k)] += time.perf_counter() - start
+                if not frame.is_key:
+                    out, feat = frame.outputs(), frame.features
+                    for tally in tallies:
+                        tally[(r.mode, r.k)].add(out, ref, feat, ref_feat)
             if bar is not None:
-                bar.update(1)
-
-        run_s[key] = _run(backend, r.step(backend, preset, scale), clip.frames, r.k, score,
-                          clip.name)
+                bar.update(1 + len(runs))
+    finally:
+        for stream in [ref_stream, *streams]:
+            stream.release()
     return ref_s, run_s
+
+
+def _warm(backend: Backend, image: np.ndarray, steps: list[Step], ks: list[int]) -> None:
+    """Each step on a few copies of `image` (a key frame, then non-key ones), untimed."""
+    for step, k in zip(steps, ks):
+        stream = StreamState(FixedInterval(max(2, min(k, WARMUP_FRAMES))))
+        for t in range(WARMUP_FRAMES):
+            step([Frame(stream, t, image)])
+        stream.release()
+
+
+def _features(frame: Frame) -> np.ndarray | None:
+    return None if frame.features is None else np.array(frame.features)
 
 
 def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | Path],
@@ -303,19 +324,19 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
     bar = _bar(progress)
     warmed: set[tuple[int, int]] = set()
     for path, name in zip(videos, names):
-        clip = load_clip(path, size, max_frames, manifest, name)
-        n = len(clip.frames)
+        clip = open_clip(path, size, manifest, name)
         if bar is not None:
-            bar.total = (bar.total or 0) + n * (1 + len(runs))
-            bar.refresh()
-        if clip.size not in warmed:  # one-time costs (sessions, allocations) off the clock
-            for r in [Run(DFF, 1) if DFF in modes else Run(COPY, 1), *runs]:
-                _run(backend, r.step(backend, dis_preset, dis_scale),
-                     clip.frames[:WARMUP_FRAMES], max(2, min(r.k, WARMUP_FRAMES - 1)))
-            warmed.add(clip.size)
+            count = clip.video.frame_count
+            if count and bar.total is not None:
+                bar.total += min(count, max_frames or count) * (1 + len(runs))
+                bar.refresh()
+            else:
+                bar.total = None
         mine = {(r.mode, r.k): new() for r in runs}
-        ref_s, run_s = _clip_runs(backend, clip, runs, [mine, pooled], bar, dis_preset,
-                                  dis_scale)
+        ref_s, run_s = _clip_runs(backend, clip, max_frames, runs, [mine, pooled], bar,
+                                  dis_preset, dis_scale, clip.size not in warmed)
+        warmed.add(clip.size)
+        n = clip.frames
         seconds[PER_FRAME] += ref_s
         for key, s in run_s.items():
             seconds[key] += s

@@ -9,9 +9,10 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("cv2")
 
-from dff.commands.evaluate import main as dff_eval  # noqa: E402
-from dff.models.agreement import PER_FRAME, Tally  # noqa: E402
-from dff.runtime.video import VideoWriter, write_synthetic_clip  # noqa: E402
+from dff.models.agreement import PER_FRAME, Tally
+from dff.runtime.video import VideoWriter, write_synthetic_clip
+
+from dff.commands.evaluate import main as dff_eval
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +168,25 @@ def test_synthetic_flow_dis(tmp_path, tiny_model):
     assert res["flow"] == {"source": "dis", "preset": "ultrafast", "scale": 1.0}
     assert 0 <= res["dff"]["3"]["miou"] <= 1 and res["frames"] == 6
     assert res["flow_epe"] >= 0
+
+
+def test_video_without_torch(tmp_path, engines, clip):
+    """dff-eval --video on an ONNX Runtime export runs where torch cannot be imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'torch':\n"
+            "            raise ImportError('torch is blocked')\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "from dff.commands.evaluate import main\n"
+            f"rc = main(['--video', {str(clip)!r}, '-e', {str(engines)!r}, '--intervals', '4',"
+            " '--max-frames', '6', '--backend', 'onnxruntime-cpu', '--quiet'])\n"
+            "assert 'torch' not in sys.modules\n"
+            "sys.exit(rc)\n")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "dff-dis k=4" in done.stdout

@@ -297,7 +297,8 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
                        where: str = "the export") -> dict[str, Any]:
     """The agreement of each mode at each k with per-frame inference on `videos` (module
     docstring); the dict dff-eval --video writes (see `format_agreement` for a table)."""
-    kind = task_spec(manifest)["kind"]
+    task = task_spec(manifest)
+    kind = task["kind"]
     if not videos:
         raise DffError("no videos to evaluate; pass --video FILE")
     intervals = [int(k) for k in intervals]
@@ -309,7 +310,6 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
     check_modes(modes, manifest, backend, where)
     if DFF_DIS in modes:
         DisFlow(dis_preset, dis_scale)  # refuse bad settings before decoding anything
-    task = manifest.get("task") if isinstance(manifest.get("task"), dict) else {}
 
     def new() -> Tally:
         return Tally(kind, manifest["class_names"], float(task.get("score_threshold", 0.0)),
@@ -317,7 +317,7 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
 
     runs = [Run(m, k) for m in modes for k in intervals]
     pooled = {(r.mode, r.k): new() for r in runs}
-    seconds = {PER_FRAME: 0.0, **{(r.mode, r.k): 0.0 for r in runs}}
+    seconds: dict[Any, float] = {PER_FRAME: 0.0, **{(r.mode, r.k): 0.0 for r in runs}}
     decode_s, total = 0.0, 0
     clips: dict[str, dict[str, Any]] = {}
     names = _names(videos)
@@ -419,6 +419,8 @@ def format_agreement(res: dict) -> str:
     """The table: per mode and k, the agreement (or output error), the feature error, ms per
     frame and the speedup over per-frame (decode included in both)."""
     kind = res["task"]
+    head: tuple[str, ...]
+    cols: tuple[str, ...]
     if kind == DETECTION:
         head, cols = ("AP", "AP@0.5"), ("agreement", "agreement50")
     elif kind == SEGMENTATION:

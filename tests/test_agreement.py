@@ -190,3 +190,13 @@ def test_video_without_torch(tmp_path, engines, clip):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "dff-dis k=4" in done.stdout
+
+
+def test_motion_schedules_without_learned_under_dis(tiny_model):
+    """--split motion with --flow dis: the learned schedule (the flow net's quality output)
+    is left out."""
+    from dff.models.motion_eval import schedules_for
+    from dff.runtime.flows import DisFlow
+
+    assert "learned" not in schedules_for(tiny_model, DisFlow())
+    assert schedules_for(tiny_model)[:2] == ["fixed", "adaptive"]

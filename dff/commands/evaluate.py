@@ -101,6 +101,13 @@ def write_json(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path):  # -> DFF
+    """dff.models.checkpoint's load_checkpoint, imported when called (it needs torch)."""
+    from dff.models.checkpoint import load_checkpoint as load
+
+    return load(path)
+
+
 def _demo_name(demo: str) -> str:
     """The shipped checkpoint's file name of a demo (for the help), without needing torch."""
     try:
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--key-budget {args.key_budget}: give a fraction in (0, 1], e.g. 0.1")
     import torch
 
-    from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
+    from dff.models.checkpoint import demo_checkpoint_path
     from dff.models.evaluate import evaluate
     from dff.models.motion_eval import evaluate_motion, format_motion
 

@@ -5,6 +5,8 @@ frame's features unchanged (flow = 0, scale = 1): mIoU over all frames of the sp
 (segmentation) or AP@0.5 and AP@[.5:.95] from pycocotools (detection, dff.models.metrics),
 and frames per second of the PyTorch backend (batch 1, frames in order, decoding included).
 Also the flow net's end-point error against the exact flow, on the pairs DFF at k=10 uses.
+With a host flow (dff-eval --flow dis: a DisFlow, runtime/flows.py) the DFF modes warp with
+DIS's flow instead of the flow net's (the torch backend's warp), and the EPE is DIS's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
 from dff.models.dff import DFF
-from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.models.metrics import clip_ground_truth, confusion, detection_ap, miou
+from dff.runtime.flows import DisFlow
 from dff.runtime.scheduler import FixedInterval
 from dff.runtime.step import Frame, Step, StreamState
 from dff.runtime.torch_backend import TorchBackend
@@ -25,29 +28,19 @@ from dff.tasks import DETECTION
 DEFAULT_INTERVALS = (1, 2, 5, 10, 20)
 
 
-def confusion(pred: np.ndarray, label: np.ndarray, k: int) -> np.ndarray:
-    return np.bincount(label.ravel().astype(np.int64) * k + pred.ravel(), minlength=k * k).reshape(k, k)
-
-
-def miou(conf: np.ndarray) -> float:
-    """Mean IoU over the classes that occur in the labels or the predictions."""
-    inter = np.diag(conf).astype(np.float64)
-    union = conf.sum(0) + conf.sum(1) - inter
-    present = union > 0
-    return float((inter[present] / union[present]).mean())
-
-
 def run_streams(model: DFF, clips: list[np.ndarray], schedulers: list, *, copy: bool = False,
-                rotate: bool = False) -> tuple[list[list[dict]], list[int], float]:
+                rotate: bool = False, flow: DisFlow | None = None
+                ) -> tuple[list[list[dict]], list[int], float]:
     """Each clip (HWC uint8 frames) a stream under its scheduler, through the runtime's one DFF
     step (runtime/step.py) on the torch backend, a frame at a time: frame t of every clip
     before frame t + 1 of any (`rotate`: the streams' order turns by one each frame, so none
     has first claim on a shared key-frame budget). `copy` is the naive baseline (non-key
-    frames take the key frame's features as they are). Per clip its frames' task outputs
+    frames take the key frame's features as they are); `flow` a host flow (DisFlow, warped by
+    the torch backend's warp) in place of the model's flow net. Per clip its frames' task outputs
     (step.frame_outputs: labels, or the detections in use), per clip its key frames, and the
     seconds spent."""
     learned = any(s.needs_quality for s in schedulers)
-    step = Step(TorchBackend(model, quality=learned), max_batch=1, copy=copy)
+    step = Step(TorchBackend(model, quality=learned), max_batch=1, copy=copy, flow=flow)
     streams = [StreamState(s, number=i) for i, s in enumerate(schedulers)]
     outs: list[list[dict]] = [[] for _ in clips]
     for s in schedulers:
@@ -64,27 +57,28 @@ def run_streams(model: DFF, clips: list[np.ndarray], schedulers: list, *, copy: 
 
 
 def run_mode(model: DFF, frames: np.ndarray, interval: int | None,
-             copy: bool) -> tuple[list[dict], float]:
+             copy: bool, flow: DisFlow | None = None) -> tuple[list[dict], float]:
     """Every frame's task outputs of a clip (HWC uint8), and the seconds spent (the decode
     included). ``interval=None`` is per-frame inference (N_task(N_feat(frame)) every frame)."""
-    outs, _, seconds = run_streams(model, [frames], [FixedInterval(interval or 1)], copy=copy)
+    outs, _, seconds = run_streams(model, [frames], [FixedInterval(interval or 1)], copy=copy,
+                                   flow=flow)
     return outs[0], seconds
 
 
 def run_clip(model: DFF, frames: np.ndarray, labels: np.ndarray, interval: int | None,
-             copy: bool, conf: np.ndarray) -> float:
+             copy: bool, conf: np.ndarray, flow: DisFlow | None = None) -> float:
     """Segment one clip; add to ``conf``; return seconds spent in the model."""
-    outs, elapsed = run_mode(model, frames, interval, copy)
+    outs, elapsed = run_mode(model, frames, interval, copy, flow)
     for i, out in enumerate(outs):
         conf += confusion(out["labels"].astype(np.int64), labels[i], conf.shape[0])
     return elapsed
 
 
 def detect_clip(model: DFF, frames: np.ndarray, interval: int | None,
-                copy: bool) -> tuple[list[dict], float]:
+                copy: bool, flow: DisFlow | None = None) -> tuple[list[dict], float]:
     """Detections of one clip, one {boxes, scores, classes, num} per frame (the rows in use),
     and the seconds spent in the model and its decoding."""
-    return run_mode(model, frames, interval, copy)
+    return run_mode(model, frames, interval, copy, flow)
 
 
 def cell_flow(clip, t: int, key: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,19 +92,26 @@ def cell_flow(clip, t: int, key: int, stride: int) -> tuple[np.ndarray, np.ndarr
     return (flow_px * valid).reshape((2,) + blocks).sum((2, 4)) / np.maximum(v, 1) / stride, v
 
 
-def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tuple[float, int]:
+def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10,
+             flow: DisFlow | None = None) -> tuple[float, int]:
     """Sum of per-cell end-point errors (in cells) over valid cells, and their count, for the
-    pairs (current, key) of a fixed schedule at ``interval``."""
+    pairs (current, key) of a fixed schedule at ``interval``: of the model's flow net, or of
+    `flow` (DIS) where given."""
     stride = model.config.stride
+    h, w = clip.frames.shape[1:3]
+    grey = [flow.prepare(f) for f in clip.frames] if flow is not None else []
     total, count = 0.0, 0
     for t in range(len(frames)):
         key = t - t % interval
         if key == t:
             continue
         target, v = cell_flow(clip, t, key, stride)
-        with torch.no_grad():
-            pred, _ = model.flow(frames[t:t + 1], frames[key:key + 1])
-        err = np.linalg.norm(pred[0].numpy() - target, axis=0)
+        if flow is not None:
+            pred = flow.flow(grey[t], grey[key], (h // stride, w // stride))
+        else:
+            with torch.no_grad():
+                pred = model.flow(frames[t:t + 1], frames[key:key + 1])[0][0].numpy()
+        err = np.linalg.norm(pred - target, axis=0)
         mask = v >= stride * stride / 4
         total += float(err[mask].sum())
         count += int(mask.sum())
@@ -118,7 +119,10 @@ def flow_epe(model: DFF, clip, frames: torch.Tensor, interval: int = 10) -> tupl
 
 
 def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = None,
-             num_frames: int = EVAL_FRAMES, progress: bool = True) -> dict:
+             num_frames: int = EVAL_FRAMES, progress: bool = True,
+             flow: DisFlow | None = None) -> dict:
+    """The table of dff-eval (module docstring); `flow` (DisFlow) runs the DFF modes, and the
+    EPE, with DIS in place of the model's flow net."""
     from tqdm import tqdm
 
     h, w = model.config.input_size
@@ -131,21 +135,22 @@ def evaluate(model: DFF, intervals=DEFAULT_INTERVALS, num_clips: int | None = No
     found: dict = {m: [] for m in modes}  # detection: (ground truth, detections) per frame
     times = {m: 0.0 for m in modes}
     epe_sum, epe_n, nframes = 0.0, 0, 0
-    run_mode(model, make_clip(seeds[0], 2, h, w).frames, 2, False)  # untimed: the
+    run_mode(model, make_clip(seeds[0], 2, h, w).frames, 2, False, flow)  # untimed: the
     # first call pays one-time costs (allocator, kernel choice) that would land on per-frame
     for seed in tqdm(seeds, desc="evaluate", disable=not progress):
         clip = make_clip(seed, num_frames, h, w)
         frames = torch.from_numpy(clip.frames).permute(0, 3, 1, 2).float()
         nframes += len(frames)
         for mode in modes:
+            dis = flow if mode[0] == "dff" and (mode[1] or 1) > 1 else None
             if detect:
-                dets, seconds = detect_clip(model, clip.frames, mode[1], mode[2])
+                dets, seconds = detect_clip(model, clip.frames, mode[1], mode[2], dis)
                 found[mode] += zip(clip_ground_truth(clip), dets)
                 times[mode] += seconds
             else:
                 times[mode] += run_clip(model, clip.frames, clip.labels, mode[1], mode[2],
-                                        confs[mode])
-        s, n = flow_epe(model, clip, frames)
+                                        confs[mode], dis)
+        s, n = flow_epe(model, clip, frames, flow=flow)
         epe_sum, epe_n = epe_sum + s, epe_n + n
 
     aps = {m: detection_ap(found[m], model.config.class_names, model.config.max_detections)

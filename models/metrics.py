@@ -21,6 +21,20 @@ from dff.errors import DffError
 AREA_ALL = [0.0, 1e10]
 
 
+def confusion(pred: np.ndarray, label: np.ndarray, k: int) -> np.ndarray:
+    """[k,k] counts of (label, prediction) pairs: row = label, column = prediction."""
+    return np.bincount(label.ravel().astype(np.int64) * k + pred.ravel(),
+                       minlength=k * k).reshape(k, k)
+
+
+def miou(conf: np.ndarray) -> float:
+    """Mean IoU over the classes that occur in the labels or the predictions."""
+    inter = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean())
+
+
 def clip_ground_truth(clip: Any) -> list[dict[str, np.ndarray]]:
     """Per frame of a `dff.data.synthetic.Clip`: {"boxes" [M,4] x0,y0,x1,y1, "classes" [M]
     (0-based detection classes: segmentation label - 1), "ignore" [M] bool}."""

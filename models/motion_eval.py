@@ -16,6 +16,7 @@ from dff.data.motion import CATEGORIES, MotionClip, motion_split
 from dff.models.dff import DFF
 from dff.models.evaluate import confusion, miou, run_streams
 from dff.models.metrics import clip_ground_truth, detection_ap
+from dff.runtime.flows import DisFlow
 from dff.runtime.scheduler import LEARNED_THRESHOLD, Adaptive, KeyBudget, Learned, make_scheduler
 
 from dff.tasks import DETECTION
@@ -28,16 +29,19 @@ GRID = {"adaptive": (0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0),
         "learned": (0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)}
 
 
-def run_fixed(model: DFF, clip, interval: int | None, copy: bool) -> tuple[list, int, float]:
+def run_fixed(model: DFF, clip, interval: int | None, copy: bool,
+              flow: DisFlow | None = None) -> tuple[list, int, float]:
     """Per-frame (interval None), DFF or the copy baseline at a fixed interval: each frame's
     task outputs, the key frames used, and the seconds spent."""
-    return run_schedule(model, clip, make_scheduler("fixed", interval or 1), copy)
+    return run_schedule(model, clip, make_scheduler("fixed", interval or 1), copy,
+                        flow if interval and interval > 1 and not copy else None)
 
 
-def run_schedule(model: DFF, clip, scheduler, copy: bool = False) -> tuple[list, int, float]:
+def run_schedule(model: DFF, clip, scheduler, copy: bool = False,
+                 flow: DisFlow | None = None) -> tuple[list, int, float]:
     """Each frame's task outputs of `clip` under `scheduler`, the key frames used, and the
-    seconds spent."""
-    outs, keys, seconds = run_streams(model, [clip.frames], [scheduler], copy=copy)
+    seconds spent; `flow` a host flow (DisFlow) in place of the flow net."""
+    outs, keys, seconds = run_streams(model, [clip.frames], [scheduler], copy=copy, flow=flow)
     return outs[0], keys[0], seconds
 
 
@@ -73,8 +77,10 @@ class Tally:
         return {"miou": round(miou(self.conf), 5), **out}
 
 
-def schedules_for(model: DFF) -> list[str]:
-    return ["fixed", "adaptive"] + (["learned"] if model.quality_head is not None else [])
+def schedules_for(model: DFF, flow: DisFlow | None = None) -> list[str]:
+    """The schedules to run: learned needs the flow net's quality output, so not with DIS."""
+    learned = model.quality_head is not None and flow is None
+    return ["fixed", "adaptive"] + (["learned"] if learned else [])
 
 
 def _scheduler(name: str, budget: KeyBudget, stride: int):
@@ -83,30 +89,32 @@ def _scheduler(name: str, budget: KeyBudget, stride: int):
 
 
 def run_all(model: DFF, clips: list[MotionClip], name: str, budget: float,
-            threshold: float | None, pooled: bool) -> list[tuple[list, int, float]]:
+            threshold: float | None, pooled: bool,
+            flow: DisFlow | None = None) -> list[tuple[list, int, float]]:
     """Per clip (outs, keys, seconds) of schedule `name` at `budget`: a budget per clip, or
     with `pooled` one for all the clips run as concurrent streams (run_streams, their order
     turning each frame; its seconds are shared out by frames)."""
     stride = model.config.stride
     if name == "fixed":
-        return [run_schedule(model, m.clip, make_scheduler("fixed", round(1 / budget)))
-                for m in clips]
+        return [run_schedule(model, m.clip, make_scheduler("fixed", round(1 / budget)),
+                             flow=flow) for m in clips]
     if threshold is None:
         threshold = LEARNED_THRESHOLD if name == "learned" else 1.0
     if not pooled:
         return [run_schedule(model, m.clip, _scheduler(name, KeyBudget(budget, threshold),
-                                                       stride)) for m in clips]
+                                                       stride), flow=flow) for m in clips]
     shared = KeyBudget(budget, threshold, streams=len(clips))
     outs, keys, seconds = run_streams(model, [m.clip.frames for m in clips],
                                       [_scheduler(name, shared, stride) for _ in clips],
-                                      rotate=True)
+                                      rotate=True, flow=flow)
     frames = sum(len(m.clip.frames) for m in clips)
     return [(o, k, seconds * len(m.clip.frames) / frames)
             for m, o, k in zip(clips, outs, keys)]
 
 
 def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = None,
-         pooled: bool = False, progress: bool = True) -> dict[str, float]:
+         pooled: bool = False, progress: bool = True,
+         flow: DisFlow | None = None) -> dict[str, float]:
     """Per budgeted schedule, the starting threshold of GRID with the best accuracy on the
     tuning split (its clips of every category) at `budget` (shared by them with `pooled`)."""
     from tqdm import tqdm
@@ -114,11 +122,12 @@ def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = No
     h, w = model.config.input_size
     clips = clips if clips is not None else list(motion_split("tuning", height=h, width=w))
     best = {}
-    for name in schedules_for(model)[1:]:
+    for name in schedules_for(model, flow)[1:]:
         scores = {}
         for threshold in tqdm(GRID[name], desc=f"tune {name}", disable=not progress):
             tally = Tally(model)
-            for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled)):
+            for m, res in zip(clips, run_all(model, clips, name, budget, threshold, pooled,
+                                             flow)):
                 tally.add(m.clip, *res)
             r = tally.result()
             scores[threshold] = r.get("miou", r.get("map50"))
@@ -128,19 +137,21 @@ def tune(model: DFF, budget: float = BUDGET, clips: list[MotionClip] | None = No
 
 def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
                     clips: int | None = None, thresholds: dict[str, float] | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, flow: DisFlow | None = None) -> dict:
     """The motion split's table (module docstring) as the JSON dff-eval --split motion
-    writes."""
+    writes; `flow` (a DisFlow) runs DFF and the schedules with DIS in place of the flow net
+    (and so without the learned schedule)."""
     from tqdm import tqdm
 
     h, w = model.config.input_size
     if thresholds is None:
         tuning = list(motion_split("tuning", height=h, width=w))
-        thresholds = {"stream": tune(model, budget, tuning, progress=progress),
-                      "pooled": tune(model, budget, tuning, pooled=True, progress=progress)}
+        thresholds = {"stream": tune(model, budget, tuning, progress=progress, flow=flow),
+                      "pooled": tune(model, budget, tuning, pooled=True, progress=progress,
+                                     flow=flow)}
     runs = [("per_frame", None, False)] + [("dff", k, False) for k in intervals] \
         + [("copy", k, True) for k in intervals]
-    names = schedules_for(model)
+    names = schedules_for(model, flow)
     scheduled = [("stream", n) for n in names] + [("pooled", n) for n in names[1:]]
     tallies = {c: {r: Tally(model) for r in [*runs, *scheduled]}
                for c in [*CATEGORIES, "all"]}
@@ -154,10 +165,10 @@ def evaluate_motion(model: DFF, budget: float = BUDGET, intervals=INTERVALS,
     for m in tqdm(split, desc="motion split", disable=not progress):
         flows[m.category].append(m.mean_flow_px)
         for r in runs:
-            add(r, m, run_fixed(model, m.clip, r[1], r[2]))
+            add(r, m, run_fixed(model, m.clip, r[1], r[2], flow))
     for mode, n in tqdm(scheduled, desc="schedules", disable=not progress):
         for m, res in zip(split, run_all(model, split, n, budget, thresholds[mode].get(n),
-                                         mode == "pooled")):
+                                         mode == "pooled", flow)):
             add((mode, n), m, res)
 
     def table(c: str) -> dict:

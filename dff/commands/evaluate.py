@@ -1,7 +1,9 @@
-"""dff-eval: accuracy and speed of a DFF checkpoint on the synthetic evaluation split.
+"""dff-eval: accuracy and speed of a DFF checkpoint on the synthetic evaluation split, or an
+export's agreement with per-frame inference on real video (--video).
 
-The evaluation is dff.models.evaluate's (--split motion: dff.models.motion_eval's); here the
-arguments, the table, the JSON and the plot.
+The evaluation is dff.models.evaluate's (--split motion: dff.models.motion_eval's; --video:
+dff.models.agreement's); here the arguments, the table, the JSON and the plot. torch is
+imported for the synthetic splits only: --video on an ONNX Runtime export runs without it.
 """
 
 from __future__ import annotations
@@ -9,17 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
-import torch
-
+from dff.commands.common import BACKENDS, add_flow_args, choose_backend, guarded, size_arg
 from dff.data.synthetic import EVAL_FRAMES
 from dff.errors import DffError
-from dff.models.checkpoint import demo_checkpoint_path, load_checkpoint
-from dff.models.evaluate import DEFAULT_INTERVALS, evaluate
-from dff.models.motion_eval import evaluate_motion, format_motion
+from dff.export.manifest import load_manifest
+from dff.runtime.backends import PRECISIONS
 from dff.tasks import DEMOS, DETECTION, RFCN, SEGMENTATION
+
+DEFAULT_INTERVALS = (1, 2, 5, 10, 20)  # dff.models.evaluate's (which imports torch)
+VIDEO_INTERVALS = (5, 10)
 
 
 def _metric(res: dict) -> tuple[str, str]:
@@ -97,14 +101,30 @@ def write_json(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> int:
+def load_checkpoint(path: Path):  # -> DFF
+    """dff.models.checkpoint's load_checkpoint, imported when called (it needs torch)."""
+    from dff.models.checkpoint import load_checkpoint as load
+
+    return load(path)
+
+
+def _demo_name(demo: str) -> str:
+    """The shipped checkpoint's file name of a demo (for the help), without needing torch."""
+    try:
+        from dff.models.checkpoint import DEMO_NAMES
+    except ImportError:  # no torch: the synthetic splits cannot run anyway
+        return f"the {demo} demo"
+    return DEMO_NAMES[demo]
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dff-eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", help=f"default: the shipped demo "
-                   f"({demo_checkpoint_path().name})")
+                   f"({_demo_name(SEGMENTATION)})")
     p.add_argument("--demo", nargs="?", const=SEGMENTATION, choices=DEMOS, metavar="NAME",
                    help="evaluate a shipped demo model: segmentation (the default, the same "
-                        f"as giving no checkpoint), detection ({demo_checkpoint_path(DETECTION).name}"
-                        f", CenterNet head) or rfcn ({demo_checkpoint_path(RFCN).name}, R-FCN head)")
+                        f"as giving no checkpoint), detection ({_demo_name(DETECTION)}"
+                        f", CenterNet head) or rfcn ({_demo_name(RFCN)}, R-FCN head)")
     p.add_argument("--split", choices=("eval", "motion"), default="eval",
                    help="eval: the fixed 20-clip split; motion: by motion category, with the "
                         "key-frame schedules at --key-budget (dff.models.motion_eval)")
@@ -112,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="--split motion: the fraction of key frames every schedule gets "
                         "(default 0.1: fixed k=10)")
     p.add_argument("--intervals", help="key intervals (default: 1,2,5,10,20; with --split "
-                   "motion 5,10,20)")
+                   "motion 5,10,20; with --video 5,10, each at least 2)")
     p.add_argument("--clips", type=int, default=0, help="first N clips of the split (0 = all "
                    "20; with --split motion, per category, 0 = 8)")
     p.add_argument("--frames", type=int, default=EVAL_FRAMES, help="frames per clip")
@@ -121,45 +141,98 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    add_flow_args(p)
+    real = p.add_argument_group(
+        "real video (--video)", "an export's agreement with its own per-frame inference on "
+        "real footage, per mode (dff: the learned flow graph, dff-dis: DIS + the warp graph, "
+        "copy: the key frame's features) and key interval (dff.models.agreement)")
+    real.add_argument("--video", nargs="+", metavar="FILE",
+                      help="evaluate the export of --engine-dir on these videos")
+    real.add_argument("-e", "--engine-dir", metavar="DIR", help="--video: the folder dff-export "
+                      "wrote (required with --video)")
+    real.add_argument("--resize", type=size_arg, metavar="HxW",
+                      help="--video: resize every frame to HxW (multiples of the manifest's "
+                           "stride, within its profile)")
+    real.add_argument("--max-frames", type=int, metavar="N",
+                      help="--video: the first N frames of each video")
+    real.add_argument("--modes", help="--video: comma-separated among dff, dff-dis, copy "
+                      "(default: every one the export has)")
+    real.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
+                      help=f"--video: one of {', '.join(BACKENDS)} (default: auto)")
+    real.add_argument("--device", type=int, default=0, metavar="N",
+                      help="--video: CUDA device index for GPU backends (default: 0)")
+    real.add_argument("--precision", choices=PRECISIONS["tensorrt"],
+                      help="--video: the backend's precision (dff-run's --precision)")
+    return p
+
+
+def _intervals(text: str | None, default: tuple[int, ...], least: int = 1) -> tuple[int, ...]:
+    """--intervals as integers, each at least `least`; DffError naming the fix."""
+    try:
+        intervals = tuple(int(x) for x in text.split(",")) if text else default
+    except ValueError:
+        intervals = ()
+    if not intervals or any(i < least for i in intervals):
+        if least > 1:
+            raise DffError(f"--intervals {text!r}: with --video every k must be at least {least} "
+                           "(k=1 is per-frame inference, the reference itself), e.g. 5,10")
+        raise DffError(f"--intervals {text!r}: give positive integers like 1,2,5,10")
+    return intervals
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
     args = p.parse_args(argv)
+    if args.video:
+        return run_video(args, p, argv)
+    for flag, given in (("--engine-dir", args.engine_dir), ("--resize", args.resize),
+                        ("--max-frames", args.max_frames), ("--modes", args.modes)):
+        if given is not None:
+            p.error(f"{flag} applies with --video only")
     if args.demo and args.checkpoint:
         p.error("give a checkpoint or --demo, not both")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint_path(
-        args.demo or SEGMENTATION)
     try:
-        default = (5, 10, 20) if args.split == "motion" else DEFAULT_INTERVALS
-        intervals = tuple(int(x) for x in args.intervals.split(",")) if args.intervals \
-            else default
-        if any(i < 1 for i in intervals):
-            raise ValueError
-    except ValueError:
-        print(f"dff-eval: --intervals {args.intervals!r}: give positive integers like 1,2,5,10",
-              file=sys.stderr)
+        intervals = _intervals(args.intervals, (5, 10, 20) if args.split == "motion"
+                               else DEFAULT_INTERVALS)
+    except DffError as e:
+        print(f"dff-eval: {e}", file=sys.stderr)
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.split == "motion" and (args.plot or args.frames != EVAL_FRAMES):
         p.error("--split motion: --plot and --frames apply to --split eval only")
     if not 0 < args.key_budget <= 1:
         p.error(f"--key-budget {args.key_budget}: give a fraction in (0, 1], e.g. 0.1")
+    import torch
+
+    from dff.models.checkpoint import demo_checkpoint_path
+    from dff.models.evaluate import evaluate
+    from dff.models.motion_eval import evaluate_motion, format_motion
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else demo_checkpoint_path(
+        args.demo or SEGMENTATION)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
+        flow = _synthetic_flow(args)
         model = load_checkpoint(checkpoint)
         if args.split == "motion":
             res = evaluate_motion(model, args.key_budget, intervals, args.clips or None,
-                                  progress=not args.quiet)
+                                  progress=not args.quiet, flow=flow)
             res["checkpoint"] = str(checkpoint)
+            res["flow"] = _flow_record(flow)
             print(format_motion(res))
             if args.json:
                 write_json(res, args.json)
                 print(f"wrote {args.json}")
             return 0
-        res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet)
+        res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet,
+                       flow=flow)
     except DffError as e:
         if args.verbose:
             raise
         print(f"dff-eval: {e}", file=sys.stderr)
         return 1
     res["checkpoint"] = str(checkpoint)
+    res["flow"] = _flow_record(flow)
     print(format_table(res))
     if args.json:
         write_json(res, args.json)
@@ -168,6 +241,73 @@ def main(argv: list[str] | None = None) -> int:
         plot(res, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _synthetic_flow(args: argparse.Namespace):  # -> DisFlow | None
+    """The synthetic splits' flow source: the checkpoint's flow net (None), or with --flow dis
+    OpenCV DIS warped by the torch backend's warp."""
+    from dff.runtime.flows import DisFlow
+
+    return DisFlow(args.dis_preset, args.dis_scale) if args.flow == "dis" else None
+
+
+def _flow_record(flow) -> dict:
+    return flow.settings() if flow is not None else {"source": "learned"}
+
+
+def run_video(args: argparse.Namespace, p: argparse.ArgumentParser,
+              argv: list[str] | None) -> int:
+    """dff-eval --video: dff.models.agreement on an engine folder."""
+    if args.engine_dir is None:
+        p.error("--video needs --engine-dir DIR (a folder dff-export wrote)")
+    for flag, given in (("a checkpoint", args.checkpoint), ("--demo", args.demo),
+                        ("--plot", args.plot), ("--flow", args.flow)):
+        if given:
+            fix = (" (the modes dff and dff-dis are the flow sources; pick them with --modes)"
+                   if flag == "--flow" else "")
+            p.error(f"--video evaluates the export of --engine-dir: {flag} does not apply{fix}")
+    for flag, given, default in (("--split", args.split, "eval"), ("--clips", args.clips, 0),
+                                 ("--frames", args.frames, EVAL_FRAMES),
+                                 ("--key-budget", args.key_budget, 0.1)):
+        if given != default:
+            p.error(f"{flag} applies to the synthetic splits, not --video")
+    if args.max_frames is not None and args.max_frames < 1:
+        p.error(f"--max-frames {args.max_frames}: give at least 1")
+    command = shlex.join(["dff-eval", *(sys.argv[1:] if argv is None else argv)])
+    say = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
+
+    def body() -> int:
+        from dff.models.agreement import evaluate_agreement, format_agreement
+
+        intervals = _intervals(args.intervals, VIDEO_INTERVALS, least=2)
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()] if args.modes else None
+        engine_dir = Path(args.engine_dir)
+        manifest = load_manifest(engine_dir, verify_hashes=False)
+        args.checkpoint, args.useCudaGraph = None, False  # choose_backend's other arguments
+        backend, reason = choose_backend(args, engine_dir, say)
+        try:
+            res = evaluate_agreement(backend, manifest, args.video, intervals,
+                                     size=args.resize, max_frames=args.max_frames,
+                                     modes=modes, dis_preset=args.dis_preset,
+                                     dis_scale=args.dis_scale, progress=not args.quiet,
+                                     where=str(engine_dir))
+            kind, precision = backend.name, backend.precision
+        finally:
+            backend.close()
+        res = {"command": command, "engine_dir": str(engine_dir), "backend": kind,
+               "backend_reason": reason, "precision": precision, **res}
+        print(format_agreement(res))
+        for clip in res["clips"].values():
+            if clip["truncated"]:
+                print(f"dff-eval: warning: {clip['path']}: decoding stopped before the "
+                      "container's frame count (truncated or damaged); scored the frames "
+                      "decoded", file=sys.stderr)
+        if args.json:
+            write_json(res, args.json)
+            print(f"wrote {args.json}")
+        return 0
+
+    return guarded("dff-eval", args.verbose, body)
 
 
 if __name__ == "__main__":

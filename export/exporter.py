@@ -94,7 +94,8 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
                  max_shape: Shape | None = None, simplify: bool = False, probs: bool = False,
                  tolerance: float = parity_mod.TOLERANCE, verbose: bool = False,
                  log: Log | None = None, demo: str = tasks.SEGMENTATION,
-                 flow: str = manifest_mod.LEARNED) -> ExportResult:
+                 flow: str = manifest_mod.LEARNED,
+                 dis: dict[str, Any] | None = None) -> ExportResult:
     """Export `checkpoint` (None: the shipped demo model for the task `demo`) into `out_dir`:
     its modules (`modules.from_dff`) through `export_dff_modules`, so a dff-trt checkpoint
     and a user's own modules take one path. Raises a DffError and then writes nothing."""
@@ -107,7 +108,7 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
     return export_dff_modules(mods, out_dir, min_shape=min_shape, opt_shape=opt_shape,
                               max_shape=max_shape, simplify=simplify, probs=probs,
                               tolerance=tolerance, verbose=verbose, log=log, facts=facts,
-                              flow=flow)
+                              flow=flow, dis=dis)
 
 
 def export_modules(out_dir: str | os.PathLike[str], *, feature: torch.nn.Module,
@@ -146,13 +147,15 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
                        verbose: bool = False, log: Log | None = None,
                        facts: modules_mod.Facts | None = None,
                        norm_scale: int | None = None,
-                       flow: str = manifest_mod.LEARNED) -> ExportResult:
+                       flow: str = manifest_mod.LEARNED,
+                       dis: dict[str, Any] | None = None) -> ExportResult:
     """Export `mods` into `out_dir`; see the module docstring. Means and stds go onto 0..255
     first (`modules.apply_norm_scale`: `norm_scale`, else the modules' own). The modules go to eval mode
     (with a note when one was training) and are checked against the contract first
     (`modules.check_modules`); unset profile shapes default from `mods.input_size`. Raises a
     DffError (modules, profile, export, parity) and then writes nothing. `flow`: the flow
-    source the manifest names as the default (`flow.default`; both are exported)."""
+    source the manifest names as the default (`flow.default`; both are exported); `dis`: DIS
+    settings {preset, scale} to record for this model (`flow.dis`)."""
     log = log or (lambda _: None)
     if flow not in manifest_mod.FLOW_SOURCES:
         raise DffError(f"--flow {flow!r}: choose one of {', '.join(manifest_mod.FLOW_SOURCES)}")
@@ -202,6 +205,8 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
         manifest = build_manifest(mods, facts, profile, specs, tmp, rows, tolerance,
                                   simplify, {c.name: len(c.image) for c in cases})
         manifest["flow"]["default"] = flow
+        if dis:  # the DIS settings chosen for this model (runtime/flows.py dis_flow)
+            manifest["flow"]["dis"] = dict(dis)
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [spec.file for spec in specs.values()] + [onnx_op.WARP_FILE,
                                                           manifest_mod.FILENAME]

@@ -19,8 +19,9 @@ Layout (version 2; docs/DESIGN.md §2)::
         feature and task always, flow where the export has a learned flow, warp (key_feat,
         flow -> feat) where it can take a flow computed outside the graphs),
     flow {sources: some of "learned" (flow.onnx) and "dis" (OpenCV DIS on the host, warped by
-        warp.onnx), default: the one dff-run takes} (optional: a manifest without it has the
-        learned flow alone),
+        warp.onnx), default: the one dff-run takes, and optionally dis {preset, scale}: the DIS
+        settings chosen for this model} (optional: a manifest without it has the learned flow
+        alone),
     plugin {op, domain, version, graph, function},
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
     export {checkpoint, checkpoint_sha256 (a dff-train checkpoint's export only),
@@ -200,6 +201,13 @@ def default_flow(manifest: dict) -> str:
     return default if isinstance(default, str) else flow_sources(manifest)[0]
 
 
+def dis_settings(manifest: dict) -> dict[str, Any]:
+    """The export's recorded DIS settings, `flow.dis` {preset, scale}; {} where it has none."""
+    entry = manifest.get("flow")
+    dis = entry.get("dis") if isinstance(entry, dict) else None
+    return dict(dis) if isinstance(dis, dict) else {}
+
+
 def _check_flow(data: dict, path: Path, directory: Path) -> None:
     """`flow.sources` and `flow.default` against FLOW_SOURCES and the graphs each needs."""
     entry = data.get("flow")
@@ -209,6 +217,10 @@ def _check_flow(data: dict, path: Path, directory: Path) -> None:
                 or any(s not in FLOW_SOURCES for s in sources)):
             raise ManifestError(f"{path}: field 'flow.sources' is {sources!r}, expected a list "
                                 f"of some of {', '.join(FLOW_SOURCES)}; {_rebuild(directory)}")
+        dis = entry.get("dis", {})
+        if not isinstance(dis, dict) or not set(dis) <= {"preset", "scale"}:
+            raise ManifestError(f"{path}: field 'flow.dis' is {dis!r}, expected an object of "
+                                f"preset and scale; {_rebuild(directory)}")
         if default_flow(data) not in sources:
             raise ManifestError(f"{path}: field 'flow.default' is {entry.get('default')!r}, "
                                 f"expected one of its 'flow.sources' {sources}; "

@@ -785,7 +785,8 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
                decode_args: Mapping[str, Any] | None = None,
                class_names: Sequence[str] = (), score_threshold: float | None = None,
                key_interval: int = 10, tolerance: float = parity_mod.TOLERANCE,
-               verbose: bool = False, log: Log | None = None) -> SplitResult:
+               verbose: bool = False, log: Log | None = None,
+               dis: Mapping[str, Any] | None = None) -> SplitResult:
     """Split `model_path` at `feature_output` into `out_dir` (see the module docstring).
 
     mean/std: three values each in the model's channel order (B, G, R with `bgr`), on 0..255
@@ -912,6 +913,8 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
             model_path, feature_output, tmp, specs, profile, p, pre, rows, tolerance, task,
             list(class_names), k, score_threshold, key_interval, decode, decode_args,
             {c.name: len(c.image) for c in cases}, dropped, model)
+        if dis:  # the DIS settings chosen for this model (runtime/flows.py dis_flow)
+            manifest["flow"]["dis"] = dict(dis)
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [FEATURE, TASK, onnx_op.WARP_FILE, manifest_mod.FILENAME]
         out.mkdir(parents=True, exist_ok=True)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from dff.export.manifest import DIS, LEARNED, flow_sources
 from dff.runtime.backends import Backend, task_spec
-from dff.runtime.flows import DEFAULT_PRESET, DEFAULT_SCALE, DisFlow, FlowError
+from dff.runtime.flows import DisFlow, FlowError, dis_flow
 from dff.runtime.scheduler import FixedInterval
 from dff.runtime.step import Frame, Step, StreamState
 from dff.runtime.video import check_size, fit_frame, open_video
@@ -292,8 +292,8 @@ def _features(frame: Frame) -> np.ndarray | None:
 def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | Path],
                        intervals: Sequence[int] = DEFAULT_INTERVALS, *,
                        size: tuple[int, int] | None = None, max_frames: int | None = None,
-                       modes: Sequence[str] | None = None, dis_preset: str = DEFAULT_PRESET,
-                       dis_scale: float = DEFAULT_SCALE, progress: bool = True,
+                       modes: Sequence[str] | None = None, dis_preset: str | None = None,
+                       dis_scale: float | None = None, progress: bool = True,
                        where: str = "the export") -> dict[str, Any]:
     """The agreement of each mode at each k with per-frame inference on `videos` (module
     docstring); the dict dff-eval --video writes (see `format_agreement` for a table)."""
@@ -308,8 +308,9 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
                        "2 (k=1 is per-frame inference, the reference itself), e.g. 5,10")
     modes = list(modes) if modes else available_modes(manifest, backend)
     check_modes(modes, manifest, backend, where)
-    if DFF_DIS in modes:
-        DisFlow(dis_preset, dis_scale)  # refuse bad settings before decoding anything
+    if DFF_DIS in modes:  # the export's recorded settings where not given; bad ones refused
+        dis = dis_flow(manifest, dis_preset, dis_scale)  # before any decoding
+        dis_preset, dis_scale = dis.preset, dis.scale
 
     def new() -> Tally:
         return Tally(kind, manifest["class_names"], float(task.get("score_threshold", 0.0)),

@@ -14,7 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from dff.export.manifest import DIS, FLOW_SOURCES, LEARNED, default_flow, flow_sources
+from dff.export.manifest import (
+    DIS,
+    FLOW_SOURCES,
+    LEARNED,
+    default_flow,
+    dis_settings,
+    flow_sources,
+)
 
 from dff.errors import DffError
 
@@ -88,13 +95,22 @@ class DisFlow:
         return np.stack([self.flow(c, k, cells) for c, k in zip(current, key)])
 
 
+def dis_flow(manifest: dict | None, preset: str | None = None,
+             scale: float | None = None) -> DisFlow:
+    """A DisFlow with `preset` and `scale` where given, else the export's recorded settings
+    (manifest `flow.dis`), else DEFAULT_PRESET and DEFAULT_SCALE."""
+    recorded = dis_settings(manifest) if manifest is not None else {}
+    return DisFlow(preset or recorded.get("preset", DEFAULT_PRESET),
+                   scale if scale is not None else recorded.get("scale", DEFAULT_SCALE))
+
+
 def pick_flow(requested: str | None, manifest: dict | None, where: str,
               backend_sources: tuple[str, ...] | None = None,
-              preset: str = DEFAULT_PRESET, scale: float = DEFAULT_SCALE) -> DisFlow | None:
+              preset: str | None = None, scale: float | None = None) -> DisFlow | None:
     """The flow source a command runs: `requested` (--flow), else the export's default
     (`manifest` None: the learned flow, as a checkpoint has). None means the learned flow graph;
-    a DisFlow the host flow. Refuses, naming `where` and the fix, a source the export or the
-    backend (`backend_sources`) lacks."""
+    a DisFlow the host flow (`dis_flow`'s settings). Refuses, naming `where` and the fix, a
+    source the export or the backend (`backend_sources`) lacks."""
     have = flow_sources(manifest) if manifest is not None else [LEARNED]
     source = requested or (default_flow(manifest) if manifest is not None else LEARNED)
     if source not in FLOW_SOURCES:
@@ -110,4 +126,4 @@ def pick_flow(requested: str | None, manifest: dict | None, where: str,
     if backend_sources is not None and source not in backend_sources:
         raise FlowError(f"--flow {source}: this backend runs flow sources "
                         f"{', '.join(backend_sources)}; pick --backend onnxruntime-cpu")
-    return DisFlow(preset, scale) if source == DIS else None
+    return dis_flow(manifest, preset, scale) if source == DIS else None

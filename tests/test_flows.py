@@ -206,14 +206,19 @@ def test_dff_export_flow_dis_records_the_default_that_dff_run_takes(tiny_export,
 
     out = tmp_path / "e"
     assert export_cmd.main([str(tiny_export[0]), "-o", str(out), "--flow", "dis",
-                            "--opt-shape", "1x64x96", "--max-shape", "1x64x96"]) == 0
+                            "--dis-scale", "1", "--opt-shape", "1x64x96",
+                            "--max-shape", "1x64x96"]) == 0
     m = load_manifest(out)
-    assert m["flow"] == {"sources": [LEARNED, DIS], "default": DIS}
+    assert m["flow"] == {"sources": [LEARNED, DIS], "default": DIS,
+                         "dis": {"preset": "ultrafast", "scale": 1.0}}
     clip = tmp_path / "clip.mp4"
     write_synthetic_clip(clip, seed=2, num_frames=6, height=64, width=96)
     assert run_cli.main([str(clip), "-e", str(out), "-b", "onnxruntime-cpu", "-o",
                          str(tmp_path / "o.mp4"), "-k", "3"]) == 0
-    assert "flow dis (ultrafast" in capsys.readouterr().out
+    assert "flow dis (ultrafast, scale 1)" in capsys.readouterr().out  # the recorded settings
+    assert run_cli.main([str(clip), "-e", str(out), "-b", "onnxruntime-cpu", "-o",
+                         str(tmp_path / "o.mp4"), "-k", "3", "--dis-scale", "0.5"]) == 0
+    assert "flow dis (ultrafast, scale 0.5)" in capsys.readouterr().out  # the option wins
     with pytest.raises(SystemExit) as info:  # an --onnx export has no learned flow to pick
         export_cmd.main(["--onnx", "m.onnx", "--feature-output", "t", "--flow", "learned",
                          "-o", str(tmp_path / "x")])

@@ -100,11 +100,12 @@ def add_flow_args(p: argparse.ArgumentParser) -> None:
                    help="learned: the export's flow graph; dis: OpenCV's DIS optical flow on "
                         "the host, warped by the export's warp graph (default: the export's "
                         "manifest 'flow.default')")
-    p.add_argument("--dis-preset", choices=PRESETS, default=DEFAULT_PRESET,
-                   help=f"--flow dis: DIS's preset (default: {DEFAULT_PRESET})")
-    p.add_argument("--dis-scale", type=float, default=DEFAULT_SCALE, metavar="F",
+    p.add_argument("--dis-preset", choices=PRESETS, default=None,
+                   help="--flow dis: DIS's preset (default: the export's manifest 'flow.dis', "
+                        f"else {DEFAULT_PRESET})")
+    p.add_argument("--dis-scale", type=float, default=None, metavar="F",
                    help="--flow dis: DIS works on the frame at this fraction of each side "
-                        f"(default: {DEFAULT_SCALE})")
+                        f"(default: the export's manifest 'flow.dis', else {DEFAULT_SCALE})")
 
 
 def choose_flow(args: argparse.Namespace, manifest: dict | None, where: str,

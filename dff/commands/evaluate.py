@@ -246,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 def _synthetic_flow(args: argparse.Namespace):  # -> DisFlow | None
     """The synthetic splits' flow source: the checkpoint's flow net (None), or with --flow dis
     OpenCV DIS warped by the torch backend's warp."""
-    from dff.runtime.flows import DisFlow
+    from dff.runtime.flows import dis_flow
 
-    return DisFlow(args.dis_preset, args.dis_scale) if args.flow == "dis" else None
+    return dis_flow(None, args.dis_preset, args.dis_scale) if args.flow == "dis" else None
 
 
 def _flow_record(flow) -> dict:

@@ -12,6 +12,7 @@ from typing import Any
 from dff.commands.build import add_build_args, build_after_export, check_build_args
 from dff.commands.common import guarded, shape_arg
 from dff.export.profile import format_shape
+from dff.runtime.flows import DEFAULT_PRESET, DEFAULT_SCALE, PRESETS
 from dff.tasks import DEMOS, SEGMENTATION
 
 EPILOG = """\
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "flow.default): learned, the flow graph (the default for a checkpoint "
                         "or --module), or dis, OpenCV's DIS on the host + warp.onnx (the only "
                         "one an --onnx export has)")
+    p.add_argument("--dis-preset", choices=PRESETS,
+                   help="record DIS's preset for this model in the manifest ('flow.dis'; "
+                        f"dff-run's default with --flow dis; else {DEFAULT_PRESET})")
+    p.add_argument("--dis-scale", type=float, metavar="F",
+                   help="record the fraction of each side DIS works at for this model "
+                        f"('flow.dis'; else {DEFAULT_SCALE})")
     p.add_argument("--norm-scale", type=int, choices=(255, 1), metavar="{255,1}",
                    help="the scale --mean/--std (or the --module's means and stds) are on: 255 "
                         "(0..255 pixels, the manifest's) or 1 ([0,1], torchvision's; multiplied "
@@ -216,7 +223,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         max_shape=args.max_shape, task=args.task, decode=args.decode,
         decode_args=args.decode_args, class_names=args.class_names or (),
         score_threshold=args.score_threshold, tolerance=args.tolerance, verbose=args.verbose,
-        log=lambda line: print(line, flush=True))
+        log=lambda line: print(line, flush=True), dis=dis_record(args))
     m = result.manifest
     print(f"\nwrote {result.directory}/ ({m['task']['kind']} task, stride {m['stride']}, "
           f"C={m['feat_channels']}, profile min {format_shape(m['profile']['min'])}, "
@@ -247,10 +254,10 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
 
         result = export_dff_modules(load_factory(args.module, module_args), args.output,
                                     norm_scale=args.norm_scale, flow=args.flow or "learned",
-                                    **options)
+                                    dis=dis_record(args), **options)
     else:
         result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
-                              flow=args.flow or "learned", **options)
+                              flow=args.flow or "learned", dis=dis_record(args), **options)
     m = result.manifest
     print(f"\nwrote {result.directory}/ (profile min {format_shape(m['profile']['min'])}, "
           f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}):")
@@ -260,6 +267,16 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
     if args.build or args.precision or args.workspace is not None:
         return build_after_export(result.directory, args)
     return 0
+
+
+def dis_record(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--dis-preset/--dis-scale as the manifest's `flow.dis` (checked: a DisFlow is made)."""
+    if args.dis_preset is None and args.dis_scale is None:
+        return None
+    from dff.runtime.flows import dis_flow
+
+    made = dis_flow(None, args.dis_preset, args.dis_scale)
+    return {"preset": made.preset, "scale": made.scale}
 
 
 def parse_module_args(items: list[str], flag: str = "--module-arg") -> dict:

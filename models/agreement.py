@@ -253,7 +253,7 @@ def _clip_runs(backend: Backend, clip: Clip, max_frames: int | None, runs: list[
         for t, image in enumerate(clip.read(max_frames)):
             if t == 0 and warm:
                 _warm(backend, image, [ref_step, *(s for _, s in steps)],
-                      [2, *(r.k for r in runs)])
+                      [1, *(r.k for r in runs)])
             frame = Frame(ref_stream, t, image)
             start = time.perf_counter()
             ref_step([frame])
@@ -277,9 +277,10 @@ def _clip_runs(backend: Backend, clip: Clip, max_frames: int | None, runs: list[
 
 
 def _warm(backend: Backend, image: np.ndarray, steps: list[Step], ks: list[int]) -> None:
-    """Each step on a few copies of `image` (a key frame, then non-key ones), untimed."""
+    """Each step on a few copies of `image` (a key frame, then non-key ones; k = 1, the
+    reference: key frames only), untimed."""
     for step, k in zip(steps, ks):
-        stream = StreamState(FixedInterval(max(2, min(k, WARMUP_FRAMES))))
+        stream = StreamState(FixedInterval(1 if k == 1 else max(2, min(k, WARMUP_FRAMES))))
         for t in range(WARMUP_FRAMES):
             step([Frame(stream, t, image)])
         stream.release()

@@ -200,3 +200,24 @@ def test_motion_schedules_without_learned_under_dis(tiny_model):
 
     assert "learned" not in schedules_for(tiny_model, DisFlow())
     assert schedules_for(tiny_model)[:2] == ["fixed", "adaptive"]
+
+
+def test_raw_onnx_export_with_dis_only(tmp_path, clip, real_material):
+    """CenterFace split with --task raw: no learned flow, so the modes are dff-dis and copy,
+    scored by the outputs' relative error (the heatmap 537 among them)."""
+    from dff.commands import export as export_cmd
+
+    engines = tmp_path / "cf"
+    assert export_cmd.main(["--onnx", str(real_material("centerface.onnx")),
+                            "--feature-output", "535", "--bgr", "--input-size", "64x96",
+                            "--max-shape", "1x64x96", "-o", str(engines)]) == 0
+    res = _eval(tmp_path, engines, [clip], "--intervals", "4", "--max-frames", "8")
+    assert res["task"] == "raw" and res["modes"] == ["dff-dis", "copy"]
+    assert "agreement" not in res
+    for mode in res["modes"]:
+        errors = res["output_errors"][mode]["4"]
+        assert set(errors) == {"537", "538", "539", "540"}
+        assert all(np.isfinite(v) and v >= 0 for v in errors.values())
+        assert res["output_error"][mode]["4"] == pytest.approx(np.mean(list(errors.values())),
+                                                             abs=1e-5)
+        assert res["scored_frames"][mode]["4"] == 6  # frames 1-3 and 5-7

@@ -335,7 +335,7 @@ class Step:
         for j, f in enumerate(chunk):
             f.stream.key_image, f.stream.key_feat = (images, j), (feats, j)
             f.feat = (feats, j)
-            if self.source is not None and not self.copy:
+            if self.source is not None and not self.copy:  # (its time counts as feature's)
                 f.stream.key_grey = (f.grey if f.grey is not None
                                      else self.source.prepare(f.frame))
         self._call("feature", chunk, time.perf_counter() - start)

@@ -213,7 +213,6 @@ def size_arg(text: str) -> tuple[int, int]:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    from dff.export.exporter import human_size
     from dff.export.onnx_split import split_onnx
 
     result = split_onnx(
@@ -225,21 +224,13 @@ def _export_onnx(args: argparse.Namespace) -> int:
         score_threshold=args.score_threshold, tolerance=args.tolerance, verbose=args.verbose,
         log=lambda line: print(line, flush=True), dis=dis_record(args))
     m = result.manifest
-    print(f"\nwrote {result.directory}/ ({m['task']['kind']} task, stride {m['stride']}, "
-          f"C={m['feat_channels']}, profile min {format_shape(m['profile']['min'])}, "
-          f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}; "
-          "flow: DIS on the host):")
-    for name, path in result.files.items():
-        print(f"  {name:<14} {human_size(path):>10}")
-    print(parity_summary(result.rows))
-    if args.build or args.precision or args.workspace is not None:
-        return build_after_export(result.directory, args)
-    return 0
+    return _written(result, args, f"{m['task']['kind']} task, stride {m['stride']}, "
+                                  f"C={m['feat_channels']}, ", "; flow: DIS on the host")
 
 
 def _export(args: argparse.Namespace, module_args: dict) -> int:
     # imported here so that --help and argument errors come back without loading torch
-    from dff.export.exporter import export_model, human_size
+    from dff.export.exporter import export_model
 
     if args.onnx:
         return _export_onnx(args)
@@ -258,9 +249,16 @@ def _export(args: argparse.Namespace, module_args: dict) -> int:
     else:
         result = export_model(args.checkpoint, args.output, demo=args.demo or SEGMENTATION,
                               flow=args.flow or "learned", dis=dis_record(args), **options)
-    m = result.manifest
-    print(f"\nwrote {result.directory}/ (profile min {format_shape(m['profile']['min'])}, "
-          f"opt {format_shape(m['profile']['opt'])}, max {format_shape(m['profile']['max'])}):")
+    return _written(result, args)
+
+
+def _written(result: Any, args: argparse.Namespace, before: str = "", after: str = "") -> int:
+    """What an export wrote (its profile, files and parity), then dff-build if asked."""
+    from dff.export.exporter import human_size
+
+    p = result.manifest["profile"]
+    print(f"\nwrote {result.directory}/ ({before}profile min {format_shape(p['min'])}, "
+          f"opt {format_shape(p['opt'])}, max {format_shape(p['max'])}{after}):")
     for name, path in result.files.items():
         print(f"  {name:<14} {human_size(path):>10}")
     print(parity_summary(result.rows))

@@ -26,7 +26,7 @@ from dff.commands import export as cli
 from dff.errors import DffError
 
 pytest.importorskip("onnxruntime")
-FILES = ["feature.onnx", "flow.onnx", "task.onnx", "manifest.json"]
+FILES = ["feature.onnx", "flow.onnx", "task.onnx", "warp.onnx", "manifest.json"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,9 +104,14 @@ def test_manifest_records_contract_profile_and_provenance(exported, checkpoint):
     assert exp["tool_version"] == "0.3.0" and "detection_rule" not in exp["parity"]
     # a checkpoint goes through export_modules too: the fields of 0.3.0's manifest, plus the
     # modules' record and the flow graph's own normalisation (FlowNet-S takes raw pixels)
-    assert sorted(m) == ["class_names", "dims", "engines", "export", "feat_channels", "format",
-                         "graphs", "key_interval", "normalisation", "num_classes", "plugin",
-                         "profile", "stride", "task", "version"]
+    assert sorted(m) == ["class_names", "dims", "engines", "export", "feat_channels", "flow",
+                         "format", "graphs", "key_interval", "normalisation", "num_classes",
+                         "plugin", "profile", "stride", "task", "version"]
+    assert m["flow"] == {"sources": ["learned", "dis"], "default": "learned"}
+    warp = m["graphs"]["warp"]  # the host flow's warp: standard ONNX, no custom op
+    assert [(t["name"], t["shape"]) for t in warp["inputs"]] == [
+        ("key_feat", ["N", 16, "h", "w"]), ("flow", ["N", 2, "h", "w"])]
+    assert warp["custom_ops"] == []
     assert sorted(exp) == ["checkpoint", "checkpoint_sha256", "modules", "onnx", "onnxruntime",
                            "opset", "parity", "simplified", "tool", "tool_version", "torch"]
     assert m["normalisation"]["flow"] == {"mean": [0.0] * 3, "std": [1.0] * 3}

@@ -234,7 +234,8 @@ def test_profile_figures_come_from_dff_profiles_json(engines, tmp_path):
     assert figures["end_to_end"][1]["efficiency"] > 0
     assert set(figures["stage_median"]) == {"feature", "flow", "task"}
     assert figures["headline"].startswith("K=2: ")
-    assert gpu_checks.read_engines(engines, None)["graphs"] == ["feature", "flow", "task"]
+    assert gpu_checks.read_engines(engines, None)["graphs"] == ["feature", "flow", "task",
+                                                                 "warp"]
 
 
 # --- the in-process GPU steps on a stand-in -------------------------------------------------

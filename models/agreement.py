@@ -323,6 +323,8 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
     decode_s, total = 0.0, 0
     clips: dict[str, dict[str, Any]] = {}
     names = _names(videos)
+    for path in videos:  # every video readable and of a size the export takes, before any work
+        open_clip(path, size, manifest).video.close()
     bar = _bar(progress)
     warmed: set[tuple[int, int]] = set()
     for path, name in zip(videos, names):

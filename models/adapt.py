@@ -32,7 +32,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,8 @@ class AdaptError(DffError):
 class SmallFlowNet(nn.Module):
     """A small stride-agnostic flow net of the dff-adapt interface, the init when
     dff.models.realflow is not there: stride-2 convs down to the feature grid on the pair,
-    then flow (zero at start) and scale (one at start) heads."""
+    dilated convs there for context, then flow (zero at start) and scale (one at start)
+    heads."""
 
     def __init__(self, stride: int, channels: int, width: int = 16):
         super().__init__()
@@ -78,7 +79,9 @@ class SmallFlowNet(nn.Module):
             cout = min(width * 2 ** i, 64)
             layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.LeakyReLU(0.1)]
             cin = cout
-        layers += [nn.Conv2d(cin, cin, 3, 1, 1), nn.LeakyReLU(0.1)]
+        for dilation in (1, 2, 4, 8):  # context at the grid: a receptive field of ~30 cells
+            layers += [nn.Conv2d(cin, cin, 3, 1, dilation, dilation=dilation),
+                       nn.LeakyReLU(0.1)]
         self.body = nn.Sequential(*layers)
         self.flow_head = nn.Conv2d(cin, 2, 3, 1, 1)
         self.scale_head = nn.Conv2d(cin, channels, 1)
@@ -258,7 +261,7 @@ class AdaptOptions:
     held_out: float = 0.2
     stages: tuple[str, ...] = STAGES
     batch: int = 4
-    lr: float = 1e-4
+    lr: float | None = None  # None: 1e-3 from scratch, 1e-4 from a trained init
     seed: int = 0
     eval_every: int = 25
     save_every: int = 50
@@ -333,8 +336,9 @@ class Trainer:
         mean, std = net_norm(net)
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.lr = options.lr or 1e-4
         self.optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
-                                          lr=options.lr)
+                                          lr=self.lr)
         self.rng = random.Random(options.seed)
         self.state = AdaptState()
         self.eval_set = eval_pairs(held, options.k_max) if held else []
@@ -483,6 +487,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     if blob is not None and blob.get("init") != init_name:
         raise AdaptError(f"{ckpt_path}: started from {blob.get('init')!r}, but this run's "
                          f"init is {init_name!r}; run without --resume to start over")
+    if options.lr is None:
+        options = replace(options, lr=1e-3 if init_name.startswith("scratch") else 1e-4)
     torch.manual_seed(options.seed)
     net = factory(stride, channels)
     grid = (int(manifest["profile"]["opt"][1]) // stride,

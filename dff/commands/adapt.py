@@ -59,7 +59,9 @@ def parser() -> argparse.ArgumentParser:
                    help="make the learned flow the export's default flow source (default: keep "
                         "the export's)")
     p.add_argument("--batch", type=int_at_least(1), default=4, help="pairs per step (default 4)")
-    p.add_argument("--lr", type=_positive, default=1e-4, help="Adam's learning rate")
+    p.add_argument("--lr", type=_positive, default=None,
+                   help="Adam's learning rate (default: 1e-3 from scratch, 1e-4 from a trained "
+                        "init)")
     p.add_argument("--max-frames", type=int_at_least(2), default=600, metavar="N",
                    help="frames read from each video (default: 600)")
     p.add_argument("--seed", type=int, default=0)

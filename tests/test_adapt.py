@@ -13,12 +13,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from dff.engines import builder
 from dff.export.manifest import DIS, LEARNED, default_flow, flow_sources, load_manifest
 from dff.models import adapt as adapt_mod
 from dff.runtime.video import write_synthetic_clip
 from torch import nn
 
 from dff.commands import adapt as adapt_cli
+from dff.commands import build as build_cli
 from dff.commands import export as export_cmd
 from dff.commands import run as run_cli
 
@@ -60,7 +62,7 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
             "--eval-every", "2", "--batch", "2"]
     assert adapt_cli.main(argv) == 0
     out = capsys.readouterr()
-    assert "held_feat" in out.err and "parity" not in out.err
+    assert "held_feat" in out.err and "dis_epe" in out.err and "max abs error" in out.out
     assert (export / "flow.prev.onnx").read_bytes() == old_flow
     assert (export / "flow.onnx").read_bytes() != old_flow
     assert (export / "adapt" / "checkpoint.pt").is_file()
@@ -146,7 +148,8 @@ class TinyFace(nn.Module):
         return heat.sigmoid(), scale, offset, marks
 
 
-def test_an_onnx_export_without_a_flow_graph_gets_a_learned_flow(tmp_path, capsys):
+def onnx_export(tmp_path: Path) -> Path:
+    """dff-export --onnx of TinyFace at 64x96: no flow.onnx, DIS by default."""
     path = tmp_path / "tiny.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -156,12 +159,22 @@ def test_an_onnx_export_without_a_flow_graph_gets_a_learned_flow(tmp_path, capsy
     out = tmp_path / "e"
     assert export_cmd.main(["--onnx", str(path), "--feature-output", tensor, "--bgr",
                             "--input-size", "64x96", "-o", str(out)]) == 0
+    return out
+
+
+def adapted_onnx_export(tmp_path: Path, capsys) -> Path:
+    out = onnx_export(tmp_path)
     assert not (out / "flow.onnx").exists()
     video = tmp_path / "v.mp4"
     write_synthetic_clip(video, seed=2, num_frames=16, height=64, width=96)
     capsys.readouterr()
     assert adapt_cli.main([str(out), "--video", str(video), "--iters", "3", "--k-max", "3",
                            "--default", "learned", "-q"]) == 0, capsys.readouterr().err
+    return out
+
+
+def test_an_onnx_export_without_a_flow_graph_gets_a_learned_flow(tmp_path, capsys):
+    out = adapted_onnx_export(tmp_path, capsys)
     m = load_manifest(out)
     assert flow_sources(m) == [LEARNED, DIS] and default_flow(m) == LEARNED
     assert not (out / "flow.prev.onnx").exists() and m["plugin"]["graph"] == "flow"
@@ -174,3 +187,12 @@ def test_an_onnx_export_without_a_flow_graph_gets_a_learned_flow(tmp_path, capsy
         None, {"image": image, "key_image": image, "key_feat": feat})
     assert warped.shape == feat.shape and flow.shape[1] == 2
     assert adapt_mod.read_export(out)["export"]["adapt"]["iterations"] == 3
+
+
+@pytest.mark.skipif(not builder.tensorrt_available(), reason="TensorRT is not installed")
+def test_dff_build_builds_the_learned_flow_graph(tmp_path, capsys):
+    out = adapted_onnx_export(tmp_path, capsys)
+    assert build_cli.main([str(out), "--fp32"]) == 0
+    m = load_manifest(out)
+    flows = [e for e in m["engines"].values() if e["graph"] == "flow"]
+    assert len(flows) == 1 and flows[0]["onnx_sha256"] == m["graphs"]["flow"]["sha256"]

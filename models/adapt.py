@@ -205,14 +205,20 @@ class Teacher:
         self.session = ort.InferenceSession(os.fspath(path), options,
                                             providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        batch = manifest["profile"]["max"][0]
-        self.batch = max(1, min(int(batch), 8))
+        lo, hi = int(manifest["profile"]["min"][0]), int(manifest["profile"]["max"][0])
+        self.batch = max(1, min(hi, 8))
+        self.fixed = lo == hi  # a graph of fixed N: the last chunk is padded to it
         self.cache: dict[tuple[int, int], np.ndarray] = {}
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """[N,3,H,W] uint8 -> [N,C,h,w] float32."""
-        outs = [self.session.run(None, {self.input: images[i:i + self.batch]})[0]
-                for i in range(0, len(images), self.batch)]
+        outs = []
+        for i in range(0, len(images), self.batch):
+            chunk = images[i:i + self.batch]
+            n = len(chunk)
+            if self.fixed and n < self.batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.batch - n, 0)])
+            outs.append(self.session.run(None, {self.input: chunk})[0][:n])
         return np.concatenate(outs)
 
     def features(self, clips: list[Clip], keys: list[tuple[int, int]]) -> np.ndarray:
@@ -481,6 +487,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     blob = read_checkpoint(ckpt_path) if options.resume and ckpt_path.is_file() else None
     if options.resume and blob is None:
         log(f"--resume: no checkpoint at {ckpt_path}; starting from the init")
+    elif not options.resume and ckpt_path.is_file():
+        log(f"starting over from the init ({ckpt_path} is replaced; --resume continues it)")
     stride, channels = int(manifest["stride"]), int(manifest["feat_channels"])
     all_clips, train, held = clips_for(manifest, videos, options)
     init_name, factory = init or default_init()

@@ -196,3 +196,15 @@ def test_dff_build_builds_the_learned_flow_graph(tmp_path, capsys):
     m = load_manifest(out)
     flows = [e for e in m["engines"].values() if e["graph"] == "flow"]
     assert len(flows) == 1 and flows[0]["onnx_sha256"] == m["graphs"]["flow"]["sha256"]
+
+
+def test_the_teacher_pads_the_last_chunk_for_a_graph_of_fixed_batch():
+    class Session:
+        def run(self, _, feeds):
+            assert len(feeds["image"]) == 3
+            return [feeds["image"][:, :1].astype(np.float32)]
+
+    teacher = adapt_mod.Teacher.__new__(adapt_mod.Teacher)
+    teacher.session, teacher.input, teacher.batch, teacher.fixed = Session(), "image", 3, True
+    images = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)
+    np.testing.assert_array_equal(teacher.run(images), images[:, :1].astype(np.float32))

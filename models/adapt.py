@@ -281,6 +281,7 @@ class AdaptOptions:
 class AdaptState:
     iteration: int = 0
     seconds: float = 0.0
+    stage: str = ""  # the last stage trained: a resumed run that reached distil stays there
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -353,6 +354,8 @@ class Trainer:
         stages = self.options.stages
         if len(stages) == 1:
             return stages[0]
+        if self.state.stage == "distil":
+            return "distil"
         return "dis" if progress < DIS_SHARE else "distil"
 
     def _batch(self, clips: list[Clip], pairs: list[tuple[int, int, int]], teacher_cache: Any,
@@ -387,6 +390,7 @@ class Trainer:
         loss.backward()
         self.optimizer.step()
         self.state.iteration += 1
+        self.state.stage = stage
         return float(loss.detach())
 
     @torch.no_grad()
@@ -413,7 +417,8 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         blob = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "iteration": self.state.iteration, "seconds": self.state.seconds,
-                "history": self.state.history, "rng": self.rng.getstate(), "init": init,
+                "history": self.state.history, "stage": self.state.stage,
+                "rng": self.rng.getstate(), "init": init,
                 **extra}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
@@ -427,8 +432,9 @@ class Trainer:
     def load(self, blob: dict[str, Any]) -> None:
         self.net.load_state_dict(blob["net"])
         self.optimizer.load_state_dict(blob["optimizer"])
-        self.state = AdaptState(int(blob["iteration"]), float(blob["seconds"]),
-                                list(blob.get("history", [])))
+        self.state = AdaptState(iteration=int(blob["iteration"]), seconds=float(blob["seconds"]),
+                                stage=str(blob.get("stage", "")),
+                                history=list(blob.get("history", [])))
         if "rng" in blob:
             self.rng.setstate(blob["rng"])
 

@@ -87,6 +87,8 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert load_manifest(export)["export"]["adapt"]["iterations"] == 6
     blob = torch.load(export / "adapt" / "checkpoint.pt", weights_only=False)
     assert blob["iteration"] == 6 and blob["optimizer"]["state"]
+    assert blob["stage"] == "distil"  # a resumed run that reached distil does not refit DIS
+    assert [h["stage"] for h in blob["history"]] == ["dis", "distil"]
 
 
 def test_refusals_are_one_line_and_change_nothing(export, clip, tmp_path, capsys):

@@ -1,0 +1,212 @@
+"""dff-adapt (models/adapt.py, dff/commands/adapt.py): a learned flow for an existing export,
+trained on the user's video with the export's feature graph as the teacher. A few iterations
+each, on the tiny export and a short synthetic clip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from dff.engines import builder
+from dff.export.manifest import DIS, LEARNED, default_flow, flow_sources, load_manifest
+from dff.models import adapt as adapt_mod
+from dff.runtime.video import write_synthetic_clip
+from torch import nn
+
+from dff.commands import adapt as adapt_cli
+from dff.commands import build as build_cli
+from dff.commands import export as export_cmd
+from dff.commands import run as run_cli
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("cv2")
+
+INIT = ("scratch:SmallFlowNet", adapt_mod.SmallFlowNet)
+
+
+@pytest.fixture(autouse=True)
+def _small_init(monkeypatch):
+    """The small flow net whatever dff.models.realflow is, so each test takes seconds."""
+    monkeypatch.setattr(adapt_mod, "default_init", lambda: INIT)
+
+
+@pytest.fixture
+def export(engines, tmp_path) -> Path:
+    return shutil.copytree(engines, tmp_path / "engines")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    write_synthetic_clip(path, seed=4, num_frames=24, height=64, width=96)
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys):
+    old_flow = (export / "flow.onnx").read_bytes()
+    m = json.loads((export / "manifest.json").read_text())
+    m["engines"]["flow_x"] = {"file": "flow.onnx", "sha256": m["graphs"]["flow"]["sha256"],
+                              "graph": "flow"}  # as an engine built from the old flow graph
+    (export / "manifest.json").write_text(json.dumps(m))
+    argv = [str(export), "--video", str(clip), "--iters", "4", "--k-max", "3",
+            "--eval-every", "2", "--batch", "2"]
+    assert adapt_cli.main(argv) == 0
+    out = capsys.readouterr()
+    assert "held_feat" in out.err and "dis_epe" in out.err and "max abs error" in out.out
+    assert (export / "flow.prev.onnx").read_bytes() == old_flow
+    assert (export / "flow.onnx").read_bytes() != old_flow
+    assert (export / "adapt" / "checkpoint.pt").is_file()
+    m = load_manifest(export)
+    record = m["export"]["adapt"]
+    assert record["iterations"] == 4 and record["stages"] == ["dis", "distil"]
+    assert record["k_max"] == 3 and record["init"] == INIT[0]
+    assert record["videos"][0]["sha256"] and record["held_out"][0]["from_frame"] == 19
+    assert {"feat", "dis_epe", "copy_feat", "dis_feat"} <= set(record["held_out_loss"])
+    assert record["engines_dropped"] == ["flow_x"] and "flow_x" not in m["engines"]
+    assert m["normalisation"]["flow"] == {"mean": [127.5] * 3, "std": [127.5] * 3}
+    assert flow_sources(m) == [LEARNED, DIS] and default_flow(m) == LEARNED
+    proto = onnx.load(export / "flow.onnx")
+    assert [(f.domain, f.name) for f in proto.functions] == [("dff", "FlowWarp")]
+    assert [i.name for i in proto.graph.input] == ["image", "key_image", "key_feat"]
+    # dff-run runs it
+    assert run_cli.main([str(clip), "-e", str(export), "-b", "onnxruntime-cpu", "--flow",
+                         "learned", "-o", str(tmp_path / "o.mp4"), "-k", "5", "--quiet"]) == 0
+    assert (tmp_path / "o.mp4").is_file()
+    # --resume continues the count
+    assert adapt_cli.main([*argv[:3], "--iters", "2", "--k-max", "3", "--resume", "-q"]) == 0
+    assert load_manifest(export)["export"]["adapt"]["iterations"] == 6
+    blob = torch.load(export / "adapt" / "checkpoint.pt", weights_only=False)
+    assert blob["iteration"] == 6 and blob["optimizer"]["state"]
+    assert blob["stage"] == "distil"  # a resumed run that reached distil does not refit DIS
+    assert [h["stage"] for h in blob["history"]] == ["dis", "distil"]
+
+
+def test_refusals_are_one_line_and_change_nothing(export, clip, tmp_path, capsys):
+    before = snapshot(export)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video at all")
+    short = tmp_path / "short.mp4"
+    write_synthetic_clip(short, seed=1, num_frames=4, height=64, width=96)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([str(export), "--video", str(bad), "--iters", "2"], "bad.mp4"),
+        ([str(export), "--video", str(short), "--iters", "2", "--k-max", "3"], "too few"),
+        ([str(export), "--video", str(clip), "--iters", "2", "--k-max", "20"], "too few"),
+        ([str(tmp_path / "nothing"), "--video", str(clip), "--iters", "2"], "no such directory"),
+        ([str(empty), "--video", str(clip), "--iters", "2"], "manifest.json: missing"),
+    ]
+    for argv, words in cases:
+        assert adapt_cli.main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("dff-adapt: ") and words in err, err
+    assert snapshot(export) == before and not (export / "adapt").exists()
+    assert list(empty.iterdir()) == []
+
+
+def test_library_takes_its_init_and_holds_out_clips(export, clip, tmp_path):
+    second = tmp_path / "b.mp4"
+    write_synthetic_clip(second, seed=5, num_frames=12, height=64, width=96)
+    made = []
+
+    def init(stride, channels):
+        made.append((stride, channels))
+        return adapt_mod.SmallFlowNet(stride, channels, width=8)
+
+    options = adapt_mod.AdaptOptions(iters=2, k_max=2, batch=1, stages=("distil",))
+    record = adapt_mod.adapt(export, [clip, second], options, init=("test:init", init))
+    m = load_manifest(export)
+    assert made == [(m["stride"], m["feat_channels"])]
+    assert record["init"] == "test:init" and record["stages"] == ["distil"]
+    assert [h["file"] for h in record["held_out"]] == [str(second.resolve())]
+    with pytest.raises(adapt_mod.AdaptError, match="started from 'test:init'"):
+        adapt_mod.adapt(export, [clip], adapt_mod.AdaptOptions(iters=1, k_max=2, resume=True),
+                        init=INIT)
+
+
+class TinyFace(nn.Module):
+    """A CenterFace-shaped model (stride 4 features, four heads), as tests/test_onnx_split.py."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.heads = nn.ModuleList(nn.Conv2d(8, c, 1) for c in (1, 2, 2, 10))
+
+    def forward(self, x):
+        feat = torch.relu(self.b(torch.relu(self.a(x))))
+        heat, scale, offset, marks = (h(feat) for h in self.heads)
+        return heat.sigmoid(), scale, offset, marks
+
+
+def onnx_export(tmp_path: Path) -> Path:
+    """dff-export --onnx of TinyFace at 64x96: no flow.onnx, DIS by default."""
+    path = tmp_path / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyFace().eval(), torch.zeros(1, 3, 32, 32), path, dynamo=False,
+                          opset_version=9, input_names=["input.1"])
+    tensor = [n.output[0] for n in onnx.load(path).graph.node if n.op_type == "Relu"][-1]
+    out = tmp_path / "e"
+    assert export_cmd.main(["--onnx", str(path), "--feature-output", tensor, "--bgr",
+                            "--input-size", "64x96", "-o", str(out)]) == 0
+    return out
+
+
+def adapted_onnx_export(tmp_path: Path, capsys) -> Path:
+    out = onnx_export(tmp_path)
+    assert not (out / "flow.onnx").exists()
+    video = tmp_path / "v.mp4"
+    write_synthetic_clip(video, seed=2, num_frames=16, height=64, width=96)
+    capsys.readouterr()
+    assert adapt_cli.main([str(out), "--video", str(video), "--iters", "3", "--k-max", "3",
+                           "--default", "learned", "-q"]) == 0, capsys.readouterr().err
+    return out
+
+
+def test_an_onnx_export_without_a_flow_graph_gets_a_learned_flow(tmp_path, capsys):
+    out = adapted_onnx_export(tmp_path, capsys)
+    m = load_manifest(out)
+    assert flow_sources(m) == [LEARNED, DIS] and default_flow(m) == LEARNED
+    assert not (out / "flow.prev.onnx").exists() and m["plugin"]["graph"] == "flow"
+    assert m["graphs"]["flow"]["outputs"][1]["shape"][1] == m["feat_channels"]
+    import onnxruntime as ort
+
+    image = np.random.default_rng(0).integers(0, 256, (1, 3, 64, 96), dtype=np.uint8)
+    feat = ort.InferenceSession(str(out / "feature.onnx")).run(None, {"image": image})[0]
+    flow, _scale, warped = ort.InferenceSession(str(out / "flow.onnx")).run(
+        None, {"image": image, "key_image": image, "key_feat": feat})
+    assert warped.shape == feat.shape and flow.shape[1] == 2
+    assert adapt_mod.read_export(out)["export"]["adapt"]["iterations"] == 3
+
+
+@pytest.mark.skipif(not builder.tensorrt_available(), reason="TensorRT is not installed")
+def test_dff_build_builds_the_learned_flow_graph(tmp_path, capsys):
+    out = adapted_onnx_export(tmp_path, capsys)
+    assert build_cli.main([str(out), "--fp32"]) == 0
+    m = load_manifest(out)
+    flows = [e for e in m["engines"].values() if e["graph"] == "flow"]
+    assert len(flows) == 1 and flows[0]["onnx_sha256"] == m["graphs"]["flow"]["sha256"]
+
+
+def test_the_teacher_pads_the_last_chunk_for_a_graph_of_fixed_batch():
+    class Session:
+        def run(self, _, feeds):
+            assert len(feeds["image"]) == 3
+            return [feeds["image"][:, :1].astype(np.float32)]
+
+    teacher = adapt_mod.Teacher.__new__(adapt_mod.Teacher)
+    teacher.session, teacher.input, teacher.batch, teacher.fixed = Session(), "image", 3, True
+    images = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)
+    np.testing.assert_array_equal(teacher.run(images), images[:, :1].astype(np.float32))

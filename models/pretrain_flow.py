@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from dff.models.realflow import RealFlowNet, trunk_state
 
 SOURCES = ("bikes.mp4", "vtest.avi")
@@ -47,7 +46,6 @@ MAX_GAP = 10
 def read_frames(name: str, every: int = 1) -> list[np.ndarray]:
     """Every `every`-th frame of a real clip as RGB uint8 (never the held-out clip)."""
     import cv2
-
     from dff.data import real
 
     if name == real.HELD_OUT:

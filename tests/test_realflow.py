@@ -70,8 +70,8 @@ shipped = pytest.mark.skipif(not WEIGHTS.exists(), reason="no shipped realflow.p
 
 @shipped
 def test_shipped_weights_follow_an_8px_translation():
-    """key = current moved 8 px right and 8 px down: current(p) = key(p + (8, 8)), one cell
-    at stride 8 in each direction."""
+    """key = the texture from (8, 8) on, current from (0, 0): current(p) = key(p − (8, 8)), so
+    the flow current → key is (−8, −8) px, −1 cell at stride 8 in each direction."""
     net = load_realflow(8, 3).eval()
     big = texture(200, 296)
     cur, key = big[:192, :288], big[8:200, 8:296]
@@ -79,7 +79,7 @@ def test_shipped_weights_follow_an_8px_translation():
         flow, scale = net(normalised(cur), normalised(key))
     assert flow.shape == (1, 2, 24, 36) and torch.equal(scale, torch.ones_like(scale))
     inner = flow[0, :, 2:-2, 2:-2]
-    err = torch.linalg.vector_norm(inner - torch.tensor([1.0, 1.0]).view(2, 1, 1), dim=0)
+    err = torch.linalg.vector_norm(inner - torch.tensor([-1.0, -1.0]).view(2, 1, 1), dim=0)
     assert float(err.mean()) < 0.5, inner.mean((1, 2))
     assert float(err.median()) < 0.25
 

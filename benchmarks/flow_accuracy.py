@@ -25,6 +25,12 @@ Cost: the median of repeated runs of each method alone (DIS: ``calc`` on grey fr
 and at 128x224 and 576x1024 (the pair resized). Ratios are against the flow net at the same
 size, from the same run.
 
+``real flow net`` (issue 23): RealFlowNet at stride 16 with the shipped pretrained weights
+(models/realflow.py, models/weights/realflow.pth; ``--realflow`` for others), EPE from
+PyTorch; its cost is on ONNX Runtime's CPU provider (``--threads`` intra-op threads), the net
+exported once with torch.onnx (dynamo, opset 20, dynamic height and width), both images
+normalised on the host outside the timing.
+
     pip install scikit-image          # benchmark-only (pyproject's `bench` extra)
     python benchmarks/flow_accuracy.py [--checkpoint MODEL.pth] [--repeats 15] [--threads 2]
 
@@ -105,6 +111,45 @@ def net_flow(model, current: np.ndarray, key: np.ndarray) -> np.ndarray:
     return flow[0].numpy() * model.config.stride
 
 
+class realflow_runner:
+    """RealFlowNet at stride 16: ``run(current, key)`` -> flow [2,h,w] px from PyTorch for the
+    EPE; ``inputs(current, key)`` the normalised arrays and ``run`` on arrays the ONNX Runtime
+    session's flow (for the cost)."""
+
+    def __init__(self, weights: str | None, threads: int):
+        import tempfile
+
+        import onnxruntime as ort
+        from dff.models.realflow import load_realflow
+
+        self.net = load_realflow(STRIDE, 1, weights).eval()
+        example = torch.zeros(1, 3, 128, 224)
+        dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+        with torch.no_grad():
+            program = torch.onnx.export(self.net, (example, example), dynamo=True,
+                                        opset_version=20, input_names=["image", "key"],
+                                        output_names=["flow", "scale"],
+                                        dynamic_shapes=(dims, dims), verbose=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        with tempfile.TemporaryDirectory() as tmp:
+            path = f"{tmp}/realflow.onnx"
+            program.save(path)
+            self.session = ort.InferenceSession(path, options,
+                                                providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def inputs(current: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return tuple((to_tensor(x) * (1.0 / 255.0) - 0.5).numpy() for x in (current, key))
+
+    def __call__(self, current: np.ndarray, key: np.ndarray) -> np.ndarray:
+        if current.dtype == np.uint8:  # the EPE: PyTorch on RGB frames
+            cur, k = (torch.from_numpy(x) for x in self.inputs(current, key))
+            with torch.no_grad():
+                return self.net(cur, k)[0][0].numpy() * STRIDE
+        return self.session.run(["flow"], {"image": current, "key": key})[0][0] * STRIDE
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -123,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="a DFF checkpoint (default: the shipped demo model)")
     p.add_argument("--repeats", type=int, default=15, help="timed runs per method and size")
     p.add_argument("--threads", type=int, default=2, help="OpenCV's and PyTorch's threads")
+    p.add_argument("--realflow", help="RealFlowNet weights (default: the shipped "
+                   "models/weights/realflow.pth)")
     args = p.parse_args(argv)
     cv2.setNumThreads(args.threads)
     torch.set_num_threads(args.threads)
@@ -146,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         return tuple(cv2.resize(x, size[::-1], interpolation=cv2.INTER_AREA)
                      for x in (left, right))
 
-    methods = {"zero flow": None, **DIS_PRESETS, "flow net (shipped)": "net"}
+    methods = {"zero flow": None, **DIS_PRESETS, "flow net (shipped)": "net",
+               "real flow net": "real"}
+    real_run = realflow_runner(args.realflow, args.threads)
     resized = [pairs(size) for size in (None, *SIZES)]
     rows = []
     for name, how in methods.items():
@@ -157,16 +206,23 @@ def main(argv: list[str] | None = None) -> None:
             if how == "net":
                 def run(cur, key):
                     return net_flow(model, cur, key)
+            elif how == "real":
+                run = real_run
             else:
                 def run(cur, key, preset=how):
                     return dis_flow(preset, cur, key)
             flow = run(left, right)
-            pred = flow if how == "net" else cell_mean(flow)[0]
-            costs = [median_ms(functools.partial(run, *pair), args.repeats) for pair in resized]
+            pred = flow if how in ("net", "real") else cell_mean(flow)[0]
+            if how == "real":
+                costs = [median_ms(functools.partial(run, *real_run.inputs(*pair)), args.repeats)
+                         for pair in resized]
+            else:
+                costs = [median_ms(functools.partial(run, *pair), args.repeats)
+                         for pair in resized]
         rows.append((name, epe(pred, target, mask), epe(pred, target, quarter),
                      epe(pred, wrong, mask), float(pred[0][mask].mean()), costs))
 
-    net_costs = rows[-1][-1]
+    net_costs = next(r for r in rows if r[0] == "flow net (shipped)")[-1]
     size_names = [f"{h}x{w}", *(f"{a}x{b}" for a, b in SIZES)]
     print(f"\n{'method':<19} {'EPE':>6} {'EPE 1/4':>7} {'wrong sign':>10} {'mean fx':>7}  "
           + "  ".join(f"{'ms ' + s:>11} {'/net':>5}" for s in size_names))

@@ -1,0 +1,285 @@
+"""Pretrain RealFlowNet (models/realflow.py) on real frames without labels (issue 23).
+
+Frames: bikes.mp4 and vtest.avi from dff.data.real (never the held-out clip,
+carphone_pristine.mp4). vtest's last 20 % of frames is held out for the progress bar's EPE.
+Each training sample is a random crop (192x320) of a current/key pair with a known flow
+(current → key, px):
+
+- (a) ``affine``: a real frame and the same frame moved by a random affine motion (translation
+  up to ±48 px, scale ±8 %, rotation ±4°, shear ±3 %): exact flow, real texture;
+- (b) ``dis``: two real frames 1 to 10 apart with OpenCV DIS (medium preset) flow as pseudo
+  ground truth; the key crop is also offset by up to ±32 px, which adds that offset to the flow.
+
+Both images get a small random gain, offset and noise. Loss: the end-point error (px)
+against the target averaged over each cell, at 1/8 (the net's shared output resolution) plus
+half that at 1/16 (its coarse flow). AdamW, cosine learning rate over the time budget.
+
+The run checkpoints itself to ``OUT.ckpt`` every minute and resumes from it when started
+again with the same --out (the budget counts the time already spent); at the end it writes
+the trunk's weights (no scale head: load_realflow builds it) to OUT.
+
+    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --minutes 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from dff.models.realflow import RealFlowNet, trunk_state
+
+SOURCES = ("bikes.mp4", "vtest.avi")
+HELD_OUT_FRACTION = 0.2  # vtest's last 20 % of frames: the held-out EPE
+CROP = (192, 320)
+MAX_SHIFT = 48.0
+DIS_OFFSET = 32
+MAX_GAP = 10
+
+
+def read_frames(name: str, every: int = 1) -> list[np.ndarray]:
+    """Every `every`-th frame of a real clip as RGB uint8 (never the held-out clip)."""
+    import cv2
+    from dff.data import real
+
+    if name == real.HELD_OUT:
+        raise ValueError(f"pretrain_flow: {name} is held out; it is never trained on")
+    cap = cv2.VideoCapture(str(real.path(name)))
+    frames, i = [], 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        if i % every == 0:
+            frames.append(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+        i += 1
+    cap.release()
+    return frames
+
+
+@dataclass
+class Clip:
+    frames: list[np.ndarray]
+    step: int  # source frames between consecutive stored frames
+
+
+def load_clips() -> tuple[list[Clip], list[Clip]]:
+    """(train, held-out): bikes whole, vtest's first 80 % (every 2nd frame) for training,
+    its last 20 % (every 2nd frame) held out."""
+    bikes = read_frames("bikes.mp4")
+    vtest = read_frames("vtest.avi", every=2)
+    cut = int(len(vtest) * (1 - HELD_OUT_FRACTION))
+    return [Clip(bikes, 1), Clip(vtest[:cut], 2)], [Clip(vtest[cut:], 2)]
+
+
+def dis_pairs(clips: list[Clip], count: int, rng: np.random.Generator):
+    """`count` (current, key, flow current → key float16 [H,W,2] px) from DIS medium on frame
+    pairs 1 to MAX_GAP source frames apart."""
+    import cv2
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    out = []
+    for _ in range(count):
+        clip = clips[rng.integers(len(clips))]
+        gap = int(rng.integers(1, MAX_GAP // clip.step + 1))
+        i = int(rng.integers(len(clip.frames) - gap))
+        a, b = clip.frames[i], clip.frames[i + gap]
+        if rng.random() < 0.5:
+            a, b = b, a
+        flow = dis.calc(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), cv2.cvtColor(b, cv2.COLOR_RGB2GRAY),
+                        None)
+        out.append((a, b, flow.astype(np.float16)))
+    return out
+
+
+def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP):
+    """(current, key, flow [H,W,2] px): a crop of `frame` and the frame moved by a random
+    affine motion about the crop's centre, with the exact flow current → key."""
+    import cv2
+
+    h, w = crop
+    fh, fw = frame.shape[:2]
+    y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
+    s = math.exp(rng.uniform(-0.08, 0.08))
+    r = math.radians(rng.uniform(-4, 4))
+    sh = rng.uniform(-0.03, 0.03, 2)
+    a = s * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]]) \
+        @ np.array([[1, sh[0]], [sh[1], 1]])
+    t = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
+    c = np.array([(w - 1) / 2, (h - 1) / 2])
+    # key(q) = frame(o + c + A^-1 (q - c - t)): warpAffine with WARP_INVERSE_MAP
+    ai = np.linalg.inv(a)
+    m = np.hstack([ai, (np.array([x0, y0]) + c - ai @ (c + t))[:, None]]).astype(np.float64)
+    key = cv2.warpAffine(frame, m, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_REFLECT)
+    current = frame[y0:y0 + h, x0:x0 + w]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    px, py = xs - c[0], ys - c[1]
+    flow = np.stack([a[0, 0] * px + a[0, 1] * py + c[0] + t[0] - xs,
+                     a[1, 0] * px + a[1, 1] * py + c[1] + t[1] - ys], -1)
+    return current, key, flow.astype(np.float32)
+
+
+def dis_sample(pair, rng: np.random.Generator, crop=CROP):
+    """(current, key, flow px) from a DIS pair: a crop, and the key's crop offset by up to
+    ±DIS_OFFSET px (the flow then minus the offset)."""
+    a, b, flow = pair
+    h, w = crop
+    fh, fw = a.shape[:2]
+    y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
+    dy = int(np.clip(rng.integers(-DIS_OFFSET, DIS_OFFSET + 1), -y0, fh - h - y0))
+    dx = int(np.clip(rng.integers(-DIS_OFFSET, DIS_OFFSET + 1), -x0, fw - w - x0))
+    f = flow[y0:y0 + h, x0:x0 + w].astype(np.float32) - np.array([dx, dy], np.float32)
+    return a[y0:y0 + h, x0:x0 + w], b[y0 + dy:y0 + dy + h, x0 + dx:x0 + dx + w], f
+
+
+def normalise(rgb: torch.Tensor) -> torch.Tensor:
+    """[N,3,H,W] 0..255 → RealFlowNet's input (pixels/255 − 0.5)."""
+    return rgb * (1.0 / 255.0) - 0.5
+
+
+def to_batch(samples, rng: np.random.Generator | None = None):
+    """(current, key) normalised [N,3,H,W] and the flow [N,2,H,W] px, with a random gain,
+    offset and noise per image where `rng` is given."""
+    def tensor(i: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([s[i] for s in samples])).permute(0, 3, 1, 2) \
+            .float().contiguous()
+
+    cur, key, flow = tensor(0), tensor(1), tensor(2)
+    if rng is not None:
+        n = len(samples)
+        jitter = []
+        for img in (cur, key):
+            gain = torch.from_numpy(rng.uniform(0.85, 1.15, (n, 1, 1, 1))).float()
+            off = torch.from_numpy(rng.uniform(-15, 15, (n, 1, 1, 1))).float()
+            noise = torch.randn(img.shape) * float(rng.uniform(0, 3))
+            jitter.append((img * gain + off + noise).clamp_(0, 255))
+        cur, key = jitter
+    return normalise(cur), normalise(key), flow
+
+
+def epe_cells(pred: torch.Tensor, flow: torch.Tensor, cell: int) -> torch.Tensor:
+    """Mean EPE (px) of `pred` [N,2,h,w] px against the dense `flow` averaged over cells."""
+    target = F.avg_pool2d(flow, cell, cell)
+    return torch.linalg.vector_norm(pred - target, dim=1).mean()
+
+
+def held_out_set(clips: list[Clip], n: int = 16, seed: int = 1234):
+    """A fixed batch from the held-out frames: half affine, half DIS pairs."""
+    rng = np.random.default_rng(seed)
+    frames = [f for c in clips for f in c.frames]
+    samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng) for _ in range(n // 2)]
+    samples += [dis_sample(p, rng) for p in dis_pairs(clips, n - n // 2, rng)]
+    return to_batch(samples)
+
+
+@torch.no_grad()
+def held_out_epe(net: RealFlowNet, batch) -> float:
+    """EPE (px) at stride 16 on the held-out batch."""
+    was = net.training
+    net.eval()
+    cur, key, flow = batch
+    _, flow8, _ = net.pyramid(cur, key)
+    out = float(epe_cells(F.avg_pool2d(flow8, 2, 2), flow, 16))
+    net.train(was)
+    return out
+
+
+def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
+             lr: float = 2e-3, pool: int = 120, refresh: int = 200, seed: int = 0,
+             threads: int = 1, progress: bool = True) -> dict:
+    """Train for `minutes` of wall time in all (resuming from OUT.ckpt), write the trunk's
+    weights to `out`; returns {'steps', 'minutes', 'held_out_epe'}."""
+    from tqdm import tqdm
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    ckpt = out.with_name(out.name + ".ckpt")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    train, held = load_clips()
+    val = held_out_set(held)
+    net = RealFlowNet(16, 1)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=1e-4)
+    step, spent = 0, 0.0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, spent = state["step"], state["seconds"]
+        rng = np.random.default_rng(seed + step)
+    budget = minutes * 60.0
+    pairs = dis_pairs(train, pool, rng)
+    frames = [f for c in train for f in c.frames]
+    start, last_save = time.monotonic() - spent, time.monotonic()
+    epe = held_out_epe(net, val)
+    bar = tqdm(total=round(budget), initial=round(spent), unit="s", dynamic_ncols=True,
+               disable=not progress)
+    loss_avg = None
+    net.train()
+    while (elapsed := time.monotonic() - start) < budget:
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+        samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng)
+                   if rng.random() < 0.5 else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
+                   for _ in range(batch_size)]
+        cur, key, flow = to_batch(samples, rng)
+        flow16, flow8, _ = net.pyramid(cur, key)
+        loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+        opt.step()
+        step += 1
+        loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
+        if step % refresh == 0:  # new DIS pairs now and then: more real motion seen
+            pairs[int(rng.integers(len(pairs)))] = dis_pairs(train, 1, rng)[0]
+        if step % 100 == 0:
+            epe = held_out_epe(net, val)
+        bar.set_postfix(step=step, loss=f"{loss_avg:.2f}", held_out_epe=f"{epe:.2f}")
+        bar.update(round(time.monotonic() - start) - bar.n)
+        if time.monotonic() - last_save > 60:
+            _save_ckpt(ckpt, net, opt, step, time.monotonic() - start)
+            last_save = time.monotonic()
+    bar.close()
+    spent = time.monotonic() - start
+    _save_ckpt(ckpt, net, opt, step, spent)
+    epe = held_out_epe(net, val)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.contiguous() for k, v in trunk_state(net).items()}, out)
+    return {"steps": step, "minutes": spent / 60, "held_out_epe": epe}
+
+
+def _save_ckpt(path: Path, net, opt, step: int, seconds: float) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                "seconds": seconds}, tmp)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="models/weights/realflow.pth", help="the weights written")
+    p.add_argument("--minutes", type=float, default=30.0,
+                   help="wall-time budget in all, counting a resumed run's time")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=1,
+                   help="PyTorch threads (1: steadier on a shared CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    result = pretrain(args.out, args.minutes, batch_size=args.batch, lr=args.lr,
+                      threads=args.threads, seed=args.seed)
+    print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride 16) "
+          f"{result['held_out_epe']:.2f} px; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""RealFlowNet (models/realflow.py, issue 23): shapes at every stride, the scale head's start,
+the shipped weights on a known translation, and the ONNX export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dff.models.realflow import FLOW_MEAN, FLOW_STD, STRIDES, WEIGHTS, RealFlowNet, load_realflow
+
+
+def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """An RGB uint8 texture: a real frame (vtest.avi) where the cache has it, else blurred
+    noise."""
+    from dff.data import real
+
+    if real.is_cached("vtest.avi"):
+        import cv2
+
+        cap = cv2.VideoCapture(str(real.path("vtest.avi")))
+        ok, frame = cap.read()
+        cap.release()
+        if ok and frame.shape[0] >= h and frame.shape[1] >= w:
+            return cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)[:h, :w]
+    rng = np.random.default_rng(seed)
+    noise = torch.from_numpy(rng.uniform(0, 255, (1, 3, h, w)).astype(np.float32))
+    blurred = torch.nn.functional.avg_pool2d(noise, 5, 1, 2, count_include_pad=False)
+    blurred = (blurred - blurred.mean()) * 4 + 128
+    return blurred.clamp(0, 255)[0].permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def normalised(rgb: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()[None]
+    mean = torch.tensor(FLOW_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(FLOW_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("stride", STRIDES)
+def test_shapes_at_every_stride(stride):
+    net = RealFlowNet(stride, 5).eval()
+    for h, w in ((3 * stride, 5 * stride), (7 * stride, 9 * stride)):
+        x, k = torch.randn(2, 1, 3, h, w)
+        with torch.no_grad():
+            flow, scale = net(x, k)
+        assert flow.shape == (1, 2, h // stride, w // stride)
+        assert scale.shape == (1, 5, h // stride, w // stride)
+
+
+def test_scale_starts_at_one():
+    net = RealFlowNet(16, 7)
+    x, k = torch.randn(2, 2, 3, 64, 96)
+    with torch.no_grad():
+        _, scale = net(x, k)
+    assert torch.equal(scale, torch.ones_like(scale))
+    assert not net.predict_scale.bias.requires_grad
+
+
+def test_normalisation_is_recorded_on_the_0_255_scale():
+    assert RealFlowNet.flow_mean == (127.5,) * 3 and RealFlowNet.flow_std == (255.0,) * 3
+
+
+def test_bad_stride_is_refused():
+    with pytest.raises(ValueError, match="stride"):
+        RealFlowNet(12)
+
+
+shipped = pytest.mark.skipif(not WEIGHTS.exists(), reason="no shipped realflow.pth")
+
+
+@shipped
+def test_shipped_weights_follow_an_8px_translation():
+    """key = the texture from (8, 8) on, current from (0, 0): current(p) = key(p − (8, 8)), so
+    the flow current → key is (−8, −8) px, −1 cell at stride 8 in each direction."""
+    net = load_realflow(8, 3).eval()
+    big = texture(200, 296)
+    cur, key = big[:192, :288], big[8:200, 8:296]
+    with torch.no_grad():
+        flow, scale = net(normalised(cur), normalised(key))
+    assert flow.shape == (1, 2, 24, 36) and torch.equal(scale, torch.ones_like(scale))
+    inner = flow[0, :, 2:-2, 2:-2]
+    err = torch.linalg.vector_norm(inner - torch.tensor([-1.0, -1.0]).view(2, 1, 1), dim=0)
+    assert float(err.mean()) < 0.5, inner.mean((1, 2))
+    assert float(err.median()) < 0.25
+
+
+@shipped
+def test_load_realflow_keeps_the_trunk_and_builds_the_scale_head():
+    a, b = load_realflow(16, 4), load_realflow(32, 9)
+    assert a.predict_scale.out_channels == 4 and b.predict_scale.out_channels == 9
+    assert torch.equal(a.enc1[0].weight, b.enc1[0].weight)
+    assert not torch.equal(a.enc1[0].weight, RealFlowNet(16, 4).enc1[0].weight)
+
+
+@shipped
+def test_onnx_export_is_tensorrt_clean_and_matches_pytorch(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from dff.engines import onnx_ops
+
+    net = load_realflow(8, 4).eval()
+    big = texture(136, 232)
+    cur, key = normalised(big[:128, :224]), normalised(big[8:136, 8:232])
+    dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
+    with torch.no_grad():
+        program = torch.onnx.export(net, (cur, key), dynamo=True, opset_version=20,
+                                    input_names=["image", "key"],
+                                    output_names=["flow", "scale"],
+                                    dynamic_shapes=(dims, dims), verbose=False)
+        expected = net(cur, key)
+    assert onnx_ops.problems(program.model_proto) == []
+    path = tmp_path / "realflow.onnx"
+    program.save(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    flow, scale = session.run(None, {"image": cur.numpy(), "key": key.numpy()})
+    np.testing.assert_allclose(flow, expected[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(scale, expected[1].numpy(), atol=1e-4)

@@ -156,7 +156,7 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
             current = [flow.prepare(frames[1 + (i + j) % (n - 1)]) for j in range(batch)]
             return flow.batch(current, [key_grey] * batch, cells)
 
-        key_feats = np.ascontiguousarray(np.repeat(key_feat, batch, axis=0))
+        key_feats = key_feat  # [batch,C,h,w]: the features of images[0], `batch` frames
         calls["flow"] = lambda key: backend.warp(key, backend.upload(dis()))
         inputs["flow"] = lambda i: [key_feats]
         flows = [dis() for _ in range(min(n, 8))]

@@ -198,6 +198,10 @@ def test_dff_profile_times_dis_and_the_warp_as_stages(engines, tmp_path, capsys)
     assert res["flow"]["source"] == DIS
     assert {"dis", "warp"} <= set(res["stages"]) and res["stages"]["dis"]["iterations"] == 3
     assert [r["key_frames"] for r in res["end_to_end"]] == [8, 2]
+    assert profile.main(["-e", str(engines), "-b", "onnxruntime-cpu", "--flow", "dis",
+                         "--iterations", "2", "--warmUp", "0", "--key-intervals", "1",
+                         "--frames", "4", "--shape", "2x64x96", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["stages"]["warp"]["iterations"] == 2  # batch 2
 
 
 def test_dff_export_flow_dis_records_the_default_that_dff_run_takes(tiny_export, tmp_path,

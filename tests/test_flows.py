@@ -237,3 +237,10 @@ def test_triton_refuses_an_export_without_a_learned_flow_before_writing(dis_only
                                               "only.*dff-run --flow dis"):
         write_repository(dis_only, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
+
+
+def test_dff_run_refuses_a_flow_source_with_server(capsys):
+    with pytest.raises(SystemExit) as info:  # the Triton dff model runs its learned flow
+        run_cli.main(["clip.mp4", "--server", "127.0.0.1:8001", "--flow", "dis"])
+    assert info.value.code == 2
+    assert "--server runs the server's model; drop --flow" in capsys.readouterr().err

@@ -66,7 +66,8 @@ _LOCAL_ONLY = (("engine_dir", None, "--engine-dir"), ("demo", None, "--demo"),
                ("precision", None, "--precision"), ("useCudaGraph", False, "--useCudaGraph"),
                ("threads", 0, "--threads"), ("device", 0, "--device"),
                ("output_dir", None, "--output-dir"), ("max_batch", None, "--max-batch"),
-               ("key_budget", None, "--key-budget"))
+               ("key_budget", None, "--key-budget"), ("flow", None, "--flow"),
+               ("dis_preset", None, "--dis-preset"), ("dis_scale", None, "--dis-scale"))
 _SERVER_ONLY = (("server_model", "dff", "--server-model"), ("sequence_id", None, "--sequence-id"),
                 ("server_timeout", TIMEOUT_S, "--server-timeout"))
 

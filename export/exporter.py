@@ -203,10 +203,7 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
         onnx.save(onnx_op.warp_graph(facts.feat_channels, graphs_mod.OPSET),
                   os.fspath(tmp / onnx_op.WARP_FILE))
         manifest = build_manifest(mods, facts, profile, specs, tmp, rows, tolerance,
-                                  simplify, {c.name: len(c.image) for c in cases})
-        manifest["flow"]["default"] = flow
-        if dis:  # the DIS settings chosen for this model (runtime/flows.py dis_flow)
-            manifest["flow"]["dis"] = dict(dis)
+                                  simplify, {c.name: len(c.image) for c in cases}, flow, dis)
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [spec.file for spec in specs.values()] + [onnx_op.WARP_FILE,
                                                           manifest_mod.FILENAME]
@@ -232,9 +229,11 @@ def weights_sha256(mods: modules_mod.DFFModules) -> str:
 def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profile: Profile,
                    specs: dict[str, graphs_mod.GraphSpec], directory: Path,
                    rows: list[parity_mod.Row], tolerance: float, simplified: bool,
-                   frames: dict[str, int] | None = None) -> dict:
+                   frames: dict[str, int] | None = None, flow: str = manifest_mod.LEARNED,
+                   dis: dict[str, Any] | None = None) -> dict:
     """The manifest (export/manifest.py's layout) for the graphs in `directory`; `frames`:
-    the parity cases' frame counts."""
+    the parity cases' frame counts; `flow`, `dis`: the default flow source and the DIS
+    settings recorded for this model (`flow.default`, `flow.dis`)."""
     import onnxruntime
 
     outputs = [t.name for t in specs["task"].outputs]
@@ -298,8 +297,8 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
                    "inputs": ["feat", "flow", "scale"], "outputs": ["out"],
                    "function": "model-local FunctionProto (GridSample body) attached, so ONNX "
                                "Runtime runs it; TensorRT may use its registered plugin"},
-        "flow": {"sources": [manifest_mod.LEARNED, manifest_mod.DIS],
-                 "default": manifest_mod.LEARNED},
+        "flow": {"sources": [manifest_mod.LEARNED, manifest_mod.DIS], "default": flow,
+                 **({"dis": dict(dis)} if dis else {})},
         "engines": {},
         "export": {
             **made,

@@ -912,9 +912,7 @@ def split_onnx(model_path: str | os.PathLike[str], feature_output: str,
         manifest = build_manifest(
             model_path, feature_output, tmp, specs, profile, p, pre, rows, tolerance, task,
             list(class_names), k, score_threshold, key_interval, decode, decode_args,
-            {c.name: len(c.image) for c in cases}, dropped, model)
-        if dis:  # the DIS settings chosen for this model (runtime/flows.py dis_flow)
-            manifest["flow"]["dis"] = dict(dis)
+            {c.name: len(c.image) for c in cases}, dropped, model, dis)
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, manifest)
         names = [FEATURE, TASK, onnx_op.WARP_FILE, manifest_mod.FILENAME]
         out.mkdir(parents=True, exist_ok=True)
@@ -931,7 +929,8 @@ def build_manifest(model_path: Any, tensor: str, directory: Path, specs: dict,
                    tolerance: float, kind: str, class_names: list[str], k: int | None,
                    score_threshold: float | None, key_interval: int, decode: str | None,
                    decode_args: Mapping[str, Any] | None, frames: dict[str, int],
-                   dropped: int, model: onnx.ModelProto) -> dict:
+                   dropped: int, model: onnx.ModelProto,
+                   dis: Mapping[str, Any] | None = None) -> dict:
     import onnxruntime
     from dff.export.exporter import warp_entry
 
@@ -992,7 +991,8 @@ def build_manifest(model_path: Any, tensor: str, directory: Path, specs: dict,
                    "inputs": ["feat", "flow", "scale"], "outputs": ["out"],
                    "function": "unused: this export has no flow.onnx; warp.onnx is standard "
                                "ONNX"},
-        "flow": {"sources": [manifest_mod.DIS], "default": manifest_mod.DIS},
+        "flow": {"sources": [manifest_mod.DIS], "default": manifest_mod.DIS,
+                 **({"dis": dict(dis)} if dis else {})},  # DIS settings chosen for this model
         "engines": {},
         "export": {
             "onnx": {"file": str(Path(model_path).resolve()),

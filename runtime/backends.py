@@ -153,8 +153,7 @@ class Backend(Protocol):
     def warp(self, key_feat: Any, flow: Any) -> Any:
         """The warp alone (warp.onnx): key_feat [N,C,h,w] along a flow [N,2,h,w] in cells,
         scale 1; a backend that lists "dis" in `flow_sources` has it."""
-        raise BackendError(f"the {self.name} backend has no warp graph, so it runs the learned "
-                           "flow only; drop --flow dis")
+        raise warp_missing(self.name)
 
     def upload(self, image: np.ndarray) -> Any:
         return image
@@ -182,6 +181,12 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Let go of sessions, engines and buffers; handles given out are invalid after it."""
+
+
+def warp_missing(name: str) -> BackendError:
+    """The refusal of --flow dis on backend `name`, which has no warp graph."""
+    return BackendError(f"the {name} backend has no warp graph, so it runs the learned flow "
+                        "only; drop --flow dis")
 
 
 def import_ort() -> Any:

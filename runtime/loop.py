@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from dff.export.manifest import DIS, LEARNED
-from dff.runtime.backends import Backend
+from dff.runtime.backends import Backend, warp_missing
 from dff.runtime.flows import DisFlow
 from dff.runtime.scheduler import Scheduler
 from dff.runtime.step import STAGES, Frame, Step, StreamState, Timings, nchw
@@ -315,7 +315,7 @@ def check_flow(backend: Backend, flow: DisFlow | None, schedulers: Sequence[Sche
     if flow is None:
         return
     if DIS not in backend.flow_sources:
-        backend.warp(None, None)  # its own message: it has no warp graph
+        raise warp_missing(backend.name)
     if any(s.needs_quality for s in schedulers):
         raise DffError("--schedule learned reads the learned flow graph's quality output, "
                        "which --flow dis has not; pick --schedule adaptive or fixed")

@@ -160,7 +160,7 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
         calls["flow"] = lambda key: backend.warp(key, backend.upload(dis()))
         inputs["flow"] = lambda i: [key_feats]
         flows = [dis() for _ in range(min(n, 8))]
-        extra = {"dis": time_stage(backend, lambda: dis(), lambda i: [], **timing),
+        extra = {"dis": time_stage(backend, dis, lambda i: [], **timing),
                  "warp": time_stage(backend, backend.warp,
                                     lambda i: [key_feats, flows[i % len(flows)]], **timing)}
     return {stage: time_stage(backend, calls[stage], inputs[stage], **timing)

@@ -217,15 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.split == "motion":
             res = evaluate_motion(model, args.key_budget, intervals, args.clips or None,
                                   progress=not args.quiet, flow=flow)
-            res["checkpoint"] = str(checkpoint)
-            res["flow"] = _flow_record(flow)
-            print(format_motion(res))
-            if args.json:
-                write_json(res, args.json)
-                print(f"wrote {args.json}")
-            return 0
-        res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet,
-                       flow=flow)
+        else:
+            res = evaluate(model, intervals, args.clips or None, args.frames, not args.quiet,
+                           flow=flow)
     except DffError as e:
         if args.verbose:
             raise
@@ -233,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     res["checkpoint"] = str(checkpoint)
     res["flow"] = _flow_record(flow)
-    print(format_table(res))
+    print(format_motion(res) if args.split == "motion" else format_table(res))
     if args.json:
         write_json(res, args.json)
         print(f"wrote {args.json}")

@@ -29,7 +29,10 @@ size, from the same run.
 (models/realflow.py, models/weights/realflow.pth; ``--realflow`` for others), EPE from
 PyTorch; its cost is on ONNX Runtime's CPU provider (``--threads`` intra-op threads), the net
 exported once with torch.onnx (dynamo, opset 20, dynamic height and width), both images
-normalised on the host outside the timing.
+normalised on the host outside the timing. ``real flow net x0.5``: the same at input scale 0.5
+(the images average-pooled 2x inside the net: dff-adapt's default from 256 px on).
+``--adapted ENGINE_DIR``: a row for the net dff-adapt wrote into that export (the net its
+ENGINE_DIR/adapt/checkpoint.pt chose, at the input scale it was trained at), at stride 16.
 
     pip install scikit-image          # benchmark-only (pyproject's `bench` extra)
     python benchmarks/flow_accuracy.py [--checkpoint MODEL.pth] [--repeats 15] [--threads 2]
@@ -116,13 +119,19 @@ class realflow_runner:
     EPE; ``inputs(current, key)`` the normalised arrays and ``run`` on arrays the ONNX Runtime
     session's flow (for the cost)."""
 
-    def __init__(self, weights: str | None, threads: int):
+    def __init__(self, weights: str | None, threads: int, input_scale: float = 1.0,
+                 state: dict | None = None):
         import tempfile
 
         import onnxruntime as ort
-        from dff.models.realflow import load_realflow
+        from dff.models.realflow import RealFlowNet, load_realflow
 
-        self.net = load_realflow(STRIDE, 1, weights).eval()
+        if state is None:
+            self.net = load_realflow(STRIDE, 1, weights, input_scale=input_scale).eval()
+        else:  # a dff-adapt net: its own scale head does not matter here
+            self.net = RealFlowNet(STRIDE, 1, input_scale=input_scale).eval()
+            self.net.load_state_dict({k: v for k, v in state.items()
+                                      if not k.startswith("predict_scale.")}, strict=False)
         example = torch.zeros(1, 3, 128, 224)
         dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
         with torch.no_grad():
@@ -170,6 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2, help="OpenCV's and PyTorch's threads")
     p.add_argument("--realflow", help="RealFlowNet weights (default: the shipped "
                    "models/weights/realflow.pth)")
+    p.add_argument("--adapted", action="append", default=[], metavar="ENGINE_DIR",
+                   help="add the flow net dff-adapt wrote into this export (repeatable)")
     args = p.parse_args(argv)
     cv2.setNumThreads(args.threads)
     torch.set_num_threads(args.threads)
@@ -193,9 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         return tuple(cv2.resize(x, size[::-1], interpolation=cv2.INTER_AREA)
                      for x in (left, right))
 
+    runners = {"real flow net": realflow_runner(args.realflow, args.threads),
+               "real flow net x0.5": realflow_runner(args.realflow, args.threads, 0.5)}
+    for folder in args.adapted:
+        blob = torch.load(f"{folder}/adapt/checkpoint.pt", map_location="cpu",
+                          weights_only=False)
+        runners[f"adapted ({folder})"] = realflow_runner(
+            None, args.threads, float(blob.get("input_scale", 1.0)),
+            blob.get("best_net") or blob["net"])
     methods = {"zero flow": None, **DIS_PRESETS, "flow net (shipped)": "net",
-               "real flow net": "real"}
-    real_run = realflow_runner(args.realflow, args.threads)
+               **{name: "real" for name in runners}}
     resized = [pairs(size) for size in (None, *SIZES)]
     rows = []
     for name, how in methods.items():
@@ -207,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                 def run(cur, key):
                     return net_flow(model, cur, key)
             elif how == "real":
-                run = real_run
+                run = real_run = runners[name]
             else:
                 def run(cur, key, preset=how):
                     return dis_flow(preset, cur, key)
@@ -224,11 +242,12 @@ def main(argv: list[str] | None = None) -> None:
 
     net_costs = next(r for r in rows if r[0] == "flow net (shipped)")[-1]
     size_names = [f"{h}x{w}", *(f"{a}x{b}" for a, b in SIZES)]
-    print(f"\n{'method':<19} {'EPE':>6} {'EPE 1/4':>7} {'wrong sign':>10} {'mean fx':>7}  "
+    wn = max(19, *(len(r[0]) for r in rows))
+    print(f"\n{'method':<{wn}} {'EPE':>6} {'EPE 1/4':>7} {'wrong sign':>10} {'mean fx':>7}  "
           + "  ".join(f"{'ms ' + s:>11} {'/net':>5}" for s in size_names))
     for name, err, err_quarter, err_wrong, mean_fx, costs in rows:
         cells = "  ".join(f"{c:>11.2f} {c / n:>5.3f}" for c, n in zip(costs, net_costs))
-        print(f"{name:<19} {err:>6.2f} {err_quarter:>7.2f} {err_wrong:>10.2f} {mean_fx:>7.2f}  "
+        print(f"{name:<{wn}} {err:>6.2f} {err_quarter:>7.2f} {err_wrong:>10.2f} {mean_fx:>7.2f}  "
               f"{cells}")
     print(f"\n(EPE in px; cost: median of {args.repeats} runs, {args.threads} thread(s); /net: "
           "against the flow net at "

@@ -112,7 +112,7 @@ def export_model(checkpoint: str | os.PathLike[str] | None = None,
 
 
 def export_modules(out_dir: str | os.PathLike[str], *, feature: torch.nn.Module,
-                   flow: torch.nn.Module, task: torch.nn.Module,
+                   flow: torch.nn.Module | None = None, task: torch.nn.Module,
                    kind: str = tasks.SEGMENTATION, class_names: Sequence[str],
                    input_size: tuple[int, int], stride: int = 16,
                    feature_mean: Sequence[float] = modules_mod.IMAGENET_MEAN,
@@ -123,7 +123,8 @@ def export_modules(out_dir: str | os.PathLike[str], *, feature: torch.nn.Module,
                    max_shape: Shape | None = None, norm_scale: int | None = None,
                    **export_options: Any) -> ExportResult:
     """Export your own feature, flow and task modules (the contract: dff.export.modules) as
-    dff-export does a checkpoint: three graphs, checks, parity and manifest.json. Means and
+    dff-export does a checkpoint: three graphs, checks, parity and manifest.json. `flow`
+    None: RealFlowNet, pretrained on real footage (modules.with_default_flow). Means and
     stds are on the 0..255 pixel scale, or on [0,1] with `norm_scale=1` (then times 255 into
     the manifest); stds all below 1 without `norm_scale` are refused (modules.pixel_scale).
     `export_options`: simplify, probs, tolerance, verbose, log, max_detections and
@@ -161,7 +162,7 @@ def export_dff_modules(mods: modules_mod.DFFModules, out_dir: str | os.PathLike[
         raise DffError(f"--flow {flow!r}: choose one of {', '.join(manifest_mod.FLOW_SOURCES)}")
     if simplify:
         require_onnxsim()
-    mods = modules_mod.apply_norm_scale(mods, norm_scale)
+    mods = modules_mod.with_default_flow(modules_mod.apply_norm_scale(mods, norm_scale))
     modules_mod.check_metadata(mods)
     modules_mod.eval_mode(mods, log)
     profile = make_profile(list(mods.input_size), mods.stride, min_shape, opt_shape, max_shape)

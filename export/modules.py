@@ -12,7 +12,9 @@ The contract, for images of H×W and a stride s (h = H/s, w = W/s):
   normalised with the flow's own mean and std; flow in feature cells, current frame -> key
   frame (dx, dy); scale None for a flow net without a scale field (the warp then multiplies
   by 1); the optional third, a float per frame that grows as propagation gets worse, becomes
-  flow.onnx's output `quality`, what `--schedule learned` reads (docs/DESIGN.md §10);
+  flow.onnx's output `quality`, what `--schedule learned` reads (docs/DESIGN.md §10). No flow
+  (None, or left out of a factory's dict): RealFlowNet pretrained on real footage
+  (models/realflow.py, `with_default_flow`), which dff-adapt can then fit to your video;
 - `task(feat)`: segmentation: logits [N,K,h',w'] at any resolution (the graph resizes them
   bilinearly to H×W, then arg-maxes); detection: boxes [N,D,4], scores [N,D], classes [N,D]
   and num [N] (dff/tasks.py), as a tuple in that order or a dict of those names.
@@ -31,7 +33,7 @@ import inspect
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -59,7 +61,7 @@ class DFFModules:
     """What `export_modules` exports: three modules and the metadata of their graphs."""
 
     feature: nn.Module
-    flow: nn.Module
+    flow: nn.Module | None  # None: RealFlowNet pretrained on real footage (`with_default_flow`)
     task: nn.Module
     class_names: Sequence[str]
     input_size: tuple[int, int]
@@ -154,12 +156,12 @@ def as_modules(made: Any, where: str) -> DFFModules:
         if unknown:
             raise ModuleError(f"{where}: returned unknown fields {unknown}; the fields are "
                               f"{sorted(names)}")
-        missing = [n for n in ("feature", "flow", "task", "class_names", "input_size")
+        missing = [n for n in ("feature", "task", "class_names", "input_size")
                    if n not in made]
         if missing:
             raise ModuleError(f"{where}: returned no {', '.join(missing)}; return "
                               "dff.export.DFFModules(...) or a dict with those fields")
-        mods = DFFModules(**made)
+        mods = DFFModules(**{"flow": None, **made})
     else:
         raise ModuleError(f"{where}: returned {type(made).__name__}; return "
                           "dff.export.DFFModules(feature=..., flow=..., task=..., ...) or a dict "
@@ -220,6 +222,30 @@ def apply_norm_scale(mods: DFFModules, norm_scale: int | None = None) -> DFFModu
     values: dict[str, Any] = pixel_scale({n: getattr(mods, n) for n in _NORM_DEFAULTS}, scale,
                                          _NORM_DEFAULTS)
     return replace(mods, norm_scale=255, **values)
+
+
+def with_default_flow(mods: DFFModules) -> DFFModules:
+    """`mods` with a flow net: as given, or where it is None RealFlowNet (models/realflow.py,
+    pretrained on real footage) for the stride, the feature's channels (one probe run) and
+    the input size (`auto_input_scale`), with its own normalisation."""
+    if mods.flow is not None:
+        return mods
+    from dff.models.realflow import auto_input_scale, load_realflow
+
+    if not isinstance(mods.feature, nn.Module):
+        check_metadata(replace(mods, flow=nn.Identity()))  # names the feature's problem
+    h, w = (int(v) for v in mods.input_size)
+    with torch.no_grad():
+        feat = _call(mods.feature, "feature", (normalise(_example(mods, (h, w), 1, 0),
+                                                         mods.feature_mean, mods.feature_std),))
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
+        raise ModuleError(f"feature {describe(mods.feature)}: gave {_shape(feat)}; expected "
+                          "float32 [N, C, h, w]")
+    scale = auto_input_scale(h, w)
+    net = load_realflow(mods.stride, int(feat.shape[1]), input_scale=scale).eval()
+    return replace(mods, flow=net, flow_mean=net.flow_mean, flow_std=net.flow_std,
+                   source={**mods.source, "flow": f"dff.models.realflow.load_realflow (pretrained "
+                           f"on real footage; input scale {scale:g})"})
 
 
 def check_metadata(mods: DFFModules) -> None:

@@ -18,9 +18,9 @@ can resume. `write_learned_flow` exports the net with graphs.FlowGraph/export_gr
 FlowWarp node with its function body), checks it against PyTorch (parity) and TensorRT's op
 list, and updates the manifest atomically (flow.prev.onnx keeps the previous flow.onnx).
 
-The flow net is a parameter (`init`, a factory (stride, channels) -> nn.Module): forward(x,
-key_x) on normalised images returns (flow [N,2,h,w] in feature cells current -> key, scale
-[N,C,h,w]); attributes flow_mean / flow_std (0..255 scale) say its normalisation.
+The flow net is a parameter (`init`, a factory (stride, channels, input_scale) -> nn.Module):
+forward(x, key_x) on normalised images returns (flow [N,2,h,w] in feature cells current -> key,
+scale [N,C,h,w]); attributes flow_mean / flow_std (0..255 scale) say its normalisation.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ CHECKPOINT = "checkpoint.pt"
 ADAPT_DIR = "adapt"
 PREV_FLOW = "flow.prev.onnx"
 DIS_PRESET = "medium"
-EVAL_PAIRS = 16  # held-out pairs scored each evaluation
+EVAL_PAIRS = 32  # held-out pairs scored each evaluation
+INPUT_SCALES = (1.0, 0.5, 0.25)
 
 Log = Callable[[str], None]
-Init = Callable[[int, int], nn.Module]
+Init = Callable[[int, int, float], nn.Module]
 
 
 class AdaptError(DffError):
@@ -69,13 +70,16 @@ class SmallFlowNet(nn.Module):
     dilated convs there for context, then flow (zero at start) and scale (one at start)
     heads."""
 
-    def __init__(self, stride: int, channels: int, width: int = 16):
+    def __init__(self, stride: int, channels: int, input_scale: float = 1.0, width: int = 16):
         super().__init__()
-        if stride < 2 or stride & (stride - 1):
-            raise AdaptError(f"stride {stride}: the small flow net needs a power of two")
-        layers: list[nn.Module] = []
+        steps = math.log2(stride * input_scale)
+        if steps < 1 or steps != int(steps):
+            raise AdaptError(f"stride {stride} at input scale {input_scale:g}: the small flow "
+                             "net needs a power of two of at least 2")
+        layers: list[nn.Module] = [nn.AvgPool2d(round(1 / input_scale))] \
+            if input_scale != 1 else []
         cin = 6
-        for i in range(int(math.log2(stride))):
+        for i in range(int(steps)):
             cout = min(width * 2 ** i, 64)
             layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.LeakyReLU(0.1)]
             cin = cout
@@ -101,10 +105,14 @@ def default_init() -> tuple[str, Init]:
     """(name, factory) of the flow net to start from: dff.models.realflow.load_realflow where
     it is installed, else SmallFlowNet from scratch."""
     try:
-        from dff.models.realflow import load_realflow  # type: ignore[import-not-found]
+        from dff.models.realflow import load_realflow
     except ImportError:
         return "scratch:SmallFlowNet", SmallFlowNet
-    return "dff.models.realflow.load_realflow", load_realflow
+
+    def realflow(stride: int, channels: int, input_scale: float) -> nn.Module:
+        return load_realflow(stride, channels, input_scale=input_scale)
+
+    return "dff.models.realflow.load_realflow", realflow
 
 
 def net_norm(net: nn.Module) -> tuple[list[float], list[float]]:
@@ -192,18 +200,22 @@ def split_held_out(clips: list[Clip], fraction: float, k_max: int) -> tuple[list
 
 # ------------------------------------------------------------------------ teacher and DIS
 
+def cpu_session(engine_dir: Path, manifest: dict, graph: str, threads: int = 0) -> Any:
+    """An ONNX Runtime CPU session on one of the export's graphs (`threads` 0: PyTorch's)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or max(1, torch.get_num_threads())
+    options.log_severity_level = 3
+    path = manifest_mod.graph_path(engine_dir, manifest, graph)
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
 class Teacher:
     """The export's feature.onnx on ONNX Runtime; features cached per (clip, frame)."""
 
     def __init__(self, engine_dir: Path, manifest: dict, threads: int = 0):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or max(1, torch.get_num_threads())
-        options.log_severity_level = 3
-        path = manifest_mod.graph_path(engine_dir, manifest, "feature")
-        self.session = ort.InferenceSession(os.fspath(path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = cpu_session(engine_dir, manifest, "feature", threads)
         self.input = self.session.get_inputs()[0].name
         lo, hi = int(manifest["profile"]["min"][0]), int(manifest["profile"]["max"][0])
         self.batch = max(1, min(hi, 8))
@@ -257,6 +269,49 @@ class DisTargets:
         return np.stack(out)
 
 
+class TaskScorer:
+    """The export's task.onnx on ONNX Runtime: the task-output error of propagated features
+    against the teacher's, scored as dff-eval --video scores a mode (models/agreement.py):
+    1 − AP@[.5:.95] (detection), 1 − mIoU (segmentation) or the outputs' relative error (raw);
+    lower is better, None where there is nothing to score (no detections in the teacher's
+    output)."""
+
+    def __init__(self, engine_dir: Path, manifest: dict, threads: int = 0):
+        from dff.runtime.backends import task_spec
+
+        self.session = cpu_session(engine_dir, manifest, "task", threads)
+        self.input = self.session.get_inputs()[0].name
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.task = task_spec(manifest)
+        self.class_names = manifest["class_names"]
+
+    def outputs(self, feat: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Per frame, the task's outputs by name (frames run one at a time, as a fixed-N
+        graph needs)."""
+        from dff.runtime.step import frame_outputs
+
+        out = []
+        for f in feat:
+            values = self.session.run(None, {self.input: np.ascontiguousarray(f[None])})
+            out.append(frame_outputs(dict(zip(self.names, values))))
+        return out
+
+    def error(self, feat: np.ndarray, reference: list[dict[str, np.ndarray]]) -> float | None:
+        from dff.models.agreement import Tally
+
+        from dff.tasks import DETECTION, SEGMENTATION
+
+        kind = self.task["kind"]
+        tally = Tally(kind, self.class_names, float(self.task.get("score_threshold", 0.0)),
+                      int(self.task.get("max_detections", 100)))
+        for out, ref in zip(self.outputs(feat), reference):
+            tally.add(out, ref, None, None)
+        res = tally.result()
+        if kind in (DETECTION, SEGMENTATION):
+            return None if res["agreement"] is None else 1.0 - float(res["agreement"])
+        return res["output_error"]
+
+
 # ----------------------------------------------------------------------------- training
 
 @dataclass
@@ -269,12 +324,16 @@ class AdaptOptions:
     batch: int = 4
     lr: float | None = None  # None: 1e-3 from scratch, 1e-4 from a trained init
     seed: int = 0
-    eval_every: int = 25
+    eval_every: int = 50
     save_every: int = 50
     max_frames: int = 600
     resume: bool = False
     default_learned: bool = False
     threads: int = 0
+    input_scale: float | None = None  # the flow net sees the images shrunk by this (None:
+    # realflow.auto_input_scale of the export's opt size)
+    train_scale: bool = False  # train the scale field (features-only distillation shrinks it)
+    dis_weight: float = 0.1  # the DIS end-point error's weight in the distil stage
 
 
 @dataclass
@@ -283,6 +342,8 @@ class AdaptState:
     seconds: float = 0.0
     stage: str = ""  # the last stage trained: a resumed run that reached distil stays there
     history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # {iteration, task_err, feat} of the best held-out net
+    best_net: dict[str, torch.Tensor] | None = None
 
 
 def sample_pairs(clips: list[Clip], count: int, k_max: int,
@@ -334,8 +395,11 @@ class Trainer:
     """The flow net, its optimizer and the data of one dff-adapt run."""
 
     def __init__(self, net: nn.Module, teacher: Teacher, train: list[Clip], held: list[Clip],
-                 grid: tuple[int, int], dis_scale: float, options: AdaptOptions):
+                 grid: tuple[int, int], dis_scale: float, options: AdaptOptions,
+                 task: TaskScorer | None = None):
         self.net, self.teacher, self.train_clips, self.held = net, teacher, train, held
+        self.task = task
+        self.task_ref: list[dict[str, np.ndarray]] | None = None
         self.options = options
         self.dis = DisTargets(grid, dis_scale)
         self.held_dis = DisTargets(grid, dis_scale)
@@ -380,12 +444,15 @@ class Trainer:
         self.net.train()
         pairs = sample_pairs(self.train_clips, self.options.batch, self.options.k_max, self.rng)
         b = self._batch(self.train_clips, pairs, self.teacher.cache, self.dis,
-                        need_feat=stage == "distil", need_dis=stage == "dis")
-        flow, scale = self.net(b["x"], b["key_x"])[:2]
+                        need_feat=stage == "distil",
+                        need_dis=stage == "dis" or self.options.dis_weight > 0)
+        flow, scale = self.forward(b)
         if stage == "dis":
             loss = epe(flow, b["dis"])
         else:
             loss = relative_error(flow_warp(b["key_feat"], flow, scale), b["cur_feat"])
+            if self.options.dis_weight > 0:
+                loss = loss + self.options.dis_weight * epe(flow, b["dis"])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -393,24 +460,57 @@ class Trainer:
         self.state.stage = stage
         return float(loss.detach())
 
+    def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flow, scale) on a batch; the scale is a constant unless options.train_scale."""
+        flow, scale = self.net(b["x"], b["key_x"])[:2]
+        return flow, scale if self.options.train_scale else scale.detach()
+
+    def _task_error(self, feat: torch.Tensor, cur_feat: torch.Tensor) -> float | None:
+        if self.task is None:
+            return None
+        if self.task_ref is None:
+            self.task_ref = self.task.outputs(cur_feat.numpy())
+        return self.task.error(feat.numpy(), self.task_ref)
+
     @torch.no_grad()
-    def evaluate(self, baselines: bool = False) -> dict[str, float]:
-        """On the held-out pairs: the feature error of the net (`feat`), its DIS EPE
-        (`dis_epe`), and with `baselines` the copy's and DIS's feature error."""
+    def evaluate(self, baselines: bool = False) -> dict[str, Any]:
+        """On the held-out pairs: the net's task-output error (`task_err`, TaskScorer; None
+        where nothing is scored), feature error (`feat`) and DIS EPE (`dis_epe`); with
+        `baselines` also the copy's and DIS's task-output and feature errors."""
         if not self.eval_set:
             return {}
         self.net.eval()
         b = self._batch(self.held, self.eval_set, self.held_teacher_cache, self.held_dis,
                         need_feat=True, need_dis=True)
-        flow, scale = self.net(b["x"], b["key_x"])[:2]
-        out = {"feat": float(relative_error(flow_warp(b["key_feat"], flow, scale),
-                                            b["cur_feat"])),
-               "dis_epe": float(epe(flow, b["dis"]))}
+        flow, scale = self.forward(b)
+        warped = flow_warp(b["key_feat"], flow, scale)
+        out: dict[str, Any] = {"task_err": self._task_error(warped, b["cur_feat"]),
+                               "feat": float(relative_error(warped, b["cur_feat"])),
+                               "dis_epe": float(epe(flow, b["dis"]))}
         if baselines:
-            out["copy_feat"] = float(relative_error(b["key_feat"], b["cur_feat"]))
-            out["dis_feat"] = float(relative_error(flow_warp(b["key_feat"], b["dis"]),
-                                                   b["cur_feat"]))
+            dis = flow_warp(b["key_feat"], b["dis"])
+            out.update(copy_task_err=self._task_error(b["key_feat"], b["cur_feat"]),
+                       copy_feat=float(relative_error(b["key_feat"], b["cur_feat"])),
+                       dis_task_err=self._task_error(dis, b["cur_feat"]),
+                       dis_feat=float(relative_error(dis, b["cur_feat"])))
         return out
+
+    def keep_if_best(self, scores: dict[str, Any]) -> bool:
+        """Keep the net if its held-out scores beat the best so far: the lower task-output
+        error, the lower feature error where neither has one (or they tie)."""
+        def key(s: dict[str, Any]) -> tuple[float, float]:
+            task = s.get("task_err")
+            return (math.inf if task is None else task, s["feat"])
+
+        if not scores:
+            return False
+        best = self.state.best
+        if best is not None and key(best) <= key(scores):
+            return False
+        self.state.best = {"iteration": self.state.iteration, "task_err": scores["task_err"],
+                           "feat": scores["feat"], "dis_epe": scores["dis_epe"]}
+        self.state.best_net = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        return True
 
     # ---- checkpoint
     def save(self, path: Path, init: str, extra: dict[str, Any]) -> None:
@@ -418,6 +518,7 @@ class Trainer:
         blob = {"net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "iteration": self.state.iteration, "seconds": self.state.seconds,
                 "history": self.state.history, "stage": self.state.stage,
+                "best": self.state.best, "best_net": self.state.best_net,
                 "rng": self.rng.getstate(), "init": init,
                 **extra}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -434,7 +535,8 @@ class Trainer:
         self.optimizer.load_state_dict(blob["optimizer"])
         self.state = AdaptState(iteration=int(blob["iteration"]), seconds=float(blob["seconds"]),
                                 stage=str(blob.get("stage", "")),
-                                history=list(blob.get("history", [])))
+                                history=list(blob.get("history", [])),
+                                best=blob.get("best"), best_net=blob.get("best_net"))
         if "rng" in blob:
             self.rng.setstate(blob["rng"])
 
@@ -488,6 +590,9 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     bad = [s for s in options.stages if s not in STAGES]
     if bad or not options.stages:
         raise AdaptError(f"--stages {','.join(options.stages)}: choose from {', '.join(STAGES)}")
+    if options.input_scale is not None and options.input_scale not in INPUT_SCALES:
+        raise AdaptError(f"--input-scale {options.input_scale:g}: choose from "
+                         f"{', '.join(f'{v:g}' for v in INPUT_SCALES)}")
     manifest = read_export(engine_dir)
     ckpt_path = engine_dir / ADAPT_DIR / CHECKPOINT
     blob = read_checkpoint(ckpt_path) if options.resume and ckpt_path.is_file() else None
@@ -501,28 +606,41 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     if blob is not None and blob.get("init") != init_name:
         raise AdaptError(f"{ckpt_path}: started from {blob.get('init')!r}, but this run's "
                          f"init is {init_name!r}; run without --resume to start over")
+    if options.input_scale is None:  # a resumed run's own, else by the export's size
+        from dff.models.realflow import auto_input_scale
+
+        h, w = (int(v) for v in manifest["profile"]["opt"][1:])
+        options = replace(options, input_scale=float(blob.get("input_scale", 1.0))
+                          if blob is not None else auto_input_scale(h, w))
+    if blob is not None and float(blob.get("input_scale", 1.0)) != options.input_scale:
+        raise AdaptError(f"{ckpt_path}: trained at --input-scale {blob.get('input_scale', 1.0):g}"
+                         f", not {options.input_scale:g}; give that, or run without --resume "
+                         "to start over")
     if options.lr is None:
         options = replace(options, lr=1e-3 if init_name.startswith("scratch") else 1e-4)
     torch.manual_seed(options.seed)
-    net = factory(stride, channels)
+    assert options.input_scale is not None  # resolved above
+    net = factory(stride, channels, options.input_scale)
     grid = (int(manifest["profile"]["opt"][1]) // stride,
             int(manifest["profile"]["opt"][2]) // stride)
     from dff.runtime.flows import DEFAULT_SCALE
 
     dis_scale = float(manifest_mod.dis_settings(manifest).get("scale", DEFAULT_SCALE))
     teacher = Teacher(engine_dir, manifest, options.threads)
-    trainer = Trainer(net, teacher, train, held, grid, dis_scale, options)
+    trainer = Trainer(net, teacher, train, held, grid, dis_scale, options,
+                      TaskScorer(engine_dir, manifest, options.threads) if held else None)
     if blob is not None:
         trainer.load(blob)
         log(f"resuming at iteration {trainer.state.iteration} ({ckpt_path})")
     base = trainer.evaluate(baselines=True)
+    trainer.keep_if_best(base)
     if base:
         log(f"held out ({', '.join(c.name for c in held)}; {len(trainer.eval_set)} pairs): "
-            f"feature error copy {base['copy_feat']:.4f}, DIS {base['dis_feat']:.4f}, "
-            f"this net {base['feat']:.4f} (DIS EPE {base['dis_epe']:.3f} cells)")
+            f"{_scores(base)}")
     start_iter, start_sec = trainer.state.iteration, trainer.state.seconds
     total_iters = start_iter + options.iters if options.iters is not None else None
-    deadline = time.monotonic() + options.minutes * 60 if options.minutes is not None else None
+    budget_s = options.minutes * 60 if options.minutes is not None else None
+    deadline = time.monotonic() + budget_s if budget_s is not None else None
     t0 = time.monotonic()
 
     def counter() -> Iterator[int]:
@@ -534,35 +652,47 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
             yield trainer.state.iteration
 
     bar = progress(counter(), options.iters) if progress else counter()
-    extra = {"stages": list(options.stages), "k_max": options.k_max}
+    extra = {"stages": list(options.stages), "k_max": options.k_max,
+             "input_scale": options.input_scale}
     last = dict(base)
     loss = math.nan
     for _ in bar:
         run_share = ((trainer.state.iteration - start_iter) / options.iters
-                     if options.iters else (time.monotonic() - t0) / (options.minutes * 60))
+                     if options.iters else (time.monotonic() - t0) / (budget_s or 1.0))
         stage = trainer.stage(run_share)
         loss = trainer.step(stage)
         it = trainer.state.iteration
         if held and it % options.eval_every == 0:
             last = trainer.evaluate()
+            trainer.keep_if_best(last)
             trainer.state.history.append({"iteration": it, "loss": loss, "stage": stage,
                                           **last})
         if hasattr(bar, "set_postfix"):
             post = {"stage": stage, "loss": f"{loss:.4f}"}
             if last:
-                post.update(held_feat=f"{last['feat']:.4f}", dis_epe=f"{last['dis_epe']:.3f}")
-            bar.set_postfix(post)
+                post.update(held_task_err=_num(last["task_err"]), held_feat=f"{last['feat']:.4f}",
+                            dis_epe=f"{last['dis_epe']:.3f}")
+            bar.set_postfix(post, refresh=False)
         if it % options.save_every == 0:
             trainer.state.seconds = start_sec + time.monotonic() - t0
             trainer.save(ckpt_path, init_name, extra)
     trainer.state.seconds = start_sec + time.monotonic() - t0
     final = trainer.evaluate(baselines=True)
+    trainer.keep_if_best(final)
     trainer.save(ckpt_path, init_name, extra)
     log(f"trained {trainer.state.iteration - start_iter} iterations "
         f"({trainer.state.iteration} in all) in {time.monotonic() - t0:.1f} s"
-        + (f"; held out: feature error {final['feat']:.4f} (copy {final['copy_feat']:.4f}, "
-           f"DIS {final['dis_feat']:.4f}), DIS EPE {final['dis_epe']:.3f} cells"
-           if final else ""))
+        + (f"; held out: {_scores(final)}" if final else ""))
+    best = trainer.state.best
+    if best is not None and trainer.state.best_net is not None \
+            and best["iteration"] != trainer.state.iteration:
+        net.load_state_dict(trainer.state.best_net)
+        log(f"writing the net of iteration {best['iteration']}, the best on the held-out "
+            f"footage (task-output error {_num(best['task_err'])}, feature error "
+            f"{best['feat']:.4f}), not the last")
+    verdict = held_out_verdict(best, final)
+    if verdict:
+        log(verdict["says"])
     import dff
 
     record = {
@@ -574,12 +704,49 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
         "minutes": options.minutes, "stages": list(options.stages), "k_max": options.k_max,
         "batch": options.batch, "lr": options.lr, "dis": {"preset": DIS_PRESET,
                                                           "scale": dis_scale},
-        "held_out_loss": final, "init": init_name, "tool": "dff-adapt",
+        "input_scale": options.input_scale, "train_scale": options.train_scale,
+        "dis_weight": options.dis_weight,
+        "held_out_loss": final, "chosen": best, "verdict": verdict, "init": init_name,
+        "tool": "dff-adapt",
         "tool_version": dff.__version__, "last_loss": loss,
     }
     write_learned_flow(engine_dir, manifest, net, record, default_learned=options.default_learned,
                        clips=all_clips, log=log)
     return record
+
+
+def held_out_verdict(best: dict[str, Any] | None, final: dict[str, Any]) -> dict[str, Any]:
+    """How the net written compares with copy and DIS on the held-out footage: by the
+    task-output error where all three have one, else by the feature error. {} without a
+    held-out part."""
+    if not best or not final:
+        return {}
+    on = "task_err" if None not in (best["task_err"], final["copy_task_err"],
+                                     final["dis_task_err"]) else "feat"
+    mine, copy, dis = best[on], final[f"copy_{on}"], final[f"dis_{on}"]
+    what = "task-output error" if on == "task_err" else "feature error"
+    beats = {"copy": mine < copy, "dis": mine < dis}
+    losers = [m for m in ("copy", "DIS") if not beats[m.lower()]]
+    says = (f"held out: the learned flow's {what} {mine:.4f} against copy's {copy:.4f} and "
+            f"DIS's {dis:.4f}: ")
+    if not losers:
+        says += "it beats both on this footage"
+    else:
+        says += (f"it does not beat {' or '.join(losers)} on this footage; measure it on yours "
+                 "with dff-eval --video before you deploy it"
+                 + (" (the export's DIS flow: --flow dis)" if not beats["dis"] else ""))
+    return {"on": on, "beats_copy": beats["copy"], "beats_dis": beats["dis"], "says": says}
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _scores(s: dict[str, Any]) -> str:
+    """The held-out scores of an evaluation with baselines, as one log phrase."""
+    return (f"task-output error this net {_num(s['task_err'])}, copy {_num(s['copy_task_err'])}, "
+            f"DIS {_num(s['dis_task_err'])}; feature error {s['feat']:.4f}, copy "
+            f"{s['copy_feat']:.4f}, DIS {s['dis_feat']:.4f}; DIS EPE {s['dis_epe']:.3f} cells")
 
 
 # ------------------------------------------------------------------------------ the export

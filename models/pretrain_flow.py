@@ -38,7 +38,7 @@ from dff.models.realflow import RealFlowNet, trunk_state
 SOURCES = ("bikes.mp4", "vtest.avi")
 HELD_OUT_FRACTION = 0.2  # vtest's last 20 % of frames: the held-out EPE
 CROP = (192, 320)
-MAX_SHIFT = 48.0
+MAX_SHIFT = 56.0
 DIS_OFFSET = 32
 MAX_GAP = 10
 
@@ -98,20 +98,29 @@ def dis_pairs(clips: list[Clip], count: int, rng: np.random.Generator):
     return out
 
 
-def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP):
+def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
+                  large_share: float = 0.0):
     """(current, key, flow [H,W,2] px): a crop of `frame` and the frame moved by a random
-    affine motion about the crop's centre, with the exact flow current → key."""
+    affine motion about the crop's centre, with the exact flow current → key. `large_share`
+    of the samples draw their amplitudes uniformly (large motions as often as small)."""
     import cv2
 
     h, w = crop
     fh, fw = frame.shape[:2]
     y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
-    s = math.exp(rng.uniform(-0.08, 0.08))
-    r = math.radians(rng.uniform(-4, 4))
-    sh = rng.uniform(-0.03, 0.03, 2)
+    # mostly small motions, as between video frames, up to the cost volume's reach: each
+    # amplitude is its maximum times u**3 (u uniform in -1..1), P(|t| < 4 px) ≈ 0.4
+    power = 1 if rng.random() < large_share else 3
+
+    def amp(most: float, size: int | None = None):
+        return most * rng.uniform(-1, 1, size) ** power
+
+    s = math.exp(amp(0.08))
+    r = math.radians(amp(4.0))
+    sh = amp(0.03, 2)
     a = s * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]]) \
         @ np.array([[1, sh[0]], [sh[1], 1]])
-    t = rng.uniform(-MAX_SHIFT, MAX_SHIFT, 2)
+    t = amp(MAX_SHIFT, 2)
     c = np.array([(w - 1) / 2, (h - 1) / 2])
     # key(q) = frame(o + c + A^-1 (q - c - t)): warpAffine with WARP_INVERSE_MAP
     ai = np.linalg.inv(a)
@@ -133,8 +142,9 @@ def dis_sample(pair, rng: np.random.Generator, crop=CROP):
     h, w = crop
     fh, fw = a.shape[:2]
     y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
-    dy = int(np.clip(rng.integers(-DIS_OFFSET, DIS_OFFSET + 1), -y0, fh - h - y0))
-    dx = int(np.clip(rng.integers(-DIS_OFFSET, DIS_OFFSET + 1), -x0, fw - w - x0))
+    reach = DIS_OFFSET if rng.random() < 0.5 else 0  # half the pairs as they are
+    dy = int(np.clip(rng.integers(-reach, reach + 1), -y0, fh - h - y0))
+    dx = int(np.clip(rng.integers(-reach, reach + 1), -x0, fw - w - x0))
     f = flow[y0:y0 + h, x0:x0 + w].astype(np.float32) - np.array([dx, dy], np.float32)
     return a[y0:y0 + h, x0:x0 + w], b[y0 + dy:y0 + dy + h, x0 + dx:x0 + dx + w], f
 
@@ -193,9 +203,11 @@ def held_out_epe(net: RealFlowNet, batch) -> float:
 
 def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
              lr: float = 2e-3, pool: int = 120, refresh: int = 200, seed: int = 0,
-             threads: int = 1, progress: bool = True) -> dict:
+             threads: int = 1, progress: bool = True,
+             init: str | os.PathLike[str] | None = None, large_share: float = 0.0) -> dict:
     """Train for `minutes` of wall time in all (resuming from OUT.ckpt), write the trunk's
-    weights to `out`; returns {'steps', 'minutes', 'held_out_epe'}."""
+    weights to `out`; returns {'steps', 'minutes', 'held_out_epe'}. `init`: weights to start
+    from (each tensor whose name and shape match; the others keep their initialisation)."""
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
@@ -206,6 +218,12 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     train, held = load_clips()
     val = held_out_set(held)
     net = RealFlowNet(16, 1)
+    if init is not None and not ckpt.exists():
+        own = net.state_dict()
+        start_from = torch.load(init, map_location="cpu", weights_only=False)
+        start_from = start_from.get("model", start_from)  # a weights file or a checkpoint
+        net.load_state_dict({k: v for k, v in start_from.items()
+                             if k in own and own[k].shape == v.shape}, strict=False)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
                             weight_decay=1e-4)
     step, spent = 0, 0.0
@@ -227,7 +245,8 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     while (elapsed := time.monotonic() - start) < budget:
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
-        samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng)
+        samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng,
+                                 large_share=large_share)
                    if rng.random() < 0.5 else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
                    for _ in range(batch_size)]
         cur, key, flow = to_batch(samples, rng)
@@ -274,9 +293,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="PyTorch threads (1: steadier on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="weights to start from (the tensors that fit)")
+    p.add_argument("--large-share", type=float, default=0.0,
+                   help="share of the affine samples with uniform (not mostly small) motion")
     args = p.parse_args(argv)
     result = pretrain(args.out, args.minutes, batch_size=args.batch, lr=args.lr,
-                      threads=args.threads, seed=args.seed)
+                      threads=args.threads, seed=args.seed, init=args.init,
+                      large_share=args.large_share)
     print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride 16) "
           f"{result['held_out_epe']:.2f} px; wrote {args.out}")
 

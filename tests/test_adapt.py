@@ -63,6 +63,7 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert adapt_cli.main(argv) == 0
     out = capsys.readouterr()
     assert "held_feat" in out.err and "dis_epe" in out.err and "max abs error" in out.out
+    assert "held_task_err" in out.err and "task-output error this net" in out.out
     assert (export / "flow.prev.onnx").read_bytes() == old_flow
     assert (export / "flow.onnx").read_bytes() != old_flow
     assert (export / "adapt" / "checkpoint.pt").is_file()
@@ -71,7 +72,12 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert record["iterations"] == 4 and record["stages"] == ["dis", "distil"]
     assert record["k_max"] == 3 and record["init"] == INIT[0]
     assert record["videos"][0]["sha256"] and record["held_out"][0]["from_frame"] == 19
-    assert {"feat", "dis_epe", "copy_feat", "dis_feat"} <= set(record["held_out_loss"])
+    assert {"feat", "dis_epe", "copy_feat", "dis_feat", "task_err", "copy_task_err",
+            "dis_task_err"} <= set(record["held_out_loss"])
+    # the net written is the held-out's best of the init (iteration 0) and iterations 2 and 4
+    assert record["chosen"]["iteration"] in (0, 2, 4)
+    assert record["input_scale"] == 1.0 and record["train_scale"] is False
+    assert record["verdict"]["says"] in out.out and record["verdict"]["on"] in ("task_err", "feat")
     assert record["engines_dropped"] == ["flow_x"] and "flow_x" not in m["engines"]
     assert m["normalisation"]["flow"] == {"mean": [127.5] * 3, "std": [127.5] * 3}
     assert flow_sources(m) == [LEARNED, DIS] and default_flow(m) == LEARNED
@@ -89,6 +95,9 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert blob["iteration"] == 6 and blob["optimizer"]["state"]
     assert blob["stage"] == "distil"  # a resumed run that reached distil does not refit DIS
     assert [h["stage"] for h in blob["history"]] == ["dis", "distil"]
+    with pytest.raises(adapt_mod.AdaptError, match="--input-scale 1, not 0.5"):
+        adapt_mod.adapt(export, [clip], adapt_mod.AdaptOptions(iters=1, k_max=3, resume=True,
+                                                               input_scale=0.5), init=INIT)
 
 
 def test_refusals_are_one_line_and_change_nothing(export, clip, tmp_path, capsys):
@@ -119,14 +128,14 @@ def test_library_takes_its_init_and_holds_out_clips(export, clip, tmp_path):
     write_synthetic_clip(second, seed=5, num_frames=12, height=64, width=96)
     made = []
 
-    def init(stride, channels):
-        made.append((stride, channels))
-        return adapt_mod.SmallFlowNet(stride, channels, width=8)
+    def init(stride, channels, input_scale):
+        made.append((stride, channels, input_scale))
+        return adapt_mod.SmallFlowNet(stride, channels, input_scale, width=8)
 
     options = adapt_mod.AdaptOptions(iters=2, k_max=2, batch=1, stages=("distil",))
     record = adapt_mod.adapt(export, [clip, second], options, init=("test:init", init))
     m = load_manifest(export)
-    assert made == [(m["stride"], m["feat_channels"])]
+    assert made == [(m["stride"], m["feat_channels"], 1.0)]  # a small export: scale 1
     assert record["init"] == "test:init" and record["stages"] == ["distil"]
     assert [h["file"] for h in record["held_out"]] == [str(second.resolve())]
     with pytest.raises(adapt_mod.AdaptError, match="started from 'test:init'"):
@@ -210,3 +219,16 @@ def test_the_teacher_pads_the_last_chunk_for_a_graph_of_fixed_batch():
     teacher.session, teacher.input, teacher.batch, teacher.fixed = Session(), "image", 3, True
     images = np.arange(4 * 3 * 2 * 2, dtype=np.uint8).reshape(4, 3, 2, 2)
     np.testing.assert_array_equal(teacher.run(images), images[:, :1].astype(np.float32))
+
+
+def test_the_verdict_compares_the_written_net_with_copy_and_dis():
+    best = {"task_err": 0.3, "feat": 0.2}
+    final = {"copy_task_err": 0.4, "dis_task_err": 0.2, "copy_feat": 0.1, "dis_feat": 0.1}
+    v = adapt_mod.held_out_verdict(best, final)
+    assert v["on"] == "task_err" and v["beats_copy"] and not v["beats_dis"]
+    assert "does not beat DIS" in v["says"] and "--flow dis" in v["says"]
+    # no task-output error for one of them (nothing to score): the feature error decides
+    v = adapt_mod.held_out_verdict({"task_err": None, "feat": 0.05}, final)
+    assert v["on"] == "feat" and v["beats_copy"] and v["beats_dis"]
+    assert v["says"].endswith("it beats both on this footage")
+    assert adapt_mod.held_out_verdict(None, {}) == {}

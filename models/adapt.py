@@ -52,6 +52,7 @@ ADAPT_DIR = "adapt"
 PREV_FLOW = "flow.prev.onnx"
 DIS_PRESET = "medium"
 EVAL_PAIRS = 32  # held-out pairs scored each evaluation
+MIN_BOXES = 10  # detection: fewer teacher boxes on the held-out pairs score no task error
 INPUT_SCALES = (1.0, 0.5, 0.25)
 
 Log = Callable[[str], None]
@@ -273,8 +274,8 @@ class TaskScorer:
     """The export's task.onnx on ONNX Runtime: the task-output error of propagated features
     against the teacher's, scored as dff-eval --video scores a mode (models/agreement.py):
     1 − AP@[.5:.95] (detection), 1 − mIoU (segmentation) or the outputs' relative error (raw);
-    lower is better, None where there is nothing to score (no detections in the teacher's
-    output)."""
+    lower is better, None where there is too little to score (fewer than MIN_BOXES detections
+    in the teacher's output on the held-out pairs: an AP of a handful of boxes is noise)."""
 
     def __init__(self, engine_dir: Path, manifest: dict, threads: int = 0):
         from dff.runtime.backends import task_spec
@@ -302,6 +303,8 @@ class TaskScorer:
         from dff.tasks import DETECTION, SEGMENTATION
 
         kind = self.task["kind"]
+        if kind == DETECTION and sum(len(r.get("boxes", ())) for r in reference) < MIN_BOXES:
+            return None
         tally = Tally(kind, self.class_names, float(self.task.get("score_threshold", 0.0)),
                       int(self.task.get("max_detections", 100)))
         for out, ref in zip(self.outputs(feat), reference):
@@ -637,6 +640,9 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     if base:
         log(f"held out ({', '.join(c.name for c in held)}; {len(trainer.eval_set)} pairs): "
             f"{_scores(base)}")
+        if base["copy_task_err"] is None:
+            log(f"held out: too little for a task-output error (a detector needs {MIN_BOXES} "
+                "boxes on the held-out pairs); the feature error chooses the net written")
     start_iter, start_sec = trainer.state.iteration, trainer.state.seconds
     total_iters = start_iter + options.iters if options.iters is not None else None
     budget_s = options.minutes * 60 if options.minutes is not None else None

@@ -232,3 +232,22 @@ def test_the_verdict_compares_the_written_net_with_copy_and_dis():
     assert v["on"] == "feat" and v["beats_copy"] and v["beats_dis"]
     assert v["says"].endswith("it beats both on this footage")
     assert adapt_mod.held_out_verdict(None, {}) == {}
+
+
+def test_a_detectors_task_error_needs_enough_held_out_boxes():
+    """Fewer than MIN_BOXES teacher boxes on the held-out pairs: no task-output error (an AP
+    of a handful of boxes is noise), so the feature error decides."""
+    scorer = object.__new__(adapt_mod.TaskScorer)
+    scorer.task = {"kind": "detection", "score_threshold": 0.2, "max_detections": 100}
+    scorer.class_names = ["face"]
+
+    def frame(n):
+        boxes = np.array([[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(n)], np.float32)
+        return {"boxes": boxes.reshape(-1, 4), "scores": np.full(n, 0.9, np.float32),
+                "classes": np.zeros(n, np.int32)}
+
+    scorer.outputs = lambda feat: [frame(len(f)) for f in feat]
+    few = [frame(3), frame(3), frame(3)]
+    assert scorer.error(np.zeros((3, 3)), few) is None  # 9 boxes
+    enough = [frame(5), frame(5)]
+    assert scorer.error(np.zeros((2, 5)), enough) == pytest.approx(0.0)  # the same boxes

@@ -6,9 +6,12 @@ Each training sample is a random crop (192x320) of a current/key pair with a kno
 (current → key, px):
 
 - (a) ``affine``: a real frame and the same frame moved by a random affine motion (translation
-  up to ±48 px, scale ±8 %, rotation ±4°, shear ±3 %): exact flow, real texture;
+  up to ±56 px, scale ±8 %, rotation ±4°, shear ±3 %; each amplitude its maximum times u³, u
+  uniform in −1..1, so mostly small as between video frames, or for ``--large-share`` of the
+  samples times u): exact flow, real texture;
 - (b) ``dis``: two real frames 1 to 10 apart with OpenCV DIS (medium preset) flow as pseudo
-  ground truth; the key crop is also offset by up to ±32 px, which adds that offset to the flow.
+  ground truth; for half of them the key crop is also offset by up to ±32 px, which adds that
+  offset to the flow.
 
 Both images get a small random gain, offset and noise. Loss: the end-point error (px)
 against the target averaged over each cell, at 1/8 (the net's shared output resolution) plus
@@ -19,6 +22,10 @@ again with the same --out (the budget counts the time already spent); at the end
 the trunk's weights (no scale head: load_realflow builds it) to OUT.
 
     python -m dff.models.pretrain_flow --out models/weights/realflow.pth --minutes 30
+    python -m dff.models.pretrain_flow --out W.pth --minutes 40 --init OLD.pth --large-share 0.5
+
+``--init`` starts from other weights (a weights file or a checkpoint; the tensors whose name and
+shape fit): how the shipped weights were made, in stages (docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations

@@ -124,14 +124,11 @@ class realflow_runner:
         import tempfile
 
         import onnxruntime as ort
-        from dff.models.realflow import RealFlowNet, load_realflow
+        from dff.models.realflow import load_realflow
 
-        if state is None:
-            self.net = load_realflow(STRIDE, 1, weights, input_scale=input_scale).eval()
-        else:  # a dff-adapt net: its own scale head does not matter here
-            self.net = RealFlowNet(STRIDE, 1, input_scale=input_scale).eval()
-            self.net.load_state_dict({k: v for k, v in state.items()
-                                      if not k.startswith("predict_scale.")}, strict=False)
+        # a dff-adapt net's `state`: its own scale head does not matter here
+        self.net = load_realflow(STRIDE, 1, state if state is not None else weights,
+                                 input_scale=input_scale).eval()
         example = torch.zeros(1, 3, 128, 224)
         dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
         with torch.no_grad():

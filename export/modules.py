@@ -228,12 +228,10 @@ def with_default_flow(mods: DFFModules) -> DFFModules:
     """`mods` with a flow net: as given, or where it is None RealFlowNet (models/realflow.py,
     pretrained on real footage) for the stride, the feature's channels (one probe run) and
     the input size (`auto_input_scale`), with its own normalisation."""
-    if mods.flow is not None:
-        return mods
+    if mods.flow is not None or not isinstance(mods.feature, nn.Module):
+        return mods  # (check_metadata names a feature that is not a module)
     from dff.models.realflow import auto_input_scale, load_realflow
 
-    if not isinstance(mods.feature, nn.Module):
-        check_metadata(replace(mods, flow=nn.Identity()))  # names the feature's problem
     h, w = (int(v) for v in mods.input_size)
     with torch.no_grad():
         feat = _call(mods.feature, "feature", (normalise(_example(mods, (h, w), 1, 0),

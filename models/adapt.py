@@ -278,13 +278,10 @@ class TaskScorer:
     in the teacher's output on the held-out pairs: an AP of a handful of boxes is noise)."""
 
     def __init__(self, engine_dir: Path, manifest: dict, threads: int = 0):
-        from dff.runtime.backends import task_spec
-
         self.session = cpu_session(engine_dir, manifest, "task", threads)
         self.input = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
-        self.task = task_spec(manifest)
-        self.class_names = manifest["class_names"]
+        self.manifest = manifest
 
     def outputs(self, feat: np.ndarray) -> list[dict[str, np.ndarray]]:
         """Per frame, the task's outputs by name (frames run one at a time, as a fixed-N
@@ -298,15 +295,14 @@ class TaskScorer:
         return out
 
     def error(self, feat: np.ndarray, reference: list[dict[str, np.ndarray]]) -> float | None:
-        from dff.models.agreement import Tally
+        from dff.models.agreement import tally_for
 
         from dff.tasks import DETECTION, SEGMENTATION
 
-        kind = self.task["kind"]
+        tally = tally_for(self.manifest)
+        kind = tally.kind
         if kind == DETECTION and sum(len(r.get("boxes", ())) for r in reference) < MIN_BOXES:
             return None
-        tally = Tally(kind, self.class_names, float(self.task.get("score_threshold", 0.0)),
-                      int(self.task.get("max_detections", 100)))
         for out, ref in zip(self.outputs(feat), reference):
             tally.add(out, ref, None, None)
         res = tally.result()

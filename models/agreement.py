@@ -193,6 +193,13 @@ class Tally:
         return res
 
 
+def tally_for(manifest: dict) -> Tally:
+    """An empty Tally for the export's task: its kind, class names, score threshold and rows."""
+    task = task_spec(manifest)
+    return Tally(task["kind"], manifest["class_names"], float(task.get("score_threshold", 0.0)),
+                 int(task.get("max_detections", 100)))
+
+
 def _miou(conf: np.ndarray) -> float:
     from dff.models.metrics import miou
 
@@ -298,8 +305,7 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
                        where: str = "the export") -> dict[str, Any]:
     """The agreement of each mode at each k with per-frame inference on `videos` (module
     docstring); the dict dff-eval --video writes (see `format_agreement` for a table)."""
-    task = task_spec(manifest)
-    kind = task["kind"]
+    kind = task_spec(manifest)["kind"]
     if not videos:
         raise DffError("no videos to evaluate; pass --video FILE")
     intervals = [int(k) for k in intervals]
@@ -313,12 +319,8 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
         dis = dis_flow(manifest, dis_preset, dis_scale)  # before any decoding
         dis_preset, dis_scale = dis.preset, dis.scale
 
-    def new() -> Tally:
-        return Tally(kind, manifest["class_names"], float(task.get("score_threshold", 0.0)),
-                     int(task.get("max_detections", 100)))
-
     runs = [Run(m, k) for m in modes for k in intervals]
-    pooled = {(r.mode, r.k): new() for r in runs}
+    pooled = {(r.mode, r.k): tally_for(manifest) for r in runs}
     seconds: dict[Any, float] = {PER_FRAME: 0.0, **{(r.mode, r.k): 0.0 for r in runs}}
     decode_s, total = 0.0, 0
     clips: dict[str, dict[str, Any]] = {}
@@ -336,7 +338,7 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
                 bar.refresh()
             else:
                 bar.total = None
-        mine = {(r.mode, r.k): new() for r in runs}
+        mine = {(r.mode, r.k): tally_for(manifest) for r in runs}
         ref_s, run_s = _clip_runs(backend, clip, max_frames, runs, [mine, pooled], bar,
                                   dis_preset, dis_scale, clip.size not in warmed)
         warmed.add(clip.size)

@@ -15,18 +15,23 @@ frame pairs as pseudo ground truth) and is cheap enough for a CPU:
   (GridSample, models/warp.py), a local cost volume of the current frame's 1/8 features
   against them over ±LOCAL cells (±24 px), and with the upsampled flow, the decoder features
   and the current frame's own 1/8 features → a residual flow (precision and motion edges);
-- the output at the stride's grid: the 1/8 flow (in pixels) upsampled ×2 for stride 4,
-  kept for 8, average-pooled ×2 or ×4 for 16 and 32, then divided by the stride (feature
-  cells, current → key, (dx, dy): FlowWarp's convention, models/warp.py);
-- DFF's scale head: a 1x1 conv from the refinement's features at the output grid, weight 0
-  and frozen bias 1, so scale starts at exactly 1 (pretraining leaves it there).
+- the output at the stride's grid: the net's 1/8 flow (in pixels; 1/16 of the image at input
+  scale 0.5) resized bilinearly up or average-pooled down to 1/stride, then turned into
+  feature cells (current → key, (dx, dy): FlowWarp's convention, models/warp.py);
+- DFF's scale head: a 1x1 conv from the refinement's features, weight 0 and frozen bias 1, so
+  scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise.
+
+`input_scale` (1, 0.5, 0.25) average-pools both images before the net: cheaper, and the
+motions it sees are smaller, but on small frames the 1/16 cost volume is then a few cells
+(`auto_input_scale` picks 0.5 from 512 px up).
 
 Input: both images normalised as (pixels − FLOW_MEAN) / FLOW_STD on the 0..255 scale (i.e.
 pixels/255 − 0.5), [N,3,H,W] with H, W multiples of the stride. The exported graph has only
 ops TensorRT's ONNX parser imports (GridSample among them, as in warp.onnx).
 
 `load_realflow(stride, channels)` builds the net and loads the shipped weights
-(models/weights/realflow.pth: everything but the scale head, which depends on `channels`).
+(models/weights/realflow.pth: everything but the scale head, which depends on `channels`), or
+other weights (a file, or a state dict such as a dff-adapt checkpoint's net).
 """
 
 from __future__ import annotations
@@ -186,14 +191,17 @@ def trunk_state(net: RealFlowNet) -> dict[str, torch.Tensor]:
 
 
 def load_realflow(stride: int = 16, channels: int = 1,
-                  weights: str | os.PathLike[str] | None = None,
+                  weights: str | os.PathLike[str] | dict[str, torch.Tensor] | None = None,
                   input_scale: float = 1.0) -> RealFlowNet:
     """A RealFlowNet for `stride` with a scale head of `channels` (starting at 1) and the
-    pretrained weights (default: the shipped models/weights/realflow.pth), run on the images
-    shrunk by `input_scale`."""
+    pretrained weights (default: the shipped models/weights/realflow.pth; or a file, or a
+    state dict, whose scale head is left out), run on the images shrunk by `input_scale`."""
     net = RealFlowNet(stride, channels, input_scale=input_scale)
-    state = torch.load(weights or WEIGHTS, map_location="cpu", weights_only=True)
-    state = state.get("model", state)
+    if isinstance(weights, dict):
+        state, weights = weights, "the weights given"
+    else:
+        state = torch.load(weights or WEIGHTS, map_location="cpu", weights_only=True)
+        state = state.get("model", state)
     missing, unexpected = net.load_state_dict(
         {k: v for k, v in state.items() if not k.startswith("predict_scale.")}, strict=False)
     missing = [k for k in missing if not k.startswith("predict_scale.")]

@@ -156,13 +156,12 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
             current = [flow.prepare(frames[1 + (i + j) % (n - 1)]) for j in range(batch)]
             return flow.batch(current, [key_grey] * batch, cells)
 
-        key_feats = key_feat  # [batch,C,h,w]: the features of images[0], `batch` frames
         calls["flow"] = lambda key: backend.warp(key, backend.upload(dis()))
-        inputs["flow"] = lambda i: [key_feats]
+        inputs["flow"] = lambda i: [key_feat]  # [batch,C,h,w]: images[0]'s, `batch` frames
         flows = [dis() for _ in range(min(n, 8))]
         extra = {"dis": time_stage(backend, dis, lambda i: [], **timing),
                  "warp": time_stage(backend, backend.warp,
-                                    lambda i: [key_feats, flows[i % len(flows)]], **timing)}
+                                    lambda i: [key_feat, flows[i % len(flows)]], **timing)}
     return {stage: time_stage(backend, calls[stage], inputs[stage], **timing)
             for stage in STAGES} | extra
 

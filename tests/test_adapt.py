@@ -238,8 +238,8 @@ def test_a_detectors_task_error_needs_enough_held_out_boxes():
     """Fewer than MIN_BOXES teacher boxes on the held-out pairs: no task-output error (an AP
     of a handful of boxes is noise), so the feature error decides."""
     scorer = object.__new__(adapt_mod.TaskScorer)
-    scorer.task = {"kind": "detection", "score_threshold": 0.2, "max_detections": 100}
-    scorer.class_names = ["face"]
+    scorer.manifest = {"task": {"kind": "detection", "score_threshold": 0.2,
+                                "max_detections": 100}, "class_names": ["face"]}
 
     def frame(n):
         boxes = np.array([[10.0 * i, 0, 10.0 * i + 8, 8] for i in range(n)], np.float32)

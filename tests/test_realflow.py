@@ -101,6 +101,9 @@ def test_load_realflow_keeps_the_trunk_and_builds_the_scale_head():
     assert a.predict_scale.out_channels == 4 and b.predict_scale.out_channels == 9
     assert torch.equal(a.enc1[0].weight, b.enc1[0].weight)
     assert not torch.equal(a.enc1[0].weight, RealFlowNet(16, 4).enc1[0].weight)
+    # or from a state dict (a dff-adapt checkpoint's net), its own scale head left out
+    c = load_realflow(8, 2, a.state_dict())
+    assert torch.equal(c.enc1[0].weight, a.enc1[0].weight) and c.predict_scale.out_channels == 2
 
 
 @shipped

@@ -23,6 +23,8 @@ Layout (version 2; docs/DESIGN.md §2)::
         settings chosen for this model} (optional: a manifest without it has the learned flow
         alone),
     plugin {op, domain, version, graph, function},
+    deploy (optional; dff-tune --write) {kind: one of DEPLOY_KINDS, k, schedule, flow, size
+        [H, W], and what it was measured at}: the configuration dff-run takes by default,
     engines {} (filled by the TensorRT builder: name -> {file, sha256, ...}),
     export {checkpoint, checkpoint_sha256 (a dff-train checkpoint's export only),
             modules {feature, flow, task (class and file:line), factory or api, scale_field,
@@ -159,6 +161,7 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
                                 f"{getattr(kind, '__name__', kind)}; {_rebuild(directory)}")
     _check_task(data, path, directory)
     _check_flow(data, path, directory)
+    _check_deploy(data, path)
     for name in graphs_of(data):
         _check_file(directory, path, f"graphs.{name}", data["graphs"][name], verify_hashes)
         int8 = data["graphs"][name].get("int8")  # optional: dff-build --int8's Q/DQ graph
@@ -234,6 +237,63 @@ def _check_flow(data: dict, path: Path, directory: Path) -> None:
             if not isinstance(data["graphs"][graph].get(key), kind):
                 raise ManifestError(f"{path}: field 'graphs.{graph}.{key}' is missing or not "
                                     f"{kind.__name__}; {_rebuild(directory)}")
+
+
+# dff-tune's candidate kinds (models/tune.py) that dff-run can deploy
+DEPLOY_KINDS = ("dff", "copy", "resize", "warp-output", "track", "per-frame")
+_DEPLOY_FIELDS = (("k", int), ("schedule", str), ("flow", str))
+
+
+def deploy_settings(manifest: dict) -> dict[str, Any]:
+    """The recorded deployment (`deploy`, dff-tune --write), or {} where there is none."""
+    entry = manifest.get("deploy")
+    return dict(entry) if isinstance(entry, dict) else {}
+
+
+def _check_deploy(data: dict, path: Path) -> None:
+    """`deploy` (dff-tune --write), where there is one: a known kind, and k, schedule, flow and
+    size of the right types (each may be null)."""
+    if "deploy" not in data:
+        return
+    entry, fix = data["deploy"], "run dff-tune --write again, or delete the field"
+    if not isinstance(entry, dict) or entry.get("kind") not in DEPLOY_KINDS:
+        got = entry.get("kind") if isinstance(entry, dict) else entry
+        raise ManifestError(f"{path}: field 'deploy.kind' is {got!r}, expected one of "
+                            f"{', '.join(DEPLOY_KINDS)}; {fix}")
+    for key, kind in _DEPLOY_FIELDS:
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ManifestError(f"{path}: field 'deploy.{key}' is {value!r}, expected "
+                                f"{kind.__name__} or null; {fix}")
+    size = entry.get("size")
+    if size is not None and not (isinstance(size, list) and len(size) == 2
+                                 and all(isinstance(v, int) and v > 0 for v in size)):
+        raise ManifestError(f"{path}: field 'deploy.size' is {size!r}, expected [H, W] or null; "
+                            f"{fix}")
+    if entry.get("flow") is not None and entry["flow"] not in flow_sources(data):
+        raise ManifestError(f"{path}: field 'deploy.flow' is {entry['flow']!r}, but the export's "
+                            f"flow sources are {flow_sources(data)}; {fix}")
+
+
+def write_deploy(directory: str | os.PathLike[str], record: dict[str, Any] | None) -> dict:
+    """Record `record` as the export's `deploy` (None: remove it), atomically (a temporary file
+    renamed over manifest.json); the manifest read back and checked. Returns the old entry."""
+    directory = Path(directory)
+    manifest = load_manifest(directory, verify_hashes=False)
+    old = deploy_settings(manifest)
+    if record is None:
+        manifest.pop("deploy", None)
+    else:
+        manifest["deploy"] = record
+    path = directory / FILENAME
+    tmp = path.with_name(f".{FILENAME}.tmp")
+    try:
+        write_manifest(tmp, manifest)
+        _check_deploy(manifest, path)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return old
 
 
 def _check_task(data: dict, path: Path, directory: Path) -> None:

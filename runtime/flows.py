@@ -89,6 +89,18 @@ class DisFlow:
         out[1] = cell[..., 1] * (h / gh)
         return out
 
+    def pixels(self, current: np.ndarray, key: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """[H,W,2] float32: the flow from `current` to `key` (prepared frames) in pixels of a
+        frame of `size` (H, W), one vector per pixel (DIS's field resized bilinearly)."""
+        cv2 = self._cv2
+        h, w = size
+        dense = self._dis.calc(current, key, None)
+        gh, gw = current.shape
+        out = cv2.resize(dense, (w, h), interpolation=cv2.INTER_LINEAR)
+        out[..., 0] *= w / gw
+        out[..., 1] *= h / gh
+        return out
+
     def batch(self, current: list[np.ndarray], key: list[np.ndarray],
               cells: tuple[int, int]) -> np.ndarray:
         """[N,2,h,w] float32: `flow` of each pair."""

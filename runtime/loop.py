@@ -23,6 +23,7 @@ import numpy as np
 from dff.export.manifest import DIS, LEARNED
 from dff.runtime.backends import Backend, warp_missing
 from dff.runtime.flows import DisFlow
+from dff.runtime.propagate import Propagator
 from dff.runtime.scheduler import Scheduler
 from dff.runtime.step import STAGES, Frame, Step, StreamState, Timings, nchw
 
@@ -128,7 +129,8 @@ class Loop:
 
     def __init__(self, backend: Backend, schedulers: Sequence[Scheduler], *,
                  max_batch: int | None = None, queue_size: int = 8,
-                 flow: DisFlow | None = None):
+                 flow: DisFlow | None = None, copy: bool = False,
+                 propagate: Propagator | None = None):
         if not schedulers:
             raise ValueError("a run needs one scheduler per stream, got none")
         if len({id(s) for s in schedulers}) != len(schedulers):
@@ -147,7 +149,9 @@ class Loop:
                            "a CUDA-graph backend (--useCudaGraph) replays one stream's flow and "
                            "task; open the backend without it for batched streams")
         check_flow(backend, flow, schedulers)
+        check_between(flow, copy, propagate, schedulers)
         self.backend, self.schedulers, self.flow = backend, list(schedulers), flow
+        self.copy, self.propagate = copy, propagate
         self.max_batch = max_batch if max_batch is not None else limit
         self.queue_size = queue_size
         self._reset([f"stream {i}" for i in range(len(self.schedulers))])
@@ -155,7 +159,8 @@ class Loop:
     def _reset(self, names: Sequence[str | None]) -> None:
         self._inputs = [_Input(StreamState(s, name, i), self.queue_size)
                         for i, (name, s) in enumerate(zip(names, self.schedulers))]
-        self._step = Step(self.backend, self.max_batch, flow=self.flow)
+        self._step = Step(self.backend, self.max_batch, flow=self.flow, copy=self.copy,
+                          propagate=self.propagate)
         self._per_frame = {name: Timings() for name in ("decode", "total")}
         self._wait = 0.0
         self._start: float | None = None
@@ -291,6 +296,8 @@ class Loop:
             "backend": self.backend.name,
             "precision": self.backend.precision,
             "flow": self.flow.settings() if self.flow is not None else {"source": LEARNED},
+            "propagate": (self.propagate.kind if self.propagate is not None
+                          else "copy" if self.copy else "dff"),
             "streams": len(states),
             "max_batch": self.max_batch,
             "frames": frames,
@@ -323,12 +330,30 @@ def check_flow(backend: Backend, flow: DisFlow | None, schedulers: Sequence[Sche
         raise DffError("--useCudaGraph replays the learned flow graph; drop it with --flow dis")
 
 
+def check_between(flow: DisFlow | None, copy: bool, propagate: Propagator | None,
+                  schedulers: Sequence[Scheduler]) -> None:
+    """Refuse two ways of filling the frames between key frames at once, and a schedule that
+    reads a flow (adaptive, learned) where no flow is computed (copy, carried outputs)."""
+    if copy and propagate is not None:
+        raise DffError(f"--propagate: copy and {propagate.kind} are two ways of filling the "
+                       "frames between key frames; pick one")
+    if (copy or propagate is not None) and flow is not None:
+        raise DffError(f"--propagate {propagate.kind if propagate else 'copy'} computes no "
+                       "feature flow; drop --flow dis")
+    if (copy or propagate is not None) and any(s.needs_flow for s in schedulers):
+        raise DffError(f"--propagate {propagate.kind if propagate else 'copy'} computes no "
+                       "flow for the adaptive or learned schedule to judge; pick --schedule "
+                       "fixed")
+
+
 class Pipeline(Loop):
     """One backend, one scheduler; `run` a video's frames (HWC uint8 RGB) to FrameResults."""
 
     def __init__(self, backend: Backend, scheduler: Scheduler, *, queue_size: int = 8,
-                 flow: DisFlow | None = None):
-        super().__init__(backend, [scheduler], max_batch=1, queue_size=queue_size, flow=flow)
+                 flow: DisFlow | None = None, copy: bool = False,
+                 propagate: Propagator | None = None):
+        super().__init__(backend, [scheduler], max_batch=1, queue_size=queue_size, flow=flow,
+                         copy=copy, propagate=propagate)
         self.scheduler = scheduler
 
     def run(self, frames: Iterable[np.ndarray]  # type: ignore[override]

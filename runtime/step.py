@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from dff.runtime.backends import Backend, host_quality
 from dff.runtime.flows import DisFlow
+from dff.runtime.propagate import Propagator
 from dff.runtime.scheduler import Scheduler
 
 from dff import tasks
@@ -123,13 +124,14 @@ class StreamState:
         self.key_image: tuple[Rows, int] | None = None
         self.key_feat: tuple[Rows, int] | None = None
         self.key_grey: np.ndarray | None = None  # a host flow's prepared key frame (DisFlow)
+        self.carried: Any = None  # a Propagator's state (runtime/propagate.py)
         self.shape: tuple[int, ...] | None = None  # the first frame's HWC shape
         self.next = 0  # index of its next frame
         self.frames = self.key_frames = 0
 
     def release(self) -> None:
         """Let go of the key frame's handles (device memory back)."""
-        self.key_image = self.key_feat = self.key_grey = None
+        self.key_image = self.key_feat = self.key_grey = self.carried = None
 
 
 class Rows:
@@ -184,7 +186,10 @@ class Step:
     (None: any). `flow`: where the non-key frames' flow comes from: None, the backend's learned
     flow graph; a DisFlow, DIS on the host, warped by the backend's warp graph (runtime/
     flows.py). `copy`: the naive baseline, non-key frames take their key frame's features as
-    they are (no flow, no warp). `features`: each Frame's `features` is set to its features on
+    they are (no flow, no warp). `propagate`: a Propagator (runtime/propagate.py): non-key
+    frames take outputs carried from their key frame's outputs (no upload, flow or task; its
+    time is the `flow` stage's, and its intake of a key frame's outputs the `task` stage's);
+    their `features` stay None. `features`: each Frame's `features` is set to its features on
     the host (for evaluation; a copy from the device on a GPU backend). `calls` holds each
     stage's call times and the frames through them.
     `upload_ahead()`, when given to a step, returns the next step's frames' NCHW arrays, if
@@ -192,8 +197,10 @@ class Step:
     uploads them before this step's task outputs are waited for, so the H2D overlaps compute."""
 
     def __init__(self, backend: Backend, max_batch: int | None = None, copy: bool = False,
-                 flow: DisFlow | None = None, features: bool = False):
+                 flow: DisFlow | None = None, features: bool = False,
+                 propagate: Propagator | None = None):
         self.backend, self.max_batch, self.copy, self.source = backend, max_batch, copy, flow
+        self.propagate = propagate
         self.features = features  # copy each frame's features to the host (evaluation)
         self.calls = {name: Timings() for name in STAGES}
         self._staged: dict[int, tuple[np.ndarray, Any]] = {}  # id(nchw) -> (nchw, upload)
@@ -210,15 +217,19 @@ class Step:
                                    + (f" of {s.name}" if s.name else ""))
             self._check(f)
         self._call("schedule", frames, time.perf_counter() - start)
-        for chunk in self.chunks(frames):
+        computed = frames if self.propagate is None else [f for f in frames if f.is_key]
+        for chunk in self.chunks(computed):
             self._upload(chunk)
-        for chunk in self.chunks([f for f in frames if not f.is_key]):
-            self._flow(chunk)
+        if self.propagate is None:
+            for chunk in self.chunks([f for f in frames if not f.is_key]):
+                self._flow(chunk)
+        else:
+            self._carry([f for f in frames if not f.is_key])
         for chunk in self.chunks([f for f in frames if f.is_key]):  # redone ones too
             self._feature(chunk)
-        if upload_ahead is not None and self.backend.overlaps_uploads:
-            self._ahead(upload_ahead(), frames)
-        for chunk in self.chunks(frames):
+        if upload_ahead is not None and self.backend.overlaps_uploads and computed:
+            self._ahead(upload_ahead(), computed)
+        for chunk in self.chunks(computed):
             self._task(chunk)
         for stage, chunk, seconds in self._pending:
             self.calls[stage].add(seconds, len(chunk))
@@ -328,6 +339,16 @@ class Step:
                 f.feat = (feats, j)
         self._call("flow", chunk, time.perf_counter() - start)
 
+    def _carry(self, frames: list[Frame]) -> None:
+        """Non-key frames' outputs carried from their key frames' (`propagate`), one call."""
+        if not frames:
+            return
+        start = time.perf_counter()
+        for f in frames:
+            out = self.propagate.carry(f.stream, f.frame)  # type: ignore[union-attr]
+            f.task_out, f.row = {name: np.asarray(v)[None] for name, v in out.items()}, 0
+        self._call("flow", frames, time.perf_counter() - start)
+
     def _feature(self, chunk: list[Frame]) -> None:
         b, start = self.backend, time.perf_counter()
         image = gather(b, [f.image for f in chunk])  # type: ignore[misc]
@@ -350,4 +371,6 @@ class Step:
                 f.features = host[j]
             f.task_out, f.row = outputs, j
             f.image = f.feat = None
+            if self.propagate is not None:
+                self.propagate.key(f.stream, f.frame, f.outputs())
         self._call("task", chunk, time.perf_counter() - start)

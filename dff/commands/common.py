@@ -196,4 +196,6 @@ def schedule_label(summary: dict) -> str:
             + (f", key interval {summary['key_interval']}" if summary["key_interval"] else "")
             + (f", key budget {summary['key_budget']:g}" if summary.get("key_budget") else "")
             + (f", flow dis ({flow['preset']}, scale {flow['scale']:g})"
-               if flow.get("source") == "dis" else ""))
+               if flow.get("source") == "dis" else "")
+            + (f", {summary['propagate']} between key frames"
+               if summary.get("propagate") not in (None, "dff") else ""))

@@ -39,8 +39,11 @@ from dff.commands.common import (
 )
 from dff.commands.demo import DEMO_TASKS, demo_clip, demo_dir, ensure_demo_clip
 from dff.errors import DffError
+from dff.export.manifest import deploy_settings
 from dff.runtime.backends import check_quality, task_spec
+from dff.runtime.flows import dis_flow
 from dff.runtime.loop import FrameResult, Pipeline, StreamPipeline
+from dff.runtime.propagate import make_propagator
 from dff.runtime.remote import TIMEOUT_S, RemoteError, RemoteStream, parse_address, stream_frames
 from dff.runtime.scheduler import SCHEDULES, make_schedulers
 from dff.runtime.video import (
@@ -54,6 +57,7 @@ from dff.runtime.video import (
 from dff.runtime.writers import ResultWriter, write_summary
 from dff.tasks import DETECTION, RAW, SEGMENTATION
 
+DEPLOY_PROPAGATE = ("dff", "copy", "warp-output", "track")  # --propagate; dff-tune's kinds
 SHOWN_STAGES = ("feature", "flow", "task")  # the compute stages the summary lists first
 MIN_SCORE = 0.3  # detection: default --min-score
 SUMMARY = "summary.json"  # --output-dir's summary file
@@ -67,7 +71,8 @@ _LOCAL_ONLY = (("engine_dir", None, "--engine-dir"), ("demo", None, "--demo"),
                ("threads", 0, "--threads"), ("device", 0, "--device"),
                ("output_dir", None, "--output-dir"), ("max_batch", None, "--max-batch"),
                ("key_budget", None, "--key-budget"), ("flow", None, "--flow"),
-               ("dis_preset", None, "--dis-preset"), ("dis_scale", None, "--dis-scale"))
+               ("dis_preset", None, "--dis-preset"), ("dis_scale", None, "--dis-scale"),
+               ("propagate", None, "--propagate"))
 _SERVER_ONLY = (("server_model", "dff", "--server-model"), ("sequence_id", None, "--sequence-id"),
                 ("server_timeout", TIMEOUT_S, "--server-timeout"))
 
@@ -138,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "adaptive schedule's longest gap")
     p.add_argument("--schedule", choices=SCHEDULES,
                    help="key-frame schedule (default: fixed; with --server: the model's)")
+    p.add_argument("--propagate", choices=DEPLOY_PROPAGATE,
+                   help="how the frames between key frames get their outputs: dff (features "
+                        "warped along the flow, the default), copy (the key frame's features as "
+                        "they are), warp-output (segmentation: the key frame's labels warped "
+                        "along DIS's flow) or track (detection: the key frame's boxes carried "
+                        "by a Kalman-filter tracker); default: the manifest's 'deploy' (dff-tune "
+                        "--write), else dff")
     p.add_argument("--key-budget", type=budget_arg, metavar="F",
                    help="adaptive and learned schedules: at most this fraction of the frames "
                         "are key frames, e.g. 0.1 (one budget for all the videos of a run)")
@@ -439,8 +451,62 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise
 
 
+def apply_deploy(args: argparse.Namespace, manifest: dict, where: Path, say: Log) -> None:
+    """The manifest's `deploy` (dff-tune --write) as the defaults of --schedule,
+    --key-interval, --flow, --resize, --propagate and (adaptive, learned) --key-budget 1/k;
+    an option given on the command line wins. Without one: the fixed schedule, dff."""
+    rec = deploy_settings(manifest)
+    kind = rec.get("kind")
+    if kind is not None:
+        k, size = rec.get("k"), rec.get("size")
+        schedule = ("per-frame" if kind in ("per-frame", "resize")
+                    else rec.get("schedule") or "fixed")
+        settings = {"schedule": schedule, "key_interval": k if schedule != "per-frame" else None,
+                    "flow": rec.get("flow") if kind == "dff" else None,
+                    "resize": tuple(size) if size else None,
+                    "propagate": kind if kind in DEPLOY_PROPAGATE else None,
+                    "key_budget": (1 / k if k and schedule in ("adaptive", "learned")
+                                   and args.schedule in (None, schedule) else None)}
+        taken = []
+        for name, value in settings.items():
+            if getattr(args, name) is None and value is not None:
+                setattr(args, name, value)
+                taken.append(name)
+        if taken:
+            say(f"deploying dff-tune's choice recorded in {where} (field 'deploy'): {kind}"
+                + "".join(f", {n.replace('_', ' ')} {_shown(getattr(args, n))}" for n in taken
+                          if n != "propagate")
+                + " (an option given here wins)")
+    if args.schedule is None:
+        args.schedule = "fixed"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _between(args: argparse.Namespace, manifest: dict, kind: str, key_interval: int,
+             where: str, backend: Any) -> tuple[Any, bool, Any]:
+    """(flow source, copy, propagator) of --propagate: dff's flow is --flow's (else the
+    manifest's default); copy and the carried outputs compute no flow (an explicit --flow is
+    left for the loop to refuse)."""
+    mode = args.propagate or "dff"
+    if mode == "dff":
+        return choose_flow(args, manifest, where, backend), False, None
+    flow = choose_flow(args, manifest, where, backend) if args.flow else None
+    if mode == "copy":
+        return flow, True, None
+    task = task_spec(manifest)
+    return flow, False, make_propagator(mode, kind, key_interval,
+                                        dis_flow(manifest, args.dis_preset, args.dis_scale),
+                                        float(task.get("score_threshold", 0.0)))
+
+
 def _run_local(args: argparse.Namespace, engine_dir: Path, manifest: dict, videos: list[Any],
                demo: str | None, say: Log) -> int:
+    apply_deploy(args, manifest, engine_dir / "manifest.json", say)
     profile, stride = manifest["profile"], int(manifest["stride"])
     sizes = []
     for video in videos:
@@ -464,9 +530,12 @@ def _run_local(args: argparse.Namespace, engine_dir: Path, manifest: dict, video
     backend, reason = choose_backend(args, engine_dir, say)
     try:
         check_quality(backend, schedulers, args.checkpoint or str(engine_dir))
-        flow = choose_flow(args, manifest, str(engine_dir), backend)
-        runtime = (StreamPipeline(backend, schedulers, max_batch=args.max_batch, flow=flow)
-                   if streams else Pipeline(backend, schedulers[0], flow=flow))
+        flow, copy, propagate = _between(args, manifest, kind, key_interval, str(engine_dir),
+                                         backend)
+        runtime = (StreamPipeline(backend, schedulers, max_batch=args.max_batch, flow=flow,
+                                  copy=copy, propagate=propagate)
+                   if streams else Pipeline(backend, schedulers[0], flow=flow, copy=copy,
+                                            propagate=propagate))
         writers = _writers(videos, sizes, paths, manifest["class_names"], args, kind)
         bar = _progress(videos, args.max_frames, args.quiet)
         try:
@@ -660,8 +729,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(demo_video_first(sys.argv[1:] if argv is None else argv))
     check_backend_args(parser, args)
     check_args(parser, args)
-    if args.server is None and args.schedule is None:
-        args.schedule = "fixed"
     if not args.verbose:  # FFmpeg's own log lines ("moov atom not found") would precede ours
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     return guarded("dff-run", args.verbose, lambda: run(args, parser))

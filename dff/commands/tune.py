@@ -1,0 +1,245 @@
+"""dff-tune: what to deploy, measured on the user's own footage (issue 24; DESIGN.md §21).
+
+Every candidate (DFF at each k with each flow source and schedule, copy, a smaller input,
+outputs carried between key frames, per-frame) is timed end to end on the chosen backend and
+scored against per-frame inference, in one sitting (dff.models.tune). It prints the Pareto
+frontier of cost against agreement, writes the JSON and a plot, names the cheapest candidate
+that meets --target (or says none does) and, with --write, records it in the manifest
+(`deploy`) so that dff-run takes it by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from dff.commands.common import BACKENDS, choose_backend, guarded, size_arg
+from dff.errors import DffError
+from dff.export.manifest import load_manifest, write_deploy
+from dff.runtime.backends import PRECISIONS
+from dff.runtime.flows import PRESETS
+
+EPILOG = """\
+candidates (the JSON's "kind"):
+  dff          DFF at k = 2..20 with each flow source (learned, dis) and schedule (fixed;
+               adaptive and learned at a key-frame budget of 1/k)
+  copy         the key frame's features as they are, k = 2..20
+  resize       per-frame inference at about 0.75 and 0.5 of each side, outputs resized back
+  warp-output  segmentation: the key frame's labels warped along DIS's flow, k = 2..20
+  track        detection: the key frame's boxes carried by a Kalman-filter tracker, k = 2..20
+  per-frame    every frame a key frame: the reference (agreement 1)
+
+agreement: mIoU (segmentation) or AP@[.5:.95] (detection) against per-frame inference, over
+every frame; ms/frame: decode + every call of the candidate, timed end to end in one sitting
+with per-frame's. --write records the recommended candidate in DIR/manifest.json ('deploy');
+dff-run then runs it by default, and an explicit --key-interval, --schedule, --flow, --resize
+or --propagate wins.
+
+examples:
+  dff-tune -e engines/ --video cam1.mp4 cam2.mp4 --json tune.json
+  dff-tune -e engines/ --video cam1.mp4 --target 0.9 --json tune.json --write
+  dff-tune -e engines/ --video clip.mp4 --quick --max-frames 100 --json tune.json
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dff-tune", description=__doc__.split("\n\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-e", "--engine-dir", metavar="DIR", help="the folder dff-export wrote")
+    p.add_argument("--video", nargs="*", metavar="FILE", default=[],
+                   help="the footage to measure on (one size, or give --resize)")
+    p.add_argument("--target", type=float, default=0.95, metavar="A",
+                   help="the agreement the recommendation must reach, in (0, 1] (default 0.95)")
+    p.add_argument("--json", metavar="OUT.json", help="write every candidate's figures here "
+                   "(required)")
+    p.add_argument("--plot", metavar="OUT.png", help="the frontier plot (default: --json's "
+                   "path with .png)")
+    p.add_argument("--write", action="store_true",
+                   help="record the recommendation in DIR/manifest.json ('deploy'), which dff-run "
+                        "takes by default")
+    p.add_argument("--quick", action="store_true", help="k in 2, 5, 10, 20 only")
+    p.add_argument("--intervals", metavar="K,K,...", help="the key intervals (default 2..20)")
+    p.add_argument("--kinds", metavar="KIND,...",
+                   help="only these candidate kinds (per-frame always runs: the reference)")
+    p.add_argument("--resize", type=size_arg, metavar="HxW",
+                   help="resize every frame to HxW (multiples of the stride, within the profile)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="the first N frames of each video")
+    p.add_argument("-b", "--backend", default="auto", choices=BACKENDS, metavar="NAME",
+                   help=f"one of {', '.join(BACKENDS)} (default: auto)")
+    p.add_argument("--device", type=int, default=0, metavar="N", help="CUDA device index")
+    p.add_argument("--precision", choices=PRECISIONS["tensorrt"],
+                   help="the backend's precision (dff-run's --precision)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads per stage (default: 0 = the library's choice)")
+    p.add_argument("--dis-preset", choices=PRESETS, default=None,
+                   help="DIS's preset for dff dis and warp-output (default: the manifest's)")
+    p.add_argument("--dis-scale", type=float, default=None, metavar="F",
+                   help="DIS's fraction of each side (default: the manifest's)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="full tracebacks on errors")
+    return p
+
+
+def _intervals(args: argparse.Namespace) -> tuple[int, ...]:
+    from dff.models.tune import INTERVALS, QUICK_INTERVALS
+
+    if args.intervals is None:
+        return QUICK_INTERVALS if args.quick else INTERVALS
+    if args.quick:
+        raise DffError("--quick is a grid of k; give it or --intervals, not both")
+    try:
+        ks = tuple(sorted({int(x) for x in args.intervals.split(",") if x.strip()}))
+    except ValueError:
+        ks = ()
+    if not ks or ks[0] < 2:
+        raise DffError(f"--intervals {args.intervals!r}: give key intervals of at least 2 "
+                       "(k=1 is per-frame inference, always measured), e.g. 2,5,10")
+    return ks
+
+
+def _kinds(args: argparse.Namespace, manifest: dict, backend, where: str) -> list[str] | None:
+    """--kinds checked: known kinds, and a dff candidate only where the export has a flow."""
+    from dff.models.tune import DFF, KINDS
+
+    if args.kinds is None:
+        return None
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds:
+        raise DffError(f"--kinds {args.kinds!r}: choose among {', '.join(KINDS)}")
+    if DFF in kinds and not backend.flow_sources:
+        raise DffError(f"--kinds dff: {where} has no flow graph (neither flow.onnx nor "
+                       "warp.onnx), so it cannot run DFF; re-export it with this version's "
+                       "dff-export, or drop dff from --kinds")
+    return kinds
+
+
+def plot(res: dict, path: Path) -> None:
+    """Every candidate's ms/frame against agreement by kind, the frontier joined, the
+    recommendation starred, the target dashed; written to a temporary file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["candidates"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = {"dff": "o", "copy": "s", "resize": "D", "warp-output": "^", "track": "^",
+               "per-frame": "*"}
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        pts = [(r["ms_per_frame"], r["agreement"]) for r in rows
+               if r["kind"] == kind and r["agreement"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), marker=markers.get(kind, "o"), s=22, alpha=0.6, label=kind)
+    front = [(rows[i]["ms_per_frame"], rows[i]["agreement"]) for i in res["frontier"]]
+    if front:
+        ax.plot(*zip(*front), "k-", lw=1, label="frontier")
+    rec = res["recommended"]
+    if rec is not None:
+        r = rows[rec]
+        ax.scatter([r["ms_per_frame"]], [r["agreement"]], marker="*", s=250, facecolors="none",
+                   edgecolors="r", label=f"recommended: {r['label']}")
+    ax.axhline(res["target"], color="r", ls="--", lw=0.8, label=f"target {res['target']:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"ms per frame (end to end, {res['backend']})")
+    ax.set_ylabel("agreement with per-frame (" + ("AP" if res["task"] == "detection"
+                                                  else "mIoU") + ")")
+    ax.set_title(f"dff-tune: {', '.join(Path(v).name for v in res['videos'])}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def deploy_record(res: dict) -> dict:
+    """The manifest's `deploy` entry for the recommended candidate."""
+    row = res["candidates"][res["recommended"]]
+    return {"kind": row["kind"], "k": row["k"], "schedule": row["schedule"], "flow": row["flow"],
+            "size": row["size"], "agreement": row["agreement"],
+            "ms_per_frame": row["ms_per_frame"], "speedup": row["speedup"],
+            "target": res["target"], "backend": res["backend"], "videos": res["videos"],
+            "tool": "dff-tune"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    command = shlex.join(["dff-tune", *(sys.argv[1:] if argv is None else argv)])
+    say = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
+
+    def body() -> int:
+        from dff.models.tune import check_target, explain, format_table, tune
+
+        if not args.video:
+            raise DffError("no video: pass --video FILE [FILE ...], footage like what the model "
+                           "will see")
+        check_target(args.target)
+        if args.engine_dir is None:
+            raise DffError("--engine-dir DIR is required: the folder dff-export wrote")
+        if args.json is None:
+            raise DffError("--json OUT.json is required: where every candidate's figures go")
+        if args.max_frames is not None and args.max_frames < 1:
+            raise DffError(f"--max-frames {args.max_frames}: give at least 1")
+        out = Path(args.json)
+        png = Path(args.plot) if args.plot else out.with_suffix(".png")
+        for path, flag in ((out, "--json"), (png, "--plot")):
+            if path.is_dir() or not path.parent.is_dir():
+                raise DffError(f"{path}: {flag} needs a file path in an existing folder")
+        intervals = _intervals(args)
+        engine_dir = Path(args.engine_dir)
+        manifest = load_manifest(engine_dir, verify_hashes=False)
+        args.checkpoint, args.useCudaGraph = None, False  # choose_backend's other arguments
+        backend, reason = choose_backend(args, engine_dir, say)
+        try:
+            kinds = _kinds(args, manifest, backend, str(engine_dir))
+            if not backend.flow_sources:
+                say(f"{engine_dir} has no flow graph: no dff candidates")
+            res = tune(backend, manifest, args.video, args.target, size=args.resize,
+                       intervals=intervals, max_frames=args.max_frames, kinds=kinds,
+                       dis_preset=args.dis_preset, dis_scale=args.dis_scale,
+                       progress=not args.quiet)
+            name, precision = backend.name, backend.precision
+        finally:
+            backend.close()
+        res = {"command": command, "engine_dir": str(engine_dir), "backend": name,
+               "backend_reason": reason, "precision": precision, **res}
+        print(f"the Pareto frontier on {res['frames']} frames at "
+              f"{res['size'][0]}x{res['size'][1]} ({name}; * = recommended):")
+        print(format_table(res))
+        for line in explain(res):
+            print(line)
+        write_json(res, out)
+        plot(res, png)
+        print(f"wrote {out} ({len(res['candidates'])} candidates) and {png}")
+        if args.write:
+            if res["recommended"] is None:
+                print(f"--write: nothing recorded, no candidate reaches {args.target:g}; "
+                      f"{engine_dir / 'manifest.json'} is unchanged")
+            else:
+                record = deploy_record(res)
+                old = write_deploy(engine_dir, record)
+                was = f" (was: {old.get('kind')} k={old.get('k')})" if old else ""
+                print(f"--write: {engine_dir / 'manifest.json'} 'deploy' is now "
+                      f"{res['candidates'][res['recommended']]['label']} at "
+                      f"{'x'.join(map(str, record['size']))}{was}; dff-run -e {engine_dir} runs "
+                      "it by default")
+        return 0
+
+    return guarded("dff-tune", args.verbose, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

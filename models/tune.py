@@ -1,0 +1,407 @@
+"""What to deploy (issue 24; DESIGN.md §21): every candidate way of running an export on the
+user's footage, each timed end to end and scored against per-frame inference, in one sitting;
+the Pareto frontier of cost against agreement, and the cheapest candidate that meets a target.
+
+Candidates (`grid`):
+- `dff`: DFF at each k, with each flow source the export and backend have (`learned`, `dis`)
+  and each schedule that source supports: fixed; adaptive at a key-frame budget of 1/k;
+  learned at 1/k where the flow graph has a `quality` output;
+- `copy`: the key frame's features as they are, at each k;
+- `per-frame`: every frame a key frame (the reference itself: its agreement is 1);
+- `resize`: per-frame inference at about 0.75 and 0.5 of each side (rounded to a multiple of
+  the stride, within the export's profile), its outputs resized back (labels nearest
+  neighbour, boxes scaled) before they are scored;
+- `warp-output` (segmentation) and `track` (detection): outputs carried between key frames at
+  each k (runtime/propagate.py).
+
+Scoring is dff.models.agreement's Tally (segmentation: mIoU; detection: AP@[.5:.95] by
+pycocotools against the per-frame detections above `task.score_threshold`; raw: the output
+error, lower is better, so raw tasks are refused here) over **every** frame, key frames
+included: that is what a deployment delivers, and it compares schedules whose key frames
+differ and candidates that have none.
+
+Timing: each frame is decoded once; per-frame inference (the reference) steps it, then every
+candidate steps it, each its own stream and Step (runtime/step.py), so all of them run in one
+sitting under the same load. A candidate's ms per frame is the decode time plus the wall time
+of its own calls (for resize: both resizes included), over the frames. Every candidate first
+runs untimed on copies of the first frame (sessions, allocations). Also measured, outside the
+timings: r per flow source (flow + warp + task over feature + task, from the stage medians of
+the fixed-schedule run with the largest k) and the footage's motion (the mean length of DIS's
+flow between consecutive frames, in pixels).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dff.export.manifest import DIS, LEARNED
+from dff.models.agreement import METRIC, Clip, Tally, _bar, _ms, open_clip, tally_for
+from dff.runtime.backends import Backend, task_spec
+from dff.runtime.flows import DisFlow, dis_flow
+from dff.runtime.propagate import TRACK, WARP_OUTPUT, make_propagator
+from dff.runtime.scheduler import make_scheduler
+from dff.runtime.step import Frame, Step, StreamState, Timings
+
+from dff.errors import DffError
+from dff.tasks import DETECTION, SEGMENTATION
+
+DFF, COPY, RESIZE, PER_FRAME = "dff", "copy", "resize", "per-frame"
+KINDS = (DFF, COPY, RESIZE, WARP_OUTPUT, TRACK, PER_FRAME)
+INTERVALS = tuple(range(2, 21))
+QUICK_INTERVALS = (2, 5, 10, 20)
+RESIZE_FACTORS = (0.75, 0.5)
+DEFAULT_TARGET = 0.95
+WARMUP_FRAMES = 3
+SCHEDULES = ("fixed", "adaptive", "learned")
+
+
+@dataclass
+class Candidate:
+    """One way to run the export: its kind, key interval, flow source, schedule and input
+    size (None: the footage's)."""
+
+    kind: str
+    k: int | None = None
+    flow: str | None = None
+    schedule: str | None = None
+    size: tuple[int, int] | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [self.kind]
+        if self.flow:
+            parts.append(self.flow)
+        if self.schedule and self.schedule not in ("fixed", "per-frame"):
+            parts.append(self.schedule)
+        if self.k:
+            parts.append(f"k={self.k}")
+        if self.kind == RESIZE and self.size:
+            parts.append(f"{self.size[0]}x{self.size[1]}")
+        return " ".join(parts)
+
+    def record(self, size: tuple[int, int]) -> dict[str, Any]:
+        return {"kind": self.kind, "k": self.k, "flow": self.flow, "schedule": self.schedule,
+                "size": list(self.size or size)}
+
+
+def reduced_sizes(size: tuple[int, int], stride: int, profile: dict,
+                  factors: Sequence[float] = RESIZE_FACTORS) -> list[tuple[int, int]]:
+    """Each factor of each side of `size`, rounded to a multiple of `stride`, kept where the
+    export's profile takes it and it is smaller than `size`; no size twice."""
+    lo, out = profile["min"], []
+    for f in factors:
+        h, w = (max(stride, round(s * f / stride) * stride) for s in size)
+        if lo[1] <= h and lo[2] <= w and (h, w) != tuple(size) and (h, w) not in out:
+            out.append((h, w))
+    return out
+
+
+def grid(manifest: dict, backend: Backend, size: tuple[int, int],
+         intervals: Sequence[int] = INTERVALS) -> list[Candidate]:
+    """Every candidate this export and backend can run (module docstring), per-frame first."""
+    kind = task_spec(manifest)["kind"]
+    sources = [s for s in (LEARNED, DIS) if s in backend.flow_sources]
+    out = [Candidate(PER_FRAME, schedule="per-frame")]
+    out += [Candidate(RESIZE, schedule="per-frame", size=s)
+            for s in reduced_sizes(size, int(manifest["stride"]), manifest["profile"])]
+    for source in sources:
+        schedules = ["fixed", "adaptive"] + (["learned"] if source == LEARNED
+                                             and backend.has_quality else [])
+        out += [Candidate(DFF, k, source, s) for s in schedules for k in intervals]
+    out += [Candidate(COPY, k, schedule="fixed") for k in intervals]
+    carried = {SEGMENTATION: WARP_OUTPUT, DETECTION: TRACK}.get(kind)
+    if carried == WARP_OUTPUT and DIS in backend.flow_sources or carried == TRACK:
+        out += [Candidate(carried, k, schedule="fixed") for k in intervals]
+    return out
+
+
+class _Runner:
+    """A candidate's Step, stream and timing on one clip."""
+
+    def __init__(self, cand: Candidate, backend: Backend, manifest: dict, dis: DisFlow,
+                 stride: int, name: str):
+        task = task_spec(manifest)
+        self.cand, self.name, self.stride = cand, name, stride
+        flow = DisFlow(dis.preset, dis.scale) if cand.flow == DIS else None
+        propagate = (make_propagator(cand.kind, task["kind"], cand.k or 1,
+                                     DisFlow(dis.preset, dis.scale),
+                                     float(task.get("score_threshold", 0.0)))
+                     if cand.kind in (WARP_OUTPUT, TRACK) else None)
+        self.step = Step(backend, max_batch=1, copy=cand.kind == COPY, flow=flow,
+                         propagate=propagate)
+        self.seconds = 0.0
+        self.key_frames = self.frames = 0
+        self.stream = self._stream()
+
+    def _stream(self) -> StreamState:
+        c = self.cand
+        k = c.k or 1
+        schedule = "per-frame" if c.kind in (PER_FRAME, RESIZE) else c.schedule or "fixed"
+        budget = 1 / k if schedule in ("adaptive", "learned") else None
+        return StreamState(make_scheduler(schedule, k, self.stride, key_budget=budget),
+                           name=self.name)
+
+    def __call__(self, t: int, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The candidate's outputs of frame `t` at the footage's size (timed)."""
+        start = time.perf_counter()
+        size = self.cand.size if self.cand.kind == RESIZE else None
+        frame = Frame(self.stream, t, _resize(image, size) if size else image)
+        self.step([frame])
+        out = frame.outputs()
+        if size:
+            out = _resize_back(out, size, image.shape[:2])
+        self.seconds += time.perf_counter() - start
+        self.frames += 1
+        self.key_frames += frame.is_key
+        return out
+
+    def warm(self, image: np.ndarray) -> None:
+        """A few untimed steps on copies of `image`, then a fresh stream."""
+        for t in range(WARMUP_FRAMES):
+            self(t, image)
+        self.stream.release()
+        self.stream = self._stream()
+        self.seconds, self.frames, self.key_frames = 0.0, 0, 0
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+
+
+def _resize_back(out: dict[str, np.ndarray], small: tuple[int, int],
+                 full: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Outputs at `small` brought to `full` (H, W): labels nearest neighbour, boxes scaled."""
+    import cv2
+
+    res = dict(out)
+    if "labels" in out:
+        res["labels"] = cv2.resize(out["labels"], (full[1], full[0]),
+                                   interpolation=cv2.INTER_NEAREST)
+    if "boxes" in out:
+        sx, sy = full[1] / small[1], full[0] / small[0]
+        res["boxes"] = (np.asarray(out["boxes"], np.float32)
+                        * np.array([sx, sy, sx, sy], np.float32))
+    return res
+
+
+@dataclass
+class Measured:
+    """What one candidate gathered over all clips."""
+
+    tally: Tally
+    seconds: float = 0.0
+    frames: int = 0
+    key_frames: int = 0
+    calls: dict[str, Timings] = field(default_factory=dict)
+
+
+def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
+            size: tuple[int, int] | None = None, intervals: Sequence[int] = INTERVALS,
+            max_frames: int | None = None, kinds: Sequence[str] | None = None,
+            dis_preset: str | None = None, dis_scale: float | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Every candidate of `grid` (those of `kinds`, default all) on `videos`, in one sitting
+    (module docstring): the dict dff-tune writes, without target and recommendation."""
+    kind = task_spec(manifest)["kind"]
+    if kind not in (SEGMENTATION, DETECTION):
+        raise DffError(f"dff-tune scores segmentation (mIoU) or detection (AP) against "
+                       f"per-frame inference; this export's task is {kind} (its own outputs)")
+    if not videos:
+        raise DffError("no videos to tune on; pass --video FILE")
+    stride = int(manifest["stride"])
+    clips = [open_clip(p, size, manifest) for p in videos]  # all readable, sizes checked
+    for c in clips:
+        c.video.close()
+    sizes = {c.size for c in clips}
+    if len(sizes) > 1:
+        raise DffError("the videos have different sizes ("
+                       + ", ".join(f"{c.path}: {c.size[0]}x{c.size[1]}" for c in clips)
+                       + "); dff-tune measures one deployment size: pass --resize HxW")
+    (frame_size,) = sizes
+    dis = dis_flow(manifest, dis_preset, dis_scale)
+    cands = grid(manifest, backend, frame_size, intervals)
+    if kinds:
+        cands = [c for c in cands if c.kind in kinds or c.kind == PER_FRAME]
+    measured = [Measured(tally_for(manifest)) for _ in cands]
+    motion: list[float] = []
+    decode_s, total = 0.0, 0
+    bar = _bar(progress)
+    for path in videos:
+        clip = open_clip(path, size, manifest)
+        if bar is not None:
+            count = clip.video.frame_count
+            if count and bar.total is not None:
+                bar.total += min(count, max_frames or count) * len(cands)
+                bar.refresh()
+            else:
+                bar.total = None
+        runners = [_Runner(c, backend, manifest, dis, stride, clip.name) for c in cands]
+        _run_clip(clip, max_frames, runners, measured, motion, dis, bar)
+        decode_s += clip.decode_s
+        total += clip.frames
+    if bar is not None:
+        bar.close()
+    if not total:
+        raise DffError(f"{', '.join(map(str, videos))}: no frames decoded")
+    rows = []
+    for c, m in zip(cands, measured):
+        score = m.tally.result()
+        rows.append({**c.record(frame_size), "label": c.label,
+                     "ms_per_frame": _ms(decode_s + m.seconds, total),
+                     "agreement": score["agreement"],
+                     "key_fraction": round(m.key_frames / m.frames, 4) if m.frames else None})
+    base = rows[0]["ms_per_frame"]
+    for row in rows:
+        row["speedup"] = round(base / row["ms_per_frame"], 3) if base and row["ms_per_frame"] \
+            else None
+    return {"task": kind, "metric": METRIC[kind], "videos": [str(v) for v in videos],
+            "size": list(frame_size), "frames": total, "intervals": list(intervals),
+            "decode_ms_per_frame": _ms(decode_s, total), "timing": "end to end, one sitting",
+            "dis": dis.settings(), "r": _ratios(cands, measured),
+            "motion_px_per_frame": round(float(np.mean(motion)), 3) if motion else None,
+            "candidates": rows}
+
+
+def _run_clip(clip: Clip, max_frames: int | None, runners: list[_Runner],
+              measured: list[Measured], motion: list[float], dis: DisFlow, bar: Any) -> None:
+    """Every runner on the clip's frames, interleaved (runners[0] is per-frame: the
+    reference); their outputs scored, their times and stage calls added to `measured`."""
+    ref_runner = runners[0]
+    prev = None
+    try:
+        for t, image in enumerate(clip.read(max_frames)):
+            if t == 0:
+                for r in runners:
+                    r.warm(image)
+            outputs = [ref_runner(t, image)]
+            ref = {n: np.array(v) for n, v in outputs[0].items()}
+            for r in runners[1:]:
+                outputs.append(r(t, image))
+            for m, out in zip(measured, outputs):
+                m.tally.add(out, ref, None, None)
+            grey = dis.prepare(image)
+            if prev is not None:
+                flow = dis.pixels(grey, prev, image.shape[:2])
+                motion.append(float(np.sqrt((flow ** 2).sum(-1)).mean()))
+            prev = grey
+            if bar is not None:
+                bar.update(len(runners))
+    finally:
+        for r, m in zip(runners, measured):
+            r.stream.release()
+            m.seconds += r.seconds
+            m.frames += r.frames
+            m.key_frames += r.key_frames
+            for stage, timings in r.step.calls.items():
+                m.calls.setdefault(stage, Timings())
+                for s in timings.sample:
+                    m.calls[stage].add(s)
+
+
+def _ratios(cands: list[Candidate], measured: list[Measured]) -> dict[str, float | None]:
+    """r per flow source: (flow + task) / (feature + task) from the stage medians: feature
+    and task of per-frame, flow of that source's fixed-schedule run at the largest k."""
+    ref = measured[0].calls
+    feature, task = ref["feature"].median(), ref["task"].median()
+    out: dict[str, float | None] = {}
+    for source in (LEARNED, DIS):
+        runs = [(c.k or 0, m) for c, m in zip(cands, measured)
+                if c.kind == DFF and c.flow == source and c.schedule == "fixed"]
+        if runs and feature + task > 0:
+            m = max(runs, key=lambda x: x[0])[1]
+            out[source] = round((m.calls["flow"].median() + task) / (feature + task), 4)
+    return out
+
+
+def frontier(rows: list[dict]) -> list[int]:
+    """The indices of the Pareto frontier: no other candidate costs no more and agrees at
+    least as well, one of them strictly; by cost."""
+    scored = sorted((i for i, r in enumerate(rows) if r["agreement"] is not None
+                     and r["ms_per_frame"] is not None),
+                    key=lambda i: (rows[i]["ms_per_frame"], -rows[i]["agreement"]))
+    out, best = [], -np.inf
+    for i in scored:
+        if rows[i]["agreement"] > best:
+            out.append(i)
+            best = rows[i]["agreement"]
+    return out
+
+
+def recommend(rows: list[dict], target: float) -> int | None:
+    """The cheapest candidate whose agreement is at least `target`, or None."""
+    ok = [i for i, r in enumerate(rows) if r["agreement"] is not None
+          and r["ms_per_frame"] is not None and r["agreement"] >= target]
+    return min(ok, key=lambda i: rows[i]["ms_per_frame"]) if ok else None
+
+
+def check_target(target: float) -> float:
+    if not 0 < target <= 1:
+        raise DffError(f"--target {target}: agreement (mIoU or AP against per-frame inference) "
+                       "is at most 1; give a fraction in (0, 1], e.g. 0.95")
+    return float(target)
+
+
+def tune(backend: Backend, manifest: dict, videos: Sequence[str | Path],
+         target: float = DEFAULT_TARGET, **kw: Any) -> dict[str, Any]:
+    """`measure`, then the frontier and the recommendation at `target`."""
+    check_target(target)
+    res = measure(backend, manifest, videos, **kw)
+    rows = res["candidates"]
+    res["target"] = target
+    res["frontier"] = frontier(rows)
+    res["recommended"] = recommend(rows, target)
+    return res
+
+
+def explain(res: dict) -> list[str]:
+    """Plain lines: what is recommended, and whether DFF is on the frontier and why not."""
+    rows, lines = res["candidates"], []
+    rec = res["recommended"]
+    if rec is None:
+        lines.append(f"no candidate reaches agreement {res['target']:g}; the best is "
+                     + _describe(max((r for r in rows if r["agreement"] is not None),
+                                     key=lambda r: r["agreement"])))
+    else:
+        lines.append(f"recommended (cheapest at agreement >= {res['target']:g}): "
+                     + _describe(rows[rec]))
+    on = [rows[i] for i in res["frontier"]]
+    kinds = sorted({r["kind"] for r in on})
+    r_text = ", ".join(f"{s} {v:.2f}" for s, v in res["r"].items() if v is not None)
+    motion = res.get("motion_px_per_frame")
+    why = (f"r (flow + warp + task over feature + task): {r_text or 'not measured'}; motion "
+           f"{motion:.2f} px per frame" if motion is not None else "")
+    if DFF not in kinds:
+        lines.append(f"DFF is not on the frontier (frontier: {', '.join(kinds)}); {why}")
+    else:
+        lines.append(f"DFF is on the frontier with {', '.join(k for k in kinds if k != DFF)}"
+                     f"; {why}")
+    return lines
+
+
+def _describe(row: dict) -> str:
+    return (f"{row['label']}: {row['ms_per_frame']:.2f} ms/frame ({row['speedup']:.2f}x "
+            f"per-frame), agreement {row['agreement']:.4f}")
+
+
+def format_table(res: dict, only: Callable[[int], bool] | None = None) -> str:
+    """The candidates (`only` those whose index passes; default the frontier), by cost."""
+    rows = res["candidates"]
+    keep = set(res["frontier"]) if only is None else {i for i in range(len(rows)) if only(i)}
+    metric = "AP" if res["task"] == DETECTION else "mIoU"
+    lines = [(f"{'candidate':<28}{'size':>10}{'ms/frame':>10}{'speedup':>9}{metric:>9}"
+             f"{'keys':>7}")]
+    for i in sorted(keep, key=lambda i: rows[i]["ms_per_frame"] or 0):
+        r = rows[i]
+        mark = " *" if i == res.get("recommended") else ""
+        agree = "-" if r["agreement"] is None else f"{r['agreement']:.4f}"
+        keys = "-" if r["key_fraction"] is None else f"{r['key_fraction']:.2f}"
+        lines.append(f"{r['label'][:28]:<28}{'x'.join(map(str, r['size'])):>10}"
+                     f"{r['ms_per_frame']:>10.2f}{r['speedup']:>9.2f}{agree:>9}{keys:>7}{mark}")
+    return "\n".join(lines)

@@ -95,7 +95,7 @@ def reduced_sizes(size: tuple[int, int], stride: int, profile: dict,
     export's profile takes it and it is smaller than `size`; no size twice."""
     lo, out = profile["min"], []
     for f in factors:
-        h, w = (max(stride, round(s * f / stride) * stride) for s in size)
+        h, w = (max(stride, int(s * f / stride + 0.5) * stride) for s in size)
         if lo[1] <= h and lo[2] <= w and (h, w) != tuple(size) and (h, w) not in out:
             out.append((h, w))
     return out

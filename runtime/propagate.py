@@ -8,7 +8,7 @@ outputs from its key frame's outputs, with no flow graph, warp or task:
   settings (runtime/flows.py), on the grey frames DisFlow prepares.
 - `track` (detection, `BoxTracker`): the key frame's detections above the export's
   `task.score_threshold` go to a Kalman-filter tracker (norfair, BSD-3-Clause; its boxes are
-  two corner points matched by IoU), told that detections come every k frames (`period`); on
+  two corner points matched by IoU, `_iou_distance`), told that detections come every k frames (`period`); on
   the frames between, its predicted boxes are the outputs, each with the class and score of
   the detection it last matched. A track not matched at a key frame lives until the next one
   at most. (SORT and ByteTrack trackers return nothing on frames without detections, so they
@@ -93,7 +93,7 @@ class BoxTracker(Propagator):
         # hit_counter_max k + 1: a matched track lives through the k - 1 frames to the next key
         # frame and no further unless matched again; initialization_delay 0: a new detection is
         # a track at once
-        return self._norfair.Tracker(distance_function="iou",
+        return self._norfair.Tracker(distance_function=_iou_distance,
                                      distance_threshold=TRACK_MAX_DISTANCE,
                                      hit_counter_max=self.k + 1, initialization_delay=0)
 
@@ -103,7 +103,9 @@ class BoxTracker(Propagator):
         boxes = np.asarray(outputs["boxes"], np.float64).reshape(-1, 4)
         scores = np.asarray(outputs["scores"], np.float64).reshape(-1)
         classes = np.asarray(outputs["classes"]).reshape(-1)
-        keep = scores > self.score_threshold
+        # a box of no area cannot be matched by IoU: not tracked
+        keep = ((scores > self.score_threshold) & (boxes[:, 2] > boxes[:, 0])
+                & (boxes[:, 3] > boxes[:, 1]))
         dets = [self._norfair.Detection(points=b.reshape(2, 2), scores=np.array([s, s]),
                                         label=int(c), data=float(s))
                 for b, s, c in zip(boxes[keep], scores[keep], classes[keep])]
@@ -121,6 +123,15 @@ class BoxTracker(Propagator):
                 "scores": np.array([t.last_detection.data for t in tracks], np.float32),
                 "classes": np.array([t.last_detection.label for t in tracks], np.int32),
                 "num": np.array(n, np.int32)}
+
+
+def _iou_distance(detection: Any, track: Any) -> float:
+    """1 - IoU of a detection's box and a track's predicted one (corners in either order)."""
+    a, b = np.asarray(detection.points, np.float64), np.asarray(track.estimate, np.float64)
+    a0, a1, b0, b1 = a.min(0), a.max(0), b.min(0), b.max(0)
+    inter = np.prod(np.clip(np.minimum(a1, b1) - np.maximum(a0, b0), 0, None))
+    union = np.prod(a1 - a0) + np.prod(b1 - b0) - inter
+    return 1.0 - float(inter / union) if union > 0 else 1.0
 
 
 def make_propagator(kind: str, task_kind: str, k: int, dis: DisFlow | None,

@@ -1,0 +1,211 @@
+"""dff-tune (dff.models.tune, issue 24): candidates timed end to end and scored against
+per-frame in one sitting, the frontier and the recommendation, --write into the manifest and
+dff-run taking it; the carried outputs (runtime/propagate.py) on real motion."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+cv2 = pytest.importorskip("cv2")
+
+from dff.export.manifest import ManifestError, deploy_settings, load_manifest, write_deploy
+from dff.models.tune import frontier, recommend, reduced_sizes
+from dff.runtime.flows import DisFlow
+from dff.runtime.propagate import BoxTracker, LabelWarp
+from dff.runtime.scheduler import FixedInterval
+from dff.runtime.step import StreamState
+from dff.runtime.video import write_synthetic_clip
+
+from dff.commands.run import main as dff_run
+from dff.commands.tune import main as dff_tune
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """A 10-frame synthetic clip, 64x96, as an .avi file."""
+    path = tmp_path_factory.mktemp("tune") / "clip.avi"
+    write_synthetic_clip(path, seed=4, num_frames=10, height=64, width=96)
+    return path
+
+
+def _rows(*pairs):
+    return [{"ms_per_frame": ms, "agreement": a} for ms, a in pairs]
+
+
+def test_frontier_and_recommendation():
+    rows = _rows((100, 1.0), (10, 0.80), (20, 0.79), (30, 0.96), (12, 0.90), (5, None))
+    assert frontier(rows) == [1, 4, 3, 0]  # by cost; (20, 0.79) is beaten by (10, 0.80)
+    assert recommend(rows, 0.95) == 3
+    assert recommend(rows, 0.85) == 4
+    assert recommend(rows, 1.0) == 0  # only per-frame: "not DFF" is an answer
+    assert recommend(_rows((10, 0.5)), 0.9) is None
+
+
+def test_reduced_sizes_multiples_of_the_stride():
+    profile = {"min": [1, 32, 32], "max": [2, 128, 192]}
+    assert reduced_sizes((64, 96), 16, profile) == [(48, 80), (32, 48)]
+    assert reduced_sizes((64, 96), 32, profile) == [(64, 64), (32, 64)]  # each side rounded
+
+
+def _texture(h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (h // 4, w // 4, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC), (3, 3), 0)
+
+
+def test_label_warp_follows_a_shift():
+    """The key frame's labels warped along DIS's flow land where the content moved: better
+    than the key frame's labels as they are."""
+    h, w, dx = 96, 128, 6
+    key = _texture(h, w + dx)
+    key_frame, frame = key[:, dx:], key[:, :w]  # the content moves right by dx pixels
+    labels = np.zeros((h, w), np.uint8)
+    labels[30:70, 40:90] = 1
+    truth = np.zeros_like(labels)
+    truth[30:70, 40 + dx:90 + dx] = 1
+    warp = LabelWarp(DisFlow("medium", 1.0))
+    stream = StreamState(FixedInterval(5))
+    warp.key(stream, key_frame, {"labels": labels})
+    out = warp.carry(stream, frame)["labels"]
+    assert out.shape == (h, w) and out.dtype == np.uint8
+    inner = (slice(8, h - 8), slice(8, w - 8))
+    right, copied = (out == truth)[inner].mean(), (labels == truth)[inner].mean()
+    assert right > 0.98 and right > copied + 0.02
+
+
+def _iou(a, b):
+    x0, y0 = np.maximum(a[:2], b[:2])
+    x1, y1 = np.minimum(a[2:], b[2:])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_box_tracker_carries_a_moving_box():
+    """A box moving 3 px a frame, detected every 5th frame: once the Kalman filter has seen it
+    move, the carried box follows it better than the last key frame's box, with the
+    detection's score and class."""
+    pytest.importorskip("norfair")
+    k, v = 5, 3.0
+    tracker = BoxTracker(k, score_threshold=0.2)
+    stream = StreamState(FixedInterval(k))
+    frame = np.zeros((8, 8, 3), np.uint8)
+    gains = []
+    for t in range(30):
+        box = np.array([20 + v * t, 30, 60 + v * t, 70], np.float32)
+        if t % k == 0:
+            tracker.key(stream, frame, {"boxes": np.stack([box, np.zeros(4, np.float32)]),
+                                        "scores": np.array([0.9, 0.1], np.float32),
+                                        "classes": np.array([2, 0], np.int32),
+                                        "num": np.array(2, np.int32)})
+            last = box
+            continue
+        out = tracker.carry(stream, frame)
+        assert int(out["num"]) == 1  # the row under the score threshold is not tracked
+        assert out["classes"][0] == 2 and out["scores"][0] == pytest.approx(0.9)
+        if t > 3 * k:
+            gains.append(_iou(out["boxes"][0], box) - _iou(last, box))
+    assert np.mean(gains) > 0.05
+
+
+def _tune(tmp_path, engines, videos, *extra):
+    out = tmp_path / "tune.json"
+    rc = dff_tune(["-e", str(engines), "--video", *map(str, videos), "--backend",
+                   "onnxruntime-cpu", "--threads", "1", "--quiet", "--json", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_tune_write_then_run(tmp_path, engines, clip, capsys):
+    """Every kind measured, the frontier and recommendation consistent with the figures, the
+    plot written; --write records the recommendation and dff-run takes it, an explicit option
+    winning."""
+    mine = tmp_path / "engines"
+    shutil.copytree(engines, mine)
+    res = _tune(tmp_path, mine, [clip], "--quick", "--target", "0.9", "--write")
+    out = capsys.readouterr().out
+    rows = res["candidates"]
+    assert {r["kind"] for r in rows} == {"per-frame", "resize", "dff", "copy", "warp-output"}
+    assert {(r["flow"], r["schedule"]) for r in rows if r["kind"] == "dff"} == {
+        ("learned", "fixed"), ("learned", "adaptive"), ("dis", "fixed"), ("dis", "adaptive")}
+    assert {r["k"] for r in rows if r["kind"] == "copy"} == {2, 5, 10, 20}
+    assert rows[0]["kind"] == "per-frame" and rows[0]["agreement"] == 1.0
+    assert rows[0]["speedup"] == 1.0 and res["frames"] == 10 and res["size"] == [64, 96]
+    assert all(r["ms_per_frame"] > 0 and 0 <= r["agreement"] <= 1 for r in rows)
+    assert [r["size"] for r in rows if r["kind"] == "resize"] == [[48, 80], [32, 48]]
+    rec = res["recommended"]
+    assert rec is not None and rows[rec]["agreement"] >= 0.9
+    assert all(r["ms_per_frame"] >= rows[rec]["ms_per_frame"] for r in rows
+               if r["agreement"] >= 0.9)
+    assert rec in res["frontier"] and 0 in res["frontier"]
+    assert set(res["r"]) == {"learned", "dis"} and res["motion_px_per_frame"] > 0
+    assert (tmp_path / "tune.png").stat().st_size > 1000
+    assert "recommended" in out and "frontier" in out
+    deploy = deploy_settings(load_manifest(mine))
+    assert {k: deploy[k] for k in ("kind", "k", "flow", "schedule", "size")} == {
+        k: rows[rec][k] for k in ("kind", "k", "flow", "schedule", "size")}
+
+    # dff-run takes the recorded candidate; an explicit option wins
+    write_deploy(mine, {"kind": "copy", "k": 4, "schedule": "fixed", "flow": None,
+                        "size": [64, 96]})
+    summary = tmp_path / "run.json"
+    assert dff_run([str(clip), "-e", str(mine), "--json", str(tmp_path / "r.jsonl"),
+                    "--summary", str(summary), "-b", "onnxruntime-cpu", "-q"]) == 0
+    s = json.loads(summary.read_text())
+    assert (s["propagate"], s["key_interval"], s["key_frames"]) == ("copy", 4, 3)
+    assert dff_run([str(clip), "-e", str(mine), "--json", str(tmp_path / "r.jsonl"),
+                    "--summary", str(summary), "-b", "onnxruntime-cpu", "-q", "-k", "5",
+                    "--propagate", "dff"]) == 0
+    s = json.loads(summary.read_text())
+    assert (s["propagate"], s["key_interval"], s["key_frames"]) == ("dff", 5, 2)
+
+
+def test_tune_detection_tracks(tmp_path, detection_engines, clip):
+    pytest.importorskip("norfair")
+    res = _tune(tmp_path, detection_engines, [clip], "--intervals", "3", "--kinds",
+                "track,copy")
+    kinds = [(r["kind"], r["k"]) for r in res["candidates"]]
+    assert kinds == [("per-frame", None), ("copy", 3), ("track", 3)]
+    assert res["task"] == "detection"
+    # (the untrained tiny detector's boxes include empty ones, which pycocotools never
+    # matches, so even per-frame against itself scores below 1 here)
+    assert all(0 <= r["agreement"] <= 1 for r in res["candidates"])
+
+
+def test_tune_bad_input_one_line(tmp_path, engines, clip, capsys):
+    def refused(*argv):
+        rc = dff_tune(["--json", str(tmp_path / "t.json"), "-b", "onnxruntime-cpu", "-q",
+                       *map(str, argv)])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "no video" in refused("-e", engines)
+    assert "--target 1.5" in refused("-e", engines, "--video", clip, "--target", "1.5")
+    assert "--kinds" in refused("-e", engines, "--video", clip, "--kinds", "dff,bogus")
+    flowless = tmp_path / "flowless"
+    shutil.copytree(engines, flowless)
+    manifest = json.loads((flowless / "manifest.json").read_text())
+    manifest.pop("flow", None)
+    manifest["graphs"].pop("flow")
+    (flowless / "manifest.json").write_text(json.dumps(manifest))
+    err = refused("-e", flowless, "--video", clip, "--kinds", "dff")
+    assert "graphs.flow" in err and "missing" in err
+
+
+def test_manifest_deploy_checked(tmp_path, engines):
+    mine = tmp_path / "engines"
+    shutil.copytree(engines, mine)
+    write_deploy(mine, {"kind": "dff", "k": 7, "schedule": "fixed", "flow": "dis",
+                        "size": [64, 96]})
+    assert deploy_settings(load_manifest(mine))["k"] == 7
+    with pytest.raises(ManifestError, match="deploy.kind"):
+        write_deploy(mine, {"kind": "warp-features", "k": 7})
+    assert deploy_settings(load_manifest(mine))["kind"] == "dff"  # the failed write left it
+    manifest = json.loads((mine / "manifest.json").read_text())
+    manifest["deploy"]["size"] = [64]
+    (mine / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="deploy.size"):
+        load_manifest(mine)

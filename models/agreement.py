@@ -151,10 +151,13 @@ class Tally:
                                      + out["labels"].ravel().astype(np.int64),
                                      minlength=k * k).reshape(k, k)
         elif self.kind == DETECTION:
-            keep = np.asarray(ref["scores"]).reshape(-1) > self.score_threshold
-            gt = {"boxes": np.asarray(ref["boxes"]).reshape(-1, 4)[keep],
-                  "classes": np.asarray(ref["classes"]).reshape(-1)[keep],
-                  "ignore": np.zeros(int(keep.sum()), bool)}
+            if "ignore" in ref:  # ground truth itself (dff-tune --split): boxes, classes, ignore
+                gt = ref
+            else:
+                keep = np.asarray(ref["scores"]).reshape(-1) > self.score_threshold
+                gt = {"boxes": np.asarray(ref["boxes"]).reshape(-1, 4)[keep],
+                      "classes": np.asarray(ref["classes"]).reshape(-1)[keep],
+                      "ignore": np.zeros(int(keep.sum()), bool)}
             det = {"boxes": out["boxes"], "scores": out["scores"], "classes": out["classes"]}
             self.found.append((gt, det))
         else:  # raw, or any other kind: each output's error

@@ -14,6 +14,10 @@ Candidates (`grid`):
 - `warp-output` (segmentation) and `track` (detection): outputs carried between key frames at
   each k (runtime/propagate.py).
 
+Footage: videos (their frames decoded and timed), or a synthetic split rendered in memory
+(`split_clips`: eval, motion, motion-tuning; no decode time) whose ground truth can replace
+per-frame inference as the reference (`labels`: accuracy instead of agreement).
+
 Scoring is dff.models.agreement's Tally (segmentation: mIoU; detection: AP@[.5:.95] by
 pycocotools against the per-frame detections above `task.score_threshold`; raw: the output
 error, lower is better, so raw tasks are refused here) over **every** frame, key frames
@@ -46,6 +50,7 @@ from dff.runtime.flows import DisFlow, dis_flow
 from dff.runtime.propagate import TRACK, WARP_OUTPUT, make_propagator
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.step import Frame, Step, StreamState, Timings
+from dff.runtime.video import check_size
 
 from dff.errors import DffError
 from dff.tasks import DETECTION, SEGMENTATION
@@ -56,6 +61,7 @@ INTERVALS = tuple(range(2, 21))
 QUICK_INTERVALS = (2, 5, 10, 20)
 RESIZE_FACTORS = (0.75, 0.5)
 DEFAULT_TARGET = 0.95
+AGREEMENT_POINTS, SPEEDUP_SHARE = 1.5, 0.2  # --verify: a prediction holds within these
 WARMUP_FRAMES = 3
 SCHEDULES = ("fixed", "adaptive", "learned")
 
@@ -202,23 +208,103 @@ class Measured:
     calls: dict[str, Timings] = field(default_factory=dict)
 
 
-def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
+@dataclass
+class Rendered:
+    """A synthetic clip rendered in memory (Clip's interface: name, path, size, read) and its
+    ground truth per frame (segmentation {"labels"}; detection {"boxes", "classes",
+    "ignore"})."""
+
+    name: str
+    images: np.ndarray
+    truth: list[dict[str, np.ndarray]]
+    decode_s: float = 0.0
+    frames: int = 0
+
+    @property
+    def path(self) -> str:
+        return self.name
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.images.shape[1]), int(self.images.shape[2])
+
+    def read(self, max_frames: int | None):
+        for image in self.images[:max_frames]:
+            self.frames += 1
+            yield image
+
+
+SPLITS = ("eval", "motion", "motion-tuning")
+
+
+def split_clips(spec: str, kind: str, size: tuple[int, int] = (128, 224)) -> list[Rendered]:
+    """The synthetic clips of `spec`, NAME or NAME:FIRST-LAST (0-based clip numbers, both
+    included): eval (dff-eval's 20 clips), motion (dff-eval --split motion's, 8 per category)
+    or motion-tuning (its tuning clips, 4 per category); rendered at `size` with the ground
+    truth of `kind`."""
+    from dff.data.motion import motion_split
+    from dff.data.synthetic import EVAL_FRAMES, EVAL_SEEDS, make_clip
+    from dff.models.metrics import clip_ground_truth
+
+    name, _, part = spec.partition(":")
+    if name not in SPLITS:
+        raise DffError(f"--split {spec!r}: choose among {', '.join(SPLITS)}, optionally with "
+                       "a range of clips, e.g. eval:0-9")
+    count = {"eval": len(EVAL_SEEDS), "motion": 40, "motion-tuning": 20}[name]
+    first, last = 0, count - 1
+    if part:
+        try:
+            a, _, b = part.partition("-")
+            first, last = int(a), int(b or a)
+        except ValueError:
+            first, last = -1, -1
+        if not 0 <= first <= last < count:
+            raise DffError(f"--split {spec!r}: clips are numbered 0-{count - 1}; give a range "
+                           f"like {name}:0-{count // 2 - 1}")
+    h, w = size
+    if name == "eval":
+        clips = [(f"eval:{i}", make_clip(EVAL_SEEDS[i], EVAL_FRAMES, h, w))
+                 for i in range(first, last + 1)]
+    else:
+        made = list(motion_split("eval" if name == "motion" else "tuning", height=h, width=w))
+        clips = [(f"{name}:{i} ({made[i].category})", made[i].clip)
+                 for i in range(first, last + 1)]
+    out = []
+    for label, clip in clips:
+        truth = ([{"labels": lab} for lab in clip.labels] if kind == SEGMENTATION
+                 else clip_ground_truth(clip))
+        out.append(Rendered(label, clip.frames, truth))
+    return out
+
+
+def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rendered], *,
             size: tuple[int, int] | None = None, intervals: Sequence[int] = INTERVALS,
             max_frames: int | None = None, kinds: Sequence[str] | None = None,
             dis_preset: str | None = None, dis_scale: float | None = None,
+            labels: bool = False, candidates: Sequence[Candidate] | None = None,
             progress: bool = True) -> dict[str, Any]:
-    """Every candidate of `grid` (those of `kinds`, default all) on `videos`, in one sitting
-    (module docstring): the dict dff-tune writes, without target and recommendation."""
+    """Every candidate of `grid` (those of `kinds`, default all) on `videos` (files, or
+    Rendered clips), in one sitting (module docstring): the dict dff-tune writes, without
+    target and recommendation. `labels`: score against the Rendered clips' ground truth.
+    `candidates`: these instead of the grid (per-frame is added first where missing)."""
     kind = task_spec(manifest)["kind"]
     if kind not in (SEGMENTATION, DETECTION):
         raise DffError(f"dff-tune scores segmentation (mIoU) or detection (AP) against "
                        f"per-frame inference; this export's task is {kind} (its own outputs)")
     if not videos:
         raise DffError("no videos to tune on; pass --video FILE")
+    if labels and not all(isinstance(v, Rendered) for v in videos):
+        raise DffError("--labels: ground truth exists for the synthetic splits only (--split); "
+                       "real footage is scored against per-frame inference")
     stride = int(manifest["stride"])
-    clips = [open_clip(p, size, manifest) for p in videos]  # all readable, sizes checked
+    clips: list[Any] = [v if isinstance(v, Rendered) else open_clip(v, size, manifest)
+                        for v in videos]  # all readable, sizes checked
     for c in clips:
-        c.video.close()
+        if isinstance(c, Rendered):
+            check_size(*c.size, manifest["profile"]["min"], manifest["profile"]["max"], stride,
+                       what="--resize (the synthetic split's size)")
+        else:
+            c.video.close()
     sizes = {c.size for c in clips}
     if len(sizes) > 1:
         raise DffError("the videos have different sizes ("
@@ -226,7 +312,9 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
                        + "); dff-tune measures one deployment size: pass --resize HxW")
     (frame_size,) = sizes
     dis = dis_flow(manifest, dis_preset, dis_scale)
-    cands = grid(manifest, backend, frame_size, intervals)
+    cands = grid(manifest, backend, frame_size, intervals) if candidates is None else [
+        *([] if candidates and candidates[0].kind == PER_FRAME
+          else [Candidate(PER_FRAME, schedule="per-frame")]), *candidates]
     if kinds:
         cands = [c for c in cands if c.kind in kinds or c.kind == PER_FRAME]
     measured = [Measured(tally_for(manifest)) for _ in cands]
@@ -234,16 +322,17 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
     decode_s, total = 0.0, 0
     bar = _bar(progress)
     for path in videos:
-        clip = open_clip(path, size, manifest)
+        clip = path if isinstance(path, Rendered) else open_clip(path, size, manifest)
         if bar is not None:
-            count = clip.video.frame_count
+            count = len(clip.images) if isinstance(clip, Rendered) else clip.video.frame_count
             if count and bar.total is not None:
                 bar.total += min(count, max_frames or count) * len(cands)
                 bar.refresh()
             else:
                 bar.total = None
         runners = [_Runner(c, backend, manifest, dis, stride, clip.name) for c in cands]
-        _run_clip(clip, max_frames, runners, measured, motion, dis, bar)
+        _run_clip(clip, max_frames, runners, measured, motion, dis, bar,
+                  clip.truth if labels else None)
         decode_s += clip.decode_s
         total += clip.frames
     if bar is not None:
@@ -261,7 +350,12 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
     for row in rows:
         row["speedup"] = round(base / row["ms_per_frame"], 3) if base and row["ms_per_frame"] \
             else None
-    return {"task": kind, "metric": METRIC[kind], "videos": [str(v) for v in videos],
+    reference = "labels" if labels else "per-frame"
+    return {"task": kind, "reference": reference,
+            "metric": (METRIC[kind] if not labels else
+                       "accuracy against the ground truth: mIoU" if kind == SEGMENTATION else
+                       "accuracy against the ground truth: AP@[.5:.95] (pycocotools)"),
+            "videos": [str(v.name if isinstance(v, Rendered) else v) for v in videos],
             "size": list(frame_size), "frames": total, "intervals": list(intervals),
             "decode_ms_per_frame": _ms(decode_s, total), "timing": "end to end, one sitting",
             "dis": dis.settings(), "r": _ratios(cands, measured),
@@ -269,10 +363,12 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path], *,
             "candidates": rows}
 
 
-def _run_clip(clip: Clip, max_frames: int | None, runners: list[_Runner],
-              measured: list[Measured], motion: list[float], dis: DisFlow, bar: Any) -> None:
+def _run_clip(clip: Clip | Rendered, max_frames: int | None, runners: list[_Runner],
+              measured: list[Measured], motion: list[float], dis: DisFlow, bar: Any,
+              truth: list[dict] | None = None) -> None:
     """Every runner on the clip's frames, interleaved (runners[0] is per-frame: the
-    reference); their outputs scored, their times and stage calls added to `measured`."""
+    reference, unless `truth` gives each frame's ground truth); their outputs scored, their
+    times and stage calls added to `measured`."""
     ref_runner = runners[0]
     prev = None
     try:
@@ -281,7 +377,8 @@ def _run_clip(clip: Clip, max_frames: int | None, runners: list[_Runner],
                 for r in runners:
                     r.warm(image)
             outputs = [ref_runner(t, image)]
-            ref = {n: np.array(v) for n, v in outputs[0].items()}
+            ref = (truth[t] if truth is not None
+                   else {n: np.array(v) for n, v in outputs[0].items()})
             for r in runners[1:]:
                 outputs.append(r(t, image))
             for m, out in zip(measured, outputs):
@@ -364,13 +461,17 @@ def explain(res: dict) -> list[str]:
     """Plain lines: what is recommended, and whether DFF is on the frontier and why not."""
     rows, lines = res["candidates"], []
     rec = res["recommended"]
+    score = _score_name(res)
+    if all(r["agreement"] is None for r in rows):
+        return [("no candidate could be scored: the reference has nothing to score against "
+                "(a detector that found nothing above its score threshold?)")]
     if rec is None:
-        lines.append(f"no candidate reaches agreement {res['target']:g}; the best is "
+        lines.append(f"no candidate reaches {score} {res['target']:g}; the best is "
                      + _describe(max((r for r in rows if r["agreement"] is not None),
-                                     key=lambda r: r["agreement"])))
+                                     key=lambda r: r["agreement"]), score))
     else:
-        lines.append(f"recommended (cheapest at agreement >= {res['target']:g}): "
-                     + _describe(rows[rec]))
+        lines.append(f"recommended (cheapest at {score} >= {res['target']:g}): "
+                     + _describe(rows[rec], score))
     on = [rows[i] for i in res["frontier"]]
     kinds = sorted({r["kind"] for r in on})
     r_text = ", ".join(f"{s} {v:.2f}" for s, v in res["r"].items() if v is not None)
@@ -385,9 +486,46 @@ def explain(res: dict) -> list[str]:
     return lines
 
 
-def _describe(row: dict) -> str:
+def _score_name(res: dict) -> str:
+    return "accuracy" if res.get("reference") == "labels" else "agreement"
+
+
+def _describe(row: dict, score: str = "score") -> str:
     return (f"{row['label']}: {row['ms_per_frame']:.2f} ms/frame ({row['speedup']:.2f}x "
-            f"per-frame), agreement {row['agreement']:.4f}")
+            f"per-frame), {score} {row['agreement']:.4f}")
+
+
+def candidate_of(row: dict) -> Candidate:
+    """The Candidate a JSON row describes (its size kept for resize only)."""
+    size = tuple(row["size"]) if row["kind"] == RESIZE else None
+    return Candidate(row["kind"], row["k"], row["flow"], row["schedule"], size)  # type: ignore[arg-type]
+
+
+def verify(backend: Backend, manifest: dict, previous: dict, videos: Sequence[Any],
+           **kw: Any) -> dict[str, Any]:
+    """The recommendation of an earlier dff-tune result (`previous`) measured again, with
+    per-frame in the same sitting, on other footage: its predicted and measured agreement and
+    speedup, and whether they land within AGREEMENT_POINTS and SPEEDUP_SHARE."""
+    rec = previous.get("recommended")
+    if rec is None:
+        raise DffError("--verify: that dff-tune result recommends nothing (no candidate "
+                       "reached its target), so there is nothing to measure again")
+    row = previous["candidates"][rec]
+    res = measure(backend, manifest, videos, candidates=[candidate_of(row)], **kw)
+    got = res["candidates"][-1]
+    d_points = (None if got["agreement"] is None or row["agreement"] is None
+                else round(100 * (got["agreement"] - row["agreement"]), 3))
+    d_share = (None if not got["speedup"] or not row["speedup"]
+               else round(got["speedup"] / row["speedup"] - 1, 4))
+    res["verify"] = {
+        "candidate": row["label"], "predicted": {"agreement": row["agreement"],
+                                                  "speedup": row["speedup"],
+                                                  "videos": previous.get("videos")},
+        "measured": {"agreement": got["agreement"], "speedup": got["speedup"]},
+        "agreement_points": d_points, "speedup_change": d_share,
+        "within": (d_points is not None and d_share is not None
+                   and abs(d_points) <= AGREEMENT_POINTS and abs(d_share) <= SPEEDUP_SHARE)}
+    return res
 
 
 def format_table(res: dict, only: Callable[[int], bool] | None = None) -> str:

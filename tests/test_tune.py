@@ -209,3 +209,47 @@ def test_manifest_deploy_checked(tmp_path, engines):
     (mine / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ManifestError, match="deploy.size"):
         load_manifest(mine)
+
+
+def test_split_labels_then_verify(tmp_path, engines, capsys):
+    """--split renders a synthetic split with its ground truth: --labels scores accuracy;
+    --verify measures the recommendation again on clips that run did not see."""
+    res = _tune(tmp_path, engines, [], "--split", "eval:0-1", "--resize", "64x96", "--labels",
+                "--max-frames", "6",
+                "--intervals", "3", "--kinds", "copy,resize", "--target", "0.01")
+    assert res["reference"] == "labels" and res["videos"] == ["eval:0", "eval:1"]
+    assert res["frames"] == 12 and res["size"] == [64, 96]
+    rows = res["candidates"]
+    assert [r["kind"] for r in rows] == ["per-frame", "resize", "resize", "copy"]
+    assert all(0 <= r["agreement"] < 1 for r in rows)  # an untrained model against the truth
+    assert res["recommended"] is not None
+    first = tmp_path / "first.json"
+    (tmp_path / "tune.json").rename(first)
+    again = _tune(tmp_path, engines, [], "--split", "eval:2", "--resize", "64x96", "--labels",
+                  "--max-frames", "6", "--verify", str(first))
+    out = capsys.readouterr().out
+    v = again["verify"]
+    assert v["candidate"] == rows[res["recommended"]]["label"]
+    assert [r["label"] for r in again["candidates"]] == ["per-frame", v["candidate"]]
+    assert v["measured"]["agreement"] == again["candidates"][1]["agreement"]
+    assert v["agreement_points"] == pytest.approx(
+        100 * (v["measured"]["agreement"] - v["predicted"]["agreement"]), abs=1e-3)
+    assert isinstance(v["within"], bool) and "verify" in out and "predicted" in out
+
+
+def test_split_and_verify_refusals(tmp_path, engines, clip, capsys):
+    def refused(*argv):
+        rc = dff_tune(["-e", str(engines), "--json", str(tmp_path / "t.json"), "-b",
+                       "onnxruntime-cpu", "-q", *map(str, argv)])
+        err = capsys.readouterr().err
+        assert rc == 1 and len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "--split" in refused("--video", clip, "--labels")
+    assert "eval:0-9" in refused("--split", "eval:30-40")
+    assert "--resize" in refused("--split", "eval:0")  # 128x224 is outside the tiny profile
+    assert "two sources" in refused("--video", clip, "--split", "eval")
+    nothing = tmp_path / "nothing.json"
+    nothing.write_text(json.dumps({"candidates": [], "recommended": None, "size": [64, 96]}))
+    assert "nothing to measure" in refused("--video", clip, "--verify", nothing)
+    assert "not a dff-tune result" in refused("--video", clip, "--verify", clip)

@@ -52,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--engine-dir", metavar="DIR", help="the folder dff-export wrote")
     p.add_argument("--video", nargs="*", metavar="FILE", default=[],
                    help="the footage to measure on (one size, or give --resize)")
+    p.add_argument("--split", metavar="NAME[:A-B]",
+                   help="instead of --video: a synthetic split rendered in memory (eval, motion "
+                        "or motion-tuning; clips A to B), at --resize or 128x224")
+    p.add_argument("--labels", action="store_true",
+                   help="with --split: score accuracy against its ground truth instead of "
+                        "agreement with per-frame inference (--target then applies to it)")
     p.add_argument("--target", type=float, default=0.95, metavar="A",
                    help="the agreement the recommendation must reach, in (0, 1] (default 0.95)")
     p.add_argument("--json", metavar="OUT.json", help="write every candidate's figures here "
@@ -61,6 +67,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--write", action="store_true",
                    help="record the recommendation in DIR/manifest.json ('deploy'), which dff-run "
                         "takes by default")
+    p.add_argument("--verify", metavar="TUNE.json",
+                   help="measure again the candidate an earlier dff-tune run recommended, with "
+                        "per-frame in the same sitting, on this footage (which that run did not "
+                        "see): predicted against measured agreement and speedup")
     p.add_argument("--quick", action="store_true", help="k in 2, 5, 10, 20 only")
     p.add_argument("--intervals", metavar="K,K,...", help="the key intervals (default 2..20)")
     p.add_argument("--kinds", metavar="KIND,...",
@@ -174,6 +184,42 @@ def deploy_record(res: dict) -> dict:
             "tool": "dff-tune"}
 
 
+def _previous(args: argparse.Namespace) -> dict | None:
+    """--verify's earlier result, read and checked; None without --verify."""
+    if args.verify is None:
+        return None
+    for flag, given in (("--write", args.write), ("--kinds", args.kinds),
+                        ("--intervals", args.intervals), ("--quick", args.quick)):
+        if given:
+            raise DffError(f"--verify measures the candidate {args.verify} recommends; "
+                           f"{flag} does not apply")
+    try:
+        previous = json.loads(Path(args.verify).read_text())
+        rows, rec = previous["candidates"], previous["recommended"]
+        if rec is not None:
+            rows[rec]["kind"], rows[rec]["agreement"], previous["size"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise DffError(f"{args.verify}: not a dff-tune result ({type(e).__name__}: {e}); give "
+                       "the --json file of an earlier dff-tune run") from None
+    return previous
+
+
+def describe_verify(res: dict) -> str:
+    v = res["verify"]
+    p, m = v["predicted"], v["measured"]
+
+    def num(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    verdict = ("within" if v["within"] else "NOT within") + " 1.5 points and 20 %"
+    score = "accuracy" if res.get("reference") == "labels" else "agreement"
+    return (f"verify {v['candidate']} on {', '.join(Path(x).name for x in res['videos'])} "
+            f"({res['frames']} frames): {score} predicted {num(p['agreement'], '.4f')}, "
+            f"measured {num(m['agreement'], '.4f')} ({num(v['agreement_points'], '+.2f')} "
+            f"points); speedup over per-frame predicted {num(p['speedup'], '.2f')}x, measured "
+            f"{num(m['speedup'], '.2f')}x ({num(v['speedup_change'], '+.1%')}): {verdict}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -181,11 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
 
     def body() -> int:
-        from dff.models.tune import check_target, explain, format_table, tune
+        from dff.models.tune import check_target, explain, format_table, tune, verify
 
-        if not args.video:
+        if not args.video and not args.split:
             raise DffError("no video: pass --video FILE [FILE ...], footage like what the model "
-                           "will see")
+                           "will see (or --split for a synthetic split)")
+        if args.video and args.split:
+            raise DffError("--video and --split are two sources of footage; give one")
+        if args.labels and not args.split:
+            raise DffError("--labels: ground truth exists for the synthetic splits only; add "
+                           "--split NAME (real footage is scored against per-frame inference)")
         check_target(args.target)
         if args.engine_dir is None:
             raise DffError("--engine-dir DIR is required: the folder dff-export wrote")
@@ -199,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             if path.is_dir() or not path.parent.is_dir():
                 raise DffError(f"{path}: {flag} needs a file path in an existing folder")
         intervals = _intervals(args)
+        previous = _previous(args)
         engine_dir = Path(args.engine_dir)
         manifest = load_manifest(engine_dir, verify_hashes=False)
         args.checkpoint, args.useCudaGraph = None, False  # choose_backend's other arguments
@@ -207,15 +259,35 @@ def main(argv: list[str] | None = None) -> int:
             kinds = _kinds(args, manifest, backend, str(engine_dir))
             if not backend.flow_sources:
                 say(f"{engine_dir} has no flow graph: no dff candidates")
-            res = tune(backend, manifest, args.video, args.target, size=args.resize,
-                       intervals=intervals, max_frames=args.max_frames, kinds=kinds,
-                       dis_preset=args.dis_preset, dis_scale=args.dis_scale,
-                       progress=not args.quiet)
+            footage = args.video
+            if args.split:
+                from dff.models.tune import split_clips
+                from dff.runtime.backends import task_spec
+
+                say(f"rendering the synthetic split {args.split}")
+                footage = split_clips(args.split, task_spec(manifest)["kind"],
+                                      args.resize or (128, 224))
+            kw: dict = {"size": None if args.split else args.resize,
+                        "max_frames": args.max_frames, "dis_preset": args.dis_preset,
+                        "dis_scale": args.dis_scale, "labels": args.labels,
+                        "progress": not args.quiet}
+            if previous is not None:
+                if not args.split and args.resize is None:  # the size it was chosen at
+                    kw["size"] = tuple(previous["size"])
+                res = verify(backend, manifest, previous, footage, **kw)
+            else:
+                res = tune(backend, manifest, footage, args.target, intervals=intervals,
+                           kinds=kinds, **kw)
             name, precision = backend.name, backend.precision
         finally:
             backend.close()
         res = {"command": command, "engine_dir": str(engine_dir), "backend": name,
                "backend_reason": reason, "precision": precision, **res}
+        if previous is not None:
+            write_json(res, out)
+            print(describe_verify(res))
+            print(f"wrote {out}")
+            return 0
         print(f"the Pareto frontier on {res['frames']} frames at "
               f"{res['size'][0]}x{res['size'][1]} ({name}; * = recommended):")
         print(format_table(res))

@@ -345,7 +345,9 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
         rows.append({**c.record(frame_size), "label": c.label,
                      "ms_per_frame": _ms(decode_s + m.seconds, total),
                      "agreement": score["agreement"],
-                     "key_fraction": round(m.key_frames / m.frames, 4) if m.frames else None})
+                     "key_fraction": round(m.key_frames / m.frames, 4) if m.frames else None,
+                     "stage_ms": {n: round(1000 * t.median(), 3) for n, t in m.calls.items()
+                                  if t.count}})
     base = rows[0]["ms_per_frame"]
     for row in rows:
         row["speedup"] = round(base / row["ms_per_frame"], 3) if base and row["ms_per_frame"] \
@@ -445,16 +447,112 @@ def check_target(target: float) -> float:
     return float(target)
 
 
-def tune(backend: Backend, manifest: dict, videos: Sequence[str | Path],
-         target: float = DEFAULT_TARGET, **kw: Any) -> dict[str, Any]:
-    """`measure`, then the frontier and the recommendation at `target`."""
+def tune(backend: Backend, manifest: dict, videos: Sequence[Any],
+         target: float = DEFAULT_TARGET, max_drop: float | None = None,
+         **kw: Any) -> dict[str, Any]:
+    """`measure`, then the frontier and the recommendation at `target`, or, with `max_drop`
+    (points), at per-frame's own score less that (`target_rule` says which)."""
     check_target(target)
+    if max_drop is not None and not 0 <= max_drop < 100:
+        raise DffError(f"--max-drop {max_drop}: give the points of agreement the recommendation "
+                       "may lose against per-frame, from 0 to below 100, e.g. 1.5")
     res = measure(backend, manifest, videos, **kw)
     rows = res["candidates"]
+    if max_drop is not None:
+        base = rows[0]["agreement"]
+        if base is None:
+            raise DffError("--max-drop: per-frame inference could not be scored on this "
+                           "footage, so there is no score to drop from; give --target")
+        target = round(base - max_drop / 100, 6)
+        res["target_rule"] = f"per-frame's {base:.4f} less {max_drop:g} points"
+    else:
+        res["target_rule"] = "--target"
     res["target"] = target
     res["frontier"] = frontier(rows)
     res["recommended"] = recommend(rows, target)
     return res
+
+
+COST_FACTORS = (0.75, 0.5, 0.35, 0.25)  # --cost-only's smaller inputs: enough to bracket
+COST_FRAMES = 8  # --cost-only's frames per video by default
+
+
+def cost_only(backend: Backend, manifest: dict, videos: Sequence[Any], *,
+              size: tuple[int, int] | None = None, intervals: Sequence[int] = INTERVALS,
+              max_frames: int | None = COST_FRAMES, kinds: Sequence[str] | None = None,
+              dis_preset: str | None = None, dis_scale: float | None = None,
+              progress: bool = True, **_: Any) -> dict[str, Any]:
+    """Every fixed-schedule candidate's cost from stage medians, for a model too slow to run
+    the grid end to end (the paper-scale one): probes (per-frame; per-frame at COST_FACTORS
+    of each side, timed end to end; and each kind at the largest k) run on the footage; a
+    candidate at k then costs decode + upload + schedule + (feature + task) / k + (1 - 1/k) x
+    (its non-key stage(s)), from the probes' medians. No agreement is measured; `match` says
+    which k or size each alternative needs to cost no more than DFF at k = 10."""
+    task_spec(manifest)["kind"]
+    first = videos[0] if isinstance(videos[0], Rendered) else open_clip(videos[0], size, manifest)
+    if not isinstance(first, Rendered):
+        first.video.close()
+    frame_size = first.size
+    k_max = max(intervals)
+    full = grid(manifest, backend, frame_size, intervals)
+    probes = [Candidate(PER_FRAME, schedule="per-frame")]
+    probes += [Candidate(RESIZE, schedule="per-frame", size=s) for s in
+               reduced_sizes(frame_size, int(manifest["stride"]), manifest["profile"],
+                             COST_FACTORS)]
+    probes += [c for c in full if c.k == k_max and c.schedule == "fixed"
+               and c.kind in (DFF, COPY, WARP_OUTPUT, TRACK)]
+    if kinds:
+        probes = [c for c in probes if c.kind in kinds or c.kind == PER_FRAME]
+    res = measure(backend, manifest, videos, size=size, max_frames=max_frames,
+                  dis_preset=dis_preset, dis_scale=dis_scale, candidates=probes,
+                  progress=progress)
+    rows = res["candidates"]
+    ref = rows[0]["stage_ms"]
+    base = res["decode_ms_per_frame"] + ref.get("upload", 0.0) + ref.get("schedule", 0.0)
+    key = ref["feature"] + ref["task"]
+    out = [{**rows[0], "agreement": None, "cost": "end to end"}]
+    out += [{**r, "agreement": None, "cost": "end to end"} for r in rows if r["kind"] == RESIZE]
+    for r in rows:
+        if r["kind"] in (PER_FRAME, RESIZE):
+            continue
+        nonkey = r["stage_ms"].get("flow", 0.0) + (
+            0.0 if r["kind"] in (WARP_OUTPUT, TRACK) else ref["task"])
+        for k in intervals:
+            c = Candidate(r["kind"], k, r["flow"], "fixed")
+            ms = base + key / k + (1 - 1 / k) * nonkey
+            out.append({**c.record(frame_size), "label": c.label, "ms_per_frame": round(ms, 3),
+                        "agreement": None, "key_fraction": round(1 / k, 4),
+                        "cost": "stage medians", "speedup": round(rows[0]["ms_per_frame"] / ms, 3)})
+    res["candidates"] = out
+    res["timing"] = ("stage medians (cost only, no agreement): per-frame and resize end to end, "
+                     "the rest decode + upload + (feature + task) / k + (1 - 1/k) x non-key "
+                     "stages")
+    res["probes"] = rows
+    res["match"] = _match(out)
+    res["target"], res["frontier"], res["recommended"] = None, [], None
+    return res
+
+
+def _match(rows: list[dict]) -> dict[str, Any]:
+    """What each alternative needs to cost no more than DFF at k = 10 (learned flow, else
+    DIS): the smallest k, or the largest input size; None where nothing in the grid does."""
+    dff10 = next((r for src in (LEARNED, DIS) for r in rows if r["kind"] == DFF
+                  and r["flow"] == src and r["k"] == 10), None)
+    if dff10 is None:
+        return {}
+    bar = dff10["ms_per_frame"]
+    out: dict[str, Any] = {"dff": dff10["label"], "ms_per_frame": bar}
+    for label, pick in (("copy", lambda r: r["kind"] == COPY),
+                        ("dff dis", lambda r: r["kind"] == DFF and r["flow"] == DIS),
+                        ("warp-output", lambda r: r["kind"] == WARP_OUTPUT),
+                        ("track", lambda r: r["kind"] == TRACK)):
+        ks = sorted(r["k"] for r in rows if pick(r) and r["ms_per_frame"] <= bar)
+        if any(pick(r) for r in rows):
+            out[label] = {"k": ks[0] if ks else None}
+    sizes = [r for r in rows if r["kind"] == RESIZE and r["ms_per_frame"] <= bar]
+    out["resize"] = {"size": max(sizes, key=lambda r: r["size"][0] * r["size"][1])["size"]
+                     if sizes else None}
+    return out
 
 
 def explain(res: dict) -> list[str]:
@@ -462,6 +560,23 @@ def explain(res: dict) -> list[str]:
     rows, lines = res["candidates"], []
     rec = res["recommended"]
     score = _score_name(res)
+    if "match" in res:  # cost only
+        m = res["match"]
+        if not m:
+            return ["cost only: no DFF candidate at k = 10 to compare with"]
+        parts = []
+        for kind, v in m.items():
+            if not isinstance(v, dict):
+                continue
+            if v.get("k"):
+                parts.append(f"{kind} at k={v['k']}")
+            elif v.get("size"):
+                parts.append(f"{kind} at {'x'.join(map(str, v['size']))}")
+            else:
+                parts.append(f"{kind}: nothing in the grid")
+        need = "; ".join(parts)
+        return [(f"cost only (no agreement measured): to cost no more than {m['dff']} "
+                f"({m['ms_per_frame']:.1f} ms/frame) takes {need}")]
     if all(r["agreement"] is None for r in rows):
         return [("no candidate could be scored: the reference has nothing to score against "
                 "(a detector that found nothing above its score threshold?)")]

@@ -253,3 +253,25 @@ def test_split_and_verify_refusals(tmp_path, engines, clip, capsys):
     nothing.write_text(json.dumps({"candidates": [], "recommended": None, "size": [64, 96]}))
     assert "nothing to measure" in refused("--video", clip, "--verify", nothing)
     assert "not a dff-tune result" in refused("--video", clip, "--verify", clip)
+
+
+def test_cost_only_from_stage_medians(tmp_path, engines, clip, capsys):
+    """--cost-only: probes timed on the first frames, every fixed-schedule candidate costed
+    from their medians by the formula it states; what each alternative needs to cost no more
+    than DFF at k = 10."""
+    res = _tune(tmp_path, engines, [clip], "--cost-only", "--quick")
+    rows = res["candidates"]
+    assert res["recommended"] is None and res["frontier"] == [] and res["frames"] == 8
+    assert all(r["agreement"] is None for r in rows)
+    ref = res["probes"][0]["stage_ms"]
+    base = res["decode_ms_per_frame"] + ref["upload"] + ref["schedule"]
+    probe = next(p for p in res["probes"] if p["kind"] == "copy")
+    assert probe["k"] == 20
+    copy5 = next(r for r in rows if r["kind"] == "copy" and r["k"] == 5)
+    want = base + (ref["feature"] + ref["task"]) / 5 + 0.8 * (probe["stage_ms"]["flow"]
+                                                            + ref["task"])
+    assert copy5["ms_per_frame"] == pytest.approx(want, abs=2e-3)
+    assert copy5["cost"] == "stage medians" and rows[0]["cost"] == "end to end"
+    assert res["match"]["dff"] == "dff learned k=10"
+    assert set(res["match"]) >= {"copy", "dff dis", "warp-output", "resize"}
+    assert "cost only" in capsys.readouterr().out

@@ -58,8 +58,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", action="store_true",
                    help="with --split: score accuracy against its ground truth instead of "
                         "agreement with per-frame inference (--target then applies to it)")
-    p.add_argument("--target", type=float, default=0.95, metavar="A",
+    p.add_argument("--target", type=float, default=None, metavar="A",
                    help="the agreement the recommendation must reach, in (0, 1] (default 0.95)")
+    p.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="instead of --target: per-frame's own score (with --labels its accuracy; "
+                        "otherwise 1) less POINTS, e.g. 1.5")
     p.add_argument("--json", metavar="OUT.json", help="write every candidate's figures here "
                    "(required)")
     p.add_argument("--plot", metavar="OUT.png", help="the frontier plot (default: --json's "
@@ -72,6 +75,10 @@ def parser() -> argparse.ArgumentParser:
                         "per-frame in the same sitting, on this footage (which that run did not "
                         "see): predicted against measured agreement and speedup")
     p.add_argument("--quick", action="store_true", help="k in 2, 5, 10, 20 only")
+    p.add_argument("--cost-only", action="store_true",
+                   help="for a model too slow for the grid (the paper-scale one): time probes on "
+                        "the first frames (--max-frames, default 8) and cost every fixed-schedule "
+                        "candidate from their stage medians; no agreement, no recommendation")
     p.add_argument("--intervals", metavar="K,K,...", help="the key intervals (default 2..20)")
     p.add_argument("--kinds", metavar="KIND,...",
                    help="only these candidate kinds (per-frame always runs: the reference)")
@@ -189,6 +196,8 @@ def _previous(args: argparse.Namespace) -> dict | None:
     if args.verify is None:
         return None
     for flag, given in (("--write", args.write), ("--kinds", args.kinds),
+                        ("--cost-only", args.cost_only),
+                        ("--max-drop", args.max_drop is not None),
                         ("--intervals", args.intervals), ("--quick", args.quick)):
         if given:
             raise DffError(f"--verify measures the candidate {args.verify} recommends; "
@@ -227,7 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
 
     def body() -> int:
-        from dff.models.tune import check_target, explain, format_table, tune, verify
+        from dff.models.tune import (
+            COST_FRAMES,
+            DEFAULT_TARGET,
+            check_target,
+            cost_only,
+            explain,
+            format_table,
+            tune,
+            verify,
+        )
 
         if not args.video and not args.split:
             raise DffError("no video: pass --video FILE [FILE ...], footage like what the model "
@@ -237,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.labels and not args.split:
             raise DffError("--labels: ground truth exists for the synthetic splits only; add "
                            "--split NAME (real footage is scored against per-frame inference)")
+        if args.target is not None and args.max_drop is not None:
+            raise DffError("--target and --max-drop are two ways to set the bar; give one")
+        if args.target is None:
+            args.target = DEFAULT_TARGET
         check_target(args.target)
         if args.engine_dir is None:
             raise DffError("--engine-dir DIR is required: the folder dff-export wrote")
@@ -275,9 +297,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.split and args.resize is None:  # the size it was chosen at
                     kw["size"] = tuple(previous["size"])
                 res = verify(backend, manifest, previous, footage, **kw)
+            elif args.cost_only:
+                if args.max_frames is None:
+                    kw["max_frames"] = COST_FRAMES
+                res = cost_only(backend, manifest, footage, intervals=intervals, kinds=kinds,
+                                **kw)
             else:
-                res = tune(backend, manifest, footage, args.target, intervals=intervals,
-                           kinds=kinds, **kw)
+                res = tune(backend, manifest, footage, args.target, max_drop=args.max_drop,
+                           intervals=intervals, kinds=kinds, **kw)
             name, precision = backend.name, backend.precision
         finally:
             backend.close()
@@ -288,16 +315,26 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_verify(res))
             print(f"wrote {out}")
             return 0
-        print(f"the Pareto frontier on {res['frames']} frames at "
-              f"{res['size'][0]}x{res['size'][1]} ({name}; * = recommended):")
-        print(format_table(res))
+        if args.cost_only:
+            shown = {2, 5, 10, 20}
+            print(f"cost only, from stage medians on {res['frames']} frames at "
+                  f"{res['size'][0]}x{res['size'][1]} ({name}):")
+            print(format_table(res, only=lambda i: res["candidates"][i]["k"] in (None, *shown)))
+        else:
+            print(f"the Pareto frontier on {res['frames']} frames at "
+                  f"{res['size'][0]}x{res['size'][1]} ({name}; * = recommended):")
+            print(format_table(res))
         for line in explain(res):
             print(line)
         write_json(res, out)
-        plot(res, png)
-        print(f"wrote {out} ({len(res['candidates'])} candidates) and {png}")
+        if not args.cost_only:
+            plot(res, png)
+        print(f"wrote {out} ({len(res['candidates'])} candidates)"
+              + ("" if args.cost_only else f" and {png}"))
         if args.write:
-            if res["recommended"] is None:
+            if args.cost_only:
+                print("--write: nothing recorded, --cost-only measures no agreement to choose by")
+            elif res["recommended"] is None:
                 print(f"--write: nothing recorded, no candidate reaches {args.target:g}; "
                       f"{engine_dir / 'manifest.json'} is unchanged")
             else:

@@ -12,7 +12,8 @@ pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
 from dff.export.manifest import ManifestError, deploy_settings, load_manifest, write_deploy
-from dff.models.tune import frontier, recommend, reduced_sizes
+from dff.models.frontier import frontier, recommend
+from dff.models.tune import reduced_sizes
 from dff.runtime.flows import DisFlow
 from dff.runtime.propagate import BoxTracker, LabelWarp
 from dff.runtime.scheduler import FixedInterval

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     say = (lambda _: None) if args.quiet else (lambda line: print(line, flush=True))
 
     def body() -> int:
-        from dff.models.tune import (
+        from dff.models.frontier import (
             COST_FRAMES,
             DEFAULT_TARGET,
             check_target,

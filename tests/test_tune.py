@@ -161,6 +161,11 @@ def test_tune_write_then_run(tmp_path, engines, clip, capsys):
                     "--propagate", "dff"]) == 0
     s = json.loads(summary.read_text())
     assert (s["propagate"], s["key_interval"], s["key_frames"]) == ("dff", 5, 2)
+    # the other commands still load the manifest
+    from dff.commands import profile
+
+    assert profile.main(["-e", str(mine), "-b", "onnxruntime-cpu", "--iterations", "2",
+                         "--warmUp", "0", "--key-intervals", "1", "--frames", "2"]) == 0
 
 
 def test_tune_detection_tracks(tmp_path, detection_engines, clip):

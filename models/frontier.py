@@ -236,26 +236,45 @@ def verify(backend: Backend, manifest: dict, previous: dict, videos: Sequence[An
            **kw: Any) -> dict[str, Any]:
     """The recommendation of an earlier dff-tune result (`previous`) measured again, with
     per-frame in the same sitting, on other footage: its predicted and measured agreement and
-    speedup, and whether they land within AGREEMENT_POINTS and SPEEDUP_SHARE."""
+    speedup, and whether they land within AGREEMENT_POINTS and SPEEDUP_SHARE.
+
+    Against per-frame inference (agreement) per-frame scores 1 on any footage, so the score
+    itself is compared. Against ground truth (`labels`), per-frame's own accuracy moves with
+    the clips, which the choice does not predict: what it predicts is the candidate's loss
+    against per-frame, so the verdict compares that (`drop_points`); `agreement_points`, the
+    change of the score itself, is reported beside it."""
     rec = previous.get("recommended")
     if rec is None:
         raise DffError("--verify: that dff-tune result recommends nothing (no candidate "
                        "reached its target), so there is nothing to measure again")
     row = previous["candidates"][rec]
     res = measure(backend, manifest, videos, candidates=[candidate_of(row)], **kw)
-    got = res["candidates"][-1]
-    d_points = (None if got["agreement"] is None or row["agreement"] is None
-                else round(100 * (got["agreement"] - row["agreement"]), 3))
+    base, got = res["candidates"][0], res["candidates"][-1]
+    was = previous["candidates"][0] if previous["candidates"][0]["kind"] == PER_FRAME else None
+
+    def points(a: Any, b: Any) -> float | None:
+        return None if a is None or b is None else round(100 * (a - b), 3)
+
+    d_points = points(got["agreement"], row["agreement"])
+    d_drop = None
+    if was is not None and None not in (got["agreement"], base["agreement"],
+                                        row["agreement"], was["agreement"]):
+        d_drop = round(points(got["agreement"], base["agreement"])  # type: ignore[operator]
+                       - points(row["agreement"], was["agreement"]), 3)  # type: ignore[operator]
     d_share = (None if not got["speedup"] or not row["speedup"]
                else round(got["speedup"] / row["speedup"] - 1, 4))
+    judged = d_drop if res.get("reference") == "labels" else d_points
     res["verify"] = {
-        "candidate": row["label"], "predicted": {"agreement": row["agreement"],
-                                                  "speedup": row["speedup"],
-                                                  "videos": previous.get("videos")},
-        "measured": {"agreement": got["agreement"], "speedup": got["speedup"]},
-        "agreement_points": d_points, "speedup_change": d_share,
-        "within": (d_points is not None and d_share is not None
-                   and abs(d_points) <= AGREEMENT_POINTS and abs(d_share) <= SPEEDUP_SHARE)}
+        "candidate": row["label"],
+        "predicted": {"agreement": row["agreement"], "speedup": row["speedup"],
+                      "per_frame": was["agreement"] if was else None,
+                      "videos": previous.get("videos")},
+        "measured": {"agreement": got["agreement"], "speedup": got["speedup"],
+                     "per_frame": base["agreement"]},
+        "agreement_points": d_points, "drop_points": d_drop, "speedup_change": d_share,
+        "judged_on": "drop_points" if res.get("reference") == "labels" else "agreement_points",
+        "within": (judged is not None and d_share is not None
+                   and abs(judged) <= AGREEMENT_POINTS and abs(d_share) <= SPEEDUP_SHARE)}
     return res
 
 

@@ -241,6 +241,14 @@ def test_split_labels_then_verify(tmp_path, engines, capsys):
     assert v["agreement_points"] == pytest.approx(
         100 * (v["measured"]["agreement"] - v["predicted"]["agreement"]), abs=1e-3)
     assert isinstance(v["within"], bool) and "verify" in out and "predicted" in out
+    # against labels the verdict judges the loss against per-frame, whose own accuracy moves
+    # with the clips
+    assert v["judged_on"] == "drop_points"
+    assert v["measured"]["per_frame"] == again["candidates"][0]["agreement"]
+    assert v["predicted"]["per_frame"] == rows[0]["agreement"]
+    assert v["drop_points"] == pytest.approx(
+        100 * ((v["measured"]["agreement"] - v["measured"]["per_frame"])
+               - (v["predicted"]["agreement"] - v["predicted"]["per_frame"])), abs=2e-3)
 
 
 def test_split_and_verify_refusals(tmp_path, engines, clip, capsys):

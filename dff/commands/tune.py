@@ -221,12 +221,17 @@ def describe_verify(res: dict) -> str:
         return "-" if x is None else format(x, fmt)
 
     verdict = ("within" if v["within"] else "NOT within") + " 1.5 points and 20 %"
-    score = "accuracy" if res.get("reference") == "labels" else "agreement"
+    labels = res.get("reference") == "labels"
+    score = "accuracy" if labels else "agreement"
+    drop = (f"; its loss against per-frame's own {num(m['per_frame'], '.4f')} (predicted "
+            f"{num(p['per_frame'], '.4f')}) changed by {num(v['drop_points'], '+.2f')} points, "
+            "which the verdict judges" if labels else "")
     return (f"verify {v['candidate']} on {', '.join(Path(x).name for x in res['videos'])} "
             f"({res['frames']} frames): {score} predicted {num(p['agreement'], '.4f')}, "
             f"measured {num(m['agreement'], '.4f')} ({num(v['agreement_points'], '+.2f')} "
-            f"points); speedup over per-frame predicted {num(p['speedup'], '.2f')}x, measured "
-            f"{num(m['speedup'], '.2f')}x ({num(v['speedup_change'], '+.1%')}): {verdict}")
+            f"points){drop}; speedup over per-frame predicted {num(p['speedup'], '.2f')}x, "
+            f"measured {num(m['speedup'], '.2f')}x ({num(v['speedup_change'], '+.1%')}): "
+            f"{verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -160,12 +160,15 @@ def plot(res: dict, path: Path) -> None:
         r = rows[rec]
         ax.scatter([r["ms_per_frame"]], [r["agreement"]], marker="*", s=250, facecolors="none",
                    edgecolors="r", label=f"recommended: {r['label']}")
-    ax.axhline(res["target"], color="r", ls="--", lw=0.8, label=f"target {res['target']:g}")
+    ax.axhline(res["target"], color="r", ls="--", lw=0.8, label=f"target {res['target']:.4g}")
     ax.set_xscale("log")
     ax.set_xlabel(f"ms per frame (end to end, {res['backend']})")
-    ax.set_ylabel("agreement with per-frame (" + ("AP" if res["task"] == "detection"
-                                                  else "mIoU") + ")")
-    ax.set_title(f"dff-tune: {', '.join(Path(v).name for v in res['videos'])}", fontsize=9)
+    metric = "AP@[.5:.95]" if res["task"] == "detection" else "mIoU"
+    ax.set_ylabel(f"accuracy ({metric} against the labels)" if res.get("reference") == "labels"
+                  else f"agreement with per-frame ({metric})")
+    names = [Path(v).name for v in res["videos"]]
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]} ({len(names)})"
+    ax.set_title(f"dff-tune: {shown}, {res['size'][0]}x{res['size'][1]}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

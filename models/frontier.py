@@ -21,6 +21,7 @@ from dff.models.tune import (
     RESIZE,
     Candidate,
     Rendered,
+    graph_takes,
     grid,
     measure,
     reduced_sizes,
@@ -114,7 +115,7 @@ def cost_only(backend: Backend, manifest: dict, videos: Sequence[Any], *,
     probes = [Candidate(PER_FRAME, schedule="per-frame")]
     probes += [Candidate(RESIZE, schedule="per-frame", size=s) for s in
                reduced_sizes(frame_size, int(manifest["stride"]), manifest["profile"],
-                             COST_FACTORS)]
+                             COST_FACTORS, graph_takes(backend))]
     probes += [c for c in full if c.k == k_max and c.schedule == "fixed"
                and c.kind in (DFF, COPY, WARP_OUTPUT, TRACK)]
     if kinds:

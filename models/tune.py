@@ -37,7 +37,7 @@ flow between consecutive frames, in pixels).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,15 +94,40 @@ class Candidate:
 
 
 def reduced_sizes(size: tuple[int, int], stride: int, profile: dict,
-                  factors: Sequence[float] = RESIZE_FACTORS) -> list[tuple[int, int]]:
-    """Each factor of each side of `size`, rounded to a multiple of `stride`, kept where the
-    export's profile takes it and it is smaller than `size`; no size twice."""
+                  factors: Sequence[float] = RESIZE_FACTORS,
+                  takes: Callable[[tuple[int, int]], bool] | None = None
+                  ) -> list[tuple[int, int]]:
+    """Each factor of each side of `size`, rounded (half up) to a multiple of `stride`, or of
+    2, 4, ... 32 times it where `takes` (the graphs run at that size) says the export needs it
+    (a model split from an ONNX file may need sides in multiples of 32 at stride 4); kept where
+    the profile takes it and it is smaller than `size`; no size twice."""
     lo, out = profile["min"], []
     for f in factors:
-        h, w = (max(stride, int(s * f / stride + 0.5) * stride) for s in size)
-        if lo[1] <= h and lo[2] <= w and (h, w) != tuple(size) and (h, w) not in out:
-            out.append((h, w))
+        for m in (stride * 2 ** i for i in range(6)):
+            h, w = (max(m, int(s * f / m + 0.5) * m) for s in size)
+            if lo[1] <= h and lo[2] <= w and (takes is None or takes((h, w))):
+                if (h, w) != tuple(size) and (h, w) not in out:
+                    out.append((h, w))
+                break
     return out
+
+
+def graph_takes(backend: Backend) -> Callable[[tuple[int, int]], bool]:
+    """Whether the export's feature and task graphs run on a frame of a size (a zero frame, once
+    per size)."""
+    seen: dict[tuple[int, int], bool] = {}
+
+    def takes(size: tuple[int, int]) -> bool:
+        if size not in seen:
+            try:
+                feat = backend.feature(backend.upload(np.zeros((1, 3, *size), np.uint8)))
+                backend.task(feat)
+                seen[size] = True
+            except Exception:  # noqa: BLE001 - whatever the runtime raises: not this size
+                seen[size] = False
+        return seen[size]
+
+    return takes
 
 
 def grid(manifest: dict, backend: Backend, size: tuple[int, int],
@@ -112,7 +137,8 @@ def grid(manifest: dict, backend: Backend, size: tuple[int, int],
     sources = [s for s in (LEARNED, DIS) if s in backend.flow_sources]
     out = [Candidate(PER_FRAME, schedule="per-frame")]
     out += [Candidate(RESIZE, schedule="per-frame", size=s)
-            for s in reduced_sizes(size, int(manifest["stride"]), manifest["profile"])]
+            for s in reduced_sizes(size, int(manifest["stride"]), manifest["profile"],
+                                   takes=graph_takes(backend))]
     for source in sources:
         schedules = ["fixed", "adaptive"] + (["learned"] if source == LEARNED
                                              and backend.has_quality else [])

@@ -107,7 +107,9 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = max(0, threads)
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        # 4: fatal only; a failed run raises, and _run turns that into one line, so ONNX
+        # Runtime's own log line of the same error would only precede it
+        options.log_severity_level = 4
         # three sessions take turns: a finished one's spinning threads would steal the
         # cores of the next (measured: per-frame fps 87 -> 131 on 2 cores without spinning)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -143,7 +145,27 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
         """The graph's outputs (`graph_outputs` order): host arrays, or, with IOBinding,
-        DeviceArrays over the backend's buffers."""
+        DeviceArrays over the backend's buffers. ONNX Runtime refusing the inputs (a size the
+        graph cannot take) is a BackendError naming the graph, the shapes and the fix."""
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
+            Fail,
+            InvalidArgument,
+            RuntimeException,
+        )
+
+        try:
+            return self._run_graph(graph, feeds)
+        except (Fail, InvalidArgument, RuntimeException) as e:
+            shapes = ", ".join(f"{k} {'x'.join(map(str, getattr(v, 'shape', ())))}"
+                               for k, v in feeds.items())
+            # ONNX Runtime's message ends in the part a user can read, after the source line
+            reason = ". ".join(" ".join(str(e).split()).split(". ")[-2:]) or type(e).__name__
+            raise BackendError(
+                f"{self.manifest['graphs'][graph]['file']} failed on {shapes} ({reason}); "
+                "a model split from an ONNX file may need sides in multiples of more than its "
+                "stride (32 for many detectors): --resize to such a size") from None
+
+    def _run_graph(self, graph: str, feeds: dict[str, Any]) -> list[Any]:
         if self.memory is None:
             host = {k: self.to_host(v) for k, v in feeds.items()}
             return self.sessions[graph].run(graph_outputs(self.manifest, graph), host)

@@ -235,6 +235,26 @@ def test_centerface_raw_and_detection(centerface, tmp_path, capsys):
                             "--task", "detection", "--decode", f"{DECODE}:make_decode",
                             "--class-names", "face", "-o", str(det)]) == 0
     assert manifest_mod.load_manifest(det)["export"]["parity"]["passed"]
+    # a size that is a multiple of the stride (4) but not of CenterFace's 32: one line, the fix
+    from dff.models.tune import graph_takes, reduced_sizes
+    from dff.runtime.loaders import open_backend
+    from dff.runtime.video import write_synthetic_clip
+
+    from dff.commands import run as run_cmd
+
+    clip = tmp_path / "clip.avi"
+    write_synthetic_clip(clip, seed=1, num_frames=2, height=68, width=96)
+    capsys.readouterr()
+    assert run_cmd.main([str(clip), "-e", str(det), "-b", "onnxruntime-cpu", "-q",
+                         "--json", str(tmp_path / "x.jsonl")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "feature.onnx failed on image 1x3x68x96" in err and "--resize" in err
+    assert len(err.splitlines()) == 1
+    # dff-tune's smaller inputs round to the multiple the graphs take
+    backend = open_backend("onnxruntime-cpu", det)
+    m = manifest_mod.load_manifest(det)
+    assert reduced_sizes((288, 352), 4, m["profile"], takes=graph_takes(backend)) == [
+        (224, 256), (160, 192)]
 
 
 def test_raw_outputs_go_to_one_npz_per_video(tmp_path):

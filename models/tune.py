@@ -80,10 +80,10 @@ class Candidate:
         parts = [self.kind]
         if self.flow:
             parts.append(self.flow)
-        if self.schedule and self.schedule not in ("fixed", "per-frame"):
-            parts.append(self.schedule)
         if self.k:
             parts.append(f"k={self.k}")
+        if self.schedule and self.schedule not in ("fixed", "per-frame"):
+            parts.append(f"[{self.schedule}]")  # the schedule, as its key-frame budget 1/k
         if self.kind == RESIZE and self.size:
             parts.append(f"{self.size[0]}x{self.size[1]}")
         return " ".join(parts)

@@ -178,6 +178,46 @@ def plot(res: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def plot_costs(res: dict, path: Path) -> None:
+    """--cost-only: ms/frame against k per kind (and flow source), the smaller inputs as
+    horizontal lines, DFF at k = 10 marked; written to a temporary file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["candidates"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["k"] is not None:
+            name = r["kind"] + (f" {r['flow']}" if r["flow"] else "")
+            series.setdefault(name, []).append((r["k"], r["ms_per_frame"]))
+    for name, pts in series.items():
+        ax.plot(*zip(*sorted(pts)), "o-", ms=3, label=name)
+    for r in rows:
+        if r["k"] is None:
+            ax.axhline(r["ms_per_frame"], ls=":" if r["kind"] == "resize" else "-", lw=0.8,
+                       color="grey")
+            ax.annotate(r["label"], (ax.get_xlim()[0], r["ms_per_frame"]), fontsize=7,
+                        va="bottom")
+    match = res.get("match") or {}
+    if match:
+        ax.scatter([10], [match["ms_per_frame"]], marker="*", s=200, color="r", zorder=5,
+                   label=match["dff"])
+    ax.set_yscale("log")
+    ax.set_xlabel("key interval k")
+    ax.set_ylabel(f"ms per frame (stage medians, {res['backend']})")
+    ax.set_title(f"dff-tune --cost-only, {res['size'][0]}x{res['size'][1]}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_json(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
@@ -335,10 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in explain(res):
             print(line)
         write_json(res, out)
-        if not args.cost_only:
-            plot(res, png)
-        print(f"wrote {out} ({len(res['candidates'])} candidates)"
-              + ("" if args.cost_only else f" and {png}"))
+        (plot_costs if args.cost_only else plot)(res, png)
+        print(f"wrote {out} ({len(res['candidates'])} candidates) and {png}")
         if args.write:
             if args.cost_only:
                 print("--write: nothing recorded, --cost-only measures no agreement to choose by")

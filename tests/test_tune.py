@@ -241,6 +241,11 @@ def test_split_labels_then_verify(tmp_path, engines, capsys):
     assert v["agreement_points"] == pytest.approx(
         100 * (v["measured"]["agreement"] - v["predicted"]["agreement"]), abs=1e-3)
     assert isinstance(v["within"], bool) and "verify" in out and "predicted" in out
+    # the bar given again: the candidate chosen again from the first run's figures
+    again0 = _tune(tmp_path, engines, [], "--split", "eval:2", "--resize", "64x96", "--labels",
+                   "--max-frames", "2", "--verify", str(first), "--max-drop", "0")
+    chosen = recommend(rows, rows[0]["agreement"])
+    assert again0["verify"]["candidate"] == rows[chosen]["label"]
     # against labels the verdict judges the loss against per-frame, whose own accuracy moves
     # with the clips
     assert v["judged_on"] == "drop_points"

@@ -71,7 +71,8 @@ def parser() -> argparse.ArgumentParser:
                    help="record the recommendation in DIR/manifest.json ('deploy'), which dff-run "
                         "takes by default")
     p.add_argument("--verify", metavar="TUNE.json",
-                   help="measure again the candidate an earlier dff-tune run recommended, with "
+                   help="measure again the candidate an earlier dff-tune run recommended (with "
+                        "--target or --max-drop: the one its figures give at that bar), with "
                         "per-frame in the same sitting, on this footage (which that run did not "
                         "see): predicted against measured agreement and speedup")
     p.add_argument("--quick", action="store_true", help="k in 2, 5, 10, 20 only")
@@ -240,7 +241,6 @@ def _previous(args: argparse.Namespace) -> dict | None:
         return None
     for flag, given in (("--write", args.write), ("--kinds", args.kinds),
                         ("--cost-only", args.cost_only),
-                        ("--max-drop", args.max_drop is not None),
                         ("--intervals", args.intervals), ("--quick", args.quick)):
         if given:
             raise DffError(f"--verify measures the candidate {args.verify} recommends; "
@@ -253,6 +253,17 @@ def _previous(args: argparse.Namespace) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise DffError(f"{args.verify}: not a dff-tune result ({type(e).__name__}: {e}); give "
                        "the --json file of an earlier dff-tune run") from None
+    if args.target_given or args.max_drop is not None:  # chosen again from its figures
+        from dff.models.frontier import recommend
+
+        target = args.target
+        if args.max_drop is not None:
+            base = rows[0]["agreement"] if rows and rows[0]["kind"] == "per-frame" else None
+            if base is None:
+                raise DffError(f"--max-drop: {args.verify} has no per-frame score to drop from")
+            target = round(base - args.max_drop / 100, 6)
+        previous["recommended"] = recommend(rows, target)
+        previous["target"] = target
     return previous
 
 
@@ -269,7 +280,9 @@ def describe_verify(res: dict) -> str:
     drop = (f"; its loss against per-frame's own {num(m['per_frame'], '.4f')} (predicted "
             f"{num(p['per_frame'], '.4f')}) changed by {num(v['drop_points'], '+.2f')} points, "
             "which the verdict judges" if labels else "")
-    return (f"verify {v['candidate']} on {', '.join(Path(x).name for x in res['videos'])} "
+    names = [Path(x).name for x in res["videos"]]
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]}"
+    return (f"verify {v['candidate']} on {shown} "
             f"({res['frames']} frames): {score} predicted {num(p['agreement'], '.4f')}, "
             f"measured {num(m['agreement'], '.4f')} ({num(v['agreement_points'], '+.2f')} "
             f"points){drop}; speedup over per-frame predicted {num(p['speedup'], '.2f')}x, "
@@ -305,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                            "--split NAME (real footage is scored against per-frame inference)")
         if args.target is not None and args.max_drop is not None:
             raise DffError("--target and --max-drop are two ways to set the bar; give one")
+        args.target_given = args.target is not None
         if args.target is None:
             args.target = DEFAULT_TARGET
         check_target(args.target)

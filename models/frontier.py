@@ -213,8 +213,9 @@ def explain(res: dict) -> list[str]:
     if DFF not in kinds:
         lines.append(f"DFF is not on the frontier (frontier: {', '.join(kinds)}); {why}")
     else:
-        lines.append(f"DFF is on the frontier with {', '.join(k for k in kinds if k != DFF)}"
-                     f"; {why}")
+        mine = [r["label"] for r in on if r["kind"] == DFF]
+        lines.append(f"DFF is on the frontier at {', '.join(mine)}, with "
+                     f"{', '.join(k for k in kinds if k != DFF)} elsewhere; {why}")
     return lines
 
 

@@ -14,7 +14,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+ (as con
 
 ROOT = Path(__file__).resolve().parents[1]
 # what the pinned packages come with, beside the project's own requirements
-TRANSITIVE = {"onnx-ir": "onnxscript", "cuda-bindings": "cuda-python"}
+TRANSITIVE = {"onnx-ir": "onnxscript", "cuda-bindings": "cuda-python", "filterpy": "norfair"}
 
 
 def pins() -> dict[str, str]:

@@ -214,7 +214,8 @@ def explain(res: dict) -> list[str]:
         lines.append(f"DFF is not on the frontier (frontier: {', '.join(kinds)}); {why}")
     else:
         mine = [r["label"] for r in on if r["kind"] == DFF]
-        lines.append(f"DFF is on the frontier at {', '.join(mine)}, with "
+        listed = ", ".join(mine[:4]) + (f" and {len(mine) - 4} more" if len(mine) > 4 else "")
+        lines.append(f"DFF is on the frontier at {listed}, with "
                      f"{', '.join(k for k in kinds if k != DFF)} elsewhere; {why}")
     return lines
 

@@ -105,7 +105,8 @@ def cost_only(backend: Backend, manifest: dict, videos: Sequence[Any], *,
     candidate at k then costs decode + upload + schedule + (feature + task) / k + (1 - 1/k) x
     (its non-key stage(s)), from the probes' medians. No agreement is measured; `match` says
     which k or size each alternative needs to cost no more than DFF at k = 10."""
-    task_spec(manifest)["kind"]
+    if not videos:
+        raise DffError("no videos to cost on; pass --video FILE")
     first = videos[0] if isinstance(videos[0], Rendered) else open_clip(videos[0], size, manifest)
     if not isinstance(first, Rendered):
         first.video.close()

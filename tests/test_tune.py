@@ -294,3 +294,27 @@ def test_cost_only_from_stage_medians(tmp_path, engines, clip, capsys):
     assert res["match"]["dff"] == "dff learned k=10"
     assert set(res["match"]) >= {"copy", "dff dis", "warp-output", "resize"}
     assert "cost only" in capsys.readouterr().out
+
+
+def test_run_propagate_track_and_refusals(tmp_path, detection_engines, clip, capsys):
+    """dff-run --propagate track: boxes carried between key frames through the one Step (their
+    time the flow stage's); a schedule that reads a flow, or --flow dis, is refused."""
+    pytest.importorskip("norfair")
+    summary = tmp_path / "run.json"
+    base = [str(clip), "-e", str(detection_engines), "-b", "onnxruntime-cpu", "-q",
+            "--json", str(tmp_path / "r.jsonl"), "--summary", str(summary)]
+    assert dff_run([*base, "--propagate", "track", "-k", "3"]) == 0
+    s = json.loads(summary.read_text())
+    assert (s["propagate"], s["key_frames"], s["frames"]) == ("track", 4, 10)
+    assert s["stages"]["flow"]["count"] == 6 and s["stages"]["feature"]["count"] == 4
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in records] == [t % 3 == 0 for t in range(10)]
+    capsys.readouterr()
+    for extra, says in ((["--schedule", "adaptive"], "--schedule fixed"),
+                        (["--flow", "dis"], "drop --flow dis"),
+                        (["--propagate", "warp-output"], "--propagate track")):
+        args = [*base, "--propagate", "track", *extra] if extra[0] != "--propagate" else [
+            *base, *extra]
+        assert dff_run(args) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err

@@ -26,7 +26,7 @@ from dff.models.tune import (
     measure,
     reduced_sizes,
 )
-from dff.runtime.backends import Backend, task_spec
+from dff.runtime.backends import Backend
 from dff.runtime.propagate import TRACK, WARP_OUTPUT
 
 from dff.errors import DffError

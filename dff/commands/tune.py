@@ -170,13 +170,7 @@ def plot(res: dict, path: Path) -> None:
     names = [Path(v).name for v in res["videos"]]
     shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} … {names[-1]} ({len(names)})"
     ax.set_title(f"dff-tune: {shown}, {res['size'][0]}x{res['size'][1]}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    _save(fig, ax, path, "lower right")
 
 
 def plot_costs(res: dict, path: Path) -> None:
@@ -210,8 +204,15 @@ def plot_costs(res: dict, path: Path) -> None:
     ax.set_xlabel("key interval k")
     ax.set_ylabel(f"ms per frame (stage medians, {res['backend']})")
     ax.set_title(f"dff-tune --cost-only, {res['size'][0]}x{res['size'][1]}", fontsize=9)
+    _save(fig, ax, path, "best")
+
+
+def _save(fig, ax, path: Path, legend: str) -> None:
+    """Grid and legend on; the figure written to a temporary file, then renamed to `path`."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc=legend)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -232,8 +232,8 @@ def _describe(row: dict, score: str = "score") -> str:
 
 def candidate_of(row: dict) -> Candidate:
     """The Candidate a JSON row describes (its size kept for resize only)."""
-    size = tuple(row["size"]) if row["kind"] == RESIZE else None
-    return Candidate(row["kind"], row["k"], row["flow"], row["schedule"], size)  # type: ignore[arg-type]
+    size = (int(row["size"][0]), int(row["size"][1])) if row["kind"] == RESIZE else None
+    return Candidate(row["kind"], row["k"], row["flow"], row["schedule"], size)
 
 
 def verify(backend: Backend, manifest: dict, previous: dict, videos: Sequence[Any],

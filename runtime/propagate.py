@@ -8,11 +8,11 @@ outputs from its key frame's outputs, with no flow graph, warp or task:
   settings (runtime/flows.py), on the grey frames DisFlow prepares.
 - `track` (detection, `BoxTracker`): the key frame's detections above the export's
   `task.score_threshold` go to a Kalman-filter tracker (norfair, BSD-3-Clause; its boxes are
-  two corner points matched by IoU, `_iou_distance`), told that detections come every k frames (`period`); on
-  the frames between, its predicted boxes are the outputs, each with the class and score of
-  the detection it last matched. A track not matched at a key frame lives until the next one
-  at most. (SORT and ByteTrack trackers return nothing on frames without detections, so they
-  cannot carry boxes between key frames; DESIGN.md §8.)
+  two corner points matched by IoU, `_iou_distance`), told that detections come every k
+  frames (`period`); on the frames between, its predicted boxes are the outputs, each with the
+  class and score of the detection it last matched. A track not matched at a key frame lives
+  until the next one at most. (SORT and ByteTrack trackers return nothing on frames without
+  detections, so they cannot carry boxes between key frames; DESIGN.md §8.)
 
 `Step(propagate=...)` (runtime/step.py) calls `key` with each key frame's outputs and `carry`
 for each other frame; the state of each stream lives in its StreamState's `carried`.

@@ -112,11 +112,12 @@ def cost_only(backend: Backend, manifest: dict, videos: Sequence[Any], *,
         first.video.close()
     frame_size = first.size
     k_max = max(intervals)
-    full = grid(manifest, backend, frame_size, intervals)
+    takes = graph_takes(backend)  # one probe per size for grid's sizes and these
+    full = grid(manifest, backend, frame_size, intervals, takes)
     probes = [Candidate(PER_FRAME, schedule="per-frame")]
     probes += [Candidate(RESIZE, schedule="per-frame", size=s) for s in
                reduced_sizes(frame_size, int(manifest["stride"]), manifest["profile"],
-                             COST_FACTORS, graph_takes(backend))]
+                             COST_FACTORS, takes)]
     probes += [c for c in full if c.k == k_max and c.schedule == "fixed"
                and c.kind in (DFF, COPY, WARP_OUTPUT, TRACK)]
     if kinds:

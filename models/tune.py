@@ -131,14 +131,16 @@ def graph_takes(backend: Backend) -> Callable[[tuple[int, int]], bool]:
 
 
 def grid(manifest: dict, backend: Backend, size: tuple[int, int],
-         intervals: Sequence[int] = INTERVALS) -> list[Candidate]:
-    """Every candidate this export and backend can run (module docstring), per-frame first."""
+         intervals: Sequence[int] = INTERVALS,
+         takes: Callable[[tuple[int, int]], bool] | None = None) -> list[Candidate]:
+    """Every candidate this export and backend can run (module docstring), per-frame first.
+    `takes`: graph_takes(backend)'s answers, where the caller already has them."""
     kind = task_spec(manifest)["kind"]
     sources = [s for s in (LEARNED, DIS) if s in backend.flow_sources]
     out = [Candidate(PER_FRAME, schedule="per-frame")]
     out += [Candidate(RESIZE, schedule="per-frame", size=s)
             for s in reduced_sizes(size, int(manifest["stride"]), manifest["profile"],
-                                   takes=graph_takes(backend))]
+                                   takes=takes or graph_takes(backend))]
     for source in sources:
         schedules = ["fixed", "adaptive"] + (["learned"] if source == LEARNED
                                              and backend.has_quality else [])
@@ -151,12 +153,13 @@ def grid(manifest: dict, backend: Backend, size: tuple[int, int],
 
 
 class _Runner:
-    """A candidate's Step, stream and timing on one clip."""
+    """A candidate's Step (one for all clips), and its stream and timing on the current clip
+    (`start`)."""
 
     def __init__(self, cand: Candidate, backend: Backend, manifest: dict, dis: DisFlow,
-                 stride: int, name: str):
+                 stride: int):
         task = task_spec(manifest)
-        self.cand, self.name, self.stride = cand, name, stride
+        self.cand, self.name, self.stride = cand, "", stride
         flow = DisFlow(dis.preset, dis.scale) if cand.flow == DIS else None
         propagate = (make_propagator(cand.kind, task["kind"], cand.k or 1,
                                      DisFlow(dis.preset, dis.scale),
@@ -164,9 +167,17 @@ class _Runner:
                      if cand.kind in (WARP_OUTPUT, TRACK) else None)
         self.step = Step(backend, max_batch=1, copy=cand.kind == COPY, flow=flow,
                          propagate=propagate)
-        self.seconds = 0.0
-        self.key_frames = self.frames = 0
         self.stream = self._stream()
+        self.start(self.name)
+
+    def start(self, name: str) -> None:
+        """A fresh stream (its schedule from the start) named `name`, and the times, counts
+        and stage calls from zero."""
+        self.stream.release()
+        self.name = name
+        self.stream = self._stream()
+        self.seconds, self.frames, self.key_frames = 0.0, 0, 0
+        self.step.calls = {stage: Timings() for stage in STAGES}
 
     def _stream(self) -> StreamState:
         c = self.cand
@@ -191,13 +202,11 @@ class _Runner:
         return out
 
     def warm(self, image: np.ndarray) -> None:
-        """A few untimed steps on copies of `image`, then a fresh stream."""
+        """A few untimed steps on copies of `image`, then `start` again (the medians leave
+        them out)."""
         for t in range(WARMUP_FRAMES):
             self(t, image)
-        self.stream.release()
-        self.stream = self._stream()
-        self.seconds, self.frames, self.key_frames = 0.0, 0, 0
-        self.step.calls = {name: Timings() for name in STAGES}  # the medians leave these out
+        self.start(self.name)
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -346,7 +355,8 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
     motion: list[float] = []
     decode_s, total = 0.0, 0
     bar = _bar(progress)
-    for path in videos:
+    runners = [_Runner(c, backend, manifest, dis, stride) for c in cands]
+    for i, path in enumerate(videos):
         clip = path if isinstance(path, Rendered) else open_clip(path, size, manifest)
         if bar is not None:
             count = len(clip.images) if isinstance(clip, Rendered) else clip.video.frame_count
@@ -355,9 +365,10 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
                 bar.refresh()
             else:
                 bar.total = None
-        runners = [_Runner(c, backend, manifest, dis, stride, clip.name) for c in cands]
+        for r in runners:
+            r.start(clip.name)
         _run_clip(clip, max_frames, runners, measured, motion, dis, bar,
-                  clip.truth if labels else None)
+                  clip.truth if labels else None, warm=i == 0)  # one size: warmed once
         decode_s += clip.decode_s
         total += clip.frames
     if bar is not None:
@@ -392,15 +403,16 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
 
 def _run_clip(clip: Clip | Rendered, max_frames: int | None, runners: list[_Runner],
               measured: list[Measured], motion: list[float], dis: DisFlow, bar: Any,
-              truth: list[dict] | None = None) -> None:
+              truth: list[dict] | None = None, warm: bool = True) -> None:
     """Every runner on the clip's frames, interleaved (runners[0] is per-frame: the
     reference, unless `truth` gives each frame's ground truth); their outputs scored, their
-    times and stage calls added to `measured`."""
+    times and stage calls added to `measured`. With `warm`, every runner first steps the
+    first frame untimed (`_Runner.warm`)."""
     ref_runner = runners[0]
     prev = None
     try:
         for t, image in enumerate(clip.read(max_frames)):
-            if t == 0:
+            if t == 0 and warm:
                 for r in runners:
                     r.warm(image)
             outputs = [ref_runner(t, image)]

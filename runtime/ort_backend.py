@@ -50,6 +50,13 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
                  memory: Memory | None = None, int8: bool = False):
         ort = import_ort()
         self._ort = ort
+        from onnxruntime.capi.onnxruntime_pybind11_state import (
+            Fail,
+            InvalidArgument,
+            RuntimeException,
+        )
+
+        self._refused = (Fail, InvalidArgument, RuntimeException)  # a run's inputs refused
         self.manifest = load_manifest(engine_dir)
         self.stride = int(self.manifest["stride"])
         self.profile = self.manifest["profile"]
@@ -147,15 +154,9 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         """The graph's outputs (`graph_outputs` order): host arrays, or, with IOBinding,
         DeviceArrays over the backend's buffers. ONNX Runtime refusing the inputs (a size the
         graph cannot take) is a BackendError naming the graph, the shapes and the fix."""
-        from onnxruntime.capi.onnxruntime_pybind11_state import (
-            Fail,
-            InvalidArgument,
-            RuntimeException,
-        )
-
         try:
             return self._run_graph(graph, feeds)
-        except (Fail, InvalidArgument, RuntimeException) as e:
+        except self._refused as e:
             shapes = ", ".join(f"{k} {'x'.join(map(str, getattr(v, 'shape', ())))}"
                                for k, v in feeds.items())
             # ONNX Runtime's message ends in the part a user can read, after the source line

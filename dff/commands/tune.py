@@ -22,6 +22,7 @@ from dff.errors import DffError
 from dff.export.manifest import load_manifest, write_deploy
 from dff.runtime.backends import PRECISIONS
 from dff.runtime.flows import PRESETS
+from dff.runtime.writers import write_summary
 
 EPILOG = """\
 candidates (the JSON's "kind"):
@@ -220,12 +221,6 @@ def _save(fig, ax, path: Path, legend: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def deploy_record(res: dict) -> dict:
     """The manifest's `deploy` entry for the recommended candidate."""
     row = res["candidates"][res["recommended"]]
@@ -374,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         res = {"command": command, "engine_dir": str(engine_dir), "backend": name,
                "backend_reason": reason, "precision": precision, **res}
         if previous is not None:
-            write_json(res, out)
+            write_summary(out, res)
             print(describe_verify(res))
             print(f"wrote {out}")
             return 0
@@ -389,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(res))
         for line in explain(res):
             print(line)
-        write_json(res, out)
+        write_summary(out, res)
         (plot_costs if args.cost_only else plot)(res, png)
         print(f"wrote {out} ({len(res['candidates'])} candidates) and {png}")
         if args.write:

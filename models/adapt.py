@@ -52,6 +52,8 @@ ADAPT_DIR = "adapt"
 PREV_FLOW = "flow.prev.onnx"
 DIS_PRESET = "medium"
 EVAL_PAIRS = 32  # held-out pairs scored each evaluation
+EVAL_MOTIONS = 8  # held-out frames moved along known motions, scored each evaluation
+EVAL_SEED = 1234
 MIN_BOXES = 10  # detection: fewer teacher boxes on the held-out pairs score no task error
 INPUT_SCALES = (1.0, 0.5, 0.25)
 
@@ -333,6 +335,9 @@ class AdaptOptions:
     # realflow.auto_input_scale of the export's opt size)
     train_scale: bool = False  # train the scale field (features-only distillation shrinks it)
     dis_weight: float = 0.1  # the DIS end-point error's weight in the distil stage
+    motion_weight: float = 0.5  # the exact-flow end-point error's weight on known motions of
+    # the training frames (pretrain_flow.layered_sample): keeps the net a flow for motions the
+    # footage lacks
 
 
 @dataclass
@@ -390,6 +395,26 @@ def epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (flow - target).pow(2).sum(1).add(1e-12).sqrt().mean()
 
 
+def known_motions(clips: list[Clip], count: int, stride: int, mean: torch.Tensor,
+                  std: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """`count` frames of `clips` each moved along a random layered motion with its exact flow
+    (models/pretrain_flow.layered_sample, at the frames' size): the normalised images "x",
+    "key_x" and the flow in feature cells "flow" (averaged over each cell)."""
+    from dff.models.pretrain_flow import layered_sample
+
+    samples = []
+    for _ in range(count):
+        frames = clips[int(rng.integers(len(clips)))].frames
+        frame = frames[int(rng.integers(len(frames)))]
+        samples.append(layered_sample(frame, rng, crop=frame.shape[:2], large_share=0.5))
+
+    def tensor(i: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([x[i] for x in samples])).permute(0, 3, 1, 2).float()
+
+    flow = torch.nn.functional.avg_pool2d(tensor(2), stride, stride) * (1.0 / stride)
+    return {"x": (tensor(0) - mean) / std, "key_x": (tensor(1) - mean) / std, "flow": flow}
+
+
 class Trainer:
     """The flow net, its optimizer and the data of one dff-adapt run."""
 
@@ -412,6 +437,10 @@ class Trainer:
         self.rng = random.Random(options.seed)
         self.state = AdaptState()
         self.eval_set = eval_pairs(held, options.k_max) if held else []
+        self.stride = int(train[0].frames.shape[1]) // grid[0]
+        # known motions of held-out frames, fixed: is the net still a flow?
+        self.eval_motions = known_motions(held, EVAL_MOTIONS, self.stride, self.mean, self.std,
+                                          np.random.default_rng(EVAL_SEED)) if held else None
 
     def stage(self, progress: float) -> str:
         stages = self.options.stages
@@ -452,6 +481,12 @@ class Trainer:
             loss = relative_error(flow_warp(b["key_feat"], flow, scale), b["cur_feat"])
             if self.options.dis_weight > 0:
                 loss = loss + self.options.dis_weight * epe(flow, b["dis"])
+        if self.options.motion_weight > 0:
+            m = known_motions(self.train_clips, max(1, self.options.batch // 2), self.stride,
+                              self.mean, self.std,
+                              np.random.default_rng(self.rng.getrandbits(32)))
+            loss = loss + self.options.motion_weight * epe(self.net(m["x"], m["key_x"])[0],
+                                                           m["flow"])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -486,6 +521,9 @@ class Trainer:
         out: dict[str, Any] = {"task_err": self._task_error(warped, b["cur_feat"]),
                                "feat": float(relative_error(warped, b["cur_feat"])),
                                "dis_epe": float(epe(flow, b["dis"]))}
+        if self.eval_motions is not None:
+            m = self.eval_motions
+            out["motion_epe"] = float(epe(self.net(m["x"], m["key_x"])[0], m["flow"]))
         if baselines:
             dis = flow_warp(b["key_feat"], b["dis"])
             out.update(copy_task_err=self._task_error(b["key_feat"], b["cur_feat"]),
@@ -507,7 +545,8 @@ class Trainer:
         if best is not None and key(best) <= key(scores):
             return False
         self.state.best = {"iteration": self.state.iteration, "task_err": scores["task_err"],
-                           "feat": scores["feat"], "dis_epe": scores["dis_epe"]}
+                           "feat": scores["feat"], "dis_epe": scores["dis_epe"],
+                           "motion_epe": scores.get("motion_epe")}
         self.state.best_net = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         return True
 
@@ -673,7 +712,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
             post = {"stage": stage, "loss": f"{loss:.4f}"}
             if last:
                 post.update(held_task_err=_num(last["task_err"]), held_feat=f"{last['feat']:.4f}",
-                            dis_epe=f"{last['dis_epe']:.3f}")
+                            dis_epe=f"{last['dis_epe']:.3f}",
+                            motion_epe=f"{last.get('motion_epe', math.nan):.3f}")
             bar.set_postfix(post, refresh=False)
         if it % options.save_every == 0:
             trainer.state.seconds = start_sec + time.monotonic() - t0
@@ -707,7 +747,7 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
         "batch": options.batch, "lr": options.lr, "dis": {"preset": DIS_PRESET,
                                                           "scale": dis_scale},
         "input_scale": options.input_scale, "train_scale": options.train_scale,
-        "dis_weight": options.dis_weight,
+        "dis_weight": options.dis_weight, "motion_weight": options.motion_weight,
         "held_out_loss": final, "chosen": best, "verdict": verdict, "init": init_name,
         "tool": "dff-adapt",
         "tool_version": dff.__version__, "last_loss": loss,
@@ -748,7 +788,8 @@ def _scores(s: dict[str, Any]) -> str:
     """The held-out scores of an evaluation with baselines, as one log phrase."""
     return (f"task-output error this net {_num(s['task_err'])}, copy {_num(s['copy_task_err'])}, "
             f"DIS {_num(s['dis_task_err'])}; feature error {s['feat']:.4f}, copy "
-            f"{s['copy_feat']:.4f}, DIS {s['dis_feat']:.4f}; DIS EPE {s['dis_epe']:.3f} cells")
+            f"{s['copy_feat']:.4f}, DIS {s['dis_feat']:.4f}; DIS EPE {s['dis_epe']:.3f} cells"
+            + (f", known-motion EPE {s['motion_epe']:.3f} cells" if "motion_epe" in s else ""))
 
 
 # ------------------------------------------------------------------------------ the export

@@ -142,6 +142,80 @@ def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
     return current, key, flow.astype(np.float32)
 
 
+def _blob(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """A random region of a h x w crop (bool): an ellipse or a star-shaped polygon, 5 to 40 %
+    of the crop's shorter side across, or more."""
+    import cv2
+
+    mask = np.zeros((h, w), np.uint8)
+    cy, cx = rng.uniform(0, h), rng.uniform(0, w)
+    radius = rng.uniform(0.1, 0.5) * min(h, w)
+    if rng.random() < 0.5:
+        axes = (int(radius), int(radius * rng.uniform(0.3, 1.0)))
+        cv2.ellipse(mask, (int(cx), int(cy)), axes, rng.uniform(0, 180), 0, 360, 1, -1)
+    else:
+        n = int(rng.integers(5, 12))
+        angles = np.sort(rng.uniform(0, 2 * np.pi, n))
+        radii = radius * rng.uniform(0.4, 1.0, n)
+        pts = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+        cv2.fillPoly(mask, [pts.astype(np.int32)], 1)
+    return mask.astype(bool)
+
+
+def layered_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
+                   large_share: float = 0.0):
+    """(current, key, flow [H,W,2] px): a crop of `frame` (the key) and a current frame that
+    samples it along a random piecewise-smooth flow: an affine background, 1 to 4 regions each
+    with its own affine motion in front of it, and for half the samples a smooth non-rigid
+    term. Exact flow (current(p) = key(p + flow(p)), resampled with cv2.remap) and real
+    texture, with motion edges inside the frame as between objects at different depths. The key
+    is itself resampled at a random sub-pixel shift, so both images are equally smooth."""
+    import cv2
+
+    h, w = crop
+    fh, fw = frame.shape[:2]
+    y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+
+    def motion(centre: np.ndarray) -> np.ndarray:
+        power = 1 if rng.random() < large_share else 3
+
+        def amp(most: float, size: int | None = None):
+            return most * rng.uniform(-1, 1, size) ** power
+
+        s, r, sh = math.exp(amp(0.08)), math.radians(amp(4.0)), amp(0.03, 2)
+        a = s * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]]) \
+            @ np.array([[1, sh[0]], [sh[1], 1]])
+        t = amp(MAX_SHIFT, 2)
+        px, py = xs - centre[0], ys - centre[1]
+        return np.stack([(a[0, 0] - 1) * px + a[0, 1] * py + t[0],
+                         a[1, 0] * px + (a[1, 1] - 1) * py + t[1]], -1).astype(np.float32)
+
+    flow = motion(np.array([(w - 1) / 2, (h - 1) / 2]))
+    if rng.random() < 0.5:  # smooth non-rigid motion: coarse noise, bicubically upsampled
+        coarse = rng.normal(0, rng.uniform(1, 8), (3, 5, 2)).astype(np.float32)
+        flow = flow + cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
+    for _ in range(int(rng.integers(1, 5))):
+        mask = _blob(h, w, rng)
+        if mask.any():
+            centre = np.array([xs[mask].mean(), ys[mask].mean()])
+            flow[mask] = motion(centre)[mask]
+    shift = rng.uniform(-0.5, 0.5, 2).astype(np.float32)
+    key = cv2.remap(frame, xs + (x0 + shift[0]), ys + (y0 + shift[1]), cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_REFLECT)
+    current = cv2.remap(frame, xs + x0 + flow[..., 0], ys + y0 + flow[..., 1], cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REFLECT)
+    return current, key, (flow - shift).astype(np.float32)
+
+
+def synthetic_sample(frame: np.ndarray, rng: np.random.Generator, large_share: float,
+                     layered_share: float):
+    """A layered sample (`layered_share` of them) or one affine motion."""
+    if rng.random() < layered_share:
+        return layered_sample(frame, rng, large_share=large_share)
+    return affine_sample(frame, rng, large_share=large_share)
+
+
 def dis_sample(pair, rng: np.random.Generator, crop=CROP):
     """(current, key, flow px) from a DIS pair: a crop, and the key's crop offset by up to
     ±DIS_OFFSET px (the flow then minus the offset)."""
@@ -187,10 +261,14 @@ def epe_cells(pred: torch.Tensor, flow: torch.Tensor, cell: int) -> torch.Tensor
     return torch.linalg.vector_norm(pred - target, dim=1).mean()
 
 
-def held_out_set(clips: list[Clip], n: int = 16, seed: int = 1234):
-    """A fixed batch from the held-out frames: half affine, half DIS pairs."""
+def held_out_set(clips: list[Clip], n: int = 16, seed: int = 1234, layered: bool = False):
+    """A fixed batch from the held-out frames: half affine, half DIS pairs; or with `layered`,
+    n layered samples (half of them with uniform amplitudes)."""
     rng = np.random.default_rng(seed)
     frames = [f for c in clips for f in c.frames]
+    if layered:
+        return to_batch([layered_sample(frames[int(rng.integers(len(frames)))], rng,
+                                        large_share=0.5) for _ in range(n)])
     samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng) for _ in range(n // 2)]
     samples += [dis_sample(p, rng) for p in dis_pairs(clips, n - n // 2, rng)]
     return to_batch(samples)
@@ -211,10 +289,13 @@ def held_out_epe(net: RealFlowNet, batch) -> float:
 def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
              lr: float = 2e-3, pool: int = 120, refresh: int = 200, seed: int = 0,
              threads: int = 1, progress: bool = True,
-             init: str | os.PathLike[str] | None = None, large_share: float = 0.0) -> dict:
+             init: str | os.PathLike[str] | None = None, large_share: float = 0.0,
+             layered_share: float = 0.0) -> dict:
     """Train for `minutes` of wall time in all (resuming from OUT.ckpt), write the trunk's
-    weights to `out`; returns {'steps', 'minutes', 'held_out_epe'}. `init`: weights to start
-    from (each tensor whose name and shape match; the others keep their initialisation)."""
+    weights to `out`; returns {'steps', 'minutes', 'held_out_epe', 'layered_epe'}. `init`:
+    weights to start from (each tensor whose name and shape match; the others keep their
+    initialisation). `layered_share`: the share of the synthetic (not DIS) samples that are
+    layered (layered_sample) rather than one affine motion."""
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
@@ -223,7 +304,7 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     train, held = load_clips()
-    val = held_out_set(held)
+    val, val_layered = held_out_set(held), held_out_set(held, layered=True)
     net = RealFlowNet(16, 1)
     if init is not None and not ckpt.exists():
         own = net.state_dict()
@@ -244,7 +325,7 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     pairs = dis_pairs(train, pool, rng)
     frames = [f for c in train for f in c.frames]
     start, last_save = time.monotonic() - spent, time.monotonic()
-    epe = held_out_epe(net, val)
+    epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
     bar = tqdm(total=round(budget), initial=round(spent), unit="s", dynamic_ncols=True,
                disable=not progress)
     loss_avg = None
@@ -252,8 +333,8 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     while (elapsed := time.monotonic() - start) < budget:
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
-        samples = [affine_sample(frames[int(rng.integers(len(frames)))], rng,
-                                 large_share=large_share)
+        samples = [synthetic_sample(frames[int(rng.integers(len(frames)))], rng, large_share,
+                                    layered_share)
                    if rng.random() < 0.5 else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
                    for _ in range(batch_size)]
         cur, key, flow = to_batch(samples, rng)
@@ -268,8 +349,9 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
         if step % refresh == 0:  # new DIS pairs now and then: more real motion seen
             pairs[int(rng.integers(len(pairs)))] = dis_pairs(train, 1, rng)[0]
         if step % 100 == 0:
-            epe = held_out_epe(net, val)
-        bar.set_postfix(step=step, loss=f"{loss_avg:.2f}", held_out_epe=f"{epe:.2f}")
+            epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
+        bar.set_postfix(step=step, loss=f"{loss_avg:.2f}", held_out_epe=f"{epe:.2f}",
+                        layered=f"{layered:.2f}")
         bar.update(round(time.monotonic() - start) - bar.n)
         if time.monotonic() - last_save > 60:
             _save_ckpt(ckpt, net, opt, step, time.monotonic() - start)
@@ -277,10 +359,12 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     bar.close()
     spent = time.monotonic() - start
     _save_ckpt(ckpt, net, opt, step, spent)
-    epe = held_out_epe(net, val)
+    epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.contiguous() for k, v in trunk_state(net).items()}, out)
-    return {"steps": step, "minutes": spent / 60, "held_out_epe": epe}
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save({k: v.contiguous() for k, v in trunk_state(net).items()}, tmp)
+    os.replace(tmp, out)
+    return {"steps": step, "minutes": spent / 60, "held_out_epe": epe, "layered_epe": layered}
 
 
 def _save_ckpt(path: Path, net, opt, step: int, seconds: float) -> None:
@@ -303,12 +387,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", help="weights to start from (the tensors that fit)")
     p.add_argument("--large-share", type=float, default=0.0,
                    help="share of the affine samples with uniform (not mostly small) motion")
+    p.add_argument("--layered-share", type=float, default=0.0,
+                   help="share of the synthetic samples that are layered (several motions)")
     args = p.parse_args(argv)
     result = pretrain(args.out, args.minutes, batch_size=args.batch, lr=args.lr,
                       threads=args.threads, seed=args.seed, init=args.init,
-                      large_share=args.large_share)
+                      large_share=args.large_share, layered_share=args.layered_share)
     print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride 16) "
-          f"{result['held_out_epe']:.2f} px; wrote {args.out}")
+          f"{result['held_out_epe']:.2f} px, layered {result['layered_epe']:.2f} px; wrote "
+          f"{args.out}")
 
 
 if __name__ == "__main__":

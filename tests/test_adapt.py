@@ -63,6 +63,7 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert adapt_cli.main(argv) == 0
     out = capsys.readouterr()
     assert "held_feat" in out.err and "dis_epe" in out.err and "max abs error" in out.out
+    assert "motion_epe" in out.err and "known-motion EPE" in out.out
     assert "held_task_err" in out.err and "task-output error this net" in out.out
     assert (export / "flow.prev.onnx").read_bytes() == old_flow
     assert (export / "flow.onnx").read_bytes() != old_flow
@@ -73,7 +74,8 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
     assert record["k_max"] == 3 and record["init"] == INIT[0]
     assert record["videos"][0]["sha256"] and record["held_out"][0]["from_frame"] == 19
     assert {"feat", "dis_epe", "copy_feat", "dis_feat", "task_err", "copy_task_err",
-            "dis_task_err"} <= set(record["held_out_loss"])
+            "dis_task_err", "motion_epe"} <= set(record["held_out_loss"])
+    assert record["motion_weight"] == 0.5 and record["chosen"]["motion_epe"] >= 0
     # the net written is the held-out's best of the init (iteration 0) and iterations 2 and 4
     assert record["chosen"]["iteration"] in (0, 2, 4)
     assert record["input_scale"] == 1.0 and record["train_scale"] is False
@@ -207,6 +209,19 @@ def test_dff_build_builds_the_learned_flow_graph(tmp_path, capsys):
     m = load_manifest(out)
     flows = [e for e in m["engines"].values() if e["graph"] == "flow"]
     assert len(flows) == 1 and flows[0]["onnx_sha256"] == m["graphs"]["flow"]["sha256"]
+
+
+def test_known_motions_are_the_exact_flow_in_feature_cells():
+    """dff-adapt's known motions: a frame moved along a layered motion, the flow averaged over
+    each feature cell and given in cells (current -> key)."""
+    frames = np.random.default_rng(1).integers(0, 255, (3, 64, 96, 3), np.uint8)
+    clip = adapt_mod.Clip(Path("c.mp4"), "0", frames)
+    mean, std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    m = adapt_mod.known_motions([clip], 2, 16, mean, std, np.random.default_rng(0))
+    assert m["x"].shape == m["key_x"].shape == (2, 3, 64, 96) and m["flow"].shape == (2, 2, 4, 6)
+    again = adapt_mod.known_motions([clip], 2, 16, mean, std, np.random.default_rng(0))
+    assert torch.equal(m["flow"], again["flow"])  # from the generator given, nothing else
+    assert float(m["flow"].abs().max()) > 0.05  # cells, not pixels, and not zero
 
 
 def test_the_teacher_pads_the_last_chunk_for_a_graph_of_fixed_batch():

@@ -128,3 +128,29 @@ def test_onnx_export_is_tensorrt_clean_and_matches_pytorch(tmp_path):
     flow, scale = session.run(None, {"image": cur.numpy(), "key": key.numpy()})
     np.testing.assert_allclose(flow, expected[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(scale, expected[1].numpy(), atol=1e-4)
+
+
+def test_layered_samples_have_exact_flow_and_several_motions():
+    """pretrain_flow.layered_sample: current(p) = key(p + flow(p)) wherever p + flow(p) is in
+    the key, and the flow is piecewise (regions with their own motion), not one affine map."""
+    cv2 = pytest.importorskip("cv2")
+    from dff.models.pretrain_flow import layered_sample
+
+    frame = texture(240, 320)
+    rng = np.random.default_rng(0)
+    distinct = []
+    for _ in range(6):
+        cur, key, flow = layered_sample(frame, rng, crop=(160, 224), large_share=0.5)
+        assert cur.shape == key.shape == (160, 224, 3) and flow.shape == (160, 224, 2)
+        assert cur.dtype == key.dtype == np.uint8 and flow.dtype == np.float32
+        ys, xs = np.mgrid[0:160, 0:224].astype(np.float32)
+        mx, my = xs + flow[..., 0], ys + flow[..., 1]
+        back = cv2.remap(key, mx, my, cv2.INTER_LINEAR)
+        inside = (mx > 1) & (mx < 222) & (my > 1) & (my < 158)
+        diff = np.abs(back.astype(np.float32) - cur.astype(np.float32)).mean(-1)
+        assert inside.mean() > 0.2 and float(np.median(diff[inside])) < 3.0
+        # residual from the best affine fit of the flow: large where regions move apart
+        a = np.stack([xs.ravel(), ys.ravel(), np.ones(xs.size, np.float32)], 1)
+        fit = a @ np.linalg.lstsq(a, flow.reshape(-1, 2), rcond=None)[0]
+        distinct.append(float(np.abs(fit - flow.reshape(-1, 2)).max()))
+    assert max(distinct) > 5.0, distinct

@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dis-weight", type=_non_negative, default=0.1, metavar="W",
                    help="weight of the end-point error against DIS in the distil stage, which "
                         "keeps the net's output a flow (default 0.1; 0: features alone)")
+    p.add_argument("--motion-weight", type=_non_negative, default=0.5, metavar="W",
+                   help="weight of the end-point error on the training frames moved along "
+                        "known random motions, in every stage: keeps the net a flow for "
+                        "motions your footage lacks (default 0.5; 0: off)")
     p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="CPU threads (default: 0 = the library's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             max_frames=args.max_frames, resume=args.resume,
             default_learned=args.default == "learned", threads=args.threads,
             input_scale=args.input_scale, train_scale=args.train_scale,
-            dis_weight=args.dis_weight)
+            dis_weight=args.dis_weight, motion_weight=args.motion_weight)
 
         def progress(it, total):
             if args.quiet:

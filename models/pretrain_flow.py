@@ -8,24 +8,27 @@ Each training sample is a random crop (192x320) of a current/key pair with a kno
 - (a) ``affine``: a real frame and the same frame moved by a random affine motion (translation
   up to ±56 px, scale ±8 %, rotation ±4°, shear ±3 %; each amplitude its maximum times u³, u
   uniform in −1..1, so mostly small as between video frames, or for ``--large-share`` of the
-  samples times u): exact flow, real texture;
+  samples times u): exact flow, real texture; ``--layered-share`` of these samples are
+  ``layered`` instead: the frame resampled along an affine background with 1 to 4 regions in
+  front, each moving on its own (motion edges inside the frame, as between depths);
 - (b) ``dis``: two real frames 1 to 10 apart with OpenCV DIS (medium preset) flow as pseudo
   ground truth; for half of them the key crop is also offset by up to ±32 px, which adds that
   offset to the flow.
 
 Both images get a small random gain, offset and noise. Loss: the end-point error (px)
 against the target averaged over each cell, at 1/8 (the net's shared output resolution) plus
-half that at 1/16 (its coarse flow). AdamW, cosine learning rate over the time budget.
+half that at 1/16 and a quarter at 1/32 (the pyramid's coarser levels). AdamW, cosine
+learning rate over the time budget.
 
 The run checkpoints itself to ``OUT.ckpt`` every minute and resumes from it when started
 again with the same --out (the budget counts the time already spent); at the end it writes
 the trunk's weights (no scale head: load_realflow builds it) to OUT.
 
-    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --minutes 30
-    python -m dff.models.pretrain_flow --out W.pth --minutes 40 --init OLD.pth --large-share 0.5
+    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --minutes 75 \
+        --lr 2e-3 --large-share 0.5 --layered-share 0.6        # the shipped weights (version 3)
 
 ``--init`` starts from other weights (a weights file or a checkpoint; the tensors whose name and
-shape fit): how the shipped weights were made, in stages (docs/MEASUREMENTS.md).
+shape fit): how version 2's weights were made, in stages (docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -280,8 +283,8 @@ def held_out_epe(net: RealFlowNet, batch) -> float:
     was = net.training
     net.eval()
     cur, key, flow = batch
-    _, flow8, _ = net.pyramid(cur, key)
-    out = float(epe_cells(F.avg_pool2d(flow8, 2, 2), flow, 16))
+    flows, _ = net.pyramid(cur, key)
+    out = float(epe_cells(F.avg_pool2d(flows[-1], 2, 2), flow, 16))
     net.train(was)
     return out
 
@@ -338,8 +341,9 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
                    if rng.random() < 0.5 else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
                    for _ in range(batch_size)]
         cur, key, flow = to_batch(samples, rng)
-        flow16, flow8, _ = net.pyramid(cur, key)
-        loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16)
+        (flow32, flow16, flow8), _ = net.pyramid(cur, key)
+        loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16) \
+            + 0.25 * epe_cells(flow32, flow, 32)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)

@@ -2,27 +2,30 @@
 
 The shipped FlowNet-S (models/flownet.py) learnt its flow on synthetic shapes and does not
 transfer to real video. RealFlowNet is pretrained without labels on real frames
-(models/pretrain_flow.py: real frames moved by known affine motions, and OpenCV DIS on real
-frame pairs as pseudo ground truth) and is cheap enough for a CPU:
+(models/pretrain_flow.py: real frames moved along known affine and layered motions, and OpenCV
+DIS on real frame pairs as pseudo ground truth) and is cheap enough for a CPU. Version 3, a
+three-level pyramid:
 
-- a shared (siamese) encoder, four stride-2 3x3 convs (1/2 … 1/16) and one more at 1/16;
-- a cost volume at 1/16: the current frame's features against the key frame's shifted by
-  every (dx, dy) in ±RADIUS cells (±64 px), written as slices of the zero-padded key map, a
-  product and a channel mean (standard ONNX: Pad, Slice, Concat, Mul, ReduceMean);
-- a coarse flow at 1/16: the cost volume's soft-argmax (the expected displacement under a
-  softmax over the (2R+1)^2 candidates) plus a residual from a small conv decoder;
-- a refinement at 1/8: the key frame's 1/8 features warped along the upsampled coarse flow
-  (GridSample, models/warp.py), a local cost volume of the current frame's 1/8 features
-  against them over ±LOCAL cells (±24 px), and with the upsampled flow, the decoder features
-  and the current frame's own 1/8 features → a residual flow (precision and motion edges);
-- the output at the stride's grid: the net's 1/8 flow (in pixels; 1/16 of the image at input
+- a shared (siamese) encoder of stride-2 3x3 convs down to 1/32; the 1/8, 1/16 and 1/32 maps
+  end in a linear conv (the features correlated);
+- at each level (`Level`) a cost volume: the current frame's features against the key frame's
+  shifted by every (dx, dy) in ±radius cells, written as slices of the zero-padded key map, a
+  product and a channel mean (standard ONNX: Pad, Slice, Concat, Mul, ReduceMean); the level's
+  flow is the flow from the level above, plus the cost volume's soft-argmax (the expected
+  displacement under a softmax over the (2r+1)^2 candidates), plus a residual from three
+  small convs on the cost volume, the features and that flow;
+- 1/32 searches ±RADIUS cells (±96 px); 1/16 and 1/8 first warp the key frame's features along
+  the flow from above, upsampled ×2 (GridSample, models/warp.py), and search ±LOCAL cells
+  around it (±32 and ±16 px): each cell's flow comes from its own match, and the decoders
+  correct it rather than make it;
+- the output at the stride's grid: the 1/8 flow (in pixels; 1/16 of the image at input
   scale 0.5) resized bilinearly up or average-pooled down to 1/stride, then turned into
   feature cells (current → key, (dx, dy): FlowWarp's convention, models/warp.py);
-- DFF's scale head: a 1x1 conv from the refinement's features, weight 0 and frozen bias 1, so
-  scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise.
+- DFF's scale head: a 1x1 conv from the last decoder's features, weight 0 and frozen bias 1,
+  so scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise.
 
 `input_scale` (1, 0.5, 0.25) average-pools both images before the net: cheaper, and the
-motions it sees are smaller, but on small frames the 1/16 cost volume is then a few cells
+motions it sees are smaller, but on small frames the coarsest cost volume is then a few cells
 (`auto_input_scale` picks 0.5 from 512 px up).
 
 Input: both images normalised as (pixels − FLOW_MEAN) / FLOW_STD on the 0..255 scale (i.e.
@@ -48,13 +51,13 @@ FLOW_MEAN = (127.5, 127.5, 127.5)  # 0..255 scale: pixels/255 − 0.5
 FLOW_STD = (255.0, 255.0, 255.0)
 STRIDES = (4, 8, 16, 32)
 INPUT_SCALES = (1.0, 0.5, 0.25)  # the images average-pooled by 1, 2 or 4 before the net
-AUTO_HALF = 512  # auto_input_scale: 0.5 from this shorter side on (below it, the 1/16 cost
-# volume of a half-size image is a few cells, mostly padding, and the flow degrades)
-RADIUS = 4  # the cost volume's search, in 1/16 cells (±64 px)
-LOCAL = 3  # the refinement's search around the coarse flow, in 1/8 cells (±24 px)
-WIDTHS = (8, 16, 24, 32, 32)  # encoder: 1/2, 1/4, 1/8, 1/16, 1/16
-DECODER = 48
-REFINE = 32
+AUTO_HALF = 512  # auto_input_scale: 0.5 from this shorter side on (below it, the coarse cost
+# volumes of a half-size image are a few cells, mostly padding, and the flow degrades)
+RADIUS = 3  # the coarsest cost volume's search, in 1/32 cells (±96 px)
+LOCAL = 2  # each finer level's search around the flow from above, in its cells (±32 px at
+# 1/16, ±16 px at 1/8)
+WIDTHS = (8, 16, 24, 32, 48)  # encoder: 1/2, 1/4, 1/8, 1/16, 1/32
+DECODER = 32
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "realflow.pth"
 
 
@@ -81,6 +84,46 @@ def cost_volume(cur: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tens
     return (stacked * cur.unsqueeze(1)).mean(2)
 
 
+class Level(nn.Module):
+    """One level of the pyramid: the current frame's features against the key frame's (warped
+    along the flow from the level above, if any) over ±radius cells; the flow is that flow plus
+    the cost volume's soft-argmax (the expected displacement under a softmax over the
+    candidates) plus a small decoder's residual. Flows in this level's cells."""
+
+    def __init__(self, feat: int, radius: int, width: int = DECODER):
+        super().__init__()
+        n = (2 * radius + 1) ** 2
+        self.radius = radius
+        self.temperature = nn.Parameter(torch.tensor(10.0))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        self.register_buffer("dx", offsets.repeat(2 * radius + 1).view(1, n, 1, 1),
+                             persistent=False)
+        self.register_buffer("dy", offsets.repeat_interleave(2 * radius + 1).view(1, n, 1, 1),
+                             persistent=False)
+        self.dec1 = _conv(n + feat + 2, width, k=1)
+        self.dec2 = _conv(width, width)
+        self.dec3 = _conv(width, width)
+        self.out = nn.Conv2d(width, 2, 3, 1, 1)
+
+    def forward(self, cur: torch.Tensor, key: torch.Tensor, flow: torch.Tensor | None):
+        if flow is not None:
+            key = flow_warp(key, flow)
+        corr = cost_volume(cur, key, self.radius)
+        prob = torch.softmax(corr * self.temperature, 1)
+        base = torch.cat(((prob * self.dx).sum(1, keepdim=True),
+                          (prob * self.dy).sum(1, keepdim=True)), 1)
+        if flow is not None:
+            base = base + flow
+        hid = self.dec3(self.dec2(self.dec1(torch.cat((corr, cur, base), 1))))
+        return base + self.out(hid), hid
+
+
+def _up(flow: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A flow in cells of one level → the next finer level's cells and grid."""
+    return _match(F.interpolate(flow * 2.0, scale_factor=2.0, mode="bilinear",
+                                align_corners=False), like)
+
+
 class RealFlowNet(nn.Module):
     """forward(x, key_x) on normalised images → (flow [N,2,H/stride,W/stride] in cells,
     scale [N,channels,H/stride,W/stride])."""
@@ -88,72 +131,51 @@ class RealFlowNet(nn.Module):
     flow_mean = FLOW_MEAN
     flow_std = FLOW_STD
 
-    def __init__(self, stride: int = 16, channels: int = 1, radius: int = RADIUS,
-                 input_scale: float = 1.0):
+    def __init__(self, stride: int = 16, channels: int = 1, input_scale: float = 1.0):
         super().__init__()
         if stride not in STRIDES:
             raise ValueError(f"RealFlowNet: stride {stride}; choose one of {STRIDES}")
         if input_scale not in INPUT_SCALES:
             raise ValueError(f"RealFlowNet: input scale {input_scale}; choose one of "
                              f"{INPUT_SCALES}")
-        self.stride, self.channels, self.radius = stride, channels, radius
+        self.stride, self.channels = stride, channels
         self.input_scale = float(input_scale)
         c = WIDTHS
         self.enc1 = _conv(3, c[0], 2)
         self.enc2 = _conv(c[0], c[1], 2)
-        self.enc3 = _conv(c[1], c[2], 2)
-        self.enc4 = _conv(c[2], c[3], 2)
-        self.enc5 = nn.Conv2d(c[3], c[4], 3, 1, 1)  # linear: the features correlated
-        n = (2 * radius + 1) ** 2
-        self.temperature = nn.Parameter(torch.tensor(10.0))
-        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        self.register_buffer("dx", offsets.repeat(2 * radius + 1).view(1, n, 1, 1),
-                             persistent=False)
-        self.register_buffer("dy", offsets.repeat_interleave(2 * radius + 1).view(1, n, 1, 1),
-                             persistent=False)
-        self.dec1 = _conv(n + c[4] + 2, DECODER, k=1)
-        self.dec2 = _conv(DECODER, DECODER)
-        self.dec3 = _conv(DECODER, 32)
-        self.coarse = nn.Conv2d(32, 2, 3, 1, 1)
-        self.ref1 = _conv(c[2] + 32 + 2 + (2 * LOCAL + 1) ** 2, REFINE, k=1)
-        self.ref2 = _conv(REFINE, REFINE)
-        self.ref3 = nn.Sequential(nn.Conv2d(REFINE, REFINE, 3, 1, 2, dilation=2),
-                                  nn.LeakyReLU(0.1, inplace=True))
-        self.fine = nn.Conv2d(REFINE, 2, 3, 1, 1)
+        self.enc3 = nn.Sequential(_conv(c[1], c[2], 2), nn.Conv2d(c[2], c[2], 3, 1, 1))
+        self.enc4 = nn.Sequential(nn.LeakyReLU(0.1), _conv(c[2], c[3], 2),
+                                  nn.Conv2d(c[3], c[3], 3, 1, 1))
+        self.enc5 = nn.Sequential(nn.LeakyReLU(0.1), _conv(c[3], c[4], 2),
+                                  nn.Conv2d(c[4], c[4], 3, 1, 1))
+        self.level32 = Level(c[4], RADIUS)
+        self.level16 = Level(c[3], LOCAL)
+        self.level8 = Level(c[2], LOCAL)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, a=0.1, nonlinearity="leaky_relu")
                 nn.init.zeros_(m.bias)
-        for head in (self.coarse, self.fine):  # residuals start small
-            nn.init.normal_(head.weight, std=1e-3)
-        self.predict_scale = nn.Conv2d(REFINE, channels, 1)
+        for level in (self.level32, self.level16, self.level8):  # residuals start small
+            nn.init.normal_(level.out.weight, std=1e-3)
+        self.predict_scale = nn.Conv2d(DECODER, channels, 1)
         nn.init.zeros_(self.predict_scale.weight)
         nn.init.ones_(self.predict_scale.bias)
         self.predict_scale.bias.requires_grad_(False)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features at 1/8 and 1/16."""
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Features at 1/8, 1/16 and 1/32 (linear: the features correlated)."""
         x8 = self.enc3(self.enc2(self.enc1(x)))
-        return x8, self.enc5(self.enc4(x8))
+        x16 = self.enc4(x8)
+        return x8, x16, self.enc5(x16)
 
     def pyramid(self, x: torch.Tensor, key_x: torch.Tensor):
-        """The flow at 1/16 and at 1/8, in pixels, and the refinement's features at 1/8."""
+        """The flow at 1/32, 1/16 and 1/8, in pixels, and the last decoder's features."""
         n = x.shape[0]
-        f8, f16 = self.encode(torch.cat((x, key_x), 0))  # one pass for both frames
-        cur8, key8, cur16, key16 = f8[:n], f8[n:], f16[:n], f16[n:]
-        corr = cost_volume(cur16, key16, self.radius)
-        prob = torch.softmax(corr * self.temperature, 1)
-        base = torch.cat(((prob * self.dx).sum(1, keepdim=True),
-                          (prob * self.dy).sum(1, keepdim=True)), 1)  # 1/16 cells
-        hid = self.dec3(self.dec2(self.dec1(torch.cat((corr, cur16, base), 1))))
-        flow16 = (base + self.coarse(hid)) * 16.0  # px
-        up = _match(F.interpolate(torch.cat((flow16 * (1.0 / 16.0), hid), 1), scale_factor=2.0,
-                                  mode="bilinear", align_corners=False), cur8)
-        warped = flow_warp(key8, up[:, :2] * 2.0)  # 1/16 cells -> 1/8 cells
-        local = cost_volume(cur8, warped, LOCAL)
-        r = self.ref3(self.ref2(self.ref1(torch.cat((cur8, up, local), 1))))
-        flow8 = (up[:, :2] + self.fine(r)) * 16.0  # px
-        return flow16, flow8, r
+        f8, f16, f32 = self.encode(torch.cat((x, key_x), 0))  # one pass for both frames
+        flow32, _ = self.level32(f32[:n], f32[n:], None)
+        flow16, _ = self.level16(f16[:n], f16[n:], _up(flow32, f16))
+        flow8, hid = self.level8(f8[:n], f8[n:], _up(flow16, f8))
+        return (flow32 * 32.0, flow16 * 16.0, flow8 * 8.0), hid
 
     def to_grid(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A 1/8 map of the net's input onto the stride's grid of `like` (the full-size
@@ -173,10 +195,10 @@ class RealFlowNet(nn.Module):
         if self.input_scale != 1:
             k = round(1 / self.input_scale)
             small, small_key = F.avg_pool2d(x, k, k), F.avg_pool2d(key_x, k, k)
-        _, flow8, r = self.pyramid(small, small_key)
-        flow = self.to_grid(flow8, x) * (1.0 / (self.stride * self.input_scale))
+        flows, hid = self.pyramid(small, small_key)
+        flow = self.to_grid(flows[-1], x) * (1.0 / (self.stride * self.input_scale))
         # the 1x1 head before the resampling (both linear, so the same map, at fewer cells)
-        return flow, self.to_grid(self.predict_scale(r), x)
+        return flow, self.to_grid(self.predict_scale(hid), x)
 
 
 def auto_input_scale(height: int, width: int) -> float:

@@ -146,8 +146,8 @@ def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
 
 
 def _blob(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
-    """A random region of a h x w crop (bool): an ellipse or a star-shaped polygon, 5 to 40 %
-    of the crop's shorter side across, or more."""
+    """A random region of a h x w crop (bool): an ellipse or a star-shaped polygon about a
+    random centre, its radius 10 to 50 % of the crop's shorter side."""
     import cv2
 
     mask = np.zeros((h, w), np.uint8)

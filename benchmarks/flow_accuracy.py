@@ -30,7 +30,8 @@ size, from the same run.
 PyTorch; its cost is on ONNX Runtime's CPU provider (``--threads`` intra-op threads), the net
 exported once with torch.onnx (dynamo, opset 20, dynamic height and width), both images
 normalised on the host outside the timing. ``real flow net x0.5``: the same at input scale 0.5
-(the images average-pooled 2x inside the net: dff-adapt's default from 512 px on the shorter side).
+(the images average-pooled 2x inside the net: dff-adapt's default from 512 px on the shorter
+side).
 ``--adapted ENGINE_DIR``: a row for the net dff-adapt wrote into that export (the net its
 ENGINE_DIR/adapt/checkpoint.pt chose, at the input scale it was trained at), at stride 16.
 

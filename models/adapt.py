@@ -11,6 +11,9 @@ on the CPU in PyTorch, on pairs (key frame t, current frame t + d), d uniform in
 - stage "distil": ‖scale · warp(feat(key), flow) − feat(current)‖² / ‖feat(current)‖², the
   warp being the torch FlowWarp (models/warp.py) and feat the teacher's features.
 
+In both, `motion_weight` times the end-point error on training frames moved along known
+random motions (`known_motions`) keeps the net a flow for motions the footage lacks.
+
 With both stages the first DIS_SHARE of the run fits DIS and the rest distils. A held-out part
 of the footage is scored as training goes (the feature error above and the DIS EPE). The state
 (net, optimizer, iteration, elapsed time) is kept in ENGINE_DIR/adapt/checkpoint.pt so a run

@@ -108,18 +108,11 @@ def dis_pairs(clips: list[Clip], count: int, rng: np.random.Generator):
     return out
 
 
-def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
-                  large_share: float = 0.0):
-    """(current, key, flow [H,W,2] px): a crop of `frame` and the frame moved by a random
-    affine motion about the crop's centre, with the exact flow current → key. `large_share`
-    of the samples draw their amplitudes uniformly (large motions as often as small)."""
-    import cv2
-
-    h, w = crop
-    fh, fw = frame.shape[:2]
-    y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
-    # mostly small motions, as between video frames, up to the cost volume's reach: each
-    # amplitude is its maximum times u**3 (u uniform in -1..1), P(|t| < 4 px) ≈ 0.4
+def random_affine(rng: np.random.Generator, large_share: float = 0.0):
+    """A random affine motion (A [2,2], t [2] px): scale ±8 %, rotation ±4°, shear ±3 %,
+    translation ±MAX_SHIFT. Mostly small motions, as between video frames, up to the cost
+    volume's reach: each amplitude is its maximum times u**3 (u uniform in -1..1),
+    P(|t| < 4 px) ≈ 0.4; `large_share` of the draws use u itself (large as often as small)."""
     power = 1 if rng.random() < large_share else 3
 
     def amp(most: float, size: int | None = None):
@@ -130,7 +123,20 @@ def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
     sh = amp(0.03, 2)
     a = s * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]]) \
         @ np.array([[1, sh[0]], [sh[1], 1]])
-    t = amp(MAX_SHIFT, 2)
+    return a, amp(MAX_SHIFT, 2)
+
+
+def affine_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
+                  large_share: float = 0.0):
+    """(current, key, flow [H,W,2] px): a crop of `frame` and the frame moved by a random
+    affine motion about the crop's centre, with the exact flow current → key. `large_share`
+    of the samples draw their amplitudes uniformly (large motions as often as small)."""
+    import cv2
+
+    h, w = crop
+    fh, fw = frame.shape[:2]
+    y0, x0 = int(rng.integers(fh - h + 1)), int(rng.integers(fw - w + 1))
+    a, t = random_affine(rng, large_share)
     c = np.array([(w - 1) / 2, (h - 1) / 2])
     # key(q) = frame(o + c + A^-1 (q - c - t)): warpAffine with WARP_INVERSE_MAP
     ai = np.linalg.inv(a)
@@ -181,15 +187,7 @@ def layered_sample(frame: np.ndarray, rng: np.random.Generator, crop=CROP,
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
 
     def motion(centre: np.ndarray) -> np.ndarray:
-        power = 1 if rng.random() < large_share else 3
-
-        def amp(most: float, size: int | None = None):
-            return most * rng.uniform(-1, 1, size) ** power
-
-        s, r, sh = math.exp(amp(0.08)), math.radians(amp(4.0)), amp(0.03, 2)
-        a = s * np.array([[math.cos(r), -math.sin(r)], [math.sin(r), math.cos(r)]]) \
-            @ np.array([[1, sh[0]], [sh[1], 1]])
-        t = amp(MAX_SHIFT, 2)
+        a, t = random_affine(rng, large_share)
         px, py = xs - centre[0], ys - centre[1]
         return np.stack([(a[0, 0] - 1) * px + a[0, 1] * py + t[0],
                          a[1, 0] * px + (a[1, 1] - 1) * py + t[1]], -1).astype(np.float32)

@@ -83,14 +83,14 @@ def real_frame(real_material, index: int = 60) -> np.ndarray:
     """Frame `index` of bikes.mp4 (RGB, 272x640; fetched with the small material, as in CI).
     The shipped weights learnt real texture: on blurred noise they do not follow even a
     translation, so their tests read a real frame."""
-    import cv2
+    from itertools import islice
 
-    cap = cv2.VideoCapture(str(real_material("bikes.mp4")))
-    cap.set(cv2.CAP_PROP_POS_FRAMES, index)
-    ok, frame = cap.read()
-    cap.release()
-    assert ok, f"bikes.mp4: no frame {index}"
-    return np.ascontiguousarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+    from dff.runtime.video import open_video
+
+    with open_video(real_material("bikes.mp4")) as video:
+        frame = next(islice(iter(video), index, None), None)
+    assert frame is not None, f"bikes.mp4: no frame {index}"
+    return np.ascontiguousarray(frame)
 
 
 @shipped

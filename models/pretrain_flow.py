@@ -15,7 +15,10 @@ Each training sample is a random crop (192x320) of a current/key pair with a kno
   ground truth; for half of them the key crop is also offset by up to ±32 px, which adds that
   offset to the flow.
 
-Both images get a small random gain, offset and noise. Loss: the end-point error (px)
+Both images get a small random gain, offset and noise; with ``--low-contrast`` a share of the
+samples have both images' contrast scaled down to as little as LOW_CONTRAST (faint texture).
+``--half-share`` of the batches are shrunk 2x, images and flow, as the net sees frames at
+input scale 0.5; ``--dis-share`` sets the share of DIS samples (0.5). Loss: the end-point error (px)
 against the target averaged over each cell, at 1/8 (the net's shared output resolution) plus
 half that at 1/16 and a quarter at 1/32 (the pyramid's coarser levels). AdamW, cosine
 learning rate over the time budget.
@@ -24,11 +27,15 @@ The run checkpoints itself to ``OUT.ckpt`` every minute and resumes from it when
 again with the same --out (the budget counts the time already spent); at the end it writes
 the trunk's weights (no scale head: load_realflow builds it) to OUT.
 
-    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --minutes 75 \
-        --lr 2e-3 --large-share 0.5 --layered-share 0.6        # the shipped weights (version 3)
+    python -m dff.models.pretrain_flow --out v3.pth --minutes 75 \
+        --lr 2e-3 --large-share 0.5 --layered-share 0.6        # version 3, from scratch
+    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --init v3.pth \
+        --minutes 45 --lr 5e-4 --large-share 0.5 --layered-share 0.6 --dis-share 0.25 \
+        --low-contrast 0.3 --half-share 0.3     # the shipped weights: version 4, 120 min in all
 
 ``--init`` starts from other weights (a weights file or a checkpoint; the tensors whose name and
-shape fit): how version 2's weights were made, in stages (docs/MEASUREMENTS.md).
+shape fit, whatever their version): how versions 2 and 4 were made, in stages
+(docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ CROP = (192, 320)
 MAX_SHIFT = 56.0
 DIS_OFFSET = 32
 MAX_GAP = 10
+LOW_CONTRAST = 0.2  # to_batch's low_contrast: the least contrast kept
 
 
 def read_frames(name: str, every: int = 1) -> list[np.ndarray]:
@@ -236,9 +244,11 @@ def normalise(rgb: torch.Tensor) -> torch.Tensor:
     return rgb * (1.0 / 255.0) - 0.5
 
 
-def to_batch(samples, rng: np.random.Generator | None = None):
+def to_batch(samples, rng: np.random.Generator | None = None, low_contrast: float = 0.0):
     """(current, key) normalised [N,3,H,W] and the flow [N,2,H,W] px, with a random gain,
-    offset and noise per image where `rng` is given."""
+    offset and noise per image where `rng` is given; and, for `low_contrast` of the samples,
+    both images' contrast about their mean scaled by LOW_CONTRAST..1 (faint texture, as on a
+    bare floor or wall)."""
     def tensor(i: int) -> torch.Tensor:
         return torch.from_numpy(np.stack([s[i] for s in samples])).permute(0, 3, 1, 2) \
             .float().contiguous()
@@ -246,6 +256,12 @@ def to_batch(samples, rng: np.random.Generator | None = None):
     cur, key, flow = tensor(0), tensor(1), tensor(2)
     if rng is not None:
         n = len(samples)
+        if low_contrast:
+            low = rng.random((n, 1, 1, 1)) < low_contrast
+            c = torch.from_numpy(np.where(low, rng.uniform(LOW_CONTRAST, 1.0, (n, 1, 1, 1)),
+                                          1.0)).float()
+            m = cur.mean((1, 2, 3), keepdim=True)
+            cur, key = (cur - m) * c + m, (key - m) * c + m
         jitter = []
         for img in (cur, key):
             gain = torch.from_numpy(rng.uniform(0.85, 1.15, (n, 1, 1, 1))).float()
@@ -291,12 +307,16 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
              lr: float = 2e-3, pool: int = 120, refresh: int = 200, seed: int = 0,
              threads: int = 1, progress: bool = True,
              init: str | os.PathLike[str] | None = None, large_share: float = 0.0,
-             layered_share: float = 0.0) -> dict:
+             layered_share: float = 0.0, dis_share: float = 0.5, low_contrast: float = 0.0,
+             half_share: float = 0.0) -> dict:
     """Train for `minutes` of wall time in all (resuming from OUT.ckpt), write the trunk's
     weights to `out`; returns {'steps', 'minutes', 'held_out_epe', 'layered_epe'}. `init`:
     weights to start from (each tensor whose name and shape match; the others keep their
     initialisation). `layered_share`: the share of the synthetic (not DIS) samples that are
-    layered (layered_sample) rather than one affine motion."""
+    layered (layered_sample) rather than one affine motion. `dis_share`: the share of samples
+    that are DIS pairs. `low_contrast`: the share of samples with faint texture (to_batch).
+    `half_share`: the share of batches average-pooled 2x, images and flow (the net's input at
+    input scale 0.5)."""
     from tqdm import tqdm
 
     torch.set_num_threads(threads)
@@ -336,9 +356,12 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         samples = [synthetic_sample(frames[int(rng.integers(len(frames)))], rng, large_share,
                                     layered_share)
-                   if rng.random() < 0.5 else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
+                   if rng.random() < 1.0 - dis_share
+                   else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
                    for _ in range(batch_size)]
-        cur, key, flow = to_batch(samples, rng)
+        cur, key, flow = to_batch(samples, rng, low_contrast)
+        if half_share and rng.random() < half_share:  # as the net sees at input scale 0.5
+            cur, key, flow = F.avg_pool2d(cur, 2), F.avg_pool2d(key, 2), F.avg_pool2d(flow, 2) / 2
         (flow32, flow16, flow8), _ = net.pyramid(cur, key)
         loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16) \
             + 0.25 * epe_cells(flow32, flow, 32)
@@ -391,10 +414,18 @@ def main(argv: list[str] | None = None) -> None:
                    help="share of the affine samples with uniform (not mostly small) motion")
     p.add_argument("--layered-share", type=float, default=0.0,
                    help="share of the synthetic samples that are layered (several motions)")
+    p.add_argument("--dis-share", type=float, default=0.5,
+                   help="share of the samples that are DIS pairs (pseudo ground truth)")
+    p.add_argument("--low-contrast", type=float, default=0.0,
+                   help="share of the samples with their contrast scaled down (faint texture)")
+    p.add_argument("--half-share", type=float, default=0.0,
+                   help="share of the batches shrunk 2x (as at input scale 0.5)")
     args = p.parse_args(argv)
     result = pretrain(args.out, args.minutes, batch_size=args.batch, lr=args.lr,
                       threads=args.threads, seed=args.seed, init=args.init,
-                      large_share=args.large_share, layered_share=args.layered_share)
+                      large_share=args.large_share, layered_share=args.layered_share,
+                      dis_share=args.dis_share, low_contrast=args.low_contrast,
+                      half_share=args.half_share)
     print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride 16) "
           f"{result['held_out_epe']:.2f} px, layered {result['layered_epe']:.2f} px; wrote "
           f"{args.out}")

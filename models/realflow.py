@@ -3,17 +3,19 @@
 The shipped FlowNet-S (models/flownet.py) learnt its flow on synthetic shapes and does not
 transfer to real video. RealFlowNet is pretrained without labels on real frames
 (models/pretrain_flow.py: real frames moved along known affine and layered motions, and OpenCV
-DIS on real frame pairs as pseudo ground truth) and is cheap enough for a CPU. Version 3, a
+DIS on real frame pairs as pseudo ground truth) and is cheap enough for a CPU. Version 4, a
 three-level pyramid:
 
 - a shared (siamese) encoder of stride-2 3x3 convs down to 1/32; the 1/8, 1/16 and 1/32 maps
   end in a linear conv (the features correlated);
 - at each level (`Level`) a cost volume: the current frame's features against the key frame's
-  shifted by every (dx, dy) in ±radius cells, written as slices of the zero-padded key map, a
-  product and a channel mean (standard ONNX: Pad, Slice, Concat, Mul, ReduceMean); the level's
-  flow is the flow from the level above, plus the cost volume's soft-argmax (the expected
-  displacement under a softmax over the (2r+1)^2 candidates), plus a residual from three
-  small convs on the cost volume, the features and that flow;
+  shifted by every (dx, dy) in ±radius cells, both scaled to unit RMS per cell first (`unit`:
+  version 4; faint texture, as on a bare floor, then matches as surely as strong texture),
+  written as slices of the zero-padded key map, a product and a channel mean (standard ONNX:
+  Pad, Slice, Concat, Mul, ReduceMean); the level's flow is the flow from the level above,
+  plus the cost volume's soft-argmax (the expected displacement under a softmax over the
+  (2r+1)^2 candidates), plus a residual from three small convs on the cost volume, the
+  features and that flow;
 - 1/32 searches ±RADIUS cells (±96 px); 1/16 and 1/8 first warp the key frame's features along
   the flow from above, upsampled ×2 (GridSample, models/warp.py), and search ±LOCAL cells
   around it (±32 and ±16 px): each cell's flow comes from its own match, and the decoders
@@ -24,9 +26,11 @@ three-level pyramid:
 - DFF's scale head: a 1x1 conv from the last decoder's features, weight 0 and frozen bias 1,
   so scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise.
 
-`input_scale` (1, 0.5, 0.25) average-pools both images before the net: cheaper, and the
-motions it sees are smaller, but on small frames the coarsest cost volume is then a few cells
-(`auto_input_scale` picks 0.5 from 512 px up).
+`input_scale` (1, 0.5, 0.25) shrinks both images before the net, by 2x2 averages (`halve`):
+cheaper (about half the flow graph's time at 288x352), and the motions it sees are smaller,
+but on small frames the coarsest cost volume is then a few cells and the flow coarser
+(`auto_input_scale` picks 0.5 from 512 px up; dff-adapt --input-scale chooses).
+The weights carry a `version` buffer; load_realflow refuses those of another version.
 
 Input: both images normalised as (pixels − FLOW_MEAN) / FLOW_STD on the 0..255 scale (i.e.
 pixels/255 − 0.5), [N,3,H,W] with H, W multiples of the stride. The exported graph has only
@@ -39,6 +43,7 @@ other weights (a file, or a state dict such as a dff-adapt checkpoint's net).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -58,6 +63,8 @@ LOCAL = 2  # each finer level's search around the flow from above, in its cells 
 # 1/16, ±16 px at 1/8)
 WIDTHS = (8, 16, 24, 32, 48)  # encoder: 1/2, 1/4, 1/8, 1/16, 1/32
 DECODER = 32
+EPS = 1e-4  # unit(): a cell of RMS 0.01 (typical cells: 0.1 to 0.8) is not scaled up
+VERSION = 4  # a persistent buffer: weights of an earlier version do not load
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "realflow.pth"
 
 
@@ -84,6 +91,20 @@ def cost_volume(cur: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tens
     return (stacked * cur.unsqueeze(1)).mean(2)
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """Each cell's feature vector scaled to unit RMS over the channels (EPS keeps a featureless
+    cell's small): the cost volume then measures how alike two cells are, not how much
+    contrast they have."""
+    return x * torch.rsqrt((x * x).mean(1, keepdim=True) + EPS)
+
+
+def softmax1(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1, written out: ONNX Runtime's Softmax on a non-last axis transposes
+    around it and took 1.4x as long on the 1/8 level's cost volume (one thread)."""
+    e = torch.exp(x - x.amax(1, keepdim=True))
+    return e / e.sum(1, keepdim=True)
+
+
 class Level(nn.Module):
     """One level of the pyramid: the current frame's features against the key frame's (warped
     along the flow from the level above, if any) over ±radius cells; the flow is that flow plus
@@ -108,14 +129,21 @@ class Level(nn.Module):
     def forward(self, cur: torch.Tensor, key: torch.Tensor, flow: torch.Tensor | None):
         if flow is not None:
             key = flow_warp(key, flow)
-        corr = cost_volume(cur, key, self.radius)
-        prob = torch.softmax(corr * self.temperature, 1)
+        corr = cost_volume(unit(cur), unit(key), self.radius)
+        prob = softmax1(corr * self.temperature)
         base = torch.cat(((prob * self.dx).sum(1, keepdim=True),
                           (prob * self.dy).sum(1, keepdim=True)), 1)
         if flow is not None:
             base = base + flow
         hid = self.dec3(self.dec2(self.dec1(torch.cat((corr, cur, base), 1))))
         return base + self.out(hid), hid
+
+
+def halve(x: torch.Tensor) -> torch.Tensor:
+    """The 2x2 average of an image of even size, as a bilinear resize to half size (the same
+    values: each output samples the middle of its 2x2 block); ONNX Runtime's Resize took 0.12
+    ms where its AveragePool took 0.42 (3x288x352, one thread)."""
+    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)
 
 
 def _up(flow: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -157,6 +185,7 @@ class RealFlowNet(nn.Module):
                 nn.init.zeros_(m.bias)
         for level in (self.level32, self.level16, self.level8):  # residuals start small
             nn.init.normal_(level.out.weight, std=1e-3)
+        self.register_buffer("version", torch.tensor(VERSION))  # saved with the weights
         self.predict_scale = nn.Conv2d(DECODER, channels, 1)
         nn.init.zeros_(self.predict_scale.weight)
         nn.init.ones_(self.predict_scale.bias)
@@ -192,9 +221,8 @@ class RealFlowNet(nn.Module):
 
     def forward(self, x: torch.Tensor, key_x: torch.Tensor):
         small, small_key = x, key_x
-        if self.input_scale != 1:
-            k = round(1 / self.input_scale)
-            small, small_key = F.avg_pool2d(x, k, k), F.avg_pool2d(key_x, k, k)
+        for _ in range(round(math.log2(1 / self.input_scale))):
+            small, small_key = halve(small), halve(small_key)
         flows, hid = self.pyramid(small, small_key)
         flow = self.to_grid(flows[-1], x) * (1.0 / (self.stride * self.input_scale))
         # the 1x1 head before the resampling (both linear, so the same map, at fewer cells)
@@ -227,6 +255,11 @@ def load_realflow(stride: int = 16, channels: int = 1,
     missing, unexpected = net.load_state_dict(
         {k: v for k, v in state.items() if not k.startswith("predict_scale.")}, strict=False)
     missing = [k for k in missing if not k.startswith("predict_scale.")]
+    if "version" in missing or int(net.version) != VERSION:
+        found = "none (3 or earlier)" if "version" in missing else int(net.version)
+        raise ValueError(f"load_realflow: {weights or WEIGHTS} holds RealFlowNet weights of "
+                         f"version {found}, not {VERSION} (the cost volume changed); train "
+                         "them again with this version")
     if missing or unexpected:
         raise ValueError(f"load_realflow: {weights or WEIGHTS} does not fit RealFlowNet "
                          f"(missing {missing}, unexpected {unexpected})")

@@ -13,7 +13,11 @@ from dff.models.realflow import (
     STRIDES,
     WEIGHTS,
     RealFlowNet,
+    halve,
     load_realflow,
+    softmax1,
+    trunk_state,
+    unit,
 )
 
 
@@ -74,6 +78,31 @@ def test_bad_stride_or_input_scale_is_refused():
         RealFlowNet(12)
     with pytest.raises(ValueError, match="input scale"):
         RealFlowNet(8, input_scale=0.3)
+
+
+def test_halve_is_the_2x2_average_and_softmax1_is_softmax():
+    x = torch.randn(2, 3, 12, 20)
+    torch.testing.assert_close(halve(x), torch.nn.functional.avg_pool2d(x, 2, 2))
+    torch.testing.assert_close(softmax1(x * 30), torch.softmax(x * 30, 1))
+
+
+def test_unit_removes_the_contrast():
+    """The cost volume compares unit-RMS features: a cell and the same cell at a tenth of its
+    contrast look alike; a featureless cell stays small."""
+    x = torch.randn(1, 8, 4, 4)
+    torch.testing.assert_close(unit(x * 0.1), unit(x), rtol=0.02, atol=1e-3)
+    assert float(unit(x).pow(2).mean(1).sqrt().sub(1).abs().max()) < 1e-3
+    assert float(unit(torch.zeros(1, 8, 2, 2)).abs().max()) == 0.0
+
+
+def test_weights_of_another_version_are_refused(tmp_path):
+    state = trunk_state(RealFlowNet(8, 1))
+    old = {k: v for k, v in state.items() if k != "version"}  # version 3 and before
+    with pytest.raises(ValueError, match="version none"):
+        load_realflow(8, 1, old)
+    with pytest.raises(ValueError, match="version 3"):
+        load_realflow(8, 1, {**state, "version": torch.tensor(3)})
+    assert int(load_realflow(8, 1, state).version) == 4
 
 
 shipped = pytest.mark.skipif(not WEIGHTS.exists(), reason="no shipped realflow.pth")
@@ -186,3 +215,26 @@ def test_layered_samples_have_exact_flow_and_several_motions():
         fit = a @ np.linalg.lstsq(a, flow.reshape(-1, 2), rcond=None)[0]
         distinct.append(float(np.abs(fit - flow.reshape(-1, 2)).max()))
     assert max(distinct) > 5.0, distinct
+
+
+def test_low_contrast_samples_keep_their_flow_and_lose_contrast():
+    """pretrain_flow.to_batch(low_contrast=1): both images' contrast scaled down alike (the
+    flow between them unchanged); low_contrast=0 draws no more random numbers, so earlier
+    recipes' samples are unchanged."""
+    from dff.models.pretrain_flow import LOW_CONTRAST, to_batch
+
+    frame = texture(64, 96)
+    samples = [(frame, frame[::-1].copy(), np.zeros((64, 96, 2), np.float32))] * 4
+    torch.manual_seed(0)  # the noise is torch's
+    plain = to_batch(samples, np.random.default_rng(3))
+    torch.manual_seed(0)
+    same = to_batch(samples, np.random.default_rng(3), low_contrast=0.0)
+    for a, b in zip(plain, same):
+        assert torch.equal(a, b)
+    torch.manual_seed(0)
+    faint = to_batch(samples, np.random.default_rng(3), low_contrast=1.0)
+    raw = torch.from_numpy(frame).float().std() / 255.0
+    for img in faint[:2]:
+        assert float(img.std((1, 2, 3)).max()) < float(raw) * 1.1
+        assert float(img.std((1, 2, 3)).min()) > float(raw) * LOW_CONTRAST * 0.5
+    assert torch.equal(faint[2], plain[2])

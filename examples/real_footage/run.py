@@ -16,9 +16,9 @@ adapted to the fetched clips (--adapt).
    k=10 (modes dff-dis and copy) as DIR/agreement.json, and prints its table.
 
 With --adapt, between 2 and 3: `dff-adapt` trains a learned flow for the export on bikes.mp4
-and vtest.avi (vtest held out; never carphone) for --adapt-minutes and makes it the export's
-default flow; dff-run then runs it (--flow learned) and the agreement adds mode `dff` (the
-adapted flow).
+and vtest.avi (vtest held out; never carphone) for --adapt-minutes, the net at input scale
+0.5, and makes it the export's default flow; dff-run then runs it (--flow learned) and the
+agreement adds mode `dff` (the adapted flow).
 
 carphone is the held-out clip (dff.data.real.HELD_OUT): nothing here chooses a setting on it;
 DIS's preset and scale are the defaults chosen on vtest.avi and bikes.mp4
@@ -48,6 +48,11 @@ FEATURE_TENSOR = "535"  # CenterFace's last shared feature map: its four heads r
 INTERVALS = "5,10"
 KEY_INTERVAL = "10"
 ADAPT_CLIPS = ("bikes.mp4", "vtest.avi")  # the footage dff-adapt trains on (vtest held out)
+# the flow net sees the frames at half size: the flow costs 2.9 ms at 288x352 against 6.9 at
+# full size (r 0.235 against 0.507, one thread); chosen on bikes.mp4, not carphone (RealFlowNet
+# version 4 unadapted, AP at k=10: 0.239 against 0.252 at full size and DIS's 0.200;
+# docs/MEASUREMENTS.md)
+ADAPT_INPUT_SCALE = "0.5"
 
 
 def export_centerface(engines: Path) -> None:
@@ -65,7 +70,7 @@ def adapt_centerface(engines: Path, clips: list[str], budget: list[str]) -> None
     from dff.commands import adapt as adapt_cmd
 
     args = [str(engines), "--video", *(str(real.path(c)) for c in clips), *budget,
-            "--default", "learned"]
+            "--default", "learned", "--input-scale", ADAPT_INPUT_SCALE]
     print("$ dff-adapt " + " ".join(args), flush=True)
     if adapt_cmd.main(args) != 0:
         raise SystemExit("dff-adapt failed (its message is above)")

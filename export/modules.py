@@ -230,7 +230,7 @@ def with_default_flow(mods: DFFModules) -> DFFModules:
     the input size (`auto_input_scale`), with its own normalisation."""
     if mods.flow is not None or not isinstance(mods.feature, nn.Module):
         return mods  # (check_metadata names a feature that is not a module)
-    from dff.models.realflow import auto_input_scale, load_realflow
+    from dff.models.realflow import VERSION, auto_input_scale, load_realflow
 
     h, w = (int(v) for v in mods.input_size)
     with torch.no_grad():
@@ -242,8 +242,8 @@ def with_default_flow(mods: DFFModules) -> DFFModules:
     scale = auto_input_scale(h, w)
     net = load_realflow(mods.stride, int(feat.shape[1]), input_scale=scale).eval()
     return replace(mods, flow=net, flow_mean=net.flow_mean, flow_std=net.flow_std,
-                   source={**mods.source, "flow": f"dff.models.realflow.load_realflow (pretrained "
-                           f"on real footage; input scale {scale:g})"})
+                   source={**mods.source, "flow": f"dff.models.realflow.load_realflow (version "
+                           f"{VERSION}, pretrained on real footage; input scale {scale:g})"})
 
 
 def check_metadata(mods: DFFModules) -> None:

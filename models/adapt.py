@@ -109,16 +109,17 @@ class SmallFlowNet(nn.Module):
 
 def default_init() -> tuple[str, Init]:
     """(name, factory) of the flow net to start from: dff.models.realflow.load_realflow where
-    it is installed, else SmallFlowNet from scratch."""
+    it is installed, else SmallFlowNet from scratch. The name carries RealFlowNet's version, so
+    `--resume` refuses a checkpoint of another version with adapt's one-line error."""
     try:
-        from dff.models.realflow import load_realflow
+        from dff.models.realflow import VERSION, load_realflow
     except ImportError:
         return "scratch:SmallFlowNet", SmallFlowNet
 
     def realflow(stride: int, channels: int, input_scale: float) -> nn.Module:
         return load_realflow(stride, channels, input_scale=input_scale)
 
-    return "dff.models.realflow.load_realflow", realflow
+    return f"dff.models.realflow.load_realflow version {VERSION}", realflow
 
 
 def net_norm(net: nn.Module) -> tuple[list[float], list[float]]:

@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from dff.models.realflow import RealFlowNet, trunk_state
+from dff.models.realflow import RealFlowNet, halve, trunk_state
 
 SOURCES = ("bikes.mp4", "vtest.avi")
 HELD_OUT_FRACTION = 0.2  # vtest's last 20 % of frames: the held-out EPE
@@ -361,7 +361,7 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
                    for _ in range(batch_size)]
         cur, key, flow = to_batch(samples, rng, low_contrast)
         if half_share and rng.random() < half_share:  # as the net sees at input scale 0.5
-            cur, key, flow = F.avg_pool2d(cur, 2), F.avg_pool2d(key, 2), F.avg_pool2d(flow, 2) / 2
+            cur, key, flow = halve(cur), halve(key), halve(flow) * 0.5
         (flow32, flow16, flow8), _ = net.pyramid(cur, key)
         loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16) \
             + 0.25 * epe_cells(flow32, flow, 32)

@@ -89,7 +89,6 @@ def function_proto(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     nodes = [
         _const_int("i0", 0), _const_int("i1", 1), _const_int("i2", 2), _const_int("i3", 3),
         _const_ints("l0", [0]), _const_ints("l1", [1]), _const_ints("l2", [2]),
-        _const_ints("l3", [3]), _const_ints("l12", [1, 2]),
         _const_float("f1", 1.0), _const_float("f2", 2.0),
         node("CastLike", ["f1", "flow"], ["one"]),
         node("CastLike", ["f2", "flow"], ["two"]),
@@ -97,21 +96,22 @@ def function_proto(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
         node("Shape", ["flow"], ["shape"]),
         node("Gather", ["shape", "i2"], ["h"], axis=0),
         node("Gather", ["shape", "i3"], ["w"], axis=0),
-        # Cell-centre coordinates: xs [w,1], ys [h,1,1], both broadcast against [N,h,w,1].
+        # Cell-centre coordinates: xs [w] and ys [h,1], both broadcast against [N,1,h,w].
         node("Range", ["i0", "w", "i1"], ["xs_i"]),
         node("Range", ["i0", "h", "i1"], ["ys_i"]),
-        node("CastLike", ["xs_i", "flow"], ["xs_f"]),
+        node("CastLike", ["xs_i", "flow"], ["xs"]),
         node("CastLike", ["ys_i", "flow"], ["ys_f"]),
-        node("Unsqueeze", ["xs_f", "l1"], ["xs"]),
-        node("Unsqueeze", ["ys_f", "l12"], ["ys"]),
+        node("Unsqueeze", ["ys_f", "l1"], ["ys"]),
         # align_corners=0 grid: g = (2·x + 1) / size − 1 unnormalises to exactly x, the cell
         # centre, for every size (1 included), matching dff.models.warp.
         node("CastLike", ["w", "flow"], ["w_f"]),
         node("CastLike", ["h", "flow"], ["h_f"]),
-        # flow [N,2,h,w] -> [N,h,w,2], split into x and y parts [N,h,w,1].
-        node("Transpose", ["flow"], ["flow_t"], perm=[0, 2, 3, 1]),
-        node("Slice", ["flow_t", "l0", "l1", "l3"], ["fx"]),
-        node("Slice", ["flow_t", "l1", "l2", "l3"], ["fy"]),
+        # The arithmetic runs on the flow's x and y planes [N,1,h,w] before the transpose to
+        # GridSample's [N,h,w,2]: there each broadcast has whole rows to work on. On
+        # [N,h,w,1] every one had a last axis of 1, which ONNX Runtime's CPU broadcasting
+        # walks an element at a time: the grid took longer than GridSample (DESIGN.md §3).
+        node("Slice", ["flow", "l0", "l1", "l1"], ["fx"]),
+        node("Slice", ["flow", "l1", "l2", "l1"], ["fy"]),
         node("Add", ["fx", "xs"], ["px"]),
         node("Add", ["fy", "ys"], ["py"]),
         node("Mul", ["px", "two"], ["px2"]),
@@ -122,7 +122,8 @@ def function_proto(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
         node("Div", ["py21", "h_f"], ["py_s"]),
         node("Sub", ["px_s", "one"], ["gx"]),
         node("Sub", ["py_s", "one"], ["gy"]),
-        node("Concat", ["gx", "gy"], ["grid"], axis=3),
+        node("Concat", ["gx", "gy"], ["grid_nchw"], axis=1),
+        node("Transpose", ["grid_nchw"], ["grid"], perm=[0, 2, 3, 1]),
         node("GridSample", ["feat", "grid"], ["warped"], align_corners=0,
              mode="linear" if opset >= 20 else "bilinear", padding_mode="zeros"),
         node("Mul", ["warped", "scale"], ["out"]),

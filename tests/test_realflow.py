@@ -13,6 +13,7 @@ from dff.models.realflow import (
     STRIDES,
     WEIGHTS,
     RealFlowNet,
+    cost_volume,
     halve,
     load_realflow,
     softmax1,
@@ -84,6 +85,25 @@ def test_halve_is_the_2x2_average_and_softmax1_is_softmax():
     x = torch.randn(2, 3, 12, 20)
     torch.testing.assert_close(halve(x), torch.nn.functional.avg_pool2d(x, 2, 2))
     torch.testing.assert_close(softmax1(x * 30), torch.softmax(x * 30, 1))
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3])
+def test_cost_volume_is_its_definition(radius):
+    """Candidate (dy, dx), dy outer: mean over channels of cur(y, x) · key(y + dy, x + dx),
+    zero where that is off the key map."""
+    g = torch.Generator().manual_seed(radius)
+    cur, key = torch.randn(2, 5, 4, 6, generator=g), torch.randn(2, 5, 4, 6, generator=g)
+    got = cost_volume(cur, key, radius)
+    k = 2 * radius + 1
+    assert got.shape == (2, k * k, 4, 6)
+    for i, (dy, dx) in enumerate((dy, dx) for dy in range(-radius, radius + 1)
+                                 for dx in range(-radius, radius + 1)):
+        want = torch.zeros(2, 4, 6)
+        for y in range(4):
+            for x in range(6):
+                if 0 <= y + dy < 4 and 0 <= x + dx < 6:
+                    want[:, y, x] = (cur[:, :, y, x] * key[:, :, y + dy, x + dx]).mean(1)
+        torch.testing.assert_close(got[:, i], want)
 
 
 def test_unit_removes_the_contrast():

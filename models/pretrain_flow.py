@@ -28,10 +28,18 @@ again with the same --out (the budget counts the time already spent); at the end
 the trunk's weights (no scale head: load_realflow builds it) to OUT.
 
     python -m dff.models.pretrain_flow --out v3.pth --minutes 75 \
-        --lr 2e-3 --large-share 0.5 --layered-share 0.6        # version 3, from scratch
-    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --init v3.pth \
-        --minutes 45 --lr 5e-4 --large-share 0.5 --layered-share 0.6 --dis-share 0.25 \
-        --low-contrast 0.3 --half-share 0.3     # the shipped weights: version 4, 120 min in all
+        --lr 2e-3 --large-share 0.5 --layered-share 0.6      # 1: from scratch (version 3's net)
+    python -m dff.models.pretrain_flow --out v4.pth --init v3.pth --minutes 45 --lr 5e-4 \
+        --large-share 0.5 --layered-share 0.6 --dis-share 0.25 --low-contrast 0.3 \
+        --half-share 0.3                                      # 2: version 4
+    python -m dff.models.pretrain_flow --out models/weights/realflow.pth --init v4.pth \
+        --minutes 35 --threads 2 --seed 3 --lr 5e-4 --large-share 0.5 --layered-share 0.6 \
+        --dis-share 0.25 --low-contrast 0.3 --half-share 0.3  # 3: the shipped weights
+
+Stages 1 and 2 ran at one thread, beside other work; at two threads their steps take about 50
+and 31 minutes, so the three take about 116 of the 2 hours on 2 cores (docs/MEASUREMENTS.md,
+"The shipped weights"). Stage 1 ran version 3's net (commit a4378e0), which lacks version 4's
+unit-RMS scaling; today's code runs version 4's.
 
 ``--init`` starts from other weights (a weights file or a checkpoint; the tensors whose name and
 shape fit, whatever their version): how versions 2 and 4 were made, in stages

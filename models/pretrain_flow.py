@@ -38,8 +38,8 @@ the trunk's weights (no scale head: load_realflow builds it) to OUT.
 
 Stages 1 and 2 ran at one thread, beside other work; at two threads their steps take about 50
 and 31 minutes, so the three take about 116 of the 2 hours on 2 cores (docs/MEASUREMENTS.md,
-"The shipped weights"). Stage 1 ran version 3's net (commit a4378e0), which lacks version 4's
-unit-RMS scaling; today's code runs version 4's.
+"Version 4, a third stage at two threads"). Stage 1 ran version 3's net (commit a4378e0),
+which lacks version 4's unit-RMS scaling; today's code runs version 4's.
 
 ``--init`` starts from other weights (a weights file or a checkpoint; the tensors whose name and
 shape fit, whatever their version): how versions 2 and 4 were made, in stages

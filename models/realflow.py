@@ -11,8 +11,9 @@ three-level pyramid:
 - at each level (`Level`) a cost volume: the current frame's features against the key frame's
   shifted by every (dx, dy) in ±radius cells, both scaled to unit RMS per cell first (`unit`:
   version 4; faint texture, as on a bare floor, then matches as surely as strong texture),
-  written as slices of the zero-padded key map, a product and a channel mean (standard ONNX:
-  Pad, Slice, Concat, Mul, ReduceMean); the level's flow is the flow from the level above,
+  written as slices of the zero-padded key map (constant bounds, counted from its end), a
+  product and a channel mean (standard ONNX: Pad, Slice, Concat, Mul, ReduceMean); the level's
+  flow is the flow from the level above,
   plus the cost volume's soft-argmax (the expected displacement under a softmax over the
   (2r+1)^2 candidates), plus a residual from three small convs on the cost volume, the
   features and that flow;
@@ -24,7 +25,9 @@ three-level pyramid:
   scale 0.5) resized bilinearly up or average-pooled down to 1/stride, then turned into
   feature cells (current → key, (dx, dy): FlowWarp's convention, models/warp.py);
 - DFF's scale head: a 1x1 conv from the last decoder's features, weight 0 and frozen bias 1,
-  so scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise.
+  so scale starts at exactly 1 (pretraining leaves it there), resized to the grid likewise;
+  in eval mode a head still at that start is written as the constant 1 (`scale_is_one`: the
+  same values without the conv and the resize).
 
 `input_scale` (1, 0.5, 0.25) shrinks both images before the net, by 2x2 averages (`halve`):
 cheaper (about half the flow graph's time at 288x352), and the motions it sees are smaller,
@@ -77,6 +80,12 @@ def _match(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return x[:, :, : ref.shape[2], : ref.shape[3]]
 
 
+def _end(i: int, k: int) -> int | None:
+    """The end of the i-th of k shifted windows over a map padded by k - 1, counted from the
+    map's end: a constant, so the exported Slice needs no arithmetic on the map's size."""
+    return i - (k - 1) or None
+
+
 def cost_volume(cur: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tensor:
     """[N,(2r+1)^2,h,w]: mean over channels of cur(p) · key(p + d) for every d = (dx, dy) in
     ±radius (dy outer, dx inner), zero outside the key map."""
@@ -85,8 +94,8 @@ def cost_volume(cur: torch.Tensor, key: torch.Tensor, radius: int) -> torch.Tens
     padded = F.pad(key, (radius, radius, radius, radius))
     # the shifts in two passes, dx then dy: 2k Slices and two Concats where one Slice per
     # shift took k^2 (99 Slice nodes in all three levels); the same values, dy outer, dx inner
-    cols = torch.cat([padded[..., dx: dx + w] for dx in range(k)], 1)  # [N,k*C,h+2r,w]
-    shifted = torch.cat([cols[:, :, dy: dy + h] for dy in range(k)], 1)  # [N,k*k*C,h,w]
+    cols = torch.cat([padded[..., dx: _end(dx, k)] for dx in range(k)], 1)  # [N,k*C,h+2r,w]
+    shifted = torch.cat([cols[:, :, dy: _end(dy, k)] for dy in range(k)], 1)  # [N,k*k*C,h,w]
     # then one product and mean: a product per shift runs about 10 % faster on ONNX Runtime
     # CPU but has 1.8x the nodes and takes 1.8x as long to export
     n, c = cur.shape[0], cur.shape[1]
@@ -192,6 +201,8 @@ class RealFlowNet(nn.Module):
         nn.init.zeros_(self.predict_scale.weight)
         nn.init.ones_(self.predict_scale.bias)
         self.predict_scale.bias.requires_grad_(False)
+        self._scale_one = True  # the head is at its start: scale_is_one
+        self.register_load_state_dict_post_hook(self._read_head)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features at 1/8, 1/16 and 1/32 (linear: the features correlated)."""
@@ -221,12 +232,38 @@ class RealFlowNet(nn.Module):
                               align_corners=False)
         return x[:, :, : like.shape[2] // self.stride, : like.shape[3] // self.stride]
 
+    def train(self, mode: bool = True) -> RealFlowNet:
+        super().train(mode)
+        self._read_head()
+        return self
+
+    def _read_head(self, *_: object) -> None:
+        head = self.predict_scale
+        self._scale_one = bool(head.weight.eq(0).all()) and bool(head.bias.eq(1).all())
+
+    def scale_is_one(self) -> bool:
+        """In eval mode, whether the scale head is at its start (weight 0, bias 1), so that the
+        scale field is exactly 1 (dff-adapt leaves it there unless --train-scale). Read from the
+        weights on every eager call; an export traces without their values and takes what the
+        last eval(), load_state_dict or eager call read (export_graph calls eval() just before
+        it)."""
+        if self.training:
+            return False
+        if not torch.compiler.is_exporting():
+            self._read_head()
+        return self._scale_one
+
     def forward(self, x: torch.Tensor, key_x: torch.Tensor):
         small, small_key = x, key_x
         for _ in range(round(math.log2(1 / self.input_scale))):
             small, small_key = halve(small), halve(small_key)
         flows, hid = self.pyramid(small, small_key)
         flow = self.to_grid(flows[-1], x) * (1.0 / (self.stride * self.input_scale))
+        if self.scale_is_one():
+            # the same ones without the 1x1 conv and the resize to the grid (about 0.1 ms of
+            # the flow graph at 288x352 and input scale 0.5, one thread)
+            n, _, h, w = flow.shape
+            return flow, flow.new_ones(()).expand(n, self.channels, h, w)
         # the 1x1 head before the resampling (both linear, so the same map, at fewer cells)
         return flow, self.to_grid(self.predict_scale(hid), x)
 

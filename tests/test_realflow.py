@@ -70,6 +70,48 @@ def test_scale_starts_at_one():
     assert not net.predict_scale.bias.requires_grad
 
 
+def test_a_scale_head_at_its_start_gives_exactly_one_and_a_trained_one_its_field():
+    """In eval mode a head at its start (weight 0, bias 1) skips the 1x1 conv and the resize:
+    the same ones as the head computes; a head trained since, even after eval(), is computed."""
+    net = RealFlowNet(8, 3, input_scale=0.5)
+    x, k = torch.randn(2, 2, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        computed = net(x, k)[1]  # training mode: always the head
+        assert net.eval().scale_is_one()
+        constant = net(x, k)[1]
+        assert torch.equal(constant, computed) and torch.equal(constant, torch.ones(2, 3, 8, 12))
+        torch.nn.init.normal_(net.predict_scale.weight, std=0.1)  # changed after eval()
+        assert not net.scale_is_one()
+        trained = net(x, k)[1]
+        assert torch.equal(trained, net.train()(x, k)[1])
+        assert float((trained - 1).abs().max()) > 1e-3
+    loaded = RealFlowNet(8, 3, input_scale=0.5).eval()
+    loaded.load_state_dict(net.state_dict())  # a load refreshes what an export reads
+    assert not loaded._scale_one
+
+
+def test_cost_volume_slices_take_constant_bounds(tmp_path):
+    """The exported cost volume slices the padded key map with constant starts and ends
+    (counted from its end), so ONNX needs no arithmetic on the map's size for them."""
+    onnx = pytest.importorskip("onnx")
+
+    class Volume(torch.nn.Module):
+        def forward(self, cur, key):
+            return cost_volume(cur, key, 2)
+
+    cur, key = torch.randn(2, 1, 4, 6, 8)
+    dims = {2: torch.export.Dim("h", min=3), 3: torch.export.Dim("w", min=3)}
+    with torch.no_grad():
+        proto = torch.onnx.export(Volume(), (cur, key), dynamo=True, opset_version=20,
+                                  dynamic_shapes=(dims, dims), verbose=False).model_proto
+    known = {t.name for t in proto.graph.initializer}
+    known |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    slices = [n for n in proto.graph.node if n.op_type == "Slice"]
+    assert len(slices) == 2 * 5
+    assert all(i in known for n in slices for i in n.input[1:] if i)
+    onnx.checker.check_model(proto)
+
+
 def test_normalisation_is_recorded_on_the_0_255_scale():
     assert RealFlowNet.flow_mean == (127.5,) * 3 and RealFlowNet.flow_std == (255.0,) * 3
 
@@ -189,11 +231,18 @@ def test_load_realflow_keeps_the_trunk_and_builds_the_scale_head():
 
 
 @shipped
-def test_onnx_export_is_tensorrt_clean_and_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("head", ["start", "trained"])
+def test_onnx_export_is_tensorrt_clean_and_matches_pytorch(tmp_path, head):
+    """Also with a trained scale head: the export then computes the field, where the head at
+    its start gives the constant 1 (RealFlowNet.scale_is_one)."""
     onnxruntime = pytest.importorskip("onnxruntime")
     from dff.engines import onnx_ops
 
-    net = load_realflow(8, 4).eval()
+    net = load_realflow(8, 4)
+    if head == "trained":
+        torch.nn.init.normal_(net.predict_scale.weight, std=0.05,
+                              generator=torch.Generator().manual_seed(0))
+    net.eval()
     big = texture(136, 232)
     cur, key = normalised(big[:128, :224]), normalised(big[8:136, 8:232])
     dims = {2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
@@ -210,6 +259,7 @@ def test_onnx_export_is_tensorrt_clean_and_matches_pytorch(tmp_path):
     flow, scale = session.run(None, {"image": cur.numpy(), "key": key.numpy()})
     np.testing.assert_allclose(flow, expected[0].numpy(), atol=1e-4)
     np.testing.assert_allclose(scale, expected[1].numpy(), atol=1e-4)
+    assert (float(np.abs(scale - 1).max()) > 1e-3) == (head == "trained")
 
 
 def test_layered_samples_have_exact_flow_and_several_motions():

@@ -33,7 +33,9 @@ normalised on the host outside the timing. ``real flow net x0.5``: the same at i
 (the images average-pooled 2x inside the net: dff-adapt's default from 512 px on the shorter
 side).
 ``--adapted ENGINE_DIR``: a row for the net dff-adapt wrote into that export (the net its
-ENGINE_DIR/adapt/checkpoint.pt chose, at the input scale it was trained at), at stride 16.
+ENGINE_DIR/adapt/checkpoint.pt chose, at the input scale it was trained at), at stride 16;
+trained at another input scale than 1, a second row (``x1``) runs the same weights on the
+whole images.
 
     pip install scikit-image          # benchmark-only (pyproject's `bench` extra)
     python benchmarks/flow_accuracy.py [--checkpoint MODEL.pth] [--repeats 15] [--threads 2]
@@ -207,9 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.adapted:
         blob = torch.load(f"{folder}/adapt/checkpoint.pt", map_location="cpu",
                           weights_only=False)
-        runners[f"adapted ({folder})"] = realflow_runner(
-            None, args.threads, float(blob.get("input_scale", 1.0)),
-            blob.get("best_net") or blob["net"])
+        scale, state = float(blob.get("input_scale", 1.0)), blob.get("best_net") or blob["net"]
+        runners[f"adapted ({folder})"] = realflow_runner(None, args.threads, scale, state)
+        if scale != 1.0:  # the same weights on the whole images: the flow they learnt, apart
+            # from what half-size images lose
+            runners[f"adapted ({folder}) x1"] = realflow_runner(None, args.threads, 1.0, state)
     methods = {"zero flow": None, **DIS_PRESETS, "flow net (shipped)": "net",
                **{name: "real" for name in runners}}
     resized = [pairs(size) for size in (None, *SIZES)]

@@ -263,7 +263,7 @@ class RealFlowNet(nn.Module):
             # the same ones without the 1x1 conv and the resize to the grid (about 0.1 ms of
             # the flow graph at 288x352 and input scale 0.5, one thread)
             n, _, h, w = flow.shape
-            return flow, flow.new_ones(()).expand(n, self.channels, h, w)
+            return flow, flow.new_ones(()).expand(n, self.channels, h, w).contiguous()
         # the 1x1 head before the resampling (both linear, so the same map, at fewer cells)
         return flow, self.to_grid(self.predict_scale(hid), x)
 

@@ -90,7 +90,7 @@ def test_a_scale_head_at_its_start_gives_exactly_one_and_a_trained_one_its_field
     assert not loaded._scale_one
 
 
-def test_cost_volume_slices_take_constant_bounds(tmp_path):
+def test_cost_volume_slices_take_constant_bounds():
     """The exported cost volume slices the padded key map with constant starts and ends
     (counted from its end), so ONNX needs no arithmetic on the map's size for them."""
     onnx = pytest.importorskip("onnx")

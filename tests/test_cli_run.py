@@ -728,3 +728,20 @@ def test_profile_streams_reports_total_and_per_stream_fps_against_one(engines, t
         "--key-intervals", "1", "--frames", 6, "--json", tmp_path / "one.json", "--threads", 1])
     assert "streams" not in json.loads((tmp_path / "one.json").read_text())
     assert "streams:" not in stdout
+
+
+def test_stage_ab_benchmark_gives_r_for_each_export(engines, real_material, capsys):
+    """benchmarks/stage_ab.py (a smoke test: nothing is judged by its times)."""
+    import importlib.util
+    from pathlib import Path
+
+    real_material("bikes.mp4")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "stage_ab.py"
+    spec = importlib.util.spec_from_file_location("stage_ab", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main([str(engines), str(engines), "--threads", "1", "--rounds", "2", "--calls", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.startswith(str(engines))]
+    assert len(rows) == 2 and rows[0][-1] == "1.000"
+    assert all(0 < float(row[4]) < 10 for row in rows)  # r, from positive stage medians

@@ -49,8 +49,8 @@ INTERVALS = "5,10"
 KEY_INTERVAL = "10"
 ADAPT_CLIPS = ("bikes.mp4", "vtest.avi")  # the footage dff-adapt trains on (vtest held out)
 # the flow net sees the frames at half size: the flow cost 2.9 ms at 288x352 against 6.9 at
-# full size (r 0.235 against 0.507, one thread; 2.45 ms and r 0.201 at half size since the
-# FlowWarp body's rewrite); chosen on bikes.mp4, not carphone (RealFlowNet version 4's second
+# full size (r 0.235 against 0.507, one thread; at half size today r 0.20 to 0.27 at one
+# thread, by machine); chosen on bikes.mp4, not carphone (RealFlowNet version 4's second
 # stage unadapted, AP at k=10: 0.239 against 0.252 at full size and DIS's 0.200;
 # docs/MEASUREMENTS.md)
 ADAPT_INPUT_SCALE = "0.5"

@@ -12,7 +12,7 @@ Backends are opened as dff-profile opens them (runtime/loaders.open_backend, ONN
 is from frame --offset to frame 0, the task runs on frame 0's features.
 
     python scripts/fetch_material.py bikes.mp4
-    python benchmarks/stage_ab.py ENGINES_A ENGINES_B --threads 1,2 [--flow learned]
+    python benchmarks/stage_ab.py ENGINES_A ENGINES_B --threads 1,2
 
 About 3 s per export and thread count with the defaults on 2 cores.
 """
@@ -28,20 +28,26 @@ import numpy as np
 from dff.data import real
 from dff.export.manifest import load_manifest
 from dff.runtime.loaders import open_backend
+from dff.runtime.profile import stage_ratio
 from dff.runtime.video import fit_frame, open_video
 
 STAGES = ("feature", "flow", "task")
 
 
-def frames_for(engine_dir: str, clip: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frames 0 and `offset` of the clip at the export's opt size, [1,3,H,W] uint8 RGB."""
-    _, height, width = load_manifest(engine_dir)["profile"]["opt"][:3]
+def read_pair(clip: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames 0 and `offset` of the clip (RGB, its own size)."""
     with open_video(real.path(clip)) as video:
         got = list(islice(iter(video), offset + 1))
     if len(got) <= offset:
         raise SystemExit(f"{clip}: fewer than {offset + 1} frames")
-    return tuple(np.ascontiguousarray(fit_frame(f, (height, width)).transpose(2, 0, 1)[None])
-                 for f in (got[0], got[offset]))
+    return got[0], got[offset]
+
+
+def fit_pair(pair: tuple[np.ndarray, np.ndarray], engine_dir: str) -> list[np.ndarray]:
+    """The pair at the export's opt size, each [1,3,H,W] uint8 RGB."""
+    _, height, width = load_manifest(engine_dir)["profile"]["opt"][:3]
+    return [np.ascontiguousarray(fit_frame(f, (height, width)).transpose(2, 0, 1)[None])
+            for f in pair]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,11 +59,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--calls", type=int, default=8, help="timed calls per stage per round")
     args = p.parse_args(argv)
+    pair = read_pair(args.clip, args.offset)
     for threads in (int(t) for t in args.threads.split(",")):
         runs = {}
         for d in args.engine_dirs:
             backend = open_backend("onnxruntime-cpu", d, threads=threads)
-            key, image = frames_for(d, args.clip, args.offset)
+            key, image = fit_pair(pair, d)
             key_feat = backend.feature(backend.upload(key))
             up_image, up_key = backend.upload(image), backend.upload(key)
             runs[d] = {"feature": lambda b=backend, x=up_image: b.feature(x),
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'export':<40} {'feature':>8} {'flow':>8} {'task':>8} {'r':>7} {'flow/first':>10}")
         for d in args.engine_dirs:
             f, w, t = (med[d, s] for s in STAGES)
-            print(f"{d:<40} {f:>8.3f} {w:>8.3f} {t:>8.3f} {(w + t) / (f + t):>7.3f} "
+            print(f"{d:<40} {f:>8.3f} {w:>8.3f} {t:>8.3f} {stage_ratio(f, w, t):>7.3f} "
                   f"{w / med[first, 'flow']:>10.3f}")
 
 

@@ -47,6 +47,7 @@ from dff.export.manifest import DIS, LEARNED
 from dff.models.agreement import METRIC, Clip, Tally, _bar, _ms, open_clip, tally_for
 from dff.runtime.backends import Backend, task_spec
 from dff.runtime.flows import DisFlow, dis_flow
+from dff.runtime.profile import stage_ratio
 from dff.runtime.propagate import TRACK, WARP_OUTPUT, make_propagator
 from dff.runtime.scheduler import make_scheduler
 from dff.runtime.step import STAGES, Frame, Step, StreamState, Timings
@@ -452,5 +453,5 @@ def _ratios(cands: list[Candidate], measured: list[Measured]) -> dict[str, float
                 if c.kind == DFF and c.flow == source and c.schedule == "fixed"]
         if runs and feature + task > 0:
             m = max(runs, key=lambda x: x[0])[1]
-            out[source] = round((m.calls["flow"].median() + task) / (feature + task), 4)
+            out[source] = round(stage_ratio(feature, m.calls["flow"].median(), task), 4)
     return out

@@ -166,6 +166,11 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
             for stage in STAGES} | extra
 
 
+def stage_ratio(feature: float, flow: float, task: float) -> float:
+    """DESIGN.md §5: r = (flow + task) / (feature + task), from the stage medians."""
+    return (flow + task) / (feature + task)
+
+
 def predicted_speedup(k: int, r: float) -> float:
     """DESIGN.md §5: s = k / (1 + (k-1) r)."""
     return k / (1 + (k - 1) * r)

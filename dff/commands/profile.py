@@ -31,7 +31,13 @@ from dff.commands.common import (
 from dff.errors import DffError
 from dff.export.profile import format_shape
 from dff.runtime.backends import task_spec
-from dff.runtime.profile import STAGES, profile_end_to_end, profile_stages, profile_streams
+from dff.runtime.profile import (
+    STAGES,
+    profile_end_to_end,
+    profile_stages,
+    profile_streams,
+    stage_ratio,
+)
 from dff.runtime.video import check_size
 from dff.runtime.writers import write_summary
 
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                   "iterations": args.iterations, "duration_s": args.duration}
         stages = profile_stages(backend, frames, batch, flow, **timing)
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
-        r = (med["flow"] + med["task"]) / (med["feature"] + med["task"])
+        r = stage_ratio(med["feature"], med["flow"], med["task"])
         end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow)
         streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]),
                                    flow) if args.streams > 1 else None)

@@ -16,6 +16,10 @@ cropped to multiples of 16 (its top-left 496x736). Two sets of cells are scored:
   its flow EPE (models/evaluate.py): here every cell. It adds the occlusion edges, where no
   flow is right for the whole cell.
 
+``DIS ultrafast x0.5``: DIS as ``--flow dis`` runs it by default (runtime/flows.py
+DisFlow: grey frames shrunk to half size, the flow resized back, cost included): the
+reference at the input scale of a net that sees half-size images.
+
 ``wrong sign``: the EPE against (+d, 0), the other direction; ``mean fx``: the method's mean
 horizontal flow over the scored cells (the truth's is -38.5 px). A method run the other
 way round shows up in both.
@@ -214,7 +218,12 @@ def main(argv: list[str] | None = None) -> None:
         if scale != 1.0:  # the same weights on the whole images: the flow they learnt, apart
             # from what half-size images lose
             runners[f"adapted ({folder}) x1"] = realflow_runner(None, args.threads, 1.0, state)
-    methods = {"zero flow": None, **DIS_PRESETS, "flow net (shipped)": "net",
+    from dff.runtime.flows import DEFAULT_PRESET, DEFAULT_SCALE, DisFlow
+
+    deployed = DisFlow()  # dff-dis's default: the preset on frames shrunk to DEFAULT_SCALE
+    methods = {"zero flow": None, **DIS_PRESETS,
+               f"DIS {DEFAULT_PRESET} x{DEFAULT_SCALE:g}": "dis-deployed",
+               "flow net (shipped)": "net",
                **{name: "real" for name in runners}}
     resized = [pairs(size) for size in (None, *SIZES)]
     rows = []
@@ -228,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
                     return net_flow(model, cur, key)
             elif how == "real":
                 run = real_run = runners[name]
+            elif how == "dis-deployed":
+                def run(cur, key):
+                    return deployed.pixels(deployed.prepare(cur), deployed.prepare(key),
+                                           cur.shape[:2]).transpose(2, 0, 1)
             else:
                 def run(cur, key, preset=how):
                     return dis_flow(preset, cur, key)

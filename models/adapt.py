@@ -619,11 +619,13 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
           options: AdaptOptions, *, init: tuple[str, Init] | None = None,
           log: Log | None = None,
           progress: Callable[[Iterator[int], int | None], Iterator[int]] | None = None,
+          watch: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
           ) -> dict[str, Any]:
     """Train (or resume training) a flow net for the export in `engine_dir` on `videos`, then
     write it into the export (`write_learned_flow`). Returns the manifest's adapt record.
     `progress`: wraps the iteration counter (a tqdm) and gets `set_postfix` calls when it has
-    them. Raises a DffError (AdaptError, parity, export) and then changes nothing in the export
+    them. `watch(iteration, net, scores)`: called after each held-out evaluation, the start's
+    included, with the net in eval mode (benchmarks/adapt_stereo.py scores it). Raises a DffError (AdaptError, parity, export) and then changes nothing in the export
     except its adapt/ checkpoint."""
     log = log or (lambda _: None)
     engine_dir = Path(engine_dir)
@@ -676,6 +678,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
         log(f"resuming at iteration {trainer.state.iteration} ({ckpt_path})")
     base = trainer.evaluate(baselines=True)
     trainer.keep_if_best(base)
+    if watch and base:
+        watch(trainer.state.iteration, net, base)
     if base:
         log(f"held out ({', '.join(c.name for c in held)}; {len(trainer.eval_set)} pairs): "
             f"{_scores(base)}")
@@ -712,6 +716,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
             trainer.keep_if_best(last)
             trainer.state.history.append({"iteration": it, "loss": loss, "stage": stage,
                                           **last})
+            if watch:
+                watch(it, net, last)
         if hasattr(bar, "set_postfix"):
             post = {"stage": stage, "loss": f"{loss:.4f}"}
             if last:
@@ -725,6 +731,9 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     trainer.state.seconds = start_sec + time.monotonic() - t0
     final = trainer.evaluate(baselines=True)
     trainer.keep_if_best(final)
+    if watch and final and trainer.state.iteration % options.eval_every \
+            and trainer.state.iteration != start_iter:
+        watch(trainer.state.iteration, net, final)
     trainer.save(ckpt_path, init_name, extra)
     log(f"trained {trainer.state.iteration - start_iter} iterations "
         f"({trainer.state.iteration} in all) in {time.monotonic() - t0:.1f} s"

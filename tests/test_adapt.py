@@ -134,8 +134,19 @@ def test_library_takes_its_init_and_holds_out_clips(export, clip, tmp_path):
         made.append((stride, channels, input_scale))
         return adapt_mod.SmallFlowNet(stride, channels, input_scale, width=8)
 
-    options = adapt_mod.AdaptOptions(iters=2, k_max=2, batch=1, stages=("distil",))
-    record = adapt_mod.adapt(export, [clip, second], options, init=("test:init", init))
+    options = adapt_mod.AdaptOptions(iters=3, k_max=2, batch=1, stages=("distil",),
+                                     eval_every=2)
+    watched = []
+
+    def watch(iteration, net, scores):  # benchmarks/adapt_stereo.py's hook
+        watched.append((iteration, net.training, set(scores)))
+
+    record = adapt_mod.adapt(export, [clip, second], options, init=("test:init", init),
+                             watch=watch)
+    # the start, each held-out evaluation (every 2) and the last iteration, in eval mode
+    assert [(i, training) for i, training, _ in watched] == [(0, False), (2, False),
+                                                             (3, False)]
+    assert all({"feat", "dis_epe", "motion_epe"} <= names for *_, names in watched)
     m = load_manifest(export)
     assert made == [(m["stride"], m["feat_channels"], 1.0)]  # a small export: scale 1
     assert record["init"] == "test:init" and record["stages"] == ["distil"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import flow_accuracy as fa  # noqa: E402  (a sibling script, not a package)
+import flow_accuracy as fa  # a sibling script, not a package
 
 
 class StereoScore:

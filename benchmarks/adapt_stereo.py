@@ -10,7 +10,7 @@ issue's bar of at most 2x.
 
     pip install scikit-image                      # benchmark-only (pyproject's `bench` extra)
     python benchmarks/adapt_stereo.py ENGINE_DIR --video bikes.mp4 vtest.avi --iters 2000 \\
-        --input-scale 0.5 [--eval-every 250] [--lr 1e-4] [--threads 2]
+        --input-scale 0.5 [--eval-every 250] [--lr 1e-4] [--stages distil] [--threads 2]
 
 About 0.15 s an iteration for CenterFace at 288x352 and input scale 0.5 on 2 cores, plus 2 s
 an evaluation.
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from dff.models.adapt import AdaptOptions, adapt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flow_accuracy as fa  # a sibling script, not a package
@@ -61,8 +62,6 @@ class StereoScore:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dff.models import adapt as adapt_mod
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="a folder written by dff-export")
     p.add_argument("--video", nargs="+", required=True, metavar="FILE_OR_FOLDER",
@@ -70,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iters", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--input-scale", type=float, choices=(1.0, 0.5, 0.25), default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="dff-adapt's --lr (default: its own)")
+    p.add_argument("--stages", default="dis,distil", help="dff-adapt's --stages")
+    p.add_argument("--motion-weight", type=float, default=AdaptOptions.motion_weight)
+    p.add_argument("--dis-weight", type=float, default=AdaptOptions.dis_weight)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's and ONNX Runtime's")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -95,10 +97,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{'stereo px':>9} {'at x1':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         copy = shutil.copytree(args.engine_dir, Path(tmp) / "engines")
-        options = adapt_mod.AdaptOptions(iters=args.iters, eval_every=args.eval_every,
-                                         save_every=args.iters, input_scale=args.input_scale,
-                                         lr=args.lr, threads=args.threads)
-        record = adapt_mod.adapt(copy, args.video, options, watch=watch)
+        options = AdaptOptions(iters=args.iters, eval_every=args.eval_every,
+                               save_every=args.iters, input_scale=args.input_scale, lr=args.lr,
+                               threads=args.threads, stages=tuple(args.stages.split(",")),
+                               motion_weight=args.motion_weight, dis_weight=args.dis_weight)
+        record = adapt(copy, args.video, options, watch=watch)
     chosen = (record.get("chosen") or {}).get("iteration")
     row = next((r for r in rows if r["iteration"] == chosen), None)
     if row is None:
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nthe held-out rule chose iteration {chosen}: stereo EPE {row['stereo']:.2f} px"
           + ("" if row["stereo_x1"] is None else f", {row['stereo_x1']:.2f} px at x1")
           + f" (over the run: {stereo.min():.2f} to {stereo.max():.2f} px; input scale "
-          f"{record['input_scale']:g}, lr {record['lr']:g}, {record['iterations']} iterations)")
+          f"{record['input_scale']:g}, lr {record['lr']:g}, stages {','.join(record['stages'])}, "
+          f"{record['iterations']} iterations)")
 
 
 if __name__ == "__main__":

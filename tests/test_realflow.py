@@ -309,3 +309,31 @@ def test_low_contrast_samples_keep_their_flow_and_lose_contrast():
         assert float(img.std((1, 2, 3)).max()) < float(raw) * 1.1
         assert float(img.std((1, 2, 3)).min()) > float(raw) * LOW_CONTRAST * 0.5
     assert torch.equal(faint[2], plain[2])
+
+
+def test_adapt_stereo_benchmark_scores_each_evaluation(engines, tmp_path, capsys):
+    """benchmarks/adapt_stereo.py (a smoke test; it needs the `bench` extra's scikit-image):
+    a row per held-out evaluation, the export left as it was."""
+    pytest.importorskip("skimage")
+    pytest.importorskip("onnxruntime")
+    import importlib.util
+    from pathlib import Path
+
+    from dff.runtime.video import write_synthetic_clip
+
+    clips = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for seed, clip in enumerate(clips):
+        write_synthetic_clip(clip, seed=seed, num_frames=12, height=64, width=96)
+    before = (engines / "flow.onnx").read_bytes()
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adapt_stereo.py"
+    spec = importlib.util.spec_from_file_location("adapt_stereo", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main([str(engines), "--video", *map(str, clips), "--iters", "2", "--eval-every", "1",
+                "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:9].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [0, 1, 2]
+    assert all(0 < float(r[4]) < 100 for r in rows)  # stereo EPE in px
+    assert "the held-out rule chose iteration" in out
+    assert (engines / "flow.onnx").read_bytes() == before

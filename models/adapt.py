@@ -625,8 +625,9 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
     write it into the export (`write_learned_flow`). Returns the manifest's adapt record.
     `progress`: wraps the iteration counter (a tqdm) and gets `set_postfix` calls when it has
     them. `watch(iteration, net, scores)`: called after each held-out evaluation, the start's
-    included, with the net in eval mode (benchmarks/adapt_stereo.py scores it). Raises a DffError (AdaptError, parity, export) and then changes nothing in the export
-    except its adapt/ checkpoint."""
+    included, with the net in eval mode (benchmarks/adapt_stereo.py scores it). Raises a
+    DffError (AdaptError, parity, export) and then changes nothing in the export except its
+    adapt/ checkpoint."""
     log = log or (lambda _: None)
     engine_dir = Path(engine_dir)
     if options.iters is None and options.minutes is None:

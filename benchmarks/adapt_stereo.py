@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from dff.models.adapt import AdaptOptions, adapt
 
+from dff.errors import DffError
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import flow_accuracy as fa  # a sibling script, not a package
 
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> None:
                                save_every=args.iters, input_scale=args.input_scale, lr=args.lr,
                                threads=args.threads, stages=tuple(args.stages.split(",")),
                                motion_weight=args.motion_weight, dis_weight=args.dis_weight)
-        record = adapt(copy, args.video, options, watch=watch)
+        try:
+            record = adapt(copy, args.video, options, watch=watch)
+        except DffError as e:  # a bad video or export: dff-adapt's one line
+            raise SystemExit(f"adapt_stereo: {e}") from None
     chosen = (record.get("chosen") or {}).get("iteration")
     row = next((r for r in rows if r["iteration"] == chosen), None)
     if row is None:

@@ -329,8 +329,12 @@ def test_adapt_stereo_benchmark_scores_each_evaluation(engines, tmp_path, capsys
     spec = importlib.util.spec_from_file_location("adapt_stereo", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    bench.main([str(engines), "--video", *map(str, clips), "--iters", "2", "--eval-every", "1",
-                "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        bench.main([str(engines), "--video", *map(str, clips), "--iters", "2", "--eval-every",
+                    "1", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets PyTorch's for the process
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line[:9].strip().isdigit()]
     assert [int(r[0]) for r in rows] == [0, 1, 2]

@@ -36,31 +36,26 @@ import flow_accuracy as fa  # a sibling script, not a package
 
 
 class StereoScore:
-    """A flow net's EPE (px, the cells with every pixel valid) on the stereo pair at stride 16,
-    as flow_accuracy.py scores its `real flow net` rows."""
+    """A flow net's or DIS's EPE (px, the cells with every pixel valid) on the stereo pair, as
+    flow_accuracy.py scores its rows (the net at stride 16)."""
 
     def __init__(self) -> None:
         left, right, gt, valid = fa.stereo_pair()
         self.target, count = fa.cell_mean(gt, valid)
         self.mask = count == fa.STRIDE * fa.STRIDE
         self.pair = (left, right)
-        self.inputs = [torch.from_numpy(x) for x in fa.realflow_runner.inputs(left, right)]
 
     def net(self, state: dict[str, torch.Tensor], input_scale: float) -> float:
         from dff.models.realflow import load_realflow
 
         net = load_realflow(fa.STRIDE, 1, state, input_scale=input_scale).eval()
-        with torch.no_grad():
-            flow = net(*self.inputs)[0][0].numpy() * fa.STRIDE
-        return fa.epe(flow, self.target, self.mask)
+        return fa.epe(fa.realflow_px(net, *self.pair), self.target, self.mask)
 
     def dis(self, scale: float) -> float:
         from dff.runtime.flows import DisFlow
 
-        dis = DisFlow("ultrafast", scale)
-        left, right = self.pair
-        flow = dis.pixels(dis.prepare(left), dis.prepare(right), left.shape[:2])
-        return fa.epe(fa.cell_mean(flow.transpose(2, 0, 1))[0], self.target, self.mask)
+        flow = fa.scaled_dis_px(DisFlow("ultrafast", scale), *self.pair)
+        return fa.epe(fa.cell_mean(flow)[0], self.target, self.mask)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
 
     def watch(iteration: int, net: torch.nn.Module, scores: dict[str, Any]) -> None:
-        state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        state = net.state_dict()  # scored now, into a net of its own
         scale = float(getattr(net, "input_scale", 1.0))
         row = {"iteration": iteration, "feat": scores["feat"], "dis_epe": scores["dis_epe"],
                "motion_epe": scores.get("motion_epe", float("nan")),

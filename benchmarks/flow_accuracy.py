@@ -157,10 +157,22 @@ class realflow_runner:
 
     def __call__(self, current: np.ndarray, key: np.ndarray) -> np.ndarray:
         if current.dtype == np.uint8:  # the EPE: PyTorch on RGB frames
-            cur, k = (torch.from_numpy(x) for x in self.inputs(current, key))
-            with torch.no_grad():
-                return self.net(cur, k)[0][0].numpy() * STRIDE
+            return realflow_px(self.net, current, key)
         return self.session.run(["flow"], {"image": current, "key": key})[0][0] * STRIDE
+
+
+def realflow_px(net, current: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """A RealFlowNet's flow current -> key [2,h,w] in px (cells x STRIDE), PyTorch on RGB uint8
+    frames."""
+    cur, k = (torch.from_numpy(x) for x in realflow_runner.inputs(current, key))
+    with torch.no_grad():
+        return net(cur, k)[0][0].numpy() * STRIDE
+
+
+def scaled_dis_px(dis, current: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """`dis` (runtime/flows.py DisFlow) as ``--flow dis`` runs it: flow current -> key [2,H,W]
+    in px of the RGB frames' size."""
+    return dis.pixels(dis.prepare(current), dis.prepare(key), current.shape[:2]).transpose(2, 0, 1)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -238,9 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             elif how == "real":
                 run = real_run = runners[name]
             elif how == "dis-deployed":
-                def run(cur, key):
-                    return deployed.pixels(deployed.prepare(cur), deployed.prepare(key),
-                                           cur.shape[:2]).transpose(2, 0, 1)
+                run = functools.partial(scaled_dis_px, deployed)
             else:
                 def run(cur, key, preset=how):
                     return dis_flow(preset, cur, key)

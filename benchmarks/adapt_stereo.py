@@ -4,16 +4,17 @@ Runs dff-adapt's library (models/adapt.adapt) on a temporary copy of an export, 
 itself is left as it is, and at every held-out evaluation (the start's included) scores the net
 on flow_accuracy.py's stereo pair: at the input scale it trains at and, below 1, at 1 (the same
 weights on the whole images). Beside them, the held-out scores that choose the net written (the
-feature error, the DIS and known-motion EPE in cells), and DIS ultrafast's stereo EPE on the
-whole images and as ``--flow dis`` runs it by default (half size): the references of the
-issue's bar of at most 2x.
+feature error, the DIS and known-motion EPE in cells; below input scale 1, the known-motion EPE
+at 1 too), and DIS ultrafast's stereo EPE on the whole images and as ``--flow dis`` runs it by
+default (half size): the references of the issue's bar of at most 2x.
 
     pip install scikit-image                      # benchmark-only (pyproject's `bench` extra)
     python benchmarks/adapt_stereo.py ENGINE_DIR --video bikes.mp4 vtest.avi --iters 2000 \\
-        --input-scale 0.5 [--eval-every 250] [--lr 1e-4] [--stages distil] [--threads 2]
+        --input-scale 0.5 [--eval-every 250] [--lr 1e-4] [--stages distil] \\
+        [--full-motion-weight 3] [--threads 2]
 
-About 0.15 s an iteration for CenterFace at 288x352 and input scale 0.5 on 2 cores, plus 2 s
-an evaluation.
+About 0.2 s an iteration for CenterFace at 288x352 and input scale 0.5 on 2 cores (0.15 with
+--full-motion-weight 0), plus 2 s an evaluation.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages", default="dis,distil", help="dff-adapt's --stages")
     p.add_argument("--motion-weight", type=float, default=AdaptOptions.motion_weight)
     p.add_argument("--dis-weight", type=float, default=AdaptOptions.dis_weight)
+    p.add_argument("--full-motion-weight", type=float, default=AdaptOptions.full_motion_weight)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's and ONNX Runtime's")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -83,21 +85,24 @@ def main(argv: list[str] | None = None) -> None:
         scale = float(getattr(net, "input_scale", 1.0))
         row = {"iteration": iteration, "feat": scores["feat"], "dis_epe": scores["dis_epe"],
                "motion_epe": scores.get("motion_epe", float("nan")),
+               "motion_full": scores.get("motion_epe_full", float("nan")),
                "stereo": score.net(state, scale),
                "stereo_x1": score.net(state, 1.0) if scale != 1.0 else None}
         rows.append(row)
-        x1 = "" if row["stereo_x1"] is None else f" {row['stereo_x1']:>9.2f}"
+        x1 = "" if row["stereo_x1"] is None else \
+            f" {row['motion_full']:>13.3f} {row['stereo_x1']:>9.2f}"
         print(f"{iteration:>9} {row['feat']:>9.4f} {row['dis_epe']:>8.3f} "
               f"{row['motion_epe']:>10.3f} {row['stereo']:>9.2f}{x1}", flush=True)
 
     print(f"\n{'iteration':>9} {'held feat':>9} {'DIS EPE':>8} {'motion EPE':>10} "
-          f"{'stereo px':>9} {'at x1':>9}")
+          f"{'stereo px':>9} {'motion at x1':>13} {'stereo x1':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         copy = shutil.copytree(args.engine_dir, Path(tmp) / "engines")
         options = AdaptOptions(iters=args.iters, eval_every=args.eval_every,
                                save_every=args.iters, input_scale=args.input_scale, lr=args.lr,
                                threads=args.threads, stages=tuple(args.stages.split(",")),
-                               motion_weight=args.motion_weight, dis_weight=args.dis_weight)
+                               motion_weight=args.motion_weight, dis_weight=args.dis_weight,
+                               full_motion_weight=args.full_motion_weight)
         try:
             record = adapt(copy, args.video, options, watch=watch)
         except DffError as e:  # a bad video or export: dff-adapt's one line

@@ -12,7 +12,10 @@ on the CPU in PyTorch, on pairs (key frame t, current frame t + d), d uniform in
   warp being the torch FlowWarp (models/warp.py) and feat the teacher's features.
 
 In both, `motion_weight` times the end-point error on training frames moved along known
-random motions (`known_motions`) keeps the net a flow for motions the footage lacks.
+random motions (`known_motions`) keeps the net a flow for motions the footage lacks. Below input
+scale 1, `full_motion_weight` times the same error with the net on the whole frames
+(`full_size`) keeps the weights a flow at full size too: trained on shrunk frames alone, they
+lose it within a few hundred iterations (docs/MEASUREMENTS.md, issue 23).
 
 With both stages the first DIS_SHARE of the run fits DIS and the rest distils. A held-out part
 of the footage is scored as training goes (the feature error above and the DIS EPE). The state
@@ -35,6 +38,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -342,6 +346,8 @@ class AdaptOptions:
     motion_weight: float = 0.5  # the exact-flow end-point error's weight on known motions of
     # the training frames (pretrain_flow.layered_sample): keeps the net a flow for motions the
     # footage lacks
+    full_motion_weight: float = 3.0  # below input scale 1: the same error's weight with the
+    # net on the whole frames (`full_size`)
 
 
 @dataclass
@@ -397,6 +403,25 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (flow - target).pow(2).sum(1).add(1e-12).sqrt().mean()
+
+
+def shrinks(net: nn.Module) -> bool:
+    """Whether the net runs on shrunk frames and can be run on the whole ones (`full_size`):
+    the init's nets that can have a float attribute `input_scale` their forward reads
+    (RealFlowNet); SmallFlowNet shrinks in a layer and has none."""
+    scale = getattr(net, "input_scale", None)
+    return isinstance(scale, float) and scale < 1
+
+
+@contextmanager
+def full_size(net: nn.Module) -> Iterator[None]:
+    """The net on the whole frames (input scale 1) inside the block."""
+    scale = net.input_scale
+    net.input_scale = 1.0
+    try:
+        yield
+    finally:
+        net.input_scale = scale
 
 
 def known_motions(clips: list[Clip], count: int, stride: int, mean: torch.Tensor,
@@ -485,12 +510,17 @@ class Trainer:
             loss = relative_error(flow_warp(b["key_feat"], flow, scale), b["cur_feat"])
             if self.options.dis_weight > 0:
                 loss = loss + self.options.dis_weight * epe(flow, b["dis"])
-        if self.options.motion_weight > 0:
+        full = self.options.full_motion_weight if shrinks(self.net) else 0.0
+        if self.options.motion_weight > 0 or full > 0:
             m = known_motions(self.train_clips, max(1, self.options.batch // 2), self.stride,
                               self.mean, self.std,
                               np.random.default_rng(self.rng.getrandbits(32)))
-            loss = loss + self.options.motion_weight * epe(self.net(m["x"], m["key_x"])[0],
-                                                           m["flow"])
+            if self.options.motion_weight > 0:
+                loss = loss + self.options.motion_weight * epe(
+                    self.net(m["x"], m["key_x"])[0], m["flow"])
+            if full > 0:
+                with full_size(self.net):
+                    loss = loss + full * epe(self.net(m["x"], m["key_x"])[0], m["flow"])
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -528,6 +558,10 @@ class Trainer:
         if self.eval_motions is not None:
             m = self.eval_motions
             out["motion_epe"] = float(epe(self.net(m["x"], m["key_x"])[0], m["flow"]))
+            if shrinks(self.net):
+                with full_size(self.net):
+                    out["motion_epe_full"] = float(epe(self.net(m["x"], m["key_x"])[0],
+                                                       m["flow"]))
         if baselines:
             dis = flow_warp(b["key_feat"], b["dis"])
             out.update(copy_task_err=self._task_error(b["key_feat"], b["cur_feat"]),
@@ -550,7 +584,8 @@ class Trainer:
             return False
         self.state.best = {"iteration": self.state.iteration, "task_err": scores["task_err"],
                            "feat": scores["feat"], "dis_epe": scores["dis_epe"],
-                           "motion_epe": scores.get("motion_epe")}
+                           "motion_epe": scores.get("motion_epe"),
+                           "motion_epe_full": scores.get("motion_epe_full")}
         self.state.best_net = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         return True
 
@@ -725,6 +760,8 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
                 post.update(held_task_err=_num(last["task_err"]), held_feat=f"{last['feat']:.4f}",
                             dis_epe=f"{last['dis_epe']:.3f}",
                             motion_epe=f"{last.get('motion_epe', math.nan):.3f}")
+                if "motion_epe_full" in last:
+                    post.update(motion_epe_full=f"{last['motion_epe_full']:.3f}")
             bar.set_postfix(post, refresh=False)
         if it % options.save_every == 0:
             trainer.state.seconds = start_sec + time.monotonic() - t0
@@ -762,6 +799,7 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
                                                           "scale": dis_scale},
         "input_scale": options.input_scale, "train_scale": options.train_scale,
         "dis_weight": options.dis_weight, "motion_weight": options.motion_weight,
+        "full_motion_weight": options.full_motion_weight if shrinks(net) else 0.0,
         "held_out_loss": final, "chosen": best, "verdict": verdict, "init": init_name,
         "tool": "dff-adapt",
         "tool_version": dff.__version__, "last_loss": loss,
@@ -803,7 +841,9 @@ def _scores(s: dict[str, Any]) -> str:
     return (f"task-output error this net {_num(s['task_err'])}, copy {_num(s['copy_task_err'])}, "
             f"DIS {_num(s['dis_task_err'])}; feature error {s['feat']:.4f}, copy "
             f"{s['copy_feat']:.4f}, DIS {s['dis_feat']:.4f}; DIS EPE {s['dis_epe']:.3f} cells"
-            + (f", known-motion EPE {s['motion_epe']:.3f} cells" if "motion_epe" in s else ""))
+            + (f", known-motion EPE {s['motion_epe']:.3f} cells" if "motion_epe" in s else "")
+            + (f" ({s['motion_epe_full']:.3f} on the whole frames)" if "motion_epe_full" in s
+               else ""))
 
 
 # ------------------------------------------------------------------------------ the export

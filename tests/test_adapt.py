@@ -4,6 +4,7 @@ each, on the tiny export and a short synthetic clip."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import warnings
@@ -154,6 +155,43 @@ def test_library_takes_its_init_and_holds_out_clips(export, clip, tmp_path):
     with pytest.raises(adapt_mod.AdaptError, match="started from 'test:init'"):
         adapt_mod.adapt(export, [clip], adapt_mod.AdaptOptions(iters=1, k_max=2, resume=True),
                         init=INIT)
+
+
+def test_below_input_scale_1_the_known_motions_are_also_fitted_on_the_whole_frames(
+        export, clip, monkeypatch):
+    from dff.models.realflow import RealFlowNet
+
+    entered = []  # (net.training, the input scale inside) at each full_size block
+    full_size = adapt_mod.full_size
+
+    def counted(net):
+        entered.append((net.training, None))
+        with full_size(net):
+            entered[-1] = (net.training, net.input_scale)
+            yield
+
+    monkeypatch.setattr(adapt_mod, "full_size", contextlib.contextmanager(counted))
+    # what is written is tested above and in test_realflow.py; here only what is trained
+    monkeypatch.setattr(adapt_mod, "write_learned_flow", lambda *a, **k: None)
+    options = adapt_mod.AdaptOptions(iters=1, k_max=2, batch=1, stages=("distil",),
+                                     eval_every=1, input_scale=0.5)
+    watched = []
+    nets = []
+
+    def init(stride, channels, input_scale):
+        nets.append(RealFlowNet(stride, channels, input_scale))
+        return nets[-1]
+
+    record = adapt_mod.adapt(export, [clip], options, init=("test:realflow", init),
+                             watch=lambda i, net, scores: watched.append(scores))
+    # the start's evaluation, the training step, its evaluation and the last one
+    assert [t for t, _ in entered] == [False, True, False, False]
+    assert {s for _, s in entered} == {1.0} and nets[0].input_scale == 0.5
+    assert len(watched) == 2 and all(s["motion_epe_full"] > 0 for s in watched)
+    assert record["full_motion_weight"] == 3.0 and record["chosen"]["motion_epe_full"] > 0
+    # only a net that reads its input scale in forward runs on the whole frames
+    assert not adapt_mod.shrinks(RealFlowNet(16, 1, 1.0))
+    assert not adapt_mod.shrinks(adapt_mod.SmallFlowNet(16, 1, 0.5))
 
 
 class TinyFace(nn.Module):

@@ -85,6 +85,10 @@ def parser() -> argparse.ArgumentParser:
                    help="weight of the end-point error on the training frames moved along "
                         "known random motions, in every stage: keeps the net a flow for "
                         "motions your footage lacks (default 0.5; 0: off)")
+    p.add_argument("--full-motion-weight", type=_non_negative, default=3.0, metavar="W",
+                   help="below --input-scale 1: weight of the same error with the net on the "
+                        "whole frames, which keeps the weights a flow at full size; trained on "
+                        "shrunk frames alone they lose it (default 3; 0: off)")
     p.add_argument("--threads", type=int_at_least(0), default=0,
                    help="CPU threads (default: 0 = the library's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or log lines")
@@ -111,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
             max_frames=args.max_frames, resume=args.resume,
             default_learned=args.default == "learned", threads=args.threads,
             input_scale=args.input_scale, train_scale=args.train_scale,
-            dis_weight=args.dis_weight, motion_weight=args.motion_weight)
+            dis_weight=args.dis_weight, motion_weight=args.motion_weight,
+            full_motion_weight=args.full_motion_weight)
 
         def progress(it, total):
             if args.quiet:

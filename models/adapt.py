@@ -406,9 +406,9 @@ def epe(flow: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def shrinks(net: nn.Module) -> bool:
-    """Whether the net runs on shrunk frames and can be run on the whole ones (`full_size`):
-    the init's nets that can have a float attribute `input_scale` their forward reads
-    (RealFlowNet); SmallFlowNet shrinks in a layer and has none."""
+    """Whether the net sees shrunk frames and can be run on the whole ones (`full_size`): a
+    float attribute `input_scale` below 1 that its forward reads (RealFlowNet). SmallFlowNet
+    shrinks in a layer and has no such attribute."""
     scale = getattr(net, "input_scale", None)
     return isinstance(scale, float) and scale < 1
 

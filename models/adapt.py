@@ -466,6 +466,8 @@ class Trainer:
         self.rng = random.Random(options.seed)
         self.state = AdaptState()
         self.eval_set = eval_pairs(held, options.k_max) if held else []
+        # the whole-frame known-motion term's weight: 0 where the net cannot run on them
+        self.full_motion_weight = options.full_motion_weight if shrinks(net) else 0.0
         self.stride = int(train[0].frames.shape[1]) // grid[0]
         # known motions of held-out frames, fixed: is the net still a flow?
         self.eval_motions = known_motions(held, EVAL_MOTIONS, self.stride, self.mean, self.std,
@@ -510,23 +512,26 @@ class Trainer:
             loss = relative_error(flow_warp(b["key_feat"], flow, scale), b["cur_feat"])
             if self.options.dis_weight > 0:
                 loss = loss + self.options.dis_weight * epe(flow, b["dis"])
-        full = self.options.full_motion_weight if shrinks(self.net) else 0.0
+        full = self.full_motion_weight
         if self.options.motion_weight > 0 or full > 0:
             m = known_motions(self.train_clips, max(1, self.options.batch // 2), self.stride,
                               self.mean, self.std,
                               np.random.default_rng(self.rng.getrandbits(32)))
             if self.options.motion_weight > 0:
-                loss = loss + self.options.motion_weight * epe(
-                    self.net(m["x"], m["key_x"])[0], m["flow"])
+                loss = loss + self.options.motion_weight * self.motion_error(m)
             if full > 0:
                 with full_size(self.net):
-                    loss = loss + full * epe(self.net(m["x"], m["key_x"])[0], m["flow"])
+                    loss = loss + full * self.motion_error(m)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
         self.state.iteration += 1
         self.state.stage = stage
         return float(loss.detach())
+
+    def motion_error(self, m: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The net's end-point error (cells) on known motions (`known_motions`)."""
+        return epe(self.net(m["x"], m["key_x"])[0], m["flow"])
 
     def forward(self, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(flow, scale) on a batch; the scale is a constant unless options.train_scale."""
@@ -557,11 +562,10 @@ class Trainer:
                                "dis_epe": float(epe(flow, b["dis"]))}
         if self.eval_motions is not None:
             m = self.eval_motions
-            out["motion_epe"] = float(epe(self.net(m["x"], m["key_x"])[0], m["flow"]))
+            out["motion_epe"] = float(self.motion_error(m))
             if shrinks(self.net):
                 with full_size(self.net):
-                    out["motion_epe_full"] = float(epe(self.net(m["x"], m["key_x"])[0],
-                                                       m["flow"]))
+                    out["motion_epe_full"] = float(self.motion_error(m))
         if baselines:
             dis = flow_warp(b["key_feat"], b["dis"])
             out.update(copy_task_err=self._task_error(b["key_feat"], b["cur_feat"]),
@@ -799,7 +803,7 @@ def adapt(engine_dir: str | os.PathLike[str], videos: Sequence[str | os.PathLike
                                                           "scale": dis_scale},
         "input_scale": options.input_scale, "train_scale": options.train_scale,
         "dis_weight": options.dis_weight, "motion_weight": options.motion_weight,
-        "full_motion_weight": options.full_motion_weight if shrinks(net) else 0.0,
+        "full_motion_weight": trainer.full_motion_weight,
         "held_out_loss": final, "chosen": best, "verdict": verdict, "init": init_name,
         "tool": "dff-adapt",
         "tool_version": dff.__version__, "last_loss": loss,

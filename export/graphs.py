@@ -214,7 +214,7 @@ def _dynamic_shapes(spec: GraphSpec, profile: Profile) -> dict[str, dict[int, ob
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
+def quiet(enabled: bool) -> Iterator[None]:
     """Silence the exporter's progress lines, warnings and logs (shown with --verbose)."""
     if not enabled:
         yield
@@ -241,7 +241,7 @@ def export_graph(model: DFFModules | DFF, spec: GraphSpec, profile: Profile,
         wrapper.probs = any(t.name == "probs" for t in spec.outputs)
     args = _example_inputs(spec, profile)
     try:
-        with _quiet(not verbose), torch.no_grad():
+        with quiet(not verbose), torch.no_grad():
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=OPSET,
                 input_names=[t.name for t in spec.inputs],

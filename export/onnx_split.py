@@ -628,7 +628,7 @@ def export_decode(module: Any, heads: Mapping[str, np.ndarray], names: list[str]
     """The decode as ONNX (torch.onnx dynamo, opset 20), inputs named after the model's outputs
     with the prefix `decode_in/`; dynamic where the model's output axes are."""
     import torch
-    from dff.export.graphs import OPSET, _quiet
+    from dff.export.graphs import OPSET, quiet
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(heads[n])) for n in names)
     shapes = {}
@@ -643,7 +643,7 @@ def export_decode(module: Any, heads: Mapping[str, np.ndarray], names: list[str]
     exec(f"def forward(self, {sig}):\n    return self.inner({sig})\n", ns)  # noqa: S102 - named args for dynamic_shapes
     Wrap = type("DecodeInputs", (torch.nn.Module,), {"forward": ns["forward"]})
     try:
-        with _quiet(not verbose), torch.no_grad():
+        with quiet(not verbose), torch.no_grad():
             program = torch.onnx.export(
                 _wrapped(Wrap, module), args, dynamo=True, opset_version=OPSET,
                 input_names=[f"decode_in/{n}" for n in names], output_names=outputs,

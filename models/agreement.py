@@ -330,7 +330,7 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
     names = _names(videos)
     for path in videos:  # every video readable and of a size the export takes, before any work
         open_clip(path, size, manifest).video.close()
-    bar = _bar(progress)
+    bar = progress_bar(progress)
     warmed: set[tuple[int, int]] = set()
     for path, name in zip(videos, names):
         clip = open_clip(path, size, manifest, name)
@@ -351,17 +351,18 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
             seconds[key] += s
         decode_s += clip.decode_s
         total += n
-        ms = {PER_FRAME: _ms(clip.decode_s + ref_s, n)}
-        ms.update({key: _ms(clip.decode_s + s, n) for key, s in run_s.items()})
+        ms = {PER_FRAME: ms_per_frame(clip.decode_s + ref_s, n)}
+        ms.update({key: ms_per_frame(clip.decode_s + s, n) for key, s in run_s.items()})
         clips[clip.name] = {"path": str(clip.path), "frames": n, "size": list(clip.size),
                             "source_size": list(clip.source_size), "truncated": clip.truncated,
-                            "decode_ms_per_frame": _ms(clip.decode_s, n),
+                            "decode_ms_per_frame": ms_per_frame(clip.decode_s, n),
                             **_layout(kind, runs, {key: t.result() for key, t in mine.items()},
                                       ms)}
     if bar is not None:
         bar.close()
-    ms = {PER_FRAME: _ms(decode_s + seconds[PER_FRAME], total)}
-    ms.update({(r.mode, r.k): _ms(decode_s + seconds[(r.mode, r.k)], total) for r in runs})
+    ms = {PER_FRAME: ms_per_frame(decode_s + seconds[PER_FRAME], total)}
+    ms.update({(r.mode, r.k): ms_per_frame(decode_s + seconds[(r.mode, r.k)], total)
+               for r in runs})
     flow: dict[str, Any] = {}
     if DFF in modes:
         flow[DFF] = {"source": LEARNED}
@@ -372,7 +373,7 @@ def evaluate_agreement(backend: Backend, manifest: dict, videos: Sequence[str | 
             "frames": {c: v["frames"] for c, v in clips.items()},
             "size": {c: v["size"] for c, v in clips.items()},
             "source_size": {c: v["source_size"] for c, v in clips.items()},
-            "total_frames": total, "decode_ms_per_frame": _ms(decode_s, total),
+            "total_frames": total, "decode_ms_per_frame": ms_per_frame(decode_s, total),
             "flow": flow,
             **_layout(kind, runs, {key: t.result() for key, t in pooled.items()}, ms),
             "clips": clips}
@@ -387,7 +388,8 @@ METRIC = {
 }
 
 
-def _ms(seconds: float, frames: int) -> float | None:
+def ms_per_frame(seconds: float, frames: int) -> float | None:
+    """Milliseconds a frame, rounded to the microsecond; None for no frames."""
     return round(1000 * seconds / frames, 3) if frames else None
 
 
@@ -414,7 +416,9 @@ def _names(videos: Sequence[str | Path]) -> list[str]:
     return [Path(v).name if base.count(Path(v).name) == 1 else str(v) for v in videos]
 
 
-def _bar(progress: bool) -> Any:
+def progress_bar(progress: bool) -> Any:
+    """A tqdm bar counting frames (its total grows as clips open), or None: no progress
+    wanted, or no tqdm installed."""
     if not progress:
         return None
     try:

@@ -48,7 +48,6 @@ shape fit, whatever their version): how versions 2 and 4 were made, in stages
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -378,7 +377,8 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
         torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
         opt.step()
         step += 1
-        loss_avg = float(loss) if loss_avg is None else 0.95 * loss_avg + 0.05 * float(loss)
+        value = loss.item()
+        loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
         if step % refresh == 0:  # new DIS pairs now and then: more real motion seen
             pairs[int(rng.integers(len(pairs)))] = dis_pairs(train, 1, rng)[0]
         if step % 100 == 0:
@@ -407,37 +407,9 @@ def _save_ckpt(path: Path, net, opt, step: int, seconds: float) -> None:
     os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="models/weights/realflow.pth", help="the weights written")
-    p.add_argument("--minutes", type=float, default=30.0,
-                   help="wall-time budget in all, counting a resumed run's time")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="PyTorch threads (1: steadier on a shared CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", help="weights to start from (the tensors that fit)")
-    p.add_argument("--large-share", type=float, default=0.0,
-                   help="share of the affine samples with uniform (not mostly small) motion")
-    p.add_argument("--layered-share", type=float, default=0.0,
-                   help="share of the synthetic samples that are layered (several motions)")
-    p.add_argument("--dis-share", type=float, default=0.5,
-                   help="share of the samples that are DIS pairs (pseudo ground truth)")
-    p.add_argument("--low-contrast", type=float, default=0.0,
-                   help="share of the samples with their contrast scaled down (faint texture)")
-    p.add_argument("--half-share", type=float, default=0.0,
-                   help="share of the batches shrunk 2x (as at input scale 0.5)")
-    args = p.parse_args(argv)
-    result = pretrain(args.out, args.minutes, batch_size=args.batch, lr=args.lr,
-                      threads=args.threads, seed=args.seed, init=args.init,
-                      large_share=args.large_share, layered_share=args.layered_share,
-                      dis_share=args.dis_share, low_contrast=args.low_contrast,
-                      half_share=args.half_share)
-    print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride 16) "
-          f"{result['held_out_epe']:.2f} px, layered {result['layered_epe']:.2f} px; wrote "
-          f"{args.out}")
+if __name__ == "__main__":  # the documented `python -m dff.models.pretrain_flow`
+    import sys
 
+    from dff.commands.pretrain_flow import main
 
-if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -44,7 +44,15 @@ from typing import Any
 
 import numpy as np
 from dff.export.manifest import DIS, LEARNED
-from dff.models.agreement import METRIC, Clip, Tally, _bar, _ms, open_clip, tally_for
+from dff.models.agreement import (
+    METRIC,
+    Clip,
+    Tally,
+    ms_per_frame,
+    open_clip,
+    progress_bar,
+    tally_for,
+)
 from dff.runtime.backends import Backend, task_spec
 from dff.runtime.flows import DisFlow, dis_flow
 from dff.runtime.profile import stage_ratio
@@ -355,7 +363,7 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
     measured = [Measured(tally_for(manifest)) for _ in cands]
     motion: list[float] = []
     decode_s, total = 0.0, 0
-    bar = _bar(progress)
+    bar = progress_bar(progress)
     runners = [_Runner(c, backend, manifest, dis, stride) for c in cands]
     for i, path in enumerate(videos):
         clip = path if isinstance(path, Rendered) else open_clip(path, size, manifest)
@@ -380,7 +388,7 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
     for c, m in zip(cands, measured):
         score = m.tally.result()
         rows.append({**c.record(frame_size), "label": c.label,
-                     "ms_per_frame": _ms(decode_s + m.seconds, total),
+                     "ms_per_frame": ms_per_frame(decode_s + m.seconds, total),
                      "agreement": score["agreement"],
                      "key_fraction": round(m.key_frames / m.frames, 4) if m.frames else None,
                      "stage_ms": {n: round(1000 * t.median(), 3) for n, t in m.calls.items()
@@ -396,7 +404,7 @@ def measure(backend: Backend, manifest: dict, videos: Sequence[str | Path | Rend
                        "accuracy against the ground truth: AP@[.5:.95] (pycocotools)"),
             "videos": [str(v.name if isinstance(v, Rendered) else v) for v in videos],
             "size": list(frame_size), "frames": total, "intervals": list(intervals),
-            "decode_ms_per_frame": _ms(decode_s, total), "timing": "end to end, one sitting",
+            "decode_ms_per_frame": ms_per_frame(decode_s, total), "timing": "end to end, one sitting",
             "dis": dis.settings(), "r": _ratios(cands, measured),
             "motion_px_per_frame": round(float(np.mean(motion)), 3) if motion else None,
             "candidates": rows}

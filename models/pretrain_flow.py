@@ -354,42 +354,41 @@ def pretrain(out: str | os.PathLike[str], minutes: float, batch_size: int = 8,
     frames = [f for c in train for f in c.frames]
     start, last_save = time.monotonic() - spent, time.monotonic()
     epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
-    bar = tqdm(total=round(budget), initial=round(spent), unit="s", dynamic_ncols=True,
-               disable=not progress)
-    loss_avg = None
-    net.train()
-    while (elapsed := time.monotonic() - start) < budget:
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
-        samples = [synthetic_sample(frames[int(rng.integers(len(frames)))], rng, large_share,
-                                    layered_share)
-                   if rng.random() < 1.0 - dis_share
-                   else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
-                   for _ in range(batch_size)]
-        cur, key, flow = to_batch(samples, rng, low_contrast)
-        if half_share and rng.random() < half_share:  # as the net sees at input scale 0.5
-            cur, key, flow = halve(cur), halve(key), halve(flow) * 0.5
-        (flow32, flow16, flow8), _ = net.pyramid(cur, key)
-        loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16) \
-            + 0.25 * epe_cells(flow32, flow, 32)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
-        opt.step()
-        step += 1
-        value = loss.item()
-        loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
-        if step % refresh == 0:  # new DIS pairs now and then: more real motion seen
-            pairs[int(rng.integers(len(pairs)))] = dis_pairs(train, 1, rng)[0]
-        if step % 100 == 0:
-            epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
-        bar.set_postfix(step=step, loss=f"{loss_avg:.2f}", held_out_epe=f"{epe:.2f}",
-                        layered=f"{layered:.2f}")
-        bar.update(round(time.monotonic() - start) - bar.n)
-        if time.monotonic() - last_save > 60:
-            _save_ckpt(ckpt, net, opt, step, time.monotonic() - start)
-            last_save = time.monotonic()
-    bar.close()
+    with tqdm(total=round(budget), initial=round(spent), unit="s", dynamic_ncols=True,
+              disable=not progress) as bar:  # closed on Ctrl-C too
+        loss_avg = None
+        net.train()
+        while (elapsed := time.monotonic() - start) < budget:
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
+            samples = [synthetic_sample(frames[int(rng.integers(len(frames)))], rng, large_share,
+                                        layered_share)
+                       if rng.random() < 1.0 - dis_share
+                       else dis_sample(pairs[int(rng.integers(len(pairs)))], rng)
+                       for _ in range(batch_size)]
+            cur, key, flow = to_batch(samples, rng, low_contrast)
+            if half_share and rng.random() < half_share:  # as the net sees at input scale 0.5
+                cur, key, flow = halve(cur), halve(key), halve(flow) * 0.5
+            (flow32, flow16, flow8), _ = net.pyramid(cur, key)
+            loss = epe_cells(flow8, flow, 8) + 0.5 * epe_cells(flow16, flow, 16) \
+                + 0.25 * epe_cells(flow32, flow, 32)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            opt.step()
+            step += 1
+            value = loss.item()
+            loss_avg = value if loss_avg is None else 0.95 * loss_avg + 0.05 * value
+            if step % refresh == 0:  # new DIS pairs now and then: more real motion seen
+                pairs[int(rng.integers(len(pairs)))] = dis_pairs(train, 1, rng)[0]
+            if step % 100 == 0:
+                epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)
+            bar.set_postfix(step=step, loss=f"{loss_avg:.2f}", held_out_epe=f"{epe:.2f}",
+                            layered=f"{layered:.2f}")
+            bar.update(round(time.monotonic() - start) - bar.n)
+            if time.monotonic() - last_save > 60:
+                _save_ckpt(ckpt, net, opt, step, time.monotonic() - start)
+                last_save = time.monotonic()
     spent = time.monotonic() - start
     _save_ckpt(ckpt, net, opt, step, spent)
     epe, layered = held_out_epe(net, val), held_out_epe(net, val_layered)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,31 @@ def test_pretraining_without_the_fetched_clips_stops_with_one_line(tmp_path):
     assert proc.stderr.splitlines() == [line]
     assert not list(tmp_path.glob("w.pth*"))
 
+
+
+def test_pretraining_stopped_with_ctrl_c_says_what_it_left(tmp_path):
+    """SIGINT once the progress bar shows: exit 130, one line, no weights written."""
+    # Python ignores SIGINT when it starts with SIGINT ignored (a background CI job): the
+    # child puts Python's own handler back, then runs the module as `python -m` does
+    run = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+           "sys.argv[0] = 'dff.models.pretrain_flow'; "
+           "runpy.run_module('dff.models.pretrain_flow', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", run, "--out", str(tmp_path / "w.pth"),
+                             "--minutes", "5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "%|" not in seen:  # tqdm's bar: training has started
+        char = proc.stderr.read(1)
+        assert char, f"pretraining ended before its progress bar: {seen[-500:]}"
+        seen += char
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130, rest[-500:]
+    lines = [line for line in rest.splitlines() if "interrupted" in line]
+    line = (f"python -m dff.models.pretrain_flow: interrupted (Ctrl-C); {tmp_path / 'w.pth'} "
+            "not written; no checkpoint yet (the first is saved after a minute)")
+    assert lines == [line]
+    assert not (tmp_path / "w.pth").exists()
 
 def _library() -> dict[str, tuple[Path, ast.Module]]:
     """Every library module by dotted name, parsed (dff/commands is the command layer)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from dff.commands.common import guarded
 from dff.models import pretrain_flow
@@ -14,7 +15,7 @@ PROG = "python -m dff.models.pretrain_flow"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit 0, or 1 with one line for missing clips or an unwritable --out."""
+    """Exit 0; 1 with one line for missing clips or an unwritable --out; 130 on Ctrl-C."""
     p = argparse.ArgumentParser(prog=PROG,
                                 description=(pretrain_flow.__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", default="models/weights/realflow.pth", help="the weights written")
@@ -39,11 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        result = pretrain_flow.pretrain(
-            args.out, args.minutes, batch_size=args.batch, lr=args.lr, threads=args.threads,
-            seed=args.seed, init=args.init, large_share=args.large_share,
-            layered_share=args.layered_share, dis_share=args.dis_share,
-            low_contrast=args.low_contrast, half_share=args.half_share)
+        try:
+            result = pretrain_flow.pretrain(
+                args.out, args.minutes, batch_size=args.batch, lr=args.lr,
+                threads=args.threads, seed=args.seed, init=args.init,
+                large_share=args.large_share, layered_share=args.layered_share,
+                dis_share=args.dis_share, low_contrast=args.low_contrast,
+                half_share=args.half_share)
+        except KeyboardInterrupt:  # the last minute's checkpoint stays, to resume from
+            ckpt = Path(f"{args.out}.ckpt")
+            then = (f"the same command resumes from {ckpt}" if ckpt.is_file() else
+                    "no checkpoint yet (the first is saved after a minute)")
+            print(f"{PROG}: interrupted (Ctrl-C); {args.out} not written; {then}",
+                  file=sys.stderr)
+            return 130
         print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride "
               f"16) {result['held_out_epe']:.2f} px, layered {result['layered_epe']:.2f} px; "
               f"wrote {args.out}")

@@ -103,6 +103,38 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
                                                                input_scale=0.5), init=INIT)
 
 
+
+@pytest.mark.parametrize("stop_at", [3, 52])
+def test_ctrl_c_keeps_the_export_and_says_how_to_resume(export, clip, monkeypatch, capsys,
+                                                        stop_at):
+    """Ctrl-C (a KeyboardInterrupt from inside a training step) before and after the first
+    checkpoint (every 50 iterations): exit 130, the export untouched, one line that says
+    whether --resume has this run's checkpoint to continue from."""
+    before = snapshot(export)
+    step, calls = adapt_mod.Trainer.step, []
+
+    def interrupted(self, stage):
+        calls.append(stage)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return step(self, stage)
+
+    monkeypatch.setattr(adapt_mod.Trainer, "step", interrupted)
+    argv = [str(export), "--video", str(clip), "--iters", "60", "--k-max", "3",
+            "--eval-every", "100", "--batch", "2", "-q"]
+    assert adapt_cli.main(argv) == 130
+    ckpt = export / "adapt" / "checkpoint.pt"
+    then = (f"--resume continues from {ckpt}" if stop_at > 50
+            else "this run saved no checkpoint yet")
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dff-adapt: interrupted (Ctrl-C); {export}'s flow.onnx and manifest unchanged; {then}")
+    assert snapshot(export) == before
+    if stop_at > 50:
+        monkeypatch.setattr(adapt_mod.Trainer, "step", step)
+        argv[argv.index("--iters") + 1] = "2"  # two more than the 50 saved
+        assert adapt_cli.main([*argv, "--resume"]) == 0
+        assert load_manifest(export)["export"]["adapt"]["iterations"] == 52
+
 def test_refusals_are_one_line_and_change_nothing(export, clip, tmp_path, capsys):
     before = snapshot(export)
     bad = tmp_path / "bad.mp4"

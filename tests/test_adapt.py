@@ -103,7 +103,6 @@ def test_adapt_writes_a_learned_flow_and_resumes(export, clip, tmp_path, capsys)
                                                                input_scale=0.5), init=INIT)
 
 
-
 @pytest.mark.parametrize("stop_at", [3, 52])
 def test_ctrl_c_keeps_the_export_and_says_how_to_resume(export, clip, monkeypatch, capsys,
                                                         stop_at):
@@ -134,6 +133,7 @@ def test_ctrl_c_keeps_the_export_and_says_how_to_resume(export, clip, monkeypatc
         argv[argv.index("--iters") + 1] = "2"  # two more than the 50 saved
         assert adapt_cli.main([*argv, "--resume"]) == 0
         assert load_manifest(export)["export"]["adapt"]["iterations"] == 52
+
 
 def test_refusals_are_one_line_and_change_nothing(export, clip, tmp_path, capsys):
     before = snapshot(export)

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from dff.models.adapt import ADAPT_DIR, CHECKPOINT, AdaptOptions, adapt
+        from dff.models.adapt import AdaptOptions, adapt
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -128,23 +128,23 @@ def main(argv: list[str] | None = None) -> int:
             return tqdm(it, total=total, desc="dff-adapt", unit="it", file=sys.stderr,
                         dynamic_ncols=True)
 
-        started = time.time()
-        try:
-            record = adapt(args.engine_dir, args.video, options, log=log, progress=progress)
-        except KeyboardInterrupt:  # the checkpoint saved every save_every iterations stays
-            ckpt = Path(args.engine_dir) / ADAPT_DIR / CHECKPOINT
-            saved = ckpt.is_file() and ckpt.stat().st_mtime >= started
-            then = (f"--resume continues from {ckpt}" if saved else
-                    "this run saved no checkpoint yet")
-            print(f"dff-adapt: interrupted (Ctrl-C); {args.engine_dir}'s flow.onnx and "
-                  f"manifest unchanged; {then}", file=sys.stderr)
-            return 130
+        record = adapt(args.engine_dir, args.video, options, log=log, progress=progress)
         if not args.quiet:
             print(f"dff-adapt: {record['iterations']} iterations; run it with "
                   f"`dff-run VIDEO -e {args.engine_dir} --flow learned`")
         return 0
 
-    return guarded("dff-adapt", args.verbose, body)
+    started = time.time()
+
+    def left() -> str:  # the checkpoint saved every save_every iterations stays
+        from dff.models.adapt import ADAPT_DIR, CHECKPOINT
+
+        ckpt = Path(args.engine_dir) / ADAPT_DIR / CHECKPOINT
+        saved = ckpt.is_file() and ckpt.stat().st_mtime >= started
+        then = f"--resume continues from {ckpt}" if saved else "this run saved no checkpoint yet"
+        return f"{args.engine_dir}'s flow.onnx and manifest unchanged; {then}"
+
+    return guarded("dff-adapt", args.verbose, body, left)
 
 
 if __name__ == "__main__":

@@ -168,9 +168,12 @@ def report_error(prog: str, error: BaseException, verbose: bool) -> int:
     return 1
 
 
-def guarded(prog: str, verbose: bool, body: Callable[[], int]) -> int:
+def guarded(prog: str, verbose: bool, body: Callable[[], int],
+            left: Callable[[], str] | None = None) -> int:
     """Run a command's body: DffError and OSError (missing files, full disks) become one
-    line and exit 1, Ctrl-C exit 130; other exceptions are bugs and keep their traceback."""
+    line and exit 1, Ctrl-C exit 130 with what it left (`left()`; by default "no outputs
+    written": a resumable training says where its checkpoint is); other exceptions are bugs
+    and keep their traceback."""
     try:
         return body()
     except (DffError, OSError) as e:
@@ -178,7 +181,8 @@ def guarded(prog: str, verbose: bool, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()
-        print(f"{prog}: interrupted (Ctrl-C); no outputs written", file=sys.stderr)
+        print(f"{prog}: interrupted (Ctrl-C); {left() if left else 'no outputs written'}",
+              file=sys.stderr)
         return 130
 
 

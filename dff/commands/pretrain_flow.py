@@ -40,26 +40,23 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def body() -> int:
-        try:
-            result = pretrain_flow.pretrain(
-                args.out, args.minutes, batch_size=args.batch, lr=args.lr,
-                threads=args.threads, seed=args.seed, init=args.init,
-                large_share=args.large_share, layered_share=args.layered_share,
-                dis_share=args.dis_share, low_contrast=args.low_contrast,
-                half_share=args.half_share)
-        except KeyboardInterrupt:  # the last minute's checkpoint stays, to resume from
-            ckpt = Path(f"{args.out}.ckpt")
-            then = (f"the same command resumes from {ckpt}" if ckpt.is_file() else
-                    "no checkpoint yet (the first is saved after a minute)")
-            print(f"{PROG}: interrupted (Ctrl-C); {args.out} not written; {then}",
-                  file=sys.stderr)
-            return 130
+        result = pretrain_flow.pretrain(
+            args.out, args.minutes, batch_size=args.batch, lr=args.lr, threads=args.threads,
+            seed=args.seed, init=args.init, large_share=args.large_share,
+            layered_share=args.layered_share, dis_share=args.dis_share,
+            low_contrast=args.low_contrast, half_share=args.half_share)
         print(f"{result['steps']} steps in {result['minutes']:.1f} min; held-out EPE (stride "
               f"16) {result['held_out_epe']:.2f} px, layered {result['layered_epe']:.2f} px; "
               f"wrote {args.out}")
         return 0
 
-    return guarded(PROG, False, body)
+    def left() -> str:  # the last minute's checkpoint stays, to resume from
+        ckpt = Path(f"{args.out}.ckpt")
+        then = (f"the same command resumes from {ckpt}" if ckpt.is_file() else
+                "no checkpoint yet (the first is saved after a minute)")
+        return f"{args.out} not written; {then}"
+
+    return guarded(PROG, False, body, left)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ the speed drifts between them: r from two dff-profile runs of the same export di
 0.08 (docs/MEASUREMENTS.md). Here every round runs each export's feature, flow (+ FlowWarp)
 and task graphs in turn, a few calls each, so drift lands on all of them alike; the medians
 over the rounds give r = (flow + task) / (feature + task) per export and thread count, and the
-flow stage's ratio against the first export's from the same run.
+flow stage's ratio against the first export's from the same run, and for an export whose
+learned flow caches its key frame, the key_code's time (flow_key.onnx, once per key frame; not
+in r, which is per non-key frame).
 
 Backends are opened as dff-profile opens them (runtime/loaders.open_backend, ONNX Runtime CPU,
 `--threads`); the inputs are real frames of a fetched clip at the export's opt size: the flow
@@ -67,11 +69,14 @@ def main(argv: list[str] | None = None) -> None:
             key, image = fit_pair(pair, d)
             key_feat = backend.feature(backend.upload(key))
             up_image, up_key = backend.upload(image), backend.upload(key)
+            code = backend.key(up_key)  # what flow takes: the key image, or its key_code
             runs[d] = {"feature": lambda b=backend, x=up_image: b.feature(x),
-                       "flow": lambda b=backend, x=up_image, k=up_key, f=key_feat:
+                       "flow": lambda b=backend, x=up_image, k=code, f=key_feat:
                        b.flow(x, k, f),
                        "task": lambda b=backend, f=key_feat: b.task(f)}
-        times: dict[tuple[str, str], list[float]] = {(d, s): [] for d in runs for s in STAGES}
+            if backend.keyed:  # the key frame's key_code (flow_key.onnx), once per key frame
+                runs[d]["key"] = lambda b=backend, k=up_key: b.key(k)
+        times: dict[tuple[str, str], list[float]] = {(d, s): [] for d in runs for s in runs[d]}
         for _ in range(args.rounds):
             for d, calls in runs.items():
                 for stage, call in calls.items():
@@ -84,11 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         first = args.engine_dirs[0]
         print(f"\n{threads} thread(s), {args.rounds} rounds of {args.calls} calls per stage "
               "(ms, medians)")
-        print(f"{'export':<40} {'feature':>8} {'flow':>8} {'task':>8} {'r':>7} {'flow/first':>10}")
+        print(f"{'export':<40} {'feature':>8} {'flow':>8} {'task':>8} {'r':>7} {'flow/first':>10}"
+              f" {'key':>7}")
         for d in args.engine_dirs:
             f, w, t = (med[d, s] for s in STAGES)
+            key = f"{med[d, 'key']:>7.3f}" if (d, "key") in med else f"{'-':>7}"
             print(f"{d:<40} {f:>8.3f} {w:>8.3f} {t:>8.3f} {stage_ratio(f, w, t):>7.3f} "
-                  f"{w / med[first, 'flow']:>10.3f}")
+                  f"{w / med[first, 'flow']:>10.3f} {key}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 A serialized TensorRT engine runs only on the GPU model and TensorRT version that built it.
 `check_engine_compatible` refuses a mismatched engine with the `dff-build` command that fixes
-it; `select_engines` picks one engine per graph (feature, flow, task), all of one precision,
+it; `select_engines` picks one engine per graph (feature, flow_key, flow, task), all of one precision,
 for the runtime's TensorRT backend. Plain Python: no TensorRT needed.
 """
 
@@ -15,7 +15,8 @@ from dff.errors import DffError
 
 from .naming import PRECISIONS, build_command, format_cc, gpu_slug
 
-GRAPHS = ("feature", "flow", "warp", "task")  # every graph an export may have (manifest.py)
+# every graph an export may have (manifest.py); flow_key goes with flow (the learned flow)
+GRAPHS = ("feature", "flow_key", "flow", "warp", "task")
 FLOW_GRAPHS = ("flow", "warp")  # one of them at least: the learned flow, the host flow's warp
 # fields every engines entry carries (dff.export.manifest checks `file` and `sha256`)
 ENTRY_FIELDS = ("file", "sha256", "bytes", "graph", "precision", "gpu", "compute_capability",
@@ -95,6 +96,8 @@ def select_engines(manifest: dict[str, Any], gpu_name: str, cc: str | tuple[int,
     for g in FLOW_GRAPHS:
         if g in by_graph and built and g not in built:
             del by_graph[g]
+    if "flow" not in by_graph:  # the learned flow left out: its key graph with it
+        by_graph.pop("flow_key", None)
     usable: dict[str, list[dict[str, Any]]] = {}
     for graph, found in by_graph.items():
         if not found:

@@ -3,7 +3,9 @@
 The manifest's `profile` gives min/opt/max image shapes N×H×W; each graph input lists its shape
 with dynamic axes named N, H, W (image) or h, w (feature grid, H/stride × W/stride). So
 `image`/`key_image` [N,3,H,W] and `feat`/`key_feat` [N,C,h,w] get their three shapes by
-substitution. Plain Python: no TensorRT needed.
+substitution; `key_code` [N,Ck,hk,wk] (flow_key.onnx's, where the learned flow caches its key
+frame) takes hk, wk from graphs.flow_key.grid at each image size. Plain Python: no TensorRT
+needed.
 """
 
 from __future__ import annotations
@@ -32,7 +34,16 @@ def _sizes(manifest: dict[str, Any], kind: str) -> dict[str, int]:
     if h % stride or w % stride:
         raise ProfileShapeError(f"manifest field 'profile.{kind}' {shape}: H and W must be "
                                 f"multiples of the stride {stride}; re-export with dff-export")
-    return {"N": n, "H": h, "W": w, "h": h // stride, "w": w // stride}
+    sizes = {"N": n, "H": h, "W": w, "h": h // stride, "w": w // stride}
+    if "flow_key" in manifest.get("graphs", {}):
+        grid = manifest["graphs"]["flow_key"].get("grid")
+        if not (isinstance(grid, dict) and all(isinstance(grid.get(k), int) and grid[k] > 0
+                                               for k in ("shrink", "cell"))):
+            raise ProfileShapeError(f"manifest field 'graphs.flow_key.grid' is {grid!r}, "
+                                    "expected {shrink, cell}; re-export with dff-export")
+        sizes["hk"], sizes["wk"] = (-(-(side // grid["shrink"]) // grid["cell"])
+                                    for side in (h, w))
+    return sizes
 
 
 def profile_shapes(manifest: dict[str, Any], graph: str) -> dict[str, tuple[Shape, Shape, Shape]]:
@@ -50,7 +61,7 @@ def profile_shapes(manifest: dict[str, Any], graph: str) -> dict[str, tuple[Shap
         if unknown:
             raise ProfileShapeError(f"manifest field 'graphs.{graph}.inputs' {tensor['name']}: "
                                     f"unknown axis {unknown[0]!r} in {dims} (expected N, H, W, "
-                                    f"h, w or a size); re-export with dff-export")
+                                    f"h, w, hk, wk or a size); re-export with dff-export")
         min_s, opt_s, max_s = (tuple(sizes[k][d] if isinstance(d, str) else int(d)
                                      for d in dims) for k in KINDS)
         shapes[tensor["name"]] = (min_s, opt_s, max_s)

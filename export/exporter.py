@@ -38,6 +38,10 @@ _DOCS = {
     "feature": "N_feat on a key frame: uint8 image -> features (cast and normalisation inside)",
     "flow": "N_flow plus the warp on a non-key frame: flow and scale from (image, key_image), "
             "then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
+    "flow_key": "N_flow's key-frame part, once per key frame: uint8 key image -> key_code (its "
+                "encoder map), which flow.onnx takes in place of key_image",
+    "flow/keyed": "N_flow plus the warp on a non-key frame: flow and scale from (image, "
+                  "key_code), then feat = dff::FlowWarp(key_feat, flow, scale) in the same graph",
     "warp": "the warp alone, for a flow computed on the host (--flow dis, scale 1): "
             "feat = GridSample(key_feat, cell centres + flow), standard ONNX, no plugin",
     "task": "N_task: features -> labels (arg-max, uint8) and optionally probs (softmax), "
@@ -47,7 +51,9 @@ _DOCS = {
 }
 _DIMS = {"N": "batch", "H": "image height, a multiple of the stride",
          "W": "image width, a multiple of the stride", "h": "H / stride (feature grid height)",
-         "w": "W / stride (feature grid width)"}
+         "w": "W / stride (feature grid width)",
+         "hk": "key_code's grid height: ceil(floor(H / shrink) / cell), graphs.flow_key.grid",
+         "wk": "key_code's grid width: ceil(floor(W / shrink) / cell), graphs.flow_key.grid"}
 
 
 @dataclass
@@ -243,16 +249,21 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
     detection = mods.kind == tasks.DETECTION
     warp = f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"
     graphs = {}
+    keyed = "flow_key" in specs
     for name, spec in specs.items():
         path = directory / spec.file
+        doc = ("task/detection" if detection and name == "task"
+               else "flow/keyed" if keyed and name == "flow" else name)
         graphs[name] = {
             "file": spec.file, "sha256": manifest_mod.sha256_file(path),
-            "bytes": path.stat().st_size,
-            "doc": _DOCS["task/detection" if detection and name == "task" else name],
+            "bytes": path.stat().st_size, "doc": _DOCS[doc],
             "inputs": [t.to_dict() for t in spec.inputs],
             "outputs": [t.to_dict() for t in spec.outputs],
             "custom_ops": [warp] if name == "flow" else [],
         }
+    if keyed:
+        cache = graphs_mod.key_cache(mods.flow) or {}
+        graphs["flow_key"]["grid"] = {k: cache[k] for k in ("shrink", "cell")}
     graphs["warp"] = warp_entry(directory, facts.feat_channels)
     worst: dict[str, float] = {}
     for r in rows:

@@ -4,6 +4,9 @@
 - flow:    image, key_image uint8 [N,3,H,W], key_feat [N,C,h,w]
            -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w] = FlowWarp(key_feat, flow, scale),
            and quality [N,1] for a flow net that predicts it (the learned schedule's input)
+- flow_key (a flow net that caches its key frame: `key_cache`): key_image uint8 [N,3,H,W]
+           -> key_code float32 [N,Ck,hk,wk], once per key frame; flow then takes key_code in
+           place of key_image
 - task:    feat [N,C,h,w] -> the task contract's outputs (dff/tasks.py, docs/DESIGN.md §2):
            segmentation labels uint8 [N,H,W] (arg-max; with --probs also probs [N,K,H,W]),
            detection boxes [N,K,4], scores [N,K], classes int32 [N,K], num int32 [N]
@@ -74,20 +77,44 @@ class FeatureGraph(nn.Module):
         return self.feature(self.norm(image.float()))
 
 
-class FlowGraph(nn.Module):
-    """flow, scale = N_flow(image, key_image), then the warp; a flow net without a scale field
-    gets a scale of ones (the same FlowWarp node, so the same plugin). A flow net that outputs
-    a quality too (modules.py's contract) gives it as a fourth output, `quality`."""
+def key_cache(net: object) -> dict[str, int] | None:
+    """A flow net that caches its key frame (RealFlowNet: `encode_key`, `forward_code`):
+    {channels, shrink, cell} of its key_code; None for one that does not (FlowNet-S)."""
+    if not all(hasattr(net, a) for a in ("encode_key", "forward_code", "key_grid")):
+        return None
+    return {"channels": int(net.key_channels), **net.key_grid()}  # type: ignore[attr-defined]
+
+
+class KeyGraph(nn.Module):
+    """key_code = N_flow's key-frame part (`encode_key`) of the normalised key image."""
 
     def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None):
         super().__init__()
         mods, _ = exportable(mods, facts or _ANY)
         self.flow, self.norm = mods.flow, _Normalise(mods.flow_mean, mods.flow_std)
+
+    def forward(self, key_image: torch.Tensor) -> torch.Tensor:
+        return self.flow.encode_key(self.norm(key_image.float()))
+
+
+class FlowGraph(nn.Module):
+    """flow, scale = N_flow(image, key_image), then the warp; a flow net without a scale field
+    gets a scale of ones (the same FlowWarp node, so the same plugin). A flow net that outputs
+    a quality too (modules.py's contract) gives it as a fourth output, `quality`. A flow net
+    that caches its key frame (`key_cache`) takes key_code (KeyGraph's) in place of key_image."""
+
+    def __init__(self, mods: DFFModules | DFF, facts: Facts | None = None):
+        super().__init__()
+        mods, _ = exportable(mods, facts or _ANY)
+        self.flow, self.norm = mods.flow, _Normalise(mods.flow_mean, mods.flow_std)
+        self.keyed = key_cache(mods.flow) is not None
         self.warp = onnx_op.torch_op()
 
-    def forward(self, image: torch.Tensor, key_image: torch.Tensor,
+    def forward(self, image: torch.Tensor, key: torch.Tensor,
                 key_feat: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        flow, scale, *quality = self.flow(self.norm(image.float()), self.norm(key_image.float()))
+        x = self.norm(image.float())
+        flow, scale, *quality = (self.flow.forward_code(x, key) if self.keyed
+                                 else self.flow(x, self.norm(key.float())))
         if scale is None:
             scale = torch.ones_like(key_feat)
         return (flow, scale, self.warp(key_feat, flow, scale),
@@ -120,7 +147,8 @@ class TaskGraph(nn.Module):
         return (labels, raw.softmax(1)) if self.probs else (labels,)
 
 
-WRAPPERS = {"feature": FeatureGraph, "flow": FlowGraph, "task": TaskGraph}
+WRAPPERS = {"feature": FeatureGraph, "flow_key": KeyGraph, "flow": FlowGraph,
+            "task": TaskGraph}
 
 
 @dataclass(frozen=True)
@@ -175,20 +203,37 @@ def graph_specs(model: DFFModules | DFF, profile: Profile, probs: bool = False,
                for o in tasks.OUTPUTS[kind]]
     if probs:
         outputs.append(t("probs", "float32", n, mods.num_classes, big_h, big_w))
-    return {
-        "feature": GraphSpec("feature", (image,), (feat,)),
-        "flow": GraphSpec("flow", (image, t("key_image", "uint8", n, 3, big_h, big_w),
-                                   t("key_feat", "float32", n, c, h, w)),
-                          (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
-                           feat) + ((t("quality", "float32", n, 1),) if facts.quality else ())),
-        "task": GraphSpec("task", (feat,), tuple(outputs)),
-    }
+    key_image = t("key_image", "uint8", n, 3, big_h, big_w)
+    flow_outputs = (t("flow", "float32", n, 2, h, w), t("scale", "float32", n, c, h, w),
+                    feat) + ((t("quality", "float32", n, 1),) if facts.quality else ())
+    cache = key_cache(mods.flow)
+    if cache is None:
+        return {"feature": GraphSpec("feature", (image,), (feat,)),
+                "flow": GraphSpec("flow", (image, key_image, t("key_feat", "float32", n, c, h,
+                                                              w)), flow_outputs),
+                "task": GraphSpec("task", (feat,), tuple(outputs))}
+    hk, wk = (_key_side(cache, profile.min[i]) if not profile.dynamic(axis) else small
+              for i, axis, small in ((1, "H", "hk"), (2, "W", "wk")))
+    code = t("key_code", "float32", n, cache["channels"], hk, wk)
+    return {"feature": GraphSpec("feature", (image,), (feat,)),
+            "flow_key": GraphSpec("flow_key", (key_image,), (code,)),
+            "flow": GraphSpec("flow", (image, code, t("key_feat", "float32", n, c, h, w)),
+                              flow_outputs),
+            "task": GraphSpec("task", (feat,), tuple(outputs))}
 
 
-def _example_inputs(spec: GraphSpec, profile: Profile) -> tuple[torch.Tensor, ...]:
+def _key_side(cache: dict[str, int], side: int) -> int:
+    """key_code's size along an image side of `side` pixels (manifest.key_grid's rule)."""
+    return -(-(side // cache["shrink"]) // cache["cell"])
+
+
+def _example_inputs(spec: GraphSpec, profile: Profile,
+                    cache: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     s = profile.stride
     n, h, w = (profile.example(a) for a in ("N", "H", "W"))
     sizes = {"N": n, "H": h * s, "W": w * s, "h": h, "w": w}
+    if cache is not None:
+        sizes |= {"hk": _key_side(cache, h * s), "wk": _key_side(cache, w * s)}
     gen = torch.Generator().manual_seed(0)
     out = []
     for t in spec.inputs:
@@ -200,7 +245,8 @@ def _example_inputs(spec: GraphSpec, profile: Profile) -> tuple[torch.Tensor, ..
     return tuple(out)
 
 
-def _dynamic_shapes(spec: GraphSpec, profile: Profile) -> dict[str, dict[int, object]]:
+def _dynamic_shapes(spec: GraphSpec, profile: Profile,
+                    cache: dict[str, int] | None = None) -> tuple[dict[int, object], ...]:
     s = profile.stride
     dims: dict[str, object] = {}
     if profile.dynamic("N"):
@@ -209,8 +255,13 @@ def _dynamic_shapes(spec: GraphSpec, profile: Profile) -> dict[str, dict[int, ob
         if profile.dynamic(big):
             cells = torch.export.Dim(small, min=profile.min[i] // s, max=profile.max[i] // s)
             dims[small], dims[big] = cells, s * cells  # H = stride·h keeps H a multiple
-    return {t.name: {i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)}
-            for t in spec.inputs}
+            if cache is not None:  # key_code's own dims (the graph resizes it to its map)
+                name = f"{small}k"
+                dims[name] = torch.export.Dim(name, min=_key_side(cache, profile.min[i]),
+                                              max=_key_side(cache, profile.max[i]))
+    # in the inputs' order (a dict's keys would have to be the wrapper's argument names)
+    return tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)}
+                 for t in spec.inputs)
 
 
 @contextlib.contextmanager
@@ -239,19 +290,21 @@ def export_graph(model: DFFModules | DFF, spec: GraphSpec, profile: Profile,
     wrapper = WRAPPERS[spec.name](model, facts).eval()
     if spec.name == "task":
         wrapper.probs = any(t.name == "probs" for t in spec.outputs)
-    args = _example_inputs(spec, profile)
+    cache = key_cache(exportable(model, facts or _ANY)[0].flow)
+    args = _example_inputs(spec, profile, cache)
     try:
         with quiet(not verbose), torch.no_grad():
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, opset_version=OPSET,
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                dynamic_shapes=_dynamic_shapes(spec, profile),
+                dynamic_shapes=_dynamic_shapes(spec, profile, cache),
                 custom_translation_table=_translations(), verbose=verbose)
     except Exception as e:  # the exporter raises many kinds; the cause is chained for --verbose
         first = re.sub(r"\x1b\[[0-9;]*m", "", (str(e).strip().splitlines()
                                                 or [type(e).__name__])[0])
-        module = getattr(exportable(model, facts or _ANY)[0], spec.name)
+        module = getattr(exportable(model, facts or _ANY)[0],
+                         "flow" if spec.name == "flow_key" else spec.name)
         op = failing_op(e)
         raise ExportError(f"{spec.file}: torch.onnx.export failed on {spec.name} "
                           f"{describe(module)}{f' at {op}' if op else ''} ({first[:200]}); "

@@ -13,11 +13,15 @@ Layout (version 2; docs/DESIGN.md §2)::
     normalisation {mean, std (the feature graph's), flow {mean, std}, input}, stride,
     feat_channels, key_interval,
     profile {layout "NxHxW", min, opt, max}, dims {N, H, W, h, w: meaning},
-    graphs {feature|flow|warp|task: {file, sha256, bytes, inputs, outputs, custom_ops}}
-        (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w;
+    graphs {feature|flow_key|flow|warp|task: {file, sha256, bytes, inputs, outputs,
+        custom_ops}}
+        (each tensor {name, dtype, shape}; a dynamic axis is a string: N, H, W, h, w, hk, wk;
         feature may hold `int8` {file, sha256, ...}: dff-build --int8's Q/DQ graph;
         feature and task always, flow where the export has a learned flow, warp (key_feat,
-        flow -> feat) where it can take a flow computed outside the graphs),
+        flow -> feat) where it can take a flow computed outside the graphs; flow_key
+        (key_image -> key_code, and `grid` {shrink, cell}: hk = ceil(floor(H / shrink) / cell),
+        wk likewise) where the learned flow caches its key frame's encoder: flow.onnx then
+        takes key_code in place of key_image),
     flow {sources: some of "learned" (flow.onnx) and "dis" (OpenCV DIS on the host, warped by
         warp.onnx), default: the one dff-run takes, and optionally dis {preset, scale}: the DIS
         settings chosen for this model} (optional: a manifest without it has the learned flow
@@ -50,9 +54,11 @@ from dff.tasks import TaskError, check_task_entry
 FORMAT = "dff-trt-manifest"
 VERSION = 2
 FILENAME = "manifest.json"
-GRAPHS = ("feature", "flow", "task")  # the learned-flow export's graphs (dff-build, Triton)
+# the learned-flow export's graphs (dff-build, Triton); flow_key only where flow.onnx takes a
+# key_code (`keyed`)
+GRAPHS = ("feature", "flow_key", "flow", "task")
 REQUIRED_GRAPHS = ("feature", "task")
-OPTIONAL_GRAPHS = ("flow", "warp")
+OPTIONAL_GRAPHS = ("flow_key", "flow", "warp")
 # where a flow comes from (DESIGN.md §3): flow.onnx, or OpenCV DIS on the host + warp.onnx
 LEARNED, DIS = "learned", "dis"
 FLOW_SOURCES = (LEARNED, DIS)
@@ -184,8 +190,33 @@ def load_manifest(directory: str | os.PathLike[str], verify_hashes: bool = True)
 
 
 def graphs_of(manifest: dict) -> list[str]:
-    """The graphs this export has, in the order feature, flow, warp, task."""
-    return [g for g in ("feature", "flow", "warp", "task") if g in manifest["graphs"]]
+    """The graphs this export has, in the order feature, flow_key, flow, warp, task."""
+    return [g for g in ("feature", "flow_key", "flow", "warp", "task") if g in manifest["graphs"]]
+
+
+def keyed(manifest: dict) -> bool:
+    """Whether the learned flow caches its key frame: flow_key.onnx makes key_code once per key
+    frame, and flow.onnx takes it in place of key_image (DESIGN.md §3)."""
+    return "flow_key" in manifest["graphs"]
+
+
+def learned_graphs(manifest: dict) -> list[str]:
+    """The graphs of the learned flow: flow_key (where `keyed`) and flow."""
+    return ["flow_key", "flow"] if keyed(manifest) else ["flow"]
+
+
+def stage_graphs(manifest: dict) -> list[str]:
+    """The learned-flow export's graphs in their order: feature, flow_key (where `keyed`),
+    flow, task (dff-build's engines, Triton's stage models)."""
+    return ["feature", *learned_graphs(manifest), "task"]
+
+
+def key_grid(manifest: dict, height: int, width: int) -> tuple[int, int]:
+    """key_code's (hk, wk) for images of this size: ceil(floor(side / shrink) / cell), from
+    graphs.flow_key.grid."""
+    grid = manifest["graphs"]["flow_key"]["grid"]
+    shrink, cell = int(grid["shrink"]), int(grid["cell"])
+    return -(-(height // shrink) // cell), -(-(width // shrink) // cell)
 
 
 def flow_sources(manifest: dict) -> list[str]:
@@ -237,6 +268,25 @@ def _check_flow(data: dict, path: Path, directory: Path) -> None:
             if not isinstance(data["graphs"][graph].get(key), kind):
                 raise ManifestError(f"{path}: field 'graphs.{graph}.{key}' is missing or not "
                                     f"{kind.__name__}; {_rebuild(directory)}")
+    _check_key(data, path, directory)
+
+
+def _check_key(data: dict, path: Path, directory: Path) -> None:
+    """flow_key.onnx and flow.onnx's key_code go together, and flow_key has its grid."""
+    flow = data["graphs"].get("flow")
+    takes = isinstance(flow, dict) and any(isinstance(t, dict) and t.get("name") == "key_code"
+                                           for t in flow.get("inputs") or [])
+    if takes != keyed(data):
+        has, lacks = (("flow.onnx takes key_code", "graphs.flow_key") if takes
+                      else ("graphs.flow_key", "a flow.onnx that takes key_code"))
+        raise ManifestError(f"{path}: {has}, but it has no {lacks}; {_rebuild(directory)}")
+    if takes:
+        grid = data["graphs"]["flow_key"].get("grid")
+        if not (isinstance(grid, dict) and all(isinstance(grid.get(k), int)
+                                               and not isinstance(grid.get(k), bool)
+                                               and grid[k] > 0 for k in ("shrink", "cell"))):
+            raise ManifestError(f"{path}: field 'graphs.flow_key.grid' is {grid!r}, expected "
+                                f"{{shrink, cell}} (positive integers); {_rebuild(directory)}")
 
 
 # dff-tune's candidate kinds (models/tune.py) that dff-run can deploy

@@ -22,7 +22,8 @@ of the footage is scored as training goes (the feature error above and the DIS E
 (net, optimizer, iteration, elapsed time) is kept in ENGINE_DIR/adapt/checkpoint.pt so a run
 can resume. `write_learned_flow` exports the net with graphs.FlowGraph/export_graph (the
 FlowWarp node with its function body), checks it against PyTorch (parity) and TensorRT's op
-list, and updates the manifest atomically (flow.prev.onnx keeps the previous flow.onnx).
+list, and updates the manifest atomically (flow.prev.onnx keeps the previous flow.onnx; a net
+that caches its key frame, RealFlowNet, also writes flow_key.onnx, DESIGN.md §3).
 
 The flow net is a parameter (`init`, a factory (stride, channels, input_scale) -> nn.Module):
 forward(x, key_x) on normalised images returns (flow [N,2,h,w] in feature cells current -> key,
@@ -57,6 +58,8 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 CHECKPOINT = "checkpoint.pt"
 ADAPT_DIR = "adapt"
 PREV_FLOW = "flow.prev.onnx"
+# the previous learned flow's graphs, kept beside the new ones (flow_key where it had one)
+PREV_FILES = {"flow.onnx": PREV_FLOW, "flow_key.onnx": "flow_key.prev.onnx"}
 DIS_PRESET = "medium"
 EVAL_PAIRS = 32  # held-out pairs scored each evaluation
 EVAL_MOTIONS = 8  # held-out frames moved along known motions, scored each evaluation
@@ -852,9 +855,10 @@ def _scores(s: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------ the export
 
-def _flow_spec(manifest: dict) -> Any:
-    """flow.onnx's GraphSpec from the feature graph's image and feat tensors."""
-    from dff.export.graphs import GraphSpec, TensorSpec
+def _flow_specs(manifest: dict, net: nn.Module) -> dict[str, Any]:
+    """The GraphSpecs of `net`'s learned flow from the feature graph's image and feat tensors:
+    flow.onnx, and flow_key.onnx before it where the net caches its key frame (key_cache)."""
+    from dff.export.graphs import GraphSpec, TensorSpec, key_cache
 
     feat_graph = manifest["graphs"]["feature"]
     image, feat = feat_graph["inputs"][0], feat_graph["outputs"][0]
@@ -865,8 +869,19 @@ def _flow_spec(manifest: dict) -> Any:
             shape[1] = channels
         return TensorSpec(name, like["dtype"], tuple(shape))
 
-    return GraphSpec("flow", (t("image", image), t("key_image", image), t("key_feat", feat)),
-                     (t("flow", feat, 2), t("scale", feat), t("feat", feat)))
+    outputs = (t("flow", feat, 2), t("scale", feat), t("feat", feat))
+    cache = key_cache(net)
+    if cache is None:
+        return {"flow": GraphSpec("flow", (t("image", image), t("key_image", image),
+                                           t("key_feat", feat)), outputs)}
+    n, _, h, w = image["shape"]
+    side = [d if isinstance(d, str) else -(-(d // cache["shrink"]) // cache["cell"])
+            for d in (h, w)]
+    code = TensorSpec("key_code", "float32", (n, cache["channels"],
+                                              *(f"{d.lower()}k" if isinstance(d, str) else d
+                                                for d in side)))
+    return {"flow_key": GraphSpec("flow_key", (t("key_image", image),), (code,)),
+            "flow": GraphSpec("flow", (t("image", image), code, t("key_feat", feat)), outputs)}
 
 
 def _modules(manifest: dict, net: nn.Module) -> tuple[Any, Any]:
@@ -888,29 +903,34 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
                        log: Log | None = None) -> dict:
     """Export `net` as flow.onnx into `engine_dir`: FlowGraph through export_graph, parity
     against PyTorch on ONNX Runtime (the key features from the export's feature.onnx), the
-    TensorRT op check, then the files moved in (flow.onnx, flow.prev.onnx) and the manifest
+    TensorRT op check, then the files moved in (flow.onnx and, for a net that caches its key
+    frame, flow_key.onnx; the previous ones as flow.prev.onnx, flow_key.prev.onnx) and the manifest
     rewritten, last. Returns the new manifest."""
     import onnx
     from dff.engines import onnx_ops
     from dff.export import parity as parity_mod
-    from dff.export.graphs import FlowGraph, export_graph
+    from dff.export.graphs import FlowGraph, KeyGraph, export_graph, key_cache
     from dff.export.profile import Profile
     from dff.plugins import onnx_op
 
     log = log or (lambda _: None)
     net = net.eval()
-    spec = _flow_spec(manifest)
+    specs = _flow_specs(manifest, net)
+    spec = specs["flow"]
     p = manifest["profile"]
     profile = Profile(tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]),
                       int(manifest["stride"]))
     mods, facts = _modules(manifest, net)
     tmp = Path(tempfile.mkdtemp(prefix=".dff-adapt-", dir=engine_dir))
     try:
-        log("exporting flow.onnx ...")
-        proto = export_graph(mods, spec, profile, tmp / spec.file, facts=facts)
-        found = onnx_ops.problems(proto)
-        if found:
-            raise AdaptError(f"flow.onnx: TensorRT's parser would refuse it: {'; '.join(found)}")
+        protos = {}
+        for name, one in specs.items():
+            log(f"exporting {one.file} ...")
+            protos[name] = export_graph(mods, one, profile, tmp / one.file, facts=facts)
+            found = onnx_ops.problems(protos[name])
+            if found:
+                raise AdaptError(f"{one.file}: TensorRT's parser would refuse it: "
+                                 f"{'; '.join(found)}")
         # parity: PyTorch's FlowGraph against ONNX Runtime, key features from feature.onnx
         shape = tuple(profile.opt)
         cases = parity_mod.default_cases(shape)
@@ -927,30 +947,50 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
         feature_path = os.fspath(manifest_mod.graph_path(engine_dir, manifest, "feature"))
         graph = FlowGraph(mods, facts).eval()
         rows = []
-        for case in cases:
+        for case in cases:  # each graph on PyTorch's inputs (export/parity.py's rule)
             key_feat = run("feature", feature_path, {"image": case.key_image})["feat"]
+            key = torch.from_numpy(case.key_image)
             feeds = {"image": case.image, "key_image": case.key_image, "key_feat": key_feat}
             with torch.no_grad():
-                ref = graph(torch.from_numpy(case.image), torch.from_numpy(case.key_image),
-                            torch.from_numpy(key_feat))
+                if graph.keyed:
+                    key = KeyGraph(mods, facts).eval()(key)
+                    got = run("flow_key", os.fspath(tmp / specs["flow_key"].file),
+                              {"key_image": case.key_image})
+                    rows.append(parity_mod.compare("flow_key", "key_code", case.name,
+                                                   key.numpy(), got.get("key_code")))
+                    del feeds["key_image"]
+                    feeds["key_code"] = key.numpy()
+                ref = graph(torch.from_numpy(case.image), key, torch.from_numpy(key_feat))
             got = run("flow", os.fspath(tmp / spec.file), feeds)
             rows += [parity_mod.compare("flow", name, case.name, r.numpy(), got.get(name))
                      for name, r in zip(("flow", "scale", "feat"), ref)]
         log(parity_mod.format_table(rows))
         parity_mod.require_pass(rows)
-        onnx.checker.check_model(proto)
+        for proto in protos.values():
+            onnx.checker.check_model(proto)
         new = dict(manifest)
         path = tmp / spec.file
-        new["graphs"] = dict(manifest["graphs"])
+        new["graphs"] = {g: e for g, e in manifest["graphs"].items() if g != "flow_key"}
+        takes = "key_code" if graph.keyed else "key_image"
         new["graphs"]["flow"] = {
             "file": spec.file, "sha256": manifest_mod.sha256_file(path),
             "bytes": path.stat().st_size,
             "doc": "N_flow learned by dff-adapt on the user's footage, plus the warp: flow and "
-                   "scale from (image, key_image), then feat = dff::FlowWarp(key_feat, flow, "
+                   f"scale from (image, {takes}), then feat = dff::FlowWarp(key_feat, flow, "
                    "scale) in the same graph",
             "inputs": [t.to_dict() for t in spec.inputs],
             "outputs": [t.to_dict() for t in spec.outputs],
             "custom_ops": [f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"]}
+        if graph.keyed:
+            one, cache = specs["flow_key"], key_cache(net) or {}
+            new["graphs"]["flow_key"] = {
+                "file": one.file, "sha256": manifest_mod.sha256_file(tmp / one.file),
+                "bytes": (tmp / one.file).stat().st_size,
+                "doc": "the key-frame part of dff-adapt's N_flow, once per key frame: key "
+                       "image -> key_code, which flow.onnx takes",
+                "inputs": [t.to_dict() for t in one.inputs],
+                "outputs": [t.to_dict() for t in one.outputs], "custom_ops": [],
+                "grid": {k: cache[k] for k in ("shrink", "cell")}}
         mean, std = net_norm(net)
         new["normalisation"] = {**manifest["normalisation"], "flow": {"mean": mean, "std": std}}
         flow = dict(manifest.get("flow") or {"sources": [manifest_mod.LEARNED],
@@ -965,7 +1005,7 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
                                      "ONNX Runtime runs it; TensorRT may use its registered "
                                      "plugin"}
         dropped = [k for k, e in manifest["engines"].items()
-                   if isinstance(e, dict) and e.get("graph") == "flow"]
+                   if isinstance(e, dict) and e.get("graph") in ("flow_key", "flow")]
         new["engines"] = {k: e for k, e in manifest["engines"].items() if k not in dropped}
         worst = max((r.value for r in rows), default=0.0)
         new["export"] = {**manifest["export"],
@@ -976,12 +1016,15 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
                              "worst_max_abs_error": worst},
                              "engines_dropped": dropped}}
         manifest_mod.write_manifest(tmp / manifest_mod.FILENAME, new)
-        old = engine_dir / spec.file
-        if old.is_file():  # the previous flow graph, kept beside
-            shutil.copy2(old, tmp / PREV_FLOW)
-            os.replace(tmp / PREV_FLOW, engine_dir / PREV_FLOW)
-        os.replace(path, engine_dir / spec.file)
+        for file, prev in PREV_FILES.items():  # the previous flow graphs, kept beside
+            if (engine_dir / file).is_file():
+                shutil.copy2(engine_dir / file, tmp / prev)
+                os.replace(tmp / prev, engine_dir / prev)
+        for one in specs.values():
+            os.replace(tmp / one.file, engine_dir / one.file)
         os.replace(tmp / manifest_mod.FILENAME, engine_dir / manifest_mod.FILENAME)
+        if not graph.keyed:  # a flow_key.onnx of the previous flow no longer belongs
+            (engine_dir / "flow_key.onnx").unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"wrote {engine_dir / spec.file} (flow sources {', '.join(new['flow']['sources'])}; "

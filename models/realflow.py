@@ -214,10 +214,45 @@ class RealFlowNet(nn.Module):
         """The flow at 1/32, 1/16 and 1/8, in pixels, and the last decoder's features."""
         n = x.shape[0]
         f8, f16, f32 = self.encode(torch.cat((x, key_x), 0))  # one pass for both frames
-        flow32, _ = self.level32(f32[:n], f32[n:], None)
-        flow16, _ = self.level16(f16[:n], f16[n:], _up(flow32, f16))
-        flow8, hid = self.level8(f8[:n], f8[n:], _up(flow16, f8))
+        return self._levels((f8[:n], f16[:n], f32[:n]), (f8[n:], f16[n:], f32[n:]))
+
+    def _levels(self, cur: tuple[torch.Tensor, ...], key: tuple[torch.Tensor, ...]):
+        """pyramid's levels on both frames' features at 1/8, 1/16 and 1/32."""
+        flow32, _ = self.level32(cur[2], key[2], None)
+        flow16, _ = self.level16(cur[1], key[1], _up(flow32, cur[1]))
+        flow8, hid = self.level8(cur[0], key[0], _up(flow16, cur[0]))
         return (flow32 * 32.0, flow16 * 16.0, flow8 * 8.0), hid
+
+    def _shrink(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(round(math.log2(1 / self.input_scale))):
+            x = halve(x)
+        return x
+
+    # the key frame's cache (DESIGN.md §3, flow_key.onnx): the key frame's 1/8 encoder map,
+    # made once per key frame; a non-key frame then encodes itself alone
+    key_channels = WIDTHS[2]
+
+    def key_grid(self) -> dict[str, int]:
+        """How key_code's grid follows from the image's H (and W): ceil(floor(H / shrink) /
+        cell) (each halving floors, each stride-2 conv rounds up)."""
+        return {"shrink": round(1 / self.input_scale), "cell": 8}
+
+    def encode_key(self, key_x: torch.Tensor) -> torch.Tensor:
+        """key_code [N,key_channels,hk,wk]: the key frame's encoder map at 1/8 of the net's
+        input (normalised key image in, as forward takes it)."""
+        return self.enc3(self.enc2(self.enc1(self._shrink(key_x))))
+
+    def forward_code(self, x: torch.Tensor, key_code: torch.Tensor):
+        """forward(x, key_x) with the key frame given as encode_key(key_x): the same flow and
+        scale (within float rounding; the encoder runs on one frame instead of two)."""
+        small = self._shrink(x)
+        f8 = self.enc3(self.enc2(self.enc1(small)))
+        # key_code has f8's size; taken to it by a same-size (so exact) nearest resize, which
+        # lets the export give key_code its own dims (hk, wk: not a linear function of H)
+        k8 = F.interpolate(key_code, size=(f8.shape[2], f8.shape[3]), mode="nearest")
+        f16, k16 = self.enc4(f8), self.enc4(k8)
+        flows, hid = self._levels((f8, f16, self.enc5(f16)), (k8, k16, self.enc5(k16)))
+        return self._output(flows, hid, x)
 
     def to_grid(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A 1/8 map of the net's input onto the stride's grid of `like` (the full-size
@@ -254,10 +289,11 @@ class RealFlowNet(nn.Module):
         return self._scale_one
 
     def forward(self, x: torch.Tensor, key_x: torch.Tensor):
-        small, small_key = x, key_x
-        for _ in range(round(math.log2(1 / self.input_scale))):
-            small, small_key = halve(small), halve(small_key)
-        flows, hid = self.pyramid(small, small_key)
+        flows, hid = self.pyramid(self._shrink(x), self._shrink(key_x))
+        return self._output(flows, hid, x)
+
+    def _output(self, flows: tuple[torch.Tensor, ...], hid: torch.Tensor, x: torch.Tensor):
+        """(flow, scale) on the stride's grid of the image `x` from pyramid's outputs."""
         flow = self.to_grid(flows[-1], x) * (1.0 / (self.stride * self.input_scale))
         if self.scale_is_one():
             # the same ones without the 1x1 conv and the resize to the grid (about 0.1 ms of

@@ -35,8 +35,11 @@ PRECISIONS = {"tensorrt": ("fp16", "fp32", "int8"), "onnxruntime": ("fp32", "int
 
 # tensor names fixed by DESIGN.md §3; the task graph's outputs are the manifest's (task_spec)
 INPUTS = {"feature": ["image"], "flow": ["image", "key_image", "key_feat"],
-          "warp": ["key_feat", "flow"], "task": ["feat"]}
-OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"], "warp": ["feat"]}
+          "flow_key": ["key_image"], "warp": ["key_feat", "flow"], "task": ["feat"]}
+OUTPUTS = {"feature": ["feat"], "flow": ["flow", "scale", "feat"], "flow_key": ["key_code"],
+           "warp": ["feat"]}
+# flow.onnx's inputs where the export caches its key frame (flow_key.onnx: manifest.keyed)
+KEYED_FLOW_INPUTS = ["image", "key_code", "key_feat"]
 # outputs read where the graph has them: flow.onnx's `quality` (the learned schedule's input)
 OPTIONAL_OUTPUTS = {"flow": ["quality"]}
 
@@ -109,21 +112,24 @@ def graph_outputs(manifest: dict, graph: str) -> list[str]:
 
 def check_names(path: str | os.PathLike[str], graph: str, inputs: list[str],
                 outputs: list[str], fix: str, want: list[str] | None = None) -> None:
-    """Refuse a graph or engine whose inputs are not exactly INPUTS[graph] (in any order) or
+    """Refuse a graph or engine whose inputs are not exactly INPUTS[graph] (in any order; flow:
+    or KEYED_FLOW_INPUTS) or
     whose outputs lack one of `want` (default OUTPUTS[graph]; for the task graph pass the
     manifest's, `graph_outputs`); `fix` ends the message."""
     if want is None:
         if graph not in OUTPUTS:
             raise TypeError(f"check_names({graph!r}): pass `want`, the manifest's task outputs")
         want = OUTPUTS[graph]
-    if sorted(inputs) != sorted(INPUTS[graph]) or not set(want) <= set(outputs):
+    expected = [INPUTS[graph]] + ([KEYED_FLOW_INPUTS] if graph == "flow" else [])
+    if sorted(inputs) not in [sorted(e) for e in expected] or not set(want) <= set(outputs):
         raise BackendError(f"{path}: inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
                            f"expected inputs {INPUTS[graph]} and outputs {want} "
                            f"(DESIGN.md §3, manifest.json 'task.outputs'); {fix}")
 
 
 class Backend(Protocol):
-    """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned;
+    """`image`/`key_image`: uint8 [N,3,H,W], a host array or what `upload` returned (for
+    `flow`, `key_image` is what `key` returned: the image itself, or its key_code);
     `key_feat`/`feat`: handles from `feature` or `flow`. Only `task` returns host data: its
     outputs by name (task_spec's `outputs`), each with the batch dimension. A backend subclasses
     this class: the attributes and methods with a default are optional features (the defaults
@@ -149,6 +155,15 @@ class Backend(Protocol):
     def feature(self, image: np.ndarray) -> Any: ...
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs: ...
     def task(self, feat: Any) -> dict[str, np.ndarray]: ...
+
+    # the learned flow caches its key frame (flow_key.onnx, manifest.keyed): `key` makes the
+    # key_code once per key frame, and `flow` takes it as its key_image
+    keyed: bool = False
+
+    def key(self, key_image: Any) -> Any:
+        """What `flow` takes of a key frame: its key_code (flow_key.onnx) where `keyed`, else
+        the key image itself."""
+        return key_image
 
     def warp(self, key_feat: Any, flow: Any) -> Any:
         """The warp alone (warp.onnx): key_feat [N,C,h,w] along a flow [N,2,h,w] in cells,

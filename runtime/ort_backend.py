@@ -13,7 +13,16 @@ import weakref
 from typing import Any
 
 import numpy as np
-from dff.export.manifest import FLOW_GRAPH, flow_sources, graph_path, load_manifest
+from dff.export.manifest import (
+    FLOW_GRAPH,
+    LEARNED,
+    flow_sources,
+    graph_path,
+    key_grid,
+    keyed,
+    learned_graphs,
+    load_manifest,
+)
 from dff.runtime import buffers
 from dff.runtime.backends import (
     Backend,
@@ -63,6 +72,8 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.task_spec = task_spec(self.manifest, f"{engine_dir}/manifest.json")
         self.has_quality = "quality" in graph_outputs(self.manifest, "flow")
         self.flow_sources = tuple(flow_sources(self.manifest))
+        self.keyed = keyed(self.manifest) and LEARNED in self.flow_sources
+        self._key_input = "key_code" if self.keyed else "key_image"
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
@@ -120,7 +131,9 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         # three sessions take turns: a finished one's spinning threads would steal the
         # cores of the next (measured: per-frame fps 87 -> 131 on 2 cores without spinning)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for graph in ["feature", *(FLOW_GRAPH[s] for s in self.flow_sources), "task"]:
+        flows = [g for s in self.flow_sources
+                 for g in (learned_graphs(self.manifest) if s == LEARNED else [FLOW_GRAPH[s]])]
+        for graph in ["feature", *flows, "task"]:
             path = graph_path(engine_dir, self.manifest, graph)
             fix = f"re-export with `dff-export MODEL.pth -o {engine_dir}`"
             if graph == "feature" and self.precision == "int8":
@@ -211,8 +224,16 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         feat = self._run("feature", {"image": image})[0]
         return feat if self.memory is None else self._handle(feat)
 
+    def key(self, key_image: Any) -> Any:
+        """flow_key.onnx's key_code of the key image, where the export has it (`keyed`)."""
+        if not self.keyed:
+            return key_image
+        code = self._run("flow_key", {"key_image": key_image})[0]
+        return code if self.memory is None else self._handle(code)
+
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        out = self._run("flow", {"image": image, "key_image": key_image, "key_feat": key_feat})
+        out = self._run("flow", {"image": image, self._key_input: key_image,
+                                 "key_feat": key_feat})
         if self.memory is not None:
             out = [self._handle(x) for x in out]
         return FlowOutputs(*out)  # graph_outputs' order: flow, scale, feat[, quality]
@@ -308,12 +329,15 @@ def output_shapes(manifest: dict, graph: str,
     should an export name them), or fixed sizes."""
     stride = int(manifest["stride"])
     first = (inputs["image"] if "image" in inputs else
+             inputs["key_image"] if "key_image" in inputs else
              inputs["key_feat"] if "key_feat" in inputs else inputs["feat"]).shape
     n, hh, ww = first[0], first[2], first[3]
-    if "image" not in inputs:
+    if "image" not in inputs and "key_image" not in inputs:
         hh, ww = hh * stride, ww * stride
     sizes = {"N": n, "H": hh, "W": ww, "h": hh // stride, "w": ww // stride,
              "K": task_spec(manifest).get("max_detections"), "C": len(manifest["class_names"])}
+    if keyed(manifest):
+        sizes["hk"], sizes["wk"] = key_grid(manifest, hh, ww)
     specs = {o["name"]: o for o in manifest["graphs"][graph]["outputs"]}
     return {name: (tuple(sizes[d] if isinstance(d, str) else int(d)
                          for d in specs[name]["shape"]), specs[name]["dtype"])

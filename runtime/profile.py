@@ -2,7 +2,8 @@
 profile.py) and the benchmarks: trtexec's vocabulary (warm-up, duration or iterations, data
 transfers or not).
 
-- `profile_stages`: each stage (feature, flow with its FlowWarp, task) alone, one call per
+- `profile_stages`: each stage (feature, flow with its FlowWarp, task; and `key`, the key
+  frame's key_code, where the backend caches it) alone, one call per
   iteration after a warm-up: latency (min/mean/median/p90/p95/p99), throughput (calls per
   second) and enqueue time (the wall time of the call itself). As trtexec, a latency includes
   copying every input to the backend's device and every output back, unless `transfers` is
@@ -139,13 +140,17 @@ def profile_stages(backend: Backend, frames: np.ndarray, batch: int,
                                    .transpose(0, 3, 1, 2)) for i in range(n)]
     key_feat = backend.to_host(backend.feature(images[0]))
     feats = [backend.to_host(backend.feature(images[i])) for i in range(min(n, 8))]
+    # what flow takes of the key frame: its image, or the key_code of a keyed backend
+    key = backend.to_host(backend.key(images[0])) if backend.keyed else images[0]
     inputs = {
         "feature": lambda i: [images[i % n]],
-        "flow": lambda i: [images[1 + i % (n - 1)], images[0], key_feat],
+        "flow": lambda i: [images[1 + i % (n - 1)], key, key_feat],
         "task": lambda i: [feats[i % len(feats)]],
     }
     calls = {"feature": backend.feature, "flow": backend.flow, "task": backend.task}
     extra = {}
+    if backend.keyed and flow is None:  # the key_code, once per key frame
+        extra["key"] = time_stage(backend, backend.key, lambda i: [images[i % n]], **timing)
     if flow is not None:
         key_grey = flow.prepare(frames[0])
         cells = (frames.shape[1] // backend.stride, frames.shape[2] // backend.stride)
@@ -171,14 +176,16 @@ def stage_ratio(feature: float, flow: float, task: float) -> float:
     return (flow + task) / (feature + task)
 
 
-def predicted_speedup(k: int, r: float) -> float:
-    """DESIGN.md §5: s = k / (1 + (k-1) r)."""
-    return k / (1 + (k - 1) * r)
+def predicted_speedup(k: int, r: float, key: float = 0.0) -> float:
+    """DESIGN.md §5: s = k / (1 + (k-1) r), and with `key` (a key frame's extra cost, the
+    key_code, over feature + task) s = k / (1 + key + (k-1) r)."""
+    return k / (1 + key + (k - 1) * r)
 
 
 def profile_end_to_end(backend: Backend, frames: np.ndarray, intervals: Sequence[int],
-                       r: float, flow: DisFlow | None = None) -> list[dict]:
-    """The pipeline over `frames` once per key interval (fixed schedule, batch 1)."""
+                       r: float, flow: DisFlow | None = None, key: float = 0.0) -> list[dict]:
+    """The pipeline over `frames` once per key interval (fixed schedule, batch 1); `key`: a
+    key frame's key_code over feature + task, for the predicted speedup."""
     rows = []
     for k in intervals:
         pipe = Pipeline(backend, make_scheduler("fixed", k), flow=flow)
@@ -187,7 +194,7 @@ def profile_end_to_end(backend: Backend, frames: np.ndarray, intervals: Sequence
         s = pipe.summary()
         rows.append({"key_interval": k, "frames": s["frames"], "key_frames": s["key_frames"],
                      "wall_s": s["wall_s"], "fps": s["fps"], "efficiency": s["efficiency"],
-                     "predicted_speedup": predicted_speedup(k, r),
+                     "predicted_speedup": predicted_speedup(k, r, key if k > 1 else 0.0),
                      "stage_median_ms": {name: 1000 * v["median_s"]
                                          for name, v in s["stages"].items() if v["count"]},
                      "stage_counts": {name: v["count"] for name, v in s["stages"].items()}})

@@ -28,7 +28,8 @@ from dff.runtime.scheduler import Scheduler
 from dff import tasks
 from dff.errors import DffError
 
-STAGES = ("upload", "schedule", "feature", "flow", "task")
+# key: the learned flow's key-frame part (flow_key.onnx, where the backend is `keyed`)
+STAGES = ("upload", "schedule", "feature", "key", "flow", "task")
 # detection's per-row outputs (a K axis), cut to `num` rows per frame
 ROWS = tuple(o.name for o in tasks.OUTPUTS[tasks.DETECTION] if "K" in o.shape)
 
@@ -121,7 +122,7 @@ class StreamState:
 
     def __init__(self, scheduler: Scheduler, name: str | None = None, number: int = 0):
         self.scheduler, self.name, self.number = scheduler, name, number
-        self.key_image: tuple[Rows, int] | None = None
+        self.key_image: tuple[Rows, int] | None = None  # what `flow` takes: Backend.key
         self.key_feat: tuple[Rows, int] | None = None
         self.key_grey: np.ndarray | None = None  # a host flow's prepared key frame (DisFlow)
         self.carried: Any = None  # a Propagator's state (runtime/propagate.py)
@@ -360,6 +361,12 @@ class Step:
                 f.stream.key_grey = (f.grey if f.grey is not None
                                      else self.source.prepare(f.frame))
         self._call("feature", chunk, time.perf_counter() - start)
+        if b.keyed and self.source is None and not self.copy and self.propagate is None:
+            start = time.perf_counter()  # the learned flow's key_code, once per key frame
+            codes = Rows(b, b.key(image), len(chunk))
+            for j, f in enumerate(chunk):
+                f.stream.key_image = (codes, j)
+            self._call("key", chunk, time.perf_counter() - start)
 
     def _task(self, chunk: list[Frame]) -> None:
         start = time.perf_counter()

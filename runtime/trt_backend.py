@@ -1,6 +1,7 @@
 """The TensorRT backend: dff-build's engines through TensorRT's Python API on the buffer layer.
 
-One engine and one IExecutionContext per stage (feature, flow, task), the engines picked for
+One engine and one IExecutionContext per stage (feature, flow_key where the export caches its
+key frame, flow, task), the engines picked for
 this GPU and TensorRT version by `engines.compat.select_engines`. Every I/O tensor is bound with
 `set_tensor_address` to device memory from runtime/buffers.py: outputs from pools (allocated
 once per shape, a buffer reused only when no handle to it is left, so the key frame's features
@@ -28,9 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dff.export.manifest import FLOW_GRAPH, flow_sources, load_manifest
+from dff.export.manifest import FLOW_GRAPH, flow_sources, keyed, load_manifest
 from dff.runtime.backends import (
-    INPUTS,
     OPTIONAL_OUTPUTS,
     OUTPUTS,
     Backend,
@@ -194,7 +194,9 @@ class _FlowTaskGraph:
 
     def __init__(self, memory: CudaMemory, flow: _Stage, task: _Stage):
         self.memory, self.flow, self.task = memory, flow, task
-        self.inputs = {n: DeviceBuffer(memory) for n in INPUTS["flow"]}
+        self.names = [n for n, t in flow.tensors.items() if t.is_input]  # key_image or key_code
+        self.key_name = next(n for n in self.names if n.startswith("key_") and n != "key_feat")
+        self.inputs = {n: DeviceBuffer(memory) for n in self.names}
         # every output of both engines (probs too): the graph writes them all
         self.outputs = {n: DeviceBuffer(memory) for stage in (flow, task)
                         for n, t in stage.tensors.items() if not t.is_input}
@@ -208,8 +210,8 @@ class _FlowTaskGraph:
         if any(ref() is not None for ref in self._handed):
             raise RuntimeError("cuda_graph=True: the previous flow's outputs are still held; "
                                "they are overwritten by this call (use them before it)")
-        key = tuple(x[n].shape for n in INPUTS["flow"])
-        keys = (x["key_image"], x["key_feat"])
+        key = tuple(x[n].shape for n in self.names)
+        keys = (x[self.key_name], x["key_feat"])
         fresh = key != self.key or tuple(ref() for ref in self._keys) != keys
         for name, src in x.items():
             if name == "image" or fresh:
@@ -311,6 +313,8 @@ class TrtBackend(Backend):
         if cuda_graph and "flow" not in chosen:
             raise BackendError(f"--useCudaGraph replays the learned flow graph, and "
                                f"{engine_dir} has no flow engine; drop --useCudaGraph")
+        self.keyed = keyed(self.manifest) and "flow_key" in chosen  # (select_engines: with flow)
+        self._key_input = "key_code" if self.keyed else "key_image"
         self.precision = chosen["feature"]["precision"]
         check_ptx_isa(chosen, engine_dir, self.precision)
         self.memory = memory = memory or CudaMemory(device)
@@ -369,8 +373,14 @@ class TrtBackend(Backend):
     def feature(self, image: np.ndarray) -> Any:
         return self._run("feature", {"image": image})["feat"]
 
+    def key(self, key_image: Any) -> Any:
+        """The flow_key engine's key_code of the key image, where the export has it (`keyed`)."""
+        if not self.keyed:
+            return key_image
+        return self._run("flow_key", {"key_image": key_image})["key_code"]
+
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        feeds = {"image": image, "key_image": key_image, "key_feat": key_feat}
+        feeds = {"image": image, self._key_input: key_image, "key_feat": key_feat}
         if self._graph is None:
             out = self._run("flow", feeds)
             return FlowOutputs(out["flow"], out["scale"], out["feat"], out.get("quality"))

@@ -1,6 +1,7 @@
 """The Triton `dff` model's stage calls as a Backend (runtime/backends.py), for runtime/step.py.
 
-Each of feature, flow and task is a BLS request to its stage model or, under `--stages inline`
+Each of feature, flow_key (where the export has it), flow and task is a BLS request to its
+stage model or, under `--stages inline`
 (DESIGN.md §9), a run of an ONNX Runtime CPU session in the model's own process. Handles are
 host arrays. A failed call is a StageError,
 which the model turns into an error response for the frames of that call. Runs inside
@@ -31,17 +32,25 @@ class StageBackend(Backend):
     name = "triton-stages"
 
     def __init__(self, *, models: dict[str, str], sessions: dict[str, Any], stride: int,
-                 profile: dict, task_outputs: list[str], flow_outputs: list[str]):
+                 profile: dict, task_outputs: list[str], flow_outputs: list[str],
+                 keyed: bool = False):
         self.models, self.sessions = models, sessions
         self.stride, self.profile = stride, profile
         self.task_spec = {"outputs": task_outputs}
         self.flow_outputs = [*flow_outputs, "feat"]
+        self.keyed = keyed  # flow_key makes the key_code that flow takes (DESIGN.md §3)
 
     def feature(self, image: np.ndarray) -> np.ndarray:
         return self._call("feature", {"image": image}, ["feat"])["feat"]
 
+    def key(self, key_image: Any) -> Any:
+        if not self.keyed:
+            return key_image
+        return self._call("flow_key", {"key_image": key_image}, ["key_code"])["key_code"]
+
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        out = self._call("flow", {"image": image, "key_image": key_image,
+        key = "key_code" if self.keyed else "key_image"
+        out = self._call("flow", {"image": image, key: key_image,
                                   "key_feat": key_feat}, self.flow_outputs)
         return FlowOutputs(out.get("flow"), None, out["feat"], out.get("quality"))
 

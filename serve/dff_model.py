@@ -74,10 +74,11 @@ class TritonPythonModel:
         scheduler = self._scheduler()
         flow_outputs = (["flow"] if scheduler.needs_flow else []) + (
             ["quality"] if scheduler.needs_quality else [])
+        keyed = "flow_key_model" in p or "flow_key" in sessions  # key_code cached per stream
         self.backend = StageBackend(
-            models={g: p.get(f"{g}_model", g) for g in ("feature", "flow", "task")},
+            models={g: p.get(f"{g}_model", g) for g in ("feature", "flow_key", "flow", "task")},
             sessions=sessions, stride=self.stride, profile=self.profile,
-            task_outputs=self.outputs, flow_outputs=flow_outputs)
+            task_outputs=self.outputs, flow_outputs=flow_outputs, keyed=keyed)
         self.step = Step(self.backend, max_batch=int(p["stage_max_batch"]))
         idle_us = config.get("sequence_batching", {}).get("max_sequence_idle_microseconds")
         self.idle_s = int(idle_us or 1_000_000) / 1e6  # Triton's default: 1 s

@@ -1,7 +1,7 @@
 """Write a Triton model repository from an engine folder (DESIGN.md §9).
 
 Four models (`dff` alone under `inline`): `feature`, `flow` and `task` (one per graph, dynamic
-batching on each) and `dff`, the Python-backend BLS model that owns each stream's key frame
+batching on each; and `flow_key` where the learned flow caches its key frame) and `dff`, the Python-backend BLS model that owns each stream's key frame
 under the sequence batcher (serve/dff_model.py). The stage layout (`--stages`) is one of
 
 - `python`: Python-backend stage models running the ONNX graphs on ONNX Runtime's CPU provider
@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dff.export.manifest import GRAPHS, LEARNED, flow_sources, graph_path, load_manifest
+from dff.export.manifest import LEARNED, flow_sources, graph_path, load_manifest, stage_graphs
 from dff.runtime.backends import graph_outputs, task_spec
 from dff.runtime.scheduler import make_scheduler
 
@@ -117,7 +117,7 @@ def dff_config(manifest: dict, *, name: str = "dff", max_batch: int, stage_batch
     if inline_graphs:
         params |= {"inline_graphs": json.dumps(inline_graphs), "threads": threads}
     else:
-        params |= {f"{g}_model": g for g in GRAPHS}
+        params |= {f"{g}_model": g for g in stage_graphs(manifest)}
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch}\n'
             f"input [\n{tensor_text(image, where)}\n]\n"
             "output [\n" + ",\n".join(tensor_text(t, where) for t in (*outputs, is_key))
@@ -143,7 +143,7 @@ def pick_engines(manifest: dict, engine_dir: Path, precision: str | None) -> dic
     fix = f"build them with `{build_command(str(engine_dir), precision)}`"
     for p in (precision,) if precision else PRECISIONS:
         chosen = {g: [e for e in entries if e.get("graph") == g and e.get("precision") == p]
-                  for g in GRAPHS}
+                  for g in stage_graphs(manifest)}
         if all(chosen.values()):
             many = {g: [e["file"] for e in found] for g, found in chosen.items() if len(found) > 1}
             if many:
@@ -153,7 +153,7 @@ def pick_engines(manifest: dict, engine_dir: Path, precision: str | None) -> dic
             return {g: found[0] for g, found in chosen.items()}
     want = precision or " or ".join(PRECISIONS)
     raise RepositoryError(f"{engine_dir}/manifest.json: no complete set of {want} TensorRT "
-                          f"engines (feature, flow, task) for --stages tensorrt; {fix}")
+                          f"engines ({', '.join(stage_graphs(manifest))}) for --stages tensorrt; {fix}")
 
 
 def _check_free(paths: list[Path], force: bool) -> None:
@@ -168,7 +168,8 @@ def _check_free(paths: list[Path], force: bool) -> None:
 def write_stage_models(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathLike[str], *,
                        stages: str = "python", max_batch: int | None = None, threads: int = 1,
                        precision: str | None = None, force: bool = False) -> int:
-    """Write `feature`, `flow` and `task` into `repo_dir`; returns their max_batch_size
+    """Write `feature`, `flow` and `task` (and `flow_key`, where the export has it) into
+    `repo_dir`; returns their max_batch_size
     (`max_batch`, default the manifest profile's largest batch)."""
     engine_dir, repo = Path(engine_dir), Path(repo_dir)
     if stages not in STAGE_BACKENDS:
@@ -187,9 +188,9 @@ def write_stage_models(engine_dir: str | os.PathLike[str], repo_dir: str | os.Pa
         files = {g: engine_dir / e["file"]
                  for g, e in pick_engines(manifest, engine_dir, precision).items()}
     else:
-        files = {g: graph_path(engine_dir, manifest, g) for g in GRAPHS}
-    _check_free([repo / g for g in GRAPHS], force)
-    for graph in GRAPHS:
+        files = {g: graph_path(engine_dir, manifest, g) for g in stage_graphs(manifest)}
+    _check_free([repo / g for g in files], force)
+    for graph in files:
         version = repo / graph / "1"
         version.mkdir(parents=True)
         (repo / graph / "config.pbtxt").write_text(
@@ -228,7 +229,8 @@ def write_dff_model(engine_dir: str | os.PathLike[str], repo_dir: str | os.PathL
     if not (max_streams >= 1 and idle_s > 0 and math.isfinite(idle_s)):
         raise RepositoryError(f"max_streams {max_streams} must be ≥ 1 and the idle timeout "
                               f"{idle_s} s above 0")
-    files = {g: graph_path(engine_dir, manifest, g) for g in GRAPHS} if inline else {}
+    files = ({g: graph_path(engine_dir, manifest, g) for g in stage_graphs(manifest)}
+             if inline else {})
     _check_free([repo / name], force)
     version = repo / name / "1"
     version.mkdir(parents=True)
@@ -259,7 +261,7 @@ def write_repository(engine_dir: str | os.PathLike[str], repo_dir: str | os.Path
                               "Triton dff model runs the learned flow only; serve an export "
                               "with a flow graph, or run it with `dff-run --flow dis`")
     name = dff.get("name", "dff")
-    models = [name] if stages == "inline" else [*GRAPHS, name]
+    models = [name] if stages == "inline" else [*stage_graphs(manifest), name]
     if not force:  # all of them free before anything is written
         _check_free([Path(repo_dir) / n for n in models], False)
     if stages == "inline":

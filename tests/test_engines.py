@@ -343,7 +343,7 @@ def test_engines_package_imports_without_tensorrt_or_torch():
     ([], "ENGINES_DIR is required"),
     (["e", "--fp16", "--fp32"], "not allowed with argument"),
     (["e", "--workspace", "0"], "positive size in MiB"),
-    (["e", "--graphs", "feature,wrap"], "subset of feature,flow,warp,task"),
+    (["e", "--graphs", "feature,wrap"], "subset of feature,flow_key,flow,warp,task"),
     (["e", "--inspect", "x.plan"], "not both"),
 ])
 def test_dff_build_rejects_bad_arguments_with_exit_2(argv, message, capsys):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from dff.export import exporter, graphs, parity
-from dff.export.manifest import FORMAT, ManifestError, load_manifest, sha256_file
+from dff.export.manifest import FORMAT, ManifestError, load_manifest, sha256_file, stage_graphs
 from dff.export.profile import Profile, ProfileError, default_profile, parse_shape
 from dff.models.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from dff.models.dff import DFF
@@ -57,7 +57,8 @@ def model(checkpoint):
 
 
 def paths(out):
-    return {name: out / f"{name}.onnx" for name in graphs.WRAPPERS}
+    """The learned-flow export's graphs as its manifest lists them (flow_key where it has one)."""
+    return {name: out / f"{name}.onnx" for name in stage_graphs(load_manifest(out))}
 
 
 # --- files and manifest ---------------------------------------------------------------------

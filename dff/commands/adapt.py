@@ -39,8 +39,9 @@ def parser() -> argparse.ArgumentParser:
         prog="dff-adapt",
         description="Train a flow net (flow and scale field) for an export on your own "
                     "unlabelled video, the export's feature graph as the teacher, and write it "
-                    "into the export as its learned flow (flow.onnx; the previous one is kept "
-                    "as flow.prev.onnx).")
+                    "into the export as its learned flow (flow.onnx, and flow_key.onnx for a net "
+                    "that caches its key frame; the previous ones are kept as flow.prev.onnx "
+                    "and flow_key.prev.onnx).")
     p.add_argument("engine_dir", metavar="ENGINE_DIR", help="a folder written by dff-export")
     p.add_argument("--video", nargs="+", required=True, metavar="FILE_OR_FOLDER",
                    help="videos to train on (folders: the videos in them)")

@@ -25,7 +25,8 @@ engines (beside the ONNX graphs, named for the GPU and TensorRT version that bui
 Each engine gets an entry in manifest.json's `engines` (file, sha256, bytes, graph, precision,
 gpu, compute_capability, tensorrt, onnx_sha256, profile, ...); the manifest is rewritten
 atomically. The optimization profile is the manifest's: image/key_image [N,3,H,W] min/opt/max,
-feat/key_feat [N,C,H/s,W/s], s the manifest's stride. The dff::FlowWarp plugin is registered before parsing.
+feat/key_feat [N,C,H/s,W/s], s the manifest's stride; key_code [N,Ck,hk,wk] from
+graphs.flow_key.grid (an export whose learned flow caches its key frame). The dff::FlowWarp plugin is registered before parsing.
 An engine runs only on the GPU model and TensorRT version that built it; the runtime refuses
 others with the command to rebuild.
 

@@ -22,6 +22,9 @@ graphs (DESIGN.md §3; H, W multiples of the stride s (16 for dff-train's models
                 -> flow [N,2,h,w], scale [N,C,h,w], feat [N,C,h,w]
                 (feat = dff::FlowWarp(key_feat, flow, scale): the warp is the one custom
                 node, inside the graph that uses it, with its ONNX function body attached)
+  flow_key.onnx key_image uint8 [N,3,H,W] -> key_code [N,Ck,hk,wk], once per key frame
+                (RealFlowNet, the default flow net: flow.onnx then takes key_code in
+                place of key_image)
   task.onnx     segmentation: feat [N,C,h,w] -> labels uint8 [N,H,W]
                 (+ probs [N,K,H,W] with --probs)
                 detection: feat -> boxes [N,K,4] (x0,y0,x1,y1 in pixels), scores [N,K],

@@ -126,7 +126,9 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         stages = profile_stages(backend, frames, batch, flow, **timing)
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
         r = stage_ratio(med["feature"], med["flow"], med["task"])
-        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow)
+        key = (stages["key"]["latency_ms"]["median"] / (med["feature"] + med["task"])
+               if "key" in stages else 0.0)
+        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow, key)
         streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]),
                                    flow) if args.streams > 1 else None)
         name, precision, int8_check = backend.name, backend.precision, backend.int8_check
@@ -170,7 +172,9 @@ def format_report(res: dict) -> list[str]:
     columns = (f"{'stage (ms)':<{name}}" + "".join(f"{k:>{wide}}" for k in stats)
                + f"{'qps':>9}{'enqueue':>9}  H2D / GPU compute / D2H (median)")
     lines = [head, "", columns]
-    for stage in (*STAGES, *(("dis", "warp") if dis else ())):
+    keyed = "key" in res["stages"]
+    for stage in (*STAGES[:1], *(("key",) if keyed else ()), *STAGES[1:],
+                  *(("dis", "warp") if dis else ())):
         s = res["stages"][stage]
         lat = s["latency_ms"]
         if s["gpu_compute_ms"] is None:
@@ -179,10 +183,16 @@ def format_report(res: dict) -> list[str]:
             gpu = " / ".join("-" if s[k] is None else f"{s[k]['median']:.3f}"
                              for k in ("h2d_ms", "gpu_compute_ms", "d2h_ms"))
         label = {"flow": "flow (DIS+warp)" if dis else "flow (+warp)", "dis": "  DIS (host)",
-                 "warp": "  warp"}.get(stage, stage)
+                 "warp": "  warp", "key": "key (flow's)"}.get(stage, stage)
         lines.append(f"{label:<{name}}" + "".join(f"{lat[k]:>{wide}.3f}" for k in stats)
                      + f"{s['throughput_qps']:>9.1f}{s['enqueue_ms']['median']:>9.3f}  {gpu}")
     lines.append(f"r = (flow + task) / (feature + task) = {res['r']:.3f} (latency medians)")
+    if keyed:
+        lat = res["stages"]
+        share = lat["key"]["latency_ms"]["median"] / (lat["feature"]["latency_ms"]["median"]
+                                                      + lat["task"]["latency_ms"]["median"])
+        lines.append(f"key: the flow's key_code, once per key frame, adds {share:.3f} of "
+                     "(feature + task) to each key frame (in the predicted speedups)")
     _, h, w = res["shape"]
     columns = (f"{'K':>4}{'key frames':>12}{'fps':>10}{'speedup':>10}{'predicted':>11}"
                f"{'efficiency':>12}")

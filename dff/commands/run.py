@@ -58,7 +58,8 @@ from dff.runtime.writers import ResultWriter, write_summary
 from dff.tasks import DETECTION, RAW, SEGMENTATION
 
 DEPLOY_PROPAGATE = ("dff", "copy", "warp-output", "track")  # --propagate; dff-tune's kinds
-SHOWN_STAGES = ("feature", "flow", "task")  # the compute stages the summary lists first
+# the compute stages the summary lists first (key: the flow's key_code, where it is cached)
+SHOWN_STAGES = ("feature", "key", "flow", "task")
 MIN_SCORE = 0.3  # detection: default --min-score
 SUMMARY = "summary.json"  # --output-dir's summary file
 # options that apply to one task only: argument name -> (task, what it does)

@@ -743,5 +743,6 @@ def test_stage_ab_benchmark_gives_r_for_each_export(engines, real_material, caps
     bench.main([str(engines), str(engines), "--threads", "1", "--rounds", "2", "--calls", "1"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()
             if line.startswith(str(engines))]
-    assert len(rows) == 2 and rows[0][-1] == "1.000"
+    assert len(rows) == 2 and rows[0][5] == "1.000"
+    assert rows[0][6] == "-"  # no key_code: the shipped demo's flow takes two images
     assert all(0 < float(row[4]) < 10 for row in rows)  # r, from positive stage medians

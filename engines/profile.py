@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dff.export.manifest import key_side
+
 from dff.errors import DffError
 
 Shape = tuple[int, ...]
@@ -41,8 +43,7 @@ def _sizes(manifest: dict[str, Any], kind: str) -> dict[str, int]:
                                                for k in ("shrink", "cell"))):
             raise ProfileShapeError(f"manifest field 'graphs.flow_key.grid' is {grid!r}, "
                                     "expected {shrink, cell}; re-export with dff-export")
-        sizes["hk"], sizes["wk"] = (-(-(side // grid["shrink"]) // grid["cell"])
-                                    for side in (h, w))
+        sizes["hk"], sizes["wk"] = key_side(h, grid), key_side(w, grid)
     return sizes
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import onnx
 import torch
 import torch.nn.functional as F
+from dff.export.manifest import key_side
 from dff.export.modules import DFFModules, Facts, describe, detection_outputs, exportable
 from dff.export.profile import Profile
 from dff.models.dff import DFF
@@ -212,7 +213,7 @@ def graph_specs(model: DFFModules | DFF, profile: Profile, probs: bool = False,
                 "flow": GraphSpec("flow", (image, key_image, t("key_feat", "float32", n, c, h,
                                                               w)), flow_outputs),
                 "task": GraphSpec("task", (feat,), tuple(outputs))}
-    hk, wk = (_key_side(cache, profile.min[i]) if not profile.dynamic(axis) else small
+    hk, wk = (key_side(profile.min[i], cache) if not profile.dynamic(axis) else small
               for i, axis, small in ((1, "H", "hk"), (2, "W", "wk")))
     code = t("key_code", "float32", n, cache["channels"], hk, wk)
     return {"feature": GraphSpec("feature", (image,), (feat,)),
@@ -222,18 +223,13 @@ def graph_specs(model: DFFModules | DFF, profile: Profile, probs: bool = False,
             "task": GraphSpec("task", (feat,), tuple(outputs))}
 
 
-def _key_side(cache: dict[str, int], side: int) -> int:
-    """key_code's size along an image side of `side` pixels (manifest.key_grid's rule)."""
-    return -(-(side // cache["shrink"]) // cache["cell"])
-
-
 def _example_inputs(spec: GraphSpec, profile: Profile,
                     cache: dict[str, int] | None = None) -> tuple[torch.Tensor, ...]:
     s = profile.stride
     n, h, w = (profile.example(a) for a in ("N", "H", "W"))
     sizes = {"N": n, "H": h * s, "W": w * s, "h": h, "w": w}
     if cache is not None:
-        sizes |= {"hk": _key_side(cache, h * s), "wk": _key_side(cache, w * s)}
+        sizes |= {"hk": key_side(h * s, cache), "wk": key_side(w * s, cache)}
     gen = torch.Generator().manual_seed(0)
     out = []
     for t in spec.inputs:
@@ -257,8 +253,8 @@ def _dynamic_shapes(spec: GraphSpec, profile: Profile,
             dims[small], dims[big] = cells, s * cells  # H = stride·h keeps H a multiple
             if cache is not None:  # key_code's own dims (the graph resizes it to its map)
                 name = f"{small}k"
-                dims[name] = torch.export.Dim(name, min=_key_side(cache, profile.min[i]),
-                                              max=_key_side(cache, profile.max[i]))
+                dims[name] = torch.export.Dim(name, min=key_side(profile.min[i], cache),
+                                              max=key_side(profile.max[i], cache))
     # in the inputs' order (a dict's keys would have to be the wrapper's argument names)
     return tuple({i: dims[d] for i, d in enumerate(t.shape) if isinstance(d, str)}
                  for t in spec.inputs)

@@ -215,8 +215,13 @@ def key_grid(manifest: dict, height: int, width: int) -> tuple[int, int]:
     """key_code's (hk, wk) for images of this size: ceil(floor(side / shrink) / cell), from
     graphs.flow_key.grid."""
     grid = manifest["graphs"]["flow_key"]["grid"]
-    shrink, cell = int(grid["shrink"]), int(grid["cell"])
-    return -(-(height // shrink) // cell), -(-(width // shrink) // cell)
+    return key_side(height, grid), key_side(width, grid)
+
+
+def key_side(side: int, grid: dict[str, int]) -> int:
+    """key_code's size along an image side of `side` pixels: ceil(floor(side / shrink) / cell)
+    (each halving floors, each stride-2 conv rounds up)."""
+    return -(-(side // int(grid["shrink"])) // int(grid["cell"]))
 
 
 def flow_sources(manifest: dict) -> list[str]:

@@ -875,8 +875,7 @@ def _flow_specs(manifest: dict, net: nn.Module) -> dict[str, Any]:
         return {"flow": GraphSpec("flow", (t("image", image), t("key_image", image),
                                            t("key_feat", feat)), outputs)}
     n, _, h, w = image["shape"]
-    side = [d if isinstance(d, str) else -(-(d // cache["shrink"]) // cache["cell"])
-            for d in (h, w)]
+    side = [d if isinstance(d, str) else manifest_mod.key_side(d, cache) for d in (h, w)]
     code = TensorSpec("key_code", "float32", (n, cache["channels"],
                                               *(f"{d.lower()}k" if isinstance(d, str) else d
                                                 for d in side)))

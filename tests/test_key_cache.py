@@ -238,3 +238,40 @@ def test_triton_serves_the_cached_flow_as_the_process_runs_it(keyed_export, tmp_
         assert int(key_runs.get("inference_count", 0)) == 2 * 2  # key frames 0, 3 of each
     finally:
         server.stop()
+
+
+def test_dff_adapt_writes_the_pair_over_a_two_image_flow_and_back(engines, tmp_path):
+    """write_learned_flow (dff-adapt's output) of RealFlowNet onto the shipped tiny export's
+    two-image flow, then of a net without a cache back over it: each time both graphs of the
+    previous flow are kept beside, and the export runs."""
+    from dff.models import adapt
+    from dff.runtime.ort_backend import OrtBackend
+
+    if not WEIGHTS.exists():
+        pytest.skip(f"no shipped {WEIGHTS.name}")
+    export = shutil.copytree(engines, tmp_path / "engines")
+    two_images = (export / "flow.onnx").read_bytes()
+    m = load_manifest(export)
+    stride, channels = int(m["stride"]), int(m["feat_channels"])
+    m = adapt.write_learned_flow(export, m, load_realflow(stride, channels), {})
+    assert keyed(m) and m == load_manifest(export)
+    assert (export / "flow.prev.onnx").read_bytes() == two_images
+    assert not (export / "flow_key.prev.onnx").exists()
+    code = (export / "flow_key.onnx").read_bytes()
+
+    def run() -> dict:
+        backend = OrtBackend(export)
+        try:
+            pipe = Pipeline(backend, make_scheduler("fixed", 3))
+            list(pipe.run(iter(frames(4))))
+            return pipe.summary()["stages"]
+        finally:
+            backend.close()
+
+    assert run()["key"]["count"] == 2
+    m = adapt.write_learned_flow(export, m, adapt.SmallFlowNet(stride, channels), {})
+    assert not keyed(m) and not (export / "flow_key.onnx").exists()
+    assert (export / "flow_key.prev.onnx").read_bytes() == code
+    assert [t["name"] for t in load_manifest(export)["graphs"]["flow"]["inputs"]] == [
+        "image", "key_image", "key_feat"]
+    assert run()["key"]["count"] == 0

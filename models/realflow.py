@@ -206,7 +206,14 @@ class RealFlowNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Features at 1/8, 1/16 and 1/32 (linear: the features correlated)."""
-        x8 = self.enc3(self.enc2(self.enc1(x)))
+        return self._coarser(self._encode8(x))
+
+    def _encode8(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder to 1/8 (what a key frame's key_code holds)."""
+        return self.enc3(self.enc2(self.enc1(x)))
+
+    def _coarser(self, x8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A 1/8 map and the encoder's 1/16 and 1/32 maps from it."""
         x16 = self.enc4(x8)
         return x8, x16, self.enc5(x16)
 
@@ -240,18 +247,17 @@ class RealFlowNet(nn.Module):
     def encode_key(self, key_x: torch.Tensor) -> torch.Tensor:
         """key_code [N,key_channels,hk,wk]: the key frame's encoder map at 1/8 of the net's
         input (normalised key image in, as forward takes it)."""
-        return self.enc3(self.enc2(self.enc1(self._shrink(key_x))))
+        return self._encode8(self._shrink(key_x))
 
     def forward_code(self, x: torch.Tensor, key_code: torch.Tensor):
         """forward(x, key_x) with the key frame given as encode_key(key_x): the same flow and
         scale (within float rounding; the encoder runs on one frame instead of two)."""
-        small = self._shrink(x)
-        f8 = self.enc3(self.enc2(self.enc1(small)))
-        # key_code has f8's size; taken to it by a same-size (so exact) nearest resize, which
-        # lets the export give key_code its own dims (hk, wk: not a linear function of H)
-        k8 = F.interpolate(key_code, size=(f8.shape[2], f8.shape[3]), mode="nearest")
-        f16, k16 = self.enc4(f8), self.enc4(k8)
-        flows, hid = self._levels((f8, f16, self.enc5(f16)), (k8, k16, self.enc5(k16)))
+        cur = self.encode(self._shrink(x))
+        # key_code has the 1/8 map's size; taken to it by a same-size (so exact) nearest
+        # resize, which lets the export give key_code its own dims (hk, wk: not a linear
+        # function of H)
+        k8 = F.interpolate(key_code, size=cur[0].shape[2:], mode="nearest")
+        flows, hid = self._levels(cur, self._coarser(k8))
         return self._output(flows, hid, x)
 
     def to_grid(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

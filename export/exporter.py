@@ -247,23 +247,12 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
     task = tasks.task_entry(mods.kind, max_detections=mods.max_detections,
                             score_threshold=mods.score_threshold, probs="probs" in outputs)
     detection = mods.kind == tasks.DETECTION
-    warp = f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"
     graphs = {}
     keyed = "flow_key" in specs
     for name, spec in specs.items():
-        path = directory / spec.file
         doc = ("task/detection" if detection and name == "task"
                else "flow/keyed" if keyed and name == "flow" else name)
-        graphs[name] = {
-            "file": spec.file, "sha256": manifest_mod.sha256_file(path),
-            "bytes": path.stat().st_size, "doc": _DOCS[doc],
-            "inputs": [t.to_dict() for t in spec.inputs],
-            "outputs": [t.to_dict() for t in spec.outputs],
-            "custom_ops": [warp] if name == "flow" else [],
-        }
-    if keyed:
-        cache = graphs_mod.key_cache(mods.flow) or {}
-        graphs["flow_key"]["grid"] = {k: cache[k] for k in ("shrink", "cell")}
+        graphs[name] = graph_entry(directory, spec, _DOCS[doc], mods.flow)
     graphs["warp"] = warp_entry(directory, facts.feat_channels)
     worst: dict[str, float] = {}
     for r in rows:
@@ -320,6 +309,24 @@ def build_manifest(mods: modules_mod.DFFModules, facts: modules_mod.Facts, profi
             "simplified": simplified, "parity": parity,
         },
     }
+
+
+def graph_entry(directory: Path, spec: graphs_mod.GraphSpec, doc: str,
+                flow_net: torch.nn.Module | None = None) -> dict:
+    """graphs.<name> of the manifest for `spec`'s file in `directory`: file, sha256, bytes,
+    doc, tensors, custom ops (FlowWarp in flow.onnx), and for flow_key the code's grid (of
+    `flow_net`, graphs.key_cache)."""
+    path = directory / spec.file
+    entry = {"file": spec.file, "sha256": manifest_mod.sha256_file(path),
+             "bytes": path.stat().st_size, "doc": doc,
+             "inputs": [t.to_dict() for t in spec.inputs],
+             "outputs": [t.to_dict() for t in spec.outputs],
+             "custom_ops": [f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"] if spec.name == "flow"
+             else []}
+    if spec.name == "flow_key":
+        cache = graphs_mod.key_cache(flow_net) or {}
+        entry["grid"] = {k: cache[k] for k in ("shrink", "cell")}
+    return entry
 
 
 def warp_entry(directory: Path, channels: int) -> dict:

@@ -908,9 +908,9 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
     import onnx
     from dff.engines import onnx_ops
     from dff.export import parity as parity_mod
-    from dff.export.graphs import FlowGraph, KeyGraph, export_graph, key_cache
+    from dff.export.exporter import graph_entry
+    from dff.export.graphs import FlowGraph, KeyGraph, export_graph
     from dff.export.profile import Profile
-    from dff.plugins import onnx_op
 
     log = log or (lambda _: None)
     net = net.eval()
@@ -968,28 +968,15 @@ def write_learned_flow(engine_dir: Path, manifest: dict, net: nn.Module, record:
         for proto in protos.values():
             onnx.checker.check_model(proto)
         new = dict(manifest)
-        path = tmp / spec.file
         new["graphs"] = {g: e for g, e in manifest["graphs"].items() if g != "flow_key"}
         takes = "key_code" if graph.keyed else "key_image"
-        new["graphs"]["flow"] = {
-            "file": spec.file, "sha256": manifest_mod.sha256_file(path),
-            "bytes": path.stat().st_size,
-            "doc": "N_flow learned by dff-adapt on the user's footage, plus the warp: flow and "
-                   f"scale from (image, {takes}), then feat = dff::FlowWarp(key_feat, flow, "
-                   "scale) in the same graph",
-            "inputs": [t.to_dict() for t in spec.inputs],
-            "outputs": [t.to_dict() for t in spec.outputs],
-            "custom_ops": [f"{onnx_op.DOMAIN}::{onnx_op.OP_TYPE}"]}
-        if graph.keyed:
-            one, cache = specs["flow_key"], key_cache(net) or {}
-            new["graphs"]["flow_key"] = {
-                "file": one.file, "sha256": manifest_mod.sha256_file(tmp / one.file),
-                "bytes": (tmp / one.file).stat().st_size,
-                "doc": "the key-frame part of dff-adapt's N_flow, once per key frame: key "
-                       "image -> key_code, which flow.onnx takes",
-                "inputs": [t.to_dict() for t in one.inputs],
-                "outputs": [t.to_dict() for t in one.outputs], "custom_ops": [],
-                "grid": {k: cache[k] for k in ("shrink", "cell")}}
+        docs = {"flow": "N_flow learned by dff-adapt on the user's footage, plus the warp: flow "
+                        f"and scale from (image, {takes}), then feat = dff::FlowWarp(key_feat, "
+                        "flow, scale) in the same graph",
+                "flow_key": "the key-frame part of dff-adapt's N_flow, once per key frame: key "
+                            "image -> key_code, which flow.onnx takes"}
+        for name, one in specs.items():
+            new["graphs"][name] = graph_entry(tmp, one, docs[name], net)
         mean, std = net_norm(net)
         new["normalisation"] = {**manifest["normalisation"], "flow": {"mean": mean, "std": std}}
         flow = dict(manifest.get("flow") or {"sources": [manifest_mod.LEARNED],

@@ -160,6 +160,11 @@ class Backend(Protocol):
     # key_code once per key frame, and `flow` takes it as its key_image
     keyed: bool = False
 
+    @property
+    def key_input(self) -> str:
+        """flow.onnx's input for what `key` returns: key_code where `keyed`, else key_image."""
+        return KEYED_FLOW_INPUTS[1] if self.keyed else INPUTS["flow"][1]
+
     def key(self, key_image: Any) -> Any:
         """What `flow` takes of a key frame: its key_code (flow_key.onnx) where `keyed`, else
         the key image itself."""

@@ -73,7 +73,6 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         self.has_quality = "quality" in graph_outputs(self.manifest, "flow")
         self.flow_sources = tuple(flow_sources(self.manifest))
         self.keyed = keyed(self.manifest) and LEARNED in self.flow_sources
-        self._key_input = "key_code" if self.keyed else "key_image"
         self.name = "onnxruntime-cuda" if cuda else "onnxruntime-cpu"
         self.precision = "int8" if int8 else "fp32"
         self.device_type = "cuda" if cuda else "cpu"
@@ -232,7 +231,7 @@ its kernels here against the graph's own error (`int8_check`, quantize.kernel_ch
         return code if self.memory is None else self._handle(code)
 
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        out = self._run("flow", {"image": image, self._key_input: key_image,
+        out = self._run("flow", {"image": image, self.key_input: key_image,
                                  "key_feat": key_feat})
         if self.memory is not None:
             out = [self._handle(x) for x in out]

@@ -192,10 +192,10 @@ class _FlowTaskGraph:
     one plain run, which TensorRT needs after a shape change) and replayed. Its own task
     context, so that key frames' task runs cannot move the addresses it was captured with."""
 
-    def __init__(self, memory: CudaMemory, flow: _Stage, task: _Stage):
+    def __init__(self, memory: CudaMemory, flow: _Stage, task: _Stage, key_name: str):
         self.memory, self.flow, self.task = memory, flow, task
-        self.names = [n for n, t in flow.tensors.items() if t.is_input]  # key_image or key_code
-        self.key_name = next(n for n in self.names if n.startswith("key_") and n != "key_feat")
+        self.names = [n for n, t in flow.tensors.items() if t.is_input]
+        self.key_name = key_name  # the flow engine's key input: key_image or key_code
         self.inputs = {n: DeviceBuffer(memory) for n in self.names}
         # every output of both engines (probs too): the graph writes them all
         self.outputs = {n: DeviceBuffer(memory) for stage in (flow, task)
@@ -314,7 +314,6 @@ class TrtBackend(Backend):
             raise BackendError(f"--useCudaGraph replays the learned flow graph, and "
                                f"{engine_dir} has no flow engine; drop --useCudaGraph")
         self.keyed = keyed(self.manifest) and "flow_key" in chosen  # (select_engines: with flow)
-        self._key_input = "key_code" if self.keyed else "key_image"
         self.precision = chosen["feature"]["precision"]
         check_ptx_isa(chosen, engine_dir, self.precision)
         self.memory = memory = memory or CudaMemory(device)
@@ -340,7 +339,7 @@ class TrtBackend(Backend):
                 task = _Stage("task", engines["task"][0], self.memory, engines["task"][1],
                               graph_outputs(self.manifest, "task"))
                 assert isinstance(memory, CudaMemory)
-                self._graph = _FlowTaskGraph(memory, self._stages["flow"], task)
+                self._graph = _FlowTaskGraph(memory, self._stages["flow"], task, self.key_input)
         except BaseException:
             self.close()
             raise
@@ -380,7 +379,7 @@ class TrtBackend(Backend):
         return self._run("flow_key", {"key_image": key_image})["key_code"]
 
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        feeds = {"image": image, self._key_input: key_image, "key_feat": key_feat}
+        feeds = {"image": image, self.key_input: key_image, "key_feat": key_feat}
         if self._graph is None:
             out = self._run("flow", feeds)
             return FlowOutputs(out["flow"], out["scale"], out["feat"], out.get("quality"))

@@ -49,8 +49,7 @@ class StageBackend(Backend):
         return self._call("flow_key", {"key_image": key_image}, ["key_code"])["key_code"]
 
     def flow(self, image: np.ndarray, key_image: Any, key_feat: Any) -> FlowOutputs:
-        key = "key_code" if self.keyed else "key_image"
-        out = self._call("flow", {"image": image, key: key_image,
+        out = self._call("flow", {"image": image, self.key_input: key_image,
                                   "key_feat": key_feat}, self.flow_outputs)
         return FlowOutputs(out.get("flow"), None, out["feat"], out.get("quality"))
 

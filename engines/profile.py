@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dff.export.manifest import key_side
+from dff.export.manifest import key_side, valid_grid
 
 from dff.errors import DffError
 
@@ -39,8 +39,7 @@ def _sizes(manifest: dict[str, Any], kind: str) -> dict[str, int]:
     sizes = {"N": n, "H": h, "W": w, "h": h // stride, "w": w // stride}
     if "flow_key" in manifest.get("graphs", {}):
         grid = manifest["graphs"]["flow_key"].get("grid")
-        if not (isinstance(grid, dict) and all(isinstance(grid.get(k), int) and grid[k] > 0
-                                               for k in ("shrink", "cell"))):
+        if not valid_grid(grid):
             raise ProfileShapeError(f"manifest field 'graphs.flow_key.grid' is {grid!r}, "
                                     "expected {shrink, cell}; re-export with dff-export")
         sizes["hk"], sizes["wk"] = key_side(h, grid), key_side(w, grid)

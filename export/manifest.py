@@ -218,6 +218,13 @@ def key_grid(manifest: dict, height: int, width: int) -> tuple[int, int]:
     return key_side(height, grid), key_side(width, grid)
 
 
+def valid_grid(grid: Any) -> bool:
+    """Whether graphs.flow_key.grid is {shrink, cell} of positive integers."""
+    return isinstance(grid, dict) and all(
+        isinstance(grid.get(k), int) and not isinstance(grid.get(k), bool) and grid[k] > 0
+        for k in ("shrink", "cell"))
+
+
 def key_side(side: int, grid: dict[str, int]) -> int:
     """key_code's size along an image side of `side` pixels: ceil(floor(side / shrink) / cell)
     (each halving floors, each stride-2 conv rounds up)."""
@@ -287,9 +294,7 @@ def _check_key(data: dict, path: Path, directory: Path) -> None:
         raise ManifestError(f"{path}: {has}, but it has no {lacks}; {_rebuild(directory)}")
     if takes:
         grid = data["graphs"]["flow_key"].get("grid")
-        if not (isinstance(grid, dict) and all(isinstance(grid.get(k), int)
-                                               and not isinstance(grid.get(k), bool)
-                                               and grid[k] > 0 for k in ("shrink", "cell"))):
+        if not valid_grid(grid):
             raise ManifestError(f"{path}: field 'graphs.flow_key.grid' is {grid!r}, expected "
                                 f"{{shrink, cell}} (positive integers); {_rebuild(directory)}")
 

@@ -176,6 +176,15 @@ def stage_ratio(feature: float, flow: float, task: float) -> float:
     return (flow + task) / (feature + task)
 
 
+def key_share(stages: dict) -> float:
+    """κ of DESIGN.md §5: the key_code's median over feature + task's (profile_stages'
+    `stages`); 0 where no key_code was timed."""
+    if "key" not in stages:
+        return 0.0
+    med = {s: stages[s]["latency_ms"]["median"] for s in ("key", "feature", "task")}
+    return med["key"] / (med["feature"] + med["task"])
+
+
 def predicted_speedup(k: int, r: float, key: float = 0.0) -> float:
     """DESIGN.md §5: s = k / (1 + (k-1) r), and with `key` (a key frame's extra cost, the
     key_code, over feature + task) s = k / (1 + key + (k-1) r)."""

@@ -33,6 +33,7 @@ from dff.export.profile import format_shape
 from dff.runtime.backends import task_spec
 from dff.runtime.profile import (
     STAGES,
+    key_share,
     profile_end_to_end,
     profile_stages,
     profile_streams,
@@ -126,9 +127,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         stages = profile_stages(backend, frames, batch, flow, **timing)
         med = {name: stages[name]["latency_ms"]["median"] for name in STAGES}
         r = stage_ratio(med["feature"], med["flow"], med["task"])
-        key = (stages["key"]["latency_ms"]["median"] / (med["feature"] + med["task"])
-               if "key" in stages else 0.0)
-        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow, key)
+        end_to_end = profile_end_to_end(backend, frames, args.key_intervals, r, flow,
+                                        key_share(stages))
         streams = (profile_streams(backend, frames, args.streams, int(manifest["key_interval"]),
                                    flow) if args.streams > 1 else None)
         name, precision, int8_check = backend.name, backend.precision, backend.int8_check
@@ -188,9 +188,7 @@ def format_report(res: dict) -> list[str]:
                      + f"{s['throughput_qps']:>9.1f}{s['enqueue_ms']['median']:>9.3f}  {gpu}")
     lines.append(f"r = (flow + task) / (feature + task) = {res['r']:.3f} (latency medians)")
     if keyed:
-        lat = res["stages"]
-        share = lat["key"]["latency_ms"]["median"] / (lat["feature"]["latency_ms"]["median"]
-                                                      + lat["task"]["latency_ms"]["median"])
+        share = key_share(res["stages"])
         lines.append(f"key: the flow's key_code, once per key frame, adds {share:.3f} of "
                      "(feature + task) to each key frame (in the predicted speedups)")
     _, h, w = res["shape"]
